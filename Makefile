@@ -1,0 +1,45 @@
+# fastnn developer commands. Everything runs inside .venv (created by `make setup`).
+PY := .venv/bin/python
+# Dev builds compile CUDA for one arch (a compile check on machines without a GPU; gpu-check
+# builds for the local card). Wheels use setup.py's full default list instead.
+DEV_CUDA_ARCH ?= 9.0
+
+.PHONY: setup build test lint format demo bench gpu-check wheel clean
+
+setup: .venv/.deps-stamp .venv/.editable-stamp build
+
+.venv/bin/python:
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+
+.venv/.deps-stamp: requirements-dev.txt | .venv/bin/python
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+.venv/.editable-stamp: setup.py pyproject.toml .venv/.deps-stamp
+	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-$(DEV_CUDA_ARCH)}" \
+	  $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# Incremental (ninja) rebuild of the extension in place; a no-op when nothing changed.
+build: .venv/.editable-stamp
+	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-$(DEV_CUDA_ARCH)}" \
+	  $(PY) setup.py -q build_ext --inplace
+
+lint: .venv/.deps-stamp
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: .venv/.deps-stamp
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+# The whole suite on the CPU, Triton kernels under the interpreter (tests/conftest.py sets it).
+test: setup lint
+	$(PY) -m pytest -q -ra tests
+
+demo: setup
+	$(PY) -m fastnn.demo
+
+clean:
+	rm -rf build dist *.egg-info fastnn/*.so fastnn/_build_info.py .venv/.editable-stamp

@@ -1,0 +1,65 @@
+// The fastnn operator library: every schema is declared here, once. Each device's kernels
+// register themselves with TORCH_LIBRARY_IMPL(fastnn, CPU|CUDA, m) in the file that implements
+// them (csrc/cpu/*.cpp, csrc/cuda/*.cu), so the dispatcher, not Python, routes by device.
+// Fake (meta) kernels and autograd are registered once, in Python (fastnn/ops/).
+//
+// The Triton and reference backends register the same schemas under the names
+// `fastnn::triton_<op>` and `fastnn::ref_<op>` (tests/test_registry.py keeps them identical).
+
+#include <Python.h>
+#include <torch/library.h>
+
+// Python module `fastnn._C`: importing it loads this library and its registrations. No Python
+// functions live here; everything is reached through torch.ops.fastnn.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(fastnn, m) {
+  // ---- Norms. `input` is 2-D [rows, N]; normalisation is over the last dim. --------------------
+  // out has input's dtype; rstd (and mean) are fp32 [rows]. With `residual` (same shape and dtype
+  // as input): s = input + residual rounded to input's dtype, out = norm(s), residual_out = s.
+  // Without it residual_out is an empty tensor. weight / bias are 1-D [N], any float dtype.
+  m.def(
+      "rms_norm_fwd(Tensor input, Tensor? residual, Tensor? weight, float eps)"
+      " -> (Tensor, Tensor, Tensor)");
+  // x is the tensor that was normalised (s when a residual was fused, else input).
+  // grad_residual_out (optional) is the gradient flowing into residual_out; it is added to the
+  // input gradient. Returns (grad_input, grad_weight); grad_weight is empty without weight.
+  m.def(
+      "rms_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor x, Tensor? weight,"
+      " Tensor rstd) -> (Tensor, Tensor)");
+  m.def(
+      "layer_norm_fwd(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");  // (out, residual_out, mean, rstd)
+  m.def(
+      "layer_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor x, Tensor? weight,"
+      " Tensor? bias, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)");
+
+  // ---- GLU family: out = act(gate) * up, elementwise. -------------------------------------------
+  // activation: "silu" (SwiGLU), "gelu" (erf), "gelu_tanh", "relu", "sigmoid" (GLU).
+  // gate and up have one shape; packed variants take gate_up [..., 2H] = [gate | up].
+  m.def("glu_fwd(Tensor gate, Tensor up, str activation) -> Tensor");
+  m.def("glu_bwd(Tensor grad_out, Tensor gate, Tensor up, str activation) -> (Tensor, Tensor)");
+  m.def("glu_packed_fwd(Tensor gate_up, str activation) -> Tensor");
+  m.def("glu_packed_bwd(Tensor grad_out, Tensor gate_up, str activation) -> Tensor");
+
+  // ---- Optimizer updates over lists of tensors (one multi-tensor pass). -------------------------
+  // steps: per-parameter step counts, already incremented by the caller (fp32 scalars, on the
+  // host or, when capturable, on the parameters' device). lr_tensor, when given, overrides lr and
+  // is read on the device. grad_scale / found_inf follow torch's fused optimizer protocol: grads
+  // are divided by grad_scale inside the kernel, and with found_inf != 0 nothing is written.
+  // master_params: fp32 copies updated in place of low-precision params (empty list: none).
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
+      " Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] steps,"
+      " Tensor(e!)[] master_params, Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, *,"
+      " float lr, float beta1, float beta2, float eps, float weight_decay,"
+      " bool decoupled_weight_decay, bool amsgrad, bool maximize) -> ()");
+  m.def(
+      "rmsprop_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs,"
+      " Tensor(c!)[] grad_avgs, Tensor(d!)[] momentum_buffers, Tensor(e!)[] master_params,"
+      " Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, *, float lr, float alpha,"
+      " float eps, float weight_decay, float momentum, bool centered, bool maximize) -> ()");
+}

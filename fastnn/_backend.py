@@ -1,0 +1,138 @@
+"""Backend selection: which implementation (`torch`, `native`, `triton`) runs an op.
+
+`auto` (the default) picks, per op family and device, the first available backend in
+AUTO_ORDER. A forced backend that cannot run raises BackendUnavailableError saying why and what
+to do; it never silently falls back. The choice is read from FASTNN_BACKEND once at import and
+changed with set_backend() / use_backend(); it is process-global (not per thread).
+"""
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+
+from fastnn import _extension
+
+BACKENDS = ("auto", "torch", "native", "triton")
+
+# Preference of `auto`, per device type. Triton on a CPU runs only under the interpreter, which
+# is for tests (about 1 ms per program), so auto never picks it there.
+AUTO_ORDER = {
+    "cpu": ("native", "torch"),
+    "cuda": ("native", "triton", "torch"),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run the requested op on the requested device."""
+
+
+def _validate(name):
+    if name not in BACKENDS:
+        raise ValueError(f"fastnn: unknown backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+_current = _validate(os.environ.get("FASTNN_BACKEND", "auto").strip().lower() or "auto")
+
+
+def get_backend():
+    """The forced backend name, or 'auto'."""
+    return _current
+
+
+def set_backend(name):
+    """Force `name` ('torch', 'native', 'triton') for every op, or 'auto' to choose per op."""
+    global _current
+    _current = _validate(name)
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Context manager: force backend `name` inside the block, restore the previous one after."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+# Op families and where their kernels live, filled in by fastnn/ops/*.py.
+# family -> (native schema name, triton kernel module)
+_FAMILIES = {}
+
+
+def register_family(family, native_op, triton_module):
+    _FAMILIES[family] = (native_op, triton_module)
+
+
+def unavailable_reason(backend, family, device_type):
+    """None when `backend` can run `family` on `device_type`, else a sentence saying why."""
+    if backend == "torch":
+        return None
+    native_op, triton_module = _FAMILIES[family]
+    if backend == "native":
+        if not _extension.load():
+            return _extension.error()
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+        if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"fastnn::{native_op}", key
+        ):
+            hint = (
+                "; the extension was built without CUDA (needs a CUDA build of torch and the "
+                "CUDA toolkit; see FASTNN_BUILD_CUDA)"
+                if device_type == "cuda"
+                else ""
+            )
+            return f"the native extension has no {device_type} kernel for {family}{hint}"
+        return None
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if importlib.util.find_spec(triton_module) is None:
+            return f"there is no Triton kernel for {family} yet"
+        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return (
+                "Triton kernels run on CUDA tensors; on a CPU only under the interpreter "
+                "(set TRITON_INTERPRET=1 before triton is imported)"
+            )
+        if device_type not in ("cpu", "cuda"):
+            return f"Triton kernels do not run on {device_type} tensors"
+        return None
+    raise ValueError(f"fastnn: unknown backend {backend!r}")
+
+
+_resolved = {}
+
+
+@torch.compiler.assume_constant_result
+def _resolve(family, device_type, forced):
+    # Cached and marked constant: torch.compile bakes the choice into the graph (it guards on
+    # the forced name, which callers read outside this function) instead of tracing the checks.
+    key = (family, device_type, forced)
+    if key not in _resolved:
+        if forced != "auto":
+            why = unavailable_reason(forced, family, device_type)
+            if why is not None:
+                raise BackendUnavailableError(
+                    f"fastnn: backend {forced!r} cannot run {family} on {device_type}: {why}"
+                )
+            _resolved[key] = forced
+        else:
+            order = AUTO_ORDER.get(device_type, ("torch",))
+            _resolved[key] = next(
+                b for b in order if unavailable_reason(b, family, device_type) is None
+            )
+    return _resolved[key]
+
+
+def resolve(family, device_type):
+    """The backend that runs `family` on tensors of `device_type`."""
+    return _resolve(family, device_type, _current)
+
+
+def clear_cache():
+    """Forget resolved choices (tests that change the environment use this)."""
+    _resolved.clear()

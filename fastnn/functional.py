@@ -1,0 +1,157 @@
+"""Functional API with torch's signatures: `rms_norm` (F.rms_norm), `layer_norm` (F.layer_norm),
+plus `swiglu` / `glu_family`. Arguments are checked here with errors that name the problem; the
+input is flattened to [rows, N] and the op of the selected backend runs.
+"""
+
+import math
+import numbers
+
+import torch
+
+from fastnn import _backend, ops
+from fastnn.reference.glu import ACTIVATIONS
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_float(t, name):
+    if t.dtype not in _FLOAT_DTYPES:
+        raise RuntimeError(
+            f"fastnn: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}"
+        )
+
+
+def _check_same_device(t, name, ref, ref_name="input"):
+    if t.device != ref.device:
+        raise RuntimeError(
+            f"fastnn: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+            "move them to one device"
+        )
+
+
+def _normalized_shape(normalized_shape):
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    return tuple(int(n) for n in normalized_shape)
+
+
+def _check_norm_args(input, normalized_shape, residual, params):
+    """Checks shapes, dtypes and devices; returns (normalized_shape tuple, N)."""
+    shape = _normalized_shape(normalized_shape)
+    _check_float(input, "input")
+    if len(shape) == 0 or tuple(input.shape[input.dim() - len(shape) :]) != shape:
+        raise RuntimeError(
+            f"fastnn: input of shape {list(input.shape)} does not end with normalized_shape "
+            f"{list(shape)}"
+        )
+    if input.dim() < len(shape):
+        raise RuntimeError(
+            f"fastnn: input of shape {list(input.shape)} has fewer dims than normalized_shape "
+            f"{list(shape)}"
+        )
+    for name, p in params:
+        if p is None:
+            continue
+        if tuple(p.shape) != shape:
+            raise RuntimeError(
+                f"fastnn: {name} of shape {list(p.shape)} does not match normalized_shape "
+                f"{list(shape)}"
+            )
+        _check_float(p, name)
+        _check_same_device(p, name, input)
+    if residual is not None:
+        if residual.shape != input.shape:
+            raise RuntimeError(
+                f"fastnn: residual of shape {list(residual.shape)} does not match input of "
+                f"shape {list(input.shape)}"
+            )
+        if residual.dtype != input.dtype:
+            raise RuntimeError(
+                f"fastnn: residual has dtype {residual.dtype} but input has {input.dtype}; "
+                "they must match"
+            )
+        _check_same_device(residual, "residual", input)
+    return shape, math.prod(shape)
+
+
+def _rows(t, n):
+    """[..., *normalized_shape] -> [rows, N]."""
+    return None if t is None else t.reshape(-1, n)
+
+
+def _vector(t, n):
+    """normalized_shape -> [N]."""
+    return None if t is None else t.reshape(n)
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
+    """RMSNorm over the trailing `normalized_shape` dims, as torch.nn.functional.rms_norm.
+
+    input: [..., *normalized_shape], fp32 / fp16 / bf16 / fp64; weight: normalized_shape or None.
+    eps=None uses torch.finfo of the compute dtype (fp32, or fp64 for fp64 input), as torch does.
+    The result has input's dtype. With `residual` (input's shape and dtype) returns
+    (rms_norm(input + residual), input + residual), the add fused into the kernel.
+    """
+    shape, n = _check_norm_args(input, normalized_shape, residual, [("weight", weight)])
+    if eps is None:
+        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+    backend = _backend.resolve("rms_norm", input.device.type)
+    out, residual_out, _ = ops.get(backend, "rms_norm_fwd")(
+        _rows(input, n), _rows(residual, n), _vector(weight, n), float(eps)
+    )
+    out = out.view(input.shape)
+    return out if residual is None else (out, residual_out.view(input.shape))
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None):
+    """LayerNorm over the trailing `normalized_shape` dims, as torch.nn.functional.layer_norm.
+
+    input: [..., *normalized_shape], fp32 / fp16 / bf16 / fp64; weight, bias: normalized_shape
+    or None. The result has input's dtype. With `residual` returns
+    (layer_norm(input + residual), input + residual), the add fused into the kernel.
+    """
+    shape, n = _check_norm_args(
+        input, normalized_shape, residual, [("weight", weight), ("bias", bias)]
+    )
+    backend = _backend.resolve("layer_norm", input.device.type)
+    out, residual_out, _, _ = ops.get(backend, "layer_norm_fwd")(
+        _rows(input, n), _rows(residual, n), _vector(weight, n), _vector(bias, n), float(eps)
+    )
+    out = out.view(input.shape)
+    return out if residual is None else (out, residual_out.view(input.shape))
+
+
+def glu_family(gate, up=None, activation="silu"):
+    """act(gate) * up, elementwise, for act in silu (SwiGLU), gelu, gelu_tanh (GeGLU), relu
+    (ReGLU) and sigmoid (GLU).
+
+    gate, up: one shape and dtype (fp32 / fp16 / bf16 / fp64). With up=None, the last dim of
+    `gate` holds [gate | up] (size 2H) and the result has last dim H.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"fastnn: unknown GLU activation {activation!r}; expected one of {ACTIVATIONS}"
+        )
+    _check_float(gate, "gate")
+    backend = _backend.resolve("glu", gate.device.type)
+    if up is None:
+        if gate.dim() == 0 or gate.shape[-1] % 2 != 0:
+            raise RuntimeError(
+                f"fastnn: packed gate_up of shape {list(gate.shape)} needs an even last dim "
+                "holding [gate | up]"
+            )
+        return ops.get(backend, "glu_packed_fwd")(gate, activation)
+    _check_float(up, "up")
+    if gate.shape != up.shape:
+        raise RuntimeError(
+            f"fastnn: gate of shape {list(gate.shape)} and up of shape {list(up.shape)} differ"
+        )
+    if gate.dtype != up.dtype:
+        raise RuntimeError(f"fastnn: gate has dtype {gate.dtype} but up has {up.dtype}")
+    _check_same_device(up, "up", gate, "gate")
+    return ops.get(backend, "glu_fwd")(gate, up, activation)
+
+
+def swiglu(gate, up=None):
+    """silu(gate) * up; with up=None the last dim of `gate` holds [gate | up]."""
+    return glu_family(gate, up, "silu")

@@ -1,0 +1,77 @@
+"""The registered fastnn ops, three per schema:
+
+- `fastnn::<name>`: the native backend, schema and kernels from the C++ extension (csrc/);
+- `fastnn::triton_<name>`: the Triton backend (fastnn/triton_kernels/<family>.py);
+- `fastnn::ref_<name>`: the torch backend (fastnn/reference/<family>.py).
+
+Each op has a fake (meta) implementation and, for forward ops, registered autograd whose backward
+calls the same backend's backward op, so torch.compile(fullgraph=True) traces through them and
+torch.library.opcheck passes. Importing this package compiles nothing and imports no Triton: the
+Triton kernel module is imported on the first call of one of its ops.
+"""
+
+import importlib
+
+import torch
+
+from fastnn import _backend, _extension
+
+PREFIX = {"torch": "ref_", "native": "", "triton": "triton_"}
+_SCHEMAS = {}  # op name -> schema (without the name), as declared in csrc/library.cpp
+
+
+def get(backend, name):
+    """The OpOverload of op `name` for `backend`."""
+    return getattr(torch.ops.fastnn, PREFIX[backend] + name).default
+
+
+def available_backends():
+    """Backends whose ops are registered in this process (native only with the extension)."""
+    return ("torch", "triton", "native") if _extension.load() else ("torch", "triton")
+
+
+def _lazy_triton(module, name):
+    def impl(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    impl.__name__ = name
+    return impl
+
+
+def define(name, schema, reference, triton_module, fake, mutates_args=()):
+    """Register `name` for the torch and Triton backends with `schema`, and `fake` as the fake
+    implementation of all three backends' ops."""
+    _SCHEMAS[name] = schema
+    for backend, impl in (("torch", reference), ("triton", _lazy_triton(triton_module, name))):
+        op = torch.library.custom_op(
+            f"fastnn::{PREFIX[backend]}{name}", impl, mutates_args=mutates_args, schema=schema
+        )
+        op.register_fake(fake)
+    if _extension.load():
+        torch.library.register_fake(f"fastnn::{name}", fake)
+
+
+def define_autograd(fwd_name, bwd_name, setup_context, make_backward, family):
+    """Register autograd for every backend's `fwd_name` op: the backward calls that backend's
+    `bwd_name` op. Backward ops get an autograd formula that refuses double backward clearly."""
+
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError(
+            f"fastnn: double backward through {family} is not supported (its backward op "
+            f"fastnn::{bwd_name} has no derivative); use the torch modules for higher-order grads"
+        )
+
+    for backend in available_backends():
+        fwd, bwd = get(backend, fwd_name), get(backend, bwd_name)
+        torch.library.register_autograd(fwd._name, make_backward(bwd), setup_context=setup_context)
+        torch.library.register_autograd(
+            bwd._name, no_double_backward, setup_context=lambda ctx, inputs, output: None
+        )
+
+
+def schema(name):
+    return _SCHEMAS[name]
+
+
+def register_family(family, native_op, triton_module):
+    _backend.register_family(family, native_op, triton_module)

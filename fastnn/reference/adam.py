@@ -1,0 +1,71 @@
+"""Reference Adam / AdamW step over lists of tensors: torch.optim.Adam's for-loop algorithm, fp32
+math for low-precision tensors. Schema: `fastnn::adam_step_` (csrc/library.cpp).
+
+It may synchronise the host (found_inf is read with .item()); the kernels do not.
+"""
+
+import torch
+
+
+def _unscaled_grad(grad, grad_scale, maximize):
+    g = grad.float() if grad.dtype != torch.float64 else grad.clone()
+    if grad_scale is not None:
+        g = g / grad_scale.to(g)
+    return -g if maximize else g
+
+
+def adam_step_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    steps,
+    master_params,
+    lr_tensor,
+    grad_scale,
+    found_inf,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled_weight_decay,
+    amsgrad,
+    maximize,
+):
+    """Updates params, exp_avgs, exp_avg_sqs (and max_exp_avg_sqs when amsgrad, master_params
+    when given) in place. steps[i] is the step count after this step (already incremented)."""
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    if lr_tensor is not None:
+        lr = lr_tensor.item()
+    for i, param in enumerate(params):
+        weights = master_params[i] if master_params else param
+        p = weights.double() if weights.dtype == torch.float64 else weights.float()
+        g = _unscaled_grad(grads[i], grad_scale, maximize).to(p.dtype)
+        m = exp_avgs[i].to(p.dtype)
+        v = exp_avg_sqs[i].to(p.dtype)
+        step = float(steps[i])
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p = p * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        m = m + (1 - beta1) * (g - m)  # lerp, as torch.optim.Adam
+        v = v * beta2 + (1 - beta2) * g * g
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        if amsgrad:
+            v_max = torch.maximum(max_exp_avg_sqs[i].to(p.dtype), v)
+            max_exp_avg_sqs[i].copy_(v_max)
+            denom = v_max.sqrt() / bias_correction2_sqrt + eps
+        else:
+            denom = v.sqrt() / bias_correction2_sqrt + eps
+        p = p - (lr / bias_correction1) * m / denom
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        weights.copy_(p)
+        if master_params:
+            param.copy_(p)

@@ -1,0 +1,63 @@
+"""Reference GLU family: out = act(gate) * up, and its backward, which recomputes act(gate)
+from the saved inputs. Schemas: `fastnn::glu_fwd`, `glu_bwd`, `glu_packed_fwd`, `glu_packed_bwd`."""
+
+import math
+
+import torch
+
+from fastnn.reference import compute_dtype
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "sigmoid")
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_TANH_CUBIC = 0.044715
+
+
+def activation_and_derivative(x, activation):
+    """act(x) and act'(x), elementwise, in x's (floating) dtype; finite for any finite x."""
+    if activation == "silu":
+        s = torch.sigmoid(x)
+        return x * s, s * (1 + x * (1 - s))
+    if activation == "sigmoid":
+        s = torch.sigmoid(x)
+        return s, s * (1 - s)
+    if activation == "relu":
+        return torch.relu(x), (x > 0).to(x.dtype)
+    if activation == "gelu":
+        cdf = 0.5 * (1 + torch.erf(x * math.sqrt(0.5)))
+        pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        return x * cdf, cdf + x * pdf
+    if activation == "gelu_tanh":
+        inner = _SQRT_2_OVER_PI * (x + _GELU_TANH_CUBIC * x * x * x)
+        t = torch.tanh(inner)
+        d_inner = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_CUBIC * x * x)
+        return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * d_inner
+    raise ValueError(
+        f"fastnn: unknown GLU activation {activation!r}; expected one of {ACTIVATIONS}"
+    )
+
+
+def glu_fwd(gate, up, activation):
+    """gate, up: same shape and dtype. Returns act(gate) * up in that dtype."""
+    cdt = compute_dtype(gate.dtype)
+    act, _ = activation_and_derivative(gate.to(cdt), activation)
+    return (act * up.to(cdt)).to(gate.dtype)
+
+
+def glu_bwd(grad_out, gate, up, activation):
+    """Returns (grad_gate, grad_up) = (dh * up * act'(gate), dh * act(gate))."""
+    cdt = compute_dtype(gate.dtype)
+    act, dact = activation_and_derivative(gate.to(cdt), activation)
+    dh = grad_out.to(cdt)
+    return (dh * up.to(cdt) * dact).to(gate.dtype), (dh * act).to(up.dtype)
+
+
+def glu_packed_fwd(gate_up, activation):
+    """gate_up: [..., 2H] holding [gate | up]. Returns [..., H]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return glu_fwd(gate, up, activation)
+
+
+def glu_packed_bwd(grad_out, gate_up, activation):
+    """Returns the gradient of gate_up, [..., 2H]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.cat(glu_bwd(grad_out, gate, up, activation), dim=-1)

@@ -1,0 +1,43 @@
+"""Reference LayerNorm forward and backward over the last dim of a 2-D input, optionally fused
+with a residual add. Schemas: `fastnn::layer_norm_fwd` / `fastnn::layer_norm_bwd`."""
+
+import torch
+
+from fastnn.reference import compute_dtype
+
+
+def layer_norm_fwd(input, residual, weight, bias, eps):
+    """input, residual: [rows, N]; weight, bias: [N] or None.
+
+    Returns (out in input's dtype, residual_out, mean [rows], rstd [rows]); statistics are fp32
+    (fp64 for fp64 input). residual_out is the rounded sum input + residual, or empty.
+    """
+    cdt = compute_dtype(input.dtype)
+    x = input if residual is None else input + residual
+    residual_out = x if residual is not None else input.new_empty(0)
+    xc = x.to(cdt)
+    mean = xc.mean(-1)
+    centered = xc - mean[:, None]
+    rstd = torch.rsqrt(centered.square().mean(-1) + eps)
+    y = centered * rstd[:, None]
+    if weight is not None:
+        y = y * weight.to(cdt)
+    if bias is not None:
+        y = y + bias.to(cdt)
+    return y.to(input.dtype), residual_out, mean, rstd
+
+
+def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
+    """Returns (grad_input, grad_weight, grad_bias); the last two are empty when weight / bias
+    are None. grad_input includes grad_residual_out when it is given."""
+    cdt = compute_dtype(x.dtype)
+    r = rstd.to(cdt)[:, None]
+    xhat = (x.to(cdt) - mean.to(cdt)[:, None]) * r
+    dy = grad_out.to(cdt)
+    g = dy * weight.to(cdt) if weight is not None else dy
+    dx = r * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    if grad_residual_out is not None:
+        dx = dx + grad_residual_out.to(cdt)
+    dw = (dy * xhat).sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
+    db = dy.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
+    return dx.to(x.dtype), dw, db

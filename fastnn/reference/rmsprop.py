@@ -1,0 +1,57 @@
+"""Reference RMSprop step over lists of tensors: torch.optim.RMSprop's for-loop algorithm, fp32
+math for low-precision tensors. Schema: `fastnn::rmsprop_step_` (csrc/library.cpp)."""
+
+import torch
+
+from fastnn.reference.adam import _unscaled_grad
+
+
+def rmsprop_step_(
+    params,
+    grads,
+    square_avgs,
+    grad_avgs,
+    momentum_buffers,
+    master_params,
+    lr_tensor,
+    grad_scale,
+    found_inf,
+    *,
+    lr,
+    alpha,
+    eps,
+    weight_decay,
+    momentum,
+    centered,
+    maximize,
+):
+    """Updates params and square_avgs (grad_avgs when centered, momentum_buffers when
+    momentum > 0, master_params when given) in place."""
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    if lr_tensor is not None:
+        lr = lr_tensor.item()
+    for i, param in enumerate(params):
+        weights = master_params[i] if master_params else param
+        p = weights.double() if weights.dtype == torch.float64 else weights.float()
+        g = _unscaled_grad(grads[i], grad_scale, maximize).to(p.dtype)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        sq = square_avgs[i].to(p.dtype) * alpha + (1 - alpha) * g * g
+        square_avgs[i].copy_(sq)
+        if centered:
+            ga = grad_avgs[i].to(p.dtype)
+            ga = ga + (1 - alpha) * (g - ga)
+            grad_avgs[i].copy_(ga)
+            avg = (sq - ga * ga).sqrt() + eps
+        else:
+            avg = sq.sqrt() + eps
+        if momentum > 0:
+            buf = momentum_buffers[i].to(p.dtype) * momentum + g / avg
+            momentum_buffers[i].copy_(buf)
+            p = p - lr * buf
+        else:
+            p = p - lr * g / avg
+        weights.copy_(p)
+        if master_params:
+            param.copy_(p)

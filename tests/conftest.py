@@ -1,0 +1,34 @@
+"""Test configuration. The Triton interpreter must be switched on before anything imports
+triton, so Triton kernels run (slowly: about 1 ms per program) on the CPU."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fastnn  # noqa: E402
+from fastnn import _backend, ops  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+BACKENDS = ("torch", "native", "triton")
+
+
+def skip_unless_available(backend, family, device):
+    why = _backend.unavailable_reason(backend, family, device)
+    if why is not None:
+        pytest.skip(f"{backend} backend unavailable for {family} on {device}: {why}")
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    previous = fastnn.get_backend()
+    yield
+    fastnn.set_backend(previous)
+
+
+__all__ = ["DEVICES", "HAS_CUDA", "BACKENDS", "ops", "skip_unless_available"]

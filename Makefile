@@ -23,16 +23,21 @@ setup: .venv/.deps-stamp .venv/.editable-stamp build
 
 # Incremental (ninja) rebuild of the extension in place; a no-op when nothing changed.
 build: .venv/.editable-stamp
+	mkdir -p build
 	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-$(DEV_CUDA_ARCH)}" \
-	  $(PY) setup.py -q build_ext --inplace
+	  flock build/.lock $(PY) setup.py -q build_ext --inplace
+
+CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
 lint: .venv/.deps-stamp
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	.venv/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
 
 format: .venv/.deps-stamp
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
+	.venv/bin/clang-format -i $(CXX_SOURCES)
 
 # The whole suite on the CPU, Triton kernels under the interpreter (tests/conftest.py sets it).
 test: setup lint

@@ -19,8 +19,8 @@ inline void check_float(const at::Tensor& t, const char* name) {
 
 inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
                               const char* b_name) {
-  TORCH_CHECK(a.device() == b.device(), "fastnn: ", a_name, " is on ", a.device(), " but ",
-              b_name, " is on ", b.device());
+  TORCH_CHECK(a.device() == b.device(), "fastnn: ", a_name, " is on ", a.device(), " but ", b_name,
+              " is on ", b.device());
 }
 
 // An optional tensor, checked against `ref` for device, and for 1-D length `n` when n >= 0.

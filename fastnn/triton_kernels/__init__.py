@@ -1,0 +1,4 @@
+"""Triton kernels of the `triton` backend, one op family per module (rms_norm, layer_norm, glu,
+adam, rmsprop). Each module defines Python launchers named and typed exactly as the op schemas in
+csrc/library.cpp; fastnn/ops registers them as `fastnn::triton_<op>` and imports a module only on
+its first call, so `import fastnn` never imports triton."""

@@ -89,17 +89,17 @@ def unavailable_reason(backend, family, device_type):
             return f"the native extension has no {device_type} kernel for {family}{hint}"
         return None
     if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed (pip install triton)"
-        if importlib.util.find_spec(triton_module) is None:
-            return f"there is no Triton kernel for {family} yet"
+        if device_type not in ("cpu", "cuda"):
+            return f"Triton kernels do not run on {device_type} tensors"
         if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return (
                 "Triton kernels run on CUDA tensors; on a CPU only under the interpreter "
                 "(set TRITON_INTERPRET=1 before triton is imported)"
             )
-        if device_type not in ("cpu", "cuda"):
-            return f"Triton kernels do not run on {device_type} tensors"
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if importlib.util.find_spec(triton_module) is None:
+            return f"there is no Triton kernel for {family} yet"
         return None
     raise ValueError(f"fastnn: unknown backend {backend!r}")
 
@@ -107,7 +107,6 @@ def unavailable_reason(backend, family, device_type):
 _resolved = {}
 
 
-@torch.compiler.assume_constant_result
 def _resolve(family, device_type, forced):
     # Cached and marked constant: torch.compile bakes the choice into the graph (it guards on
     # the forced name, which callers read outside this function) instead of tracing the checks.
@@ -126,6 +125,12 @@ def _resolve(family, device_type, forced):
                 b for b in order if unavailable_reason(b, family, device_type) is None
             )
     return _resolved[key]
+
+
+# What torch.compiler.assume_constant_result(_resolve) does, without importing torch._dynamo:
+# that import takes about 1.4 s and pulls in triton, and `import fastnn` must stay lean.
+# tests/test_backend.py compiles with fullgraph=True, so a change in this marker would fail there.
+_resolve._dynamo_marked_constant = True
 
 
 def resolve(family, device_type):

@@ -37,3 +37,66 @@ def test_swiglu_matches_torch(backend):
     with fastnn.use_backend(backend):
         out = FF.swiglu(g, u)
     torch.testing.assert_close(out, F.silu(g) * u)
+
+
+# ---- Bad input: a clear error that names the problem ----------------------------------------
+
+
+def _bad_norm_calls():
+    x = torch.randn(3, 4)
+    return [
+        (lambda: FF.rms_norm(x, (4,), torch.randn(5)), "weight of shape \\[5\\]"),
+        (lambda: FF.rms_norm(x, (5,)), "does not end with normalized_shape \\[5\\]"),
+        (lambda: FF.layer_norm(x, (4,), None, torch.randn(3)), "bias of shape \\[3\\]"),
+        (lambda: FF.rms_norm(torch.ones(3, 4, dtype=torch.int64), (4,)), "torch.int64"),
+        (lambda: FF.layer_norm(torch.randn(3, 4, dtype=torch.complex64), (4,)), "complex64"),
+        (lambda: FF.rms_norm(x, (4,), torch.ones(4, dtype=torch.int32)), "weight must be float"),
+        (lambda: FF.rms_norm(x, (4,), residual=torch.randn(3, 5)), "residual of shape"),
+        (
+            lambda: FF.rms_norm(x, (4,), residual=torch.randn(3, 4, dtype=torch.float64)),
+            "residual has dtype torch.float64",
+        ),
+        (lambda: FF.rms_norm(x, (4,), torch.randn(4, device="meta")), "weight is on meta"),
+        (
+            lambda: FF.layer_norm(x, (4,), residual=torch.randn(3, 4, device="meta")),
+            "residual is on meta",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_norm_calls())))
+def test_bad_norm_input_is_named(case):
+    call, message = _bad_norm_calls()[case]
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+def test_bad_glu_input_is_named():
+    g = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match=r"gate of shape \[3, 4\] and up of shape \[3, 5\]"):
+        FF.swiglu(g, torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match="torch.int32"):
+        FF.swiglu(g.int(), g.int())
+    with pytest.raises(RuntimeError, match="up is on meta but gate is on cpu"):
+        FF.swiglu(g, torch.randn(3, 4, device="meta"))
+    with pytest.raises(RuntimeError, match="even last dim"):
+        FF.swiglu(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="unknown GLU activation 'tanh'"):
+        FF.glu_family(g, g, "tanh")
+
+
+def test_result_dtype_follows_torch_for_mixed_weight():
+    """fp32 weight with bf16 input: torch returns bf16 for both norms; so does fastnn."""
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    w = torch.randn(8)
+    assert FF.rms_norm(x, (8,), w).dtype == F.rms_norm(x, (8,), w).dtype == torch.bfloat16
+    assert FF.layer_norm(x, (8,), w, w).dtype == F.layer_norm(x, (8,), w, w).dtype
+
+
+def test_residual_returns_sum_and_norm():
+    x, r, w = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(8)
+    out, s = FF.rms_norm(x, (8,), w, residual=r)
+    torch.testing.assert_close(s, x + r)
+    torch.testing.assert_close(out, F.rms_norm(x + r, (8,), w))
+    out, s = FF.layer_norm(x, (8,), w, None, residual=r)
+    torch.testing.assert_close(out, F.layer_norm(x + r, (8,), w))

@@ -1,0 +1,323 @@
+"""fastnn.patch(model): swap the norms and LLaMA-style MLPs of an existing model for fastnn's, in
+place, keeping the very same parameter tensors (so their device, dtype, requires_grad and any
+optimizer already holding them stay valid).
+
+What it replaces:
+
+- `torch.nn.RMSNorm` -> `fastnn.RMSNorm`, `torch.nn.LayerNorm` -> `fastnn.LayerNorm` (exact
+  types; fastnn's subclass torch's, so the module object itself changes class, hooks included);
+- LLaMA-style MLPs of any library, recognised by structure: children `gate_proj`, `up_proj`,
+  `down_proj` that are `nn.Linear` ([H -> I], [H -> I], [I -> H]), no other parameters, and a
+  forward that computes down_proj(silu(gate_proj(x)) * up_proj(x)) -> `fastnn.SwiGLUMLP` holding
+  the same Linear modules;
+- RMSNorm-like modules of other libraries, recognised by structure: a 1-D `weight` [N] and
+  nothing else to learn, an `eps` or `variance_epsilon` number, and a forward that computes
+  RMSNorm with that weight and eps -> `fastnn.RMSNorm` holding the same weight.
+
+No other library is imported. Every structural match is verified before it is swapped: the old
+forward and fastnn's are run on a probe input (without hooks, under no_grad) and must agree within
+the forward tolerance of the parameters' dtype; look-alikes that compute something else (Gemma's
+(1 + weight) scale, eps outside the square root, dropout in training mode) are left alone and
+listed in the report's `skipped`. The probe for norms uses a random weight (swapped in for the
+call, the module's own tensor is never written) and rows with mean square near eps, so a formula
+that matches only at weight = 1 or only far from eps is not mistaken for RMSNorm.
+
+Patch before wrapping the model in DDP / FSDP or compiling it. Outputs keep their dtype rules:
+fastnn's norms return the input's dtype, as torch.nn.RMSNorm does.
+"""
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from fastnn import functional as F
+from fastnn.modules import LayerNorm, RMSNorm, SwiGLUMLP
+
+# Relative forward tolerance of the probe, by dtype (the forward column of the testing guide's
+# table; fp64 modules often compute in fp32 internally, so fp64 gets fp32's). A different formula
+# misses by far more: eps outside the root is off by ~30% on the probe's near-eps row, a
+# (1 + weight) scale by ~50%.
+_PROBE_RTOL = {
+    torch.float64: 1e-5,
+    torch.float32: 1e-5,
+    torch.float16: 1e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Replacement:
+    path: str  # where the module sits in the model, e.g. "layers.0.mlp" ("" for the root)
+    before: str  # the replaced module's class, "module.QualName"
+    after: str  # the fastnn class now there
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What patch() did: `replaced` (in model order) and `skipped`, a list of (path, why) for
+    modules that looked replaceable but were left alone."""
+
+    replaced: list = dataclasses.field(default_factory=list)
+    skipped: list = dataclasses.field(default_factory=list)
+
+    def __len__(self):
+        return len(self.replaced)
+
+    def __iter__(self):
+        return iter(self.replaced)
+
+    def counts(self):
+        """{(before, after): how many}."""
+        out = {}
+        for r in self.replaced:
+            out[(r.before, r.after)] = out.get((r.before, r.after), 0) + 1
+        return out
+
+    def __str__(self):
+        lines = [f"fastnn.patch: replaced {len(self.replaced)} modules"]
+        lines += [f"  {r.path or '(root)'}: {r.before} -> {r.after}" for r in self.replaced]
+        if self.skipped:
+            lines.append(f"left alone {len(self.skipped)}:")
+            lines += [f"  {path or '(root)'}: {why}" for path, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _qualname(module):
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _probe_rtol(dtype):
+    return _PROBE_RTOL.get(dtype, 1e-5)
+
+
+def _rel_error(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _randn(shape, like, seed):
+    # Drawn on the CPU from a fixed seed: the same probe on every device, no global RNG touched.
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(like.device, like.dtype)
+
+
+def _instance_forward(module):
+    # A forward set on the instance (offloading / quantisation wrappers do this) would be lost.
+    return "forward" in vars(module)
+
+
+# ---- RMSNorm-like modules of other libraries --------------------------------------------------
+
+
+def _norm_eps(module):
+    for name in ("eps", "variance_epsilon"):
+        eps = getattr(module, name, None)
+        if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps >= 0:
+            return float(eps)
+    return None
+
+
+def _looks_like_rms_norm(module):
+    """Structure alone: a 1-D weight, no other parameters, buffers or children, a numeric eps."""
+    params = dict(module.named_parameters(recurse=False))
+    weight = params.get("weight")
+    return (
+        set(params) == {"weight"}
+        and weight.dim() == 1
+        and weight.is_floating_point()
+        and not any(True for _ in module.buffers(recurse=False))
+        and not any(True for _ in module.children())
+        and _norm_eps(module) is not None
+    )
+
+
+def _verify_rms_norm(module):
+    """None when module.forward computes RMSNorm(weight, eps), else why not."""
+    weight, eps = module.weight, _norm_eps(module)
+    if weight.is_meta:
+        return "its weight is on the meta device; cannot probe it"
+    n = weight.shape[0]
+    x = _randn((4, n), weight, seed=0)
+    # Row scales: ordinary, large, small, and mean square = eps / 4 where eps's place matters.
+    scales = torch.tensor([1.0, 30.0, 0.05, math.sqrt(eps) / 2 if eps > 0 else 1e-3])
+    x = x * scales.to(x.device, x.dtype)[:, None]
+    probe_weight = 1 + 0.5 * _randn((n,), weight, seed=1)
+    original = module._parameters["weight"]
+    module._parameters["weight"] = nn.Parameter(probe_weight, requires_grad=False)
+    try:
+        with torch.no_grad():
+            theirs = module.forward(x)
+    except Exception as e:  # any forward that cannot take [rows, N] is not one we can replace
+        return f"its forward failed on a [4, {n}] probe ({type(e).__name__}: {e})"
+    finally:
+        module._parameters["weight"] = original
+    if not isinstance(theirs, torch.Tensor) or theirs.shape != x.shape:
+        return "its forward does not return one tensor of the input's shape"
+    if theirs.dtype != x.dtype:
+        return f"its forward returns {theirs.dtype} for {x.dtype} input; fastnn returns {x.dtype}"
+    with torch.no_grad():
+        ours = F.rms_norm(x, (n,), probe_weight, eps)
+    err, tol = _rel_error(theirs, ours), _probe_rtol(x.dtype)
+    if not err <= tol:
+        return (
+            f"its forward is not RMSNorm(weight, eps={eps:g}): relative error {err:.2e} > {tol:g}"
+        )
+    return None
+
+
+def _new_rms_norm(module):
+    new = RMSNorm(module.weight.shape[0], eps=_norm_eps(module), device="meta")
+    new.weight = module.weight  # the same Parameter: nothing allocated or copied
+    return new
+
+
+# ---- LLaMA-style MLPs -------------------------------------------------------------------------
+
+_MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _looks_like_llama_mlp(module):
+    """Structure alone: gate/up [H -> I], down [I -> H] nn.Linear children; any other child (the
+    activation) holds no parameters or buffers; the module itself holds none either."""
+    children = dict(module.named_children())
+    linears = [children.get(name) for name in _MLP_LINEARS]
+    if not all(type(lin) is nn.Linear for lin in linears):
+        return False
+    gate, up, down = linears
+    hidden, inter = gate.in_features, gate.out_features
+    if (up.in_features, up.out_features, down.in_features, down.out_features) != (
+        hidden,
+        inter,
+        inter,
+        hidden,
+    ):
+        return False
+    if (gate.bias is None) != (up.bias is None) or (gate.bias is None) != (down.bias is None):
+        return False
+    others = [m for name, m in children.items() if name not in _MLP_LINEARS]
+    if any(True for m in others for _ in m.parameters()) or any(
+        True for m in others for _ in m.buffers()
+    ):
+        return False
+    own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    return not own
+
+
+def _swiglu_mlp_forward(gate_proj, up_proj, down_proj, x):
+    return down_proj(F.swiglu(gate_proj(x), up_proj(x)))
+
+
+def _verify_llama_mlp(module):
+    """None when module.forward computes down(silu(gate(x)) * up(x)), else why not."""
+    w = module.gate_proj.weight
+    if w.is_meta:
+        return "its weights are on the meta device; cannot probe it"
+    x = _randn((3, module.gate_proj.in_features), w, seed=2)
+    try:
+        with torch.no_grad():
+            theirs = module.forward(x)
+    except Exception as e:
+        return f"its forward failed on a [3, {x.shape[1]}] probe ({type(e).__name__}: {e})"
+    if not isinstance(theirs, torch.Tensor) or theirs.shape != x.shape:
+        return "its forward does not return one tensor of the input's shape"
+    with torch.no_grad():
+        ours = _swiglu_mlp_forward(module.gate_proj, module.up_proj, module.down_proj, x)
+    err, tol = _rel_error(theirs, ours), _probe_rtol(x.dtype)
+    if not err <= tol:
+        return (
+            "its forward is not down_proj(silu(gate_proj(x)) * up_proj(x)): relative error "
+            f"{err:.2e} > {tol:g}"
+        )
+    return None
+
+
+def _new_swiglu_mlp(module):
+    gate = module.gate_proj
+    new = SwiGLUMLP(gate.in_features, gate.out_features, bias=gate.bias is not None, device="meta")
+    for name in _MLP_LINEARS:  # the same Linear modules: nothing allocated or copied
+        setattr(new, name, getattr(module, name))
+    return new
+
+
+# ---- patch ------------------------------------------------------------------------------------
+
+
+def _carry_over(old, new):
+    """Keeps the old module's train/eval mode and every hook registered on it."""
+    new.train(old.training)
+    for key, value in vars(old).items():
+        if key.startswith("_") and "hook" in key:
+            setattr(new, key, value)
+
+
+def _plan(module, norms, mlps):
+    """(kind, why_not) for one module: kind is 'swap', 'replace' or None."""
+    if type(module) in (nn.RMSNorm, nn.LayerNorm):
+        if not norms:
+            return None, None
+        if _instance_forward(module):
+            return None, "forward is overridden on the instance"
+        return "swap", None
+    if isinstance(module, (RMSNorm, LayerNorm, SwiGLUMLP)):
+        return None, None  # fastnn's already
+    candidate = None
+    if mlps and _looks_like_llama_mlp(module):
+        candidate = _verify_llama_mlp
+    elif norms and _looks_like_rms_norm(module):
+        candidate = _verify_rms_norm
+    if candidate is None:
+        return None, None
+    if _instance_forward(module):
+        return None, "forward is overridden on the instance"
+    why = candidate(module)
+    return (None, why) if why else ("replace", None)
+
+
+def patch(model, *, norms=True, mlps=True):
+    """Replace, in place, the norms (norms=True) and LLaMA-style MLPs (mlps=True) of `model` with
+    fastnn's; returns a PatchReport of what was replaced, by path, and what was left alone.
+
+    Parameters are reused, not copied; outputs are unchanged within the forward tolerance of the
+    parameters' dtype (checked on a probe for every module not of an exact torch type). A module
+    reached by several paths is replaced everywhere and reported under its first path. The root
+    module can be patched only when it is a torch.nn.RMSNorm / LayerNorm (the object itself
+    changes class); a replaceable root of another class is reported as skipped.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastnn.patch: expected a torch.nn.Module, got {type(model).__name__}")
+    report = PatchReport()
+    replacements = {}  # id(old module) -> new module
+    done_prefixes = []  # paths of replaced MLPs: their children are already handled
+    for path, module in list(model.named_modules()):
+        if any(path.startswith(p + ".") for p in done_prefixes):
+            continue
+        kind, why = _plan(module, norms, mlps)
+        if why is not None:
+            report.skipped.append((path, why))
+        if kind == "swap":
+            before = _qualname(module)
+            module.__class__ = RMSNorm if type(module) is nn.RMSNorm else LayerNorm
+            report.replaced.append(Replacement(path, before, f"fastnn.{type(module).__name__}"))
+        elif kind == "replace":
+            if module is model:
+                report.skipped.append((path, "it is the root module; patch its parent instead"))
+                continue
+            new = _new_swiglu_mlp(module) if hasattr(module, "gate_proj") else _new_rms_norm(module)
+            _carry_over(module, new)
+            replacements[id(module)] = new
+            done_prefixes.append(path)
+            report.replaced.append(
+                Replacement(path, _qualname(module), f"fastnn.{type(new).__name__}")
+            )
+    if replacements:
+        for parent in list(model.modules()):
+            for name, child in list(parent._modules.items()):
+                if child is not None and id(child) in replacements:
+                    parent._modules[name] = replacements[id(child)]
+    return report
+
+
+__all__ = ["PatchReport", "Replacement", "patch"]

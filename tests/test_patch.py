@@ -1,0 +1,239 @@
+"""fastnn.patch(model): what it replaces (by path), what it leaves alone, and that outputs and
+gradients of the patched model match the original's within the testing guide's tolerances."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import FORWARD, INPUT_GRAD, PARAM_GRAD, assert_rel_close
+from torch import nn
+
+import fastnn
+from fastnn.patch import patch
+
+# ---- imitations of other libraries' modules (recognised by structure, never imported) ---------
+
+
+class ThirdPartyRMSNorm(nn.Module):
+    """As HF's LlamaRMSNorm: fp32 statistics, `variance_epsilon`, weight applied after the cast."""
+
+    def __init__(self, hidden, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        h = hidden_states.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+
+class OnePlusWeightRMSNorm(ThirdPartyRMSNorm):
+    """Gemma's variant: scales by (1 + weight). Looks like RMSNorm, is not: must be left alone."""
+
+    def forward(self, x):
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class EpsOutsideNorm(nn.Module):
+    """x / (rms(x) + eps): right structure, different formula near zero: must be left alone."""
+
+    def __init__(self, hidden, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x):
+        return self.weight * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + self.eps)
+
+
+class SiLU(nn.Module):  # as HF's activation classes: a module that is not torch.nn.SiLU
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class ThirdPartyMLP(nn.Module):
+    """As HF's LlamaMLP."""
+
+    def __init__(self, hidden, inter, act=None):
+        super().__init__()
+        self.hidden_size = hidden
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.act_fn = act if act is not None else SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, hidden, inter, norm):
+        super().__init__()
+        self.input_layernorm = norm
+        self.mlp = ThirdPartyMLP(hidden, inter)
+        self.post_norm = nn.LayerNorm(hidden)
+
+    def forward(self, x):
+        return self.post_norm(x + self.mlp(self.input_layernorm(x)))
+
+
+class Model(nn.Module):
+    def __init__(self, hidden=24, inter=40):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [
+                Block(hidden, inter, nn.RMSNorm(hidden, eps=1e-6)),
+                Block(hidden, inter, ThirdPartyRMSNorm(hidden)),
+                Block(hidden, inter, OnePlusWeightRMSNorm(hidden)),
+                Block(hidden, inter, EpsOutsideNorm(hidden)),
+            ]
+        )
+        self.gelu_mlp = ThirdPartyMLP(hidden, inter, act=nn.GELU())
+        self.norm = nn.RMSNorm(hidden)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x + self.gelu_mlp(x))
+
+
+def make_model(dtype):
+    torch.manual_seed(0)
+    model = Model()
+    with torch.no_grad():  # weights away from their init values, so a dropped weight shows
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.to(dtype)
+
+
+EXPECTED = [
+    ("layers.0.input_layernorm", "torch.nn.modules.normalization.RMSNorm", "fastnn.RMSNorm"),
+    ("layers.0.mlp", "test_patch.ThirdPartyMLP", "fastnn.SwiGLUMLP"),
+    ("layers.0.post_norm", "torch.nn.modules.normalization.LayerNorm", "fastnn.LayerNorm"),
+    ("layers.1.input_layernorm", "test_patch.ThirdPartyRMSNorm", "fastnn.RMSNorm"),
+    ("layers.1.mlp", "test_patch.ThirdPartyMLP", "fastnn.SwiGLUMLP"),
+    ("layers.1.post_norm", "torch.nn.modules.normalization.LayerNorm", "fastnn.LayerNorm"),
+    ("layers.2.mlp", "test_patch.ThirdPartyMLP", "fastnn.SwiGLUMLP"),
+    ("layers.2.post_norm", "torch.nn.modules.normalization.LayerNorm", "fastnn.LayerNorm"),
+    ("layers.3.mlp", "test_patch.ThirdPartyMLP", "fastnn.SwiGLUMLP"),
+    ("layers.3.post_norm", "torch.nn.modules.normalization.LayerNorm", "fastnn.LayerNorm"),
+    ("norm", "torch.nn.modules.normalization.RMSNorm", "fastnn.RMSNorm"),
+]
+LEFT_ALONE = ["layers.2.input_layernorm", "layers.3.input_layernorm", "gelu_mlp"]
+
+
+def test_report_lists_what_was_replaced_and_what_was_left_alone():
+    model = make_model(torch.float32)
+    report = patch(model)
+    assert [(r.path, r.before, r.after) for r in report] == EXPECTED
+    assert len(report) == len(EXPECTED)
+    assert [path for path, _ in report.skipped] == LEFT_ALONE
+    assert "not RMSNorm" in dict(report.skipped)["layers.2.input_layernorm"]
+    assert "not down_proj(silu" in dict(report.skipped)["gelu_mlp"]
+    assert report.counts()[("test_patch.ThirdPartyMLP", "fastnn.SwiGLUMLP")] == 4
+    text = str(report)
+    assert "layers.1.input_layernorm: test_patch.ThirdPartyRMSNorm -> fastnn.RMSNorm" in text
+    assert "gelu_mlp" in text
+    for path, _, after in EXPECTED:
+        assert type(model.get_submodule(path)).__name__ == after.split(".")[1]
+    for path in LEFT_ALONE:
+        assert type(model.get_submodule(path)).__module__ == "test_patch"
+    assert len(patch(model)) == 0  # a second patch finds nothing left to do
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_outputs_gradients_and_parameters_are_kept(dtype):
+    original = make_model(dtype)
+    patched = copy.deepcopy(original)
+    before = {name: p for name, p in patched.named_parameters()}
+    patch(patched)
+    after = dict(patched.named_parameters())
+    # The same Parameter objects under the same names: device, dtype and optimizers stay valid.
+    assert list(after) == list(before)
+    assert all(after[name] is before[name] for name in before)
+    assert patched.state_dict().keys() == original.state_dict().keys()
+
+    x = torch.randn(3, 5, 24, dtype=torch.float64).to(dtype)
+    x_ref, x_new = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out_new = original(x_ref), patched(x_new)
+    assert out_new.dtype == out_ref.dtype == dtype
+    grad = torch.randn_like(out_ref)
+    out_ref.backward(grad)
+    out_new.backward(grad)
+    # The imitated third-party norm computes in fp32 even for fp64 input (as HF's does), so an
+    # fp64 model is held to fp32's row of the table.
+    tol = torch.float32 if dtype == torch.float64 else dtype
+    assert_rel_close(out_new, out_ref.double(), tol, FORWARD, "output")
+    assert_rel_close(x_new.grad, x_ref.grad.double(), tol, INPUT_GRAD, "input grad")
+    for (name, p_ref), p_new in zip(original.named_parameters(), after.values(), strict=True):
+        assert p_new.dtype == dtype
+        assert_rel_close(p_new.grad, p_ref.grad.double(), tol, PARAM_GRAD, f"{name} grad")
+
+
+def test_optimizer_made_before_patch_keeps_training_the_model():
+    model = make_model(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    patch(model)
+    w = model.layers[1].input_layernorm.weight
+    w0 = w.detach().clone()
+    model(torch.randn(4, 24)).square().mean().backward()
+    opt.step()
+    assert not torch.equal(w.detach(), w0)
+
+
+def test_hooks_and_mode_carry_over():
+    model = make_model(torch.float32).eval()
+    calls = []
+    model.layers[1].input_layernorm.register_forward_hook(lambda m, i, o: calls.append("norm"))
+    model.layers[0].mlp.register_forward_pre_hook(lambda m, i: calls.append("mlp"))
+    model.norm.register_forward_hook(lambda m, i, o: calls.append("torch norm"))
+    patch(model)
+    model(torch.randn(2, 24))
+    assert sorted(calls) == ["mlp", "norm", "torch norm"]
+    assert not any(m.training for m in model.modules())
+
+
+def test_module_shared_by_two_paths_is_replaced_everywhere():
+    norm = ThirdPartyRMSNorm(8)
+    model = nn.ModuleDict({"a": norm, "b": nn.Sequential(norm)})
+    report = patch(model)
+    assert [r.path for r in report] == ["a"]
+    assert isinstance(model["a"], fastnn.RMSNorm) and model["b"][0] is model["a"]
+
+
+def test_root_module():
+    norm = nn.RMSNorm(8)
+    assert [r.path for r in patch(norm)] == [""]
+    assert type(norm) is fastnn.RMSNorm
+    foreign = ThirdPartyRMSNorm(8)
+    report = patch(foreign)
+    assert len(report) == 0 and "root module" in report.skipped[0][1]
+
+
+def test_look_alikes_that_cannot_be_replaced_safely_are_left_alone():
+    class DropoutMLP(ThirdPartyMLP):
+        def forward(self, x):
+            return F.dropout(super().forward(x), p=0.5, training=self.training)
+
+    mlp = DropoutMLP(8, 16)
+    wrapped = ThirdPartyRMSNorm(8)
+    wrapped.forward = lambda x: x  # as offloading wrappers set forward on the instance
+    model = nn.ModuleDict({"mlp": mlp, "wrapped": wrapped, "ln": nn.LayerNorm(8)})
+    report = patch(model, norms=False)
+    assert len(report) == 0  # norms=False: the LayerNorm stays too
+    assert dict(report.skipped).keys() == {"mlp"}  # dropout in training mode differs
+    assert type(model["ln"]) is nn.LayerNorm
+    report = patch(model)
+    assert [r.path for r in report] == ["ln"]
+    assert "overridden on the instance" in dict(report.skipped)["wrapped"]
+    mlp.eval()  # no dropout in eval mode: now it is a LLaMA MLP
+    assert [r.path for r in patch(model, norms=False)] == ["mlp"]
+
+
+def test_rejects_non_modules():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        patch(lambda x: x)

@@ -1,0 +1,287 @@
+"""Triton LayerNorm forward and backward over the last dim of a 2-D input, optionally fused with
+a residual add: the `triton` backend of `fastnn::layer_norm_fwd` / `fastnn::layer_norm_bwd`.
+
+Semantics are fastnn/reference/layer_norm.py's: mean, then the variance as the mean of squared
+deviations (two-pass, as stable as the reference), statistics in fp32 (fp64 for fp64 input).
+The work is laid out as in rms_norm.py (whose shared helpers this module uses): register-resident
+row tiles up to FWD_MAX_BLOCK / BWD_MAX_BLOCK, column-block loops beyond, a persistent backward
+grid writing fp32 [P, N] partials of dW and dB, then fixed-order column sums.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fastnn.triton_kernels.rms_norm import (
+    BWD_MAX_BLOCK,
+    FWD_MAX_BLOCK,
+    Output,
+    acc_dtype,
+    check_norm_inputs,
+    check_same_device,
+    contiguous,
+    device_context,
+    fwd_config,
+    load_sum,
+    persistent_programs,
+    reduce_partials,
+    tl_acc_dtype,
+)
+
+
+@triton.jit
+def _ln_fwd_kernel(
+    X, R, W, B, Y, S, MEAN, RSTD, rows, N, eps,
+    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = row < rows
+    base = row[:, None] * N
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        mask = rmask[:, None] & cmask[None, :]
+        s = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC)
+        if HAS_RES:
+            tl.store(S + base + cols[None, :], s, mask=mask)
+        x = s.to(ACC)
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
+        y = xc * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+        tl.store(Y + base + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        # Long rows: three passes over column blocks (sum, squared deviations, output); the
+        # re-reads of the row mostly hit L2.
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = rmask[:, None] & (cols < N)[None, :]
+            s = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC)
+            if HAS_RES:
+                tl.store(S + base + cols[None, :], s, mask=mask)
+            acc += s.to(ACC)
+        mean = tl.sum(acc, axis=1) / N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = rmask[:, None] & (cols < N)[None, :]
+            x = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC).to(ACC)
+            xc = tl.where(mask, x - mean[:, None], 0.0)
+            acc += xc * xc
+        rstd = tl.rsqrt(tl.sum(acc, axis=1) / N + eps)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            mask = rmask[:, None] & cmask[None, :]
+            x = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC).to(ACC)
+            y = (x - mean[:, None]) * rstd[:, None]
+            if HAS_W:
+                y = y * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+            if HAS_B:
+                y = y + tl.load(B + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+            tl.store(Y + base + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean, mask=rmask)
+    tl.store(RSTD + row, rstd, mask=rmask)
+
+
+@triton.jit
+def _ln_bwd_kernel(
+    DY, DRES, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, rows, N, num_row_blocks,
+    HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Persistent: program p handles row tiles p, p + P, ...; writes DW_PART / DB_PART[p, :]."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
+    dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    db = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for rb in range(pid.to(tl.int64), num_row_blocks, nprog):
+        row = rb * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        rmask = row < rows
+        mask = rmask[:, None] & cmask[None, :]
+        offs = row[:, None] * N + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+        mean = tl.load(MEAN + row, mask=rmask, other=0.0).to(ACC)
+        rstd = tl.load(RSTD + row, mask=rmask, other=0.0).to(ACC)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        g = dy * w[None, :] if HAS_W else dy
+        c_gx = tl.sum(g * xhat, axis=1) / N
+        c_g = tl.sum(g, axis=1) / N
+        dx = rstd[:, None] * (g - c_g[:, None] - xhat * c_gx[:, None])
+        if HAS_DRES:
+            dx += tl.load(DRES + offs, mask=mask, other=0.0).to(ACC)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_W:
+            dw += dy * xhat
+        if HAS_B:
+            db += dy
+    part = pid.to(tl.int64) * N + cols
+    if HAS_W:
+        tl.store(DW_PART + part, tl.sum(dw, axis=0), mask=cmask)
+    if HAS_B:
+        tl.store(DB_PART + part, tl.sum(db, axis=0), mask=cmask)
+
+
+@triton.jit
+def _ln_rowdot_kernel(
+    DY, X, W, MEAN, RSTD, C_GX, C_G, N, HAS_W: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Long rows: C_GX[row] = mean(g * xhat), C_G[row] = mean(g), g = dy * w."""
+    row = tl.program_id(0).to(tl.int64)
+    mean = tl.load(MEAN + row).to(ACC)
+    rstd = tl.load(RSTD + row).to(ACC)
+    acc_gx = tl.zeros([BLOCK_N], dtype=ACC)
+    acc_g = tl.zeros([BLOCK_N], dtype=ACC)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        x = tl.load(X + row * N + cols, mask=cmask, other=0.0).to(ACC)
+        g = tl.load(DY + row * N + cols, mask=cmask, other=0.0).to(ACC)
+        if HAS_W:
+            g = g * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
+        acc_gx += tl.where(cmask, g * (x - mean) * rstd, 0.0)
+        acc_g += g
+    tl.store(C_GX + row, tl.sum(acc_gx, axis=0) / N)
+    tl.store(C_G + row, tl.sum(acc_g, axis=0) / N)
+
+
+@triton.jit
+def _ln_bwd_cols_kernel(
+    DY, DRES, X, W, MEAN, RSTD, C_GX, C_G, DX, DW_PART, DB_PART, rows, N,
+    HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Long rows: program (j, g) handles column block j of rows g, g + G, ...; partial row g."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    grp = tl.program_id(1)
+    ngrp = tl.num_programs(1)
+    cmask = cols < N
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
+    dw = tl.zeros([BLOCK_N], dtype=ACC)
+    db = tl.zeros([BLOCK_N], dtype=ACC)
+    for row in range(grp.to(tl.int64), rows, ngrp):
+        offs = row * N + cols
+        x = tl.load(X + offs, mask=cmask, other=0.0).to(ACC)
+        dy = tl.load(DY + offs, mask=cmask, other=0.0).to(ACC)
+        rstd = tl.load(RSTD + row).to(ACC)
+        xhat = tl.where(cmask, (x - tl.load(MEAN + row).to(ACC)) * rstd, 0.0)
+        g = dy * w if HAS_W else dy
+        dx = rstd * (g - tl.load(C_G + row) - xhat * tl.load(C_GX + row))
+        if HAS_DRES:
+            dx += tl.load(DRES + offs, mask=cmask, other=0.0).to(ACC)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=cmask)
+        if HAS_W:
+            dw += dy * xhat
+        if HAS_B:
+            db += dy
+    part = grp.to(tl.int64) * N + cols
+    if HAS_W:
+        tl.store(DW_PART + part, dw, mask=cmask)
+    if HAS_B:
+        tl.store(DB_PART + part, db, mask=cmask)
+
+
+def layer_norm_fwd(input, residual, weight, bias, eps):
+    """input, residual: [rows, N]; weight, bias: [N] or None (any float dtype).
+
+    Returns (out [rows, N] input's dtype, residual_out (rounded input + residual, or empty),
+    mean [rows], rstd [rows]), the statistics fp32 (fp64 for fp64 input).
+    """
+    rows, n = check_norm_inputs(
+        "layer_norm_fwd", input, residual, [("weight", weight), ("bias", bias)]
+    )
+    out = Output(input)
+    res_out = Output(input) if residual is not None else None
+    stat = acc_dtype(input.dtype)
+    mean = torch.empty(rows, dtype=stat, device=input.device)
+    rstd = torch.empty(rows, dtype=stat, device=input.device)
+    if rows > 0 and n == 0:
+        mean.fill_(float("nan"))  # statistics of an empty row, as the reference computes them
+        rstd.fill_(float("nan"))
+    elif rows > 0:
+        x, r = input.contiguous(), contiguous(residual)
+        w, b = contiguous(weight), contiguous(bias)
+        block_m, block_n, single, num_warps = fwd_config(rows, n, FWD_MAX_BLOCK)
+        grid = (triton.cdiv(rows, block_m),)
+        with device_context(input):
+            _ln_fwd_kernel[grid](
+                x, r, w, b, out.buf, res_out.buf if res_out else None, mean, rstd, rows, n, eps,
+                HAS_RES=r is not None, HAS_W=w is not None, HAS_B=b is not None,
+                ACC=tl_acc_dtype(input.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+                SINGLE=single, num_warps=num_warps,
+            )  # fmt: skip
+    residual_out = res_out.finish() if res_out else input.new_empty(0)
+    return out.finish(), residual_out, mean, rstd
+
+
+def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
+    """grad_out, grad_residual_out (optional), x: [rows, N]; weight, bias: [N] or None;
+    mean, rstd: [rows] from the forward.
+
+    Returns (grad_input in x's dtype including grad_residual_out, grad_weight, grad_bias in the
+    parameters' dtypes, each empty when its parameter is None).
+    """
+    rows, n = check_norm_inputs("layer_norm_bwd", x, None, [("weight", weight), ("bias", bias)])
+    for name, t in (("grad_out", grad_out), ("grad_residual_out", grad_residual_out)):
+        if t is None:
+            continue
+        check_same_device(t, name, x, "x")
+        if t.shape != x.shape:
+            raise RuntimeError(
+                f"fastnn: {name} of shape {list(t.shape)} does not match x {list(x.shape)}"
+            )
+    check_same_device(mean, "mean", x, "x")
+    check_same_device(rstd, "rstd", x, "x")
+    dx = Output(x)
+    acc = acc_dtype(x.dtype)
+    has_w, has_b = weight is not None, bias is not None
+    if rows == 0 or n == 0:
+        dw = torch.zeros_like(weight) if has_w else x.new_empty(0)
+        db = torch.zeros_like(bias) if has_b else x.new_empty(0)
+        return dx.finish(), dw, db
+    xc, dy, w = x.contiguous(), grad_out.contiguous(), contiguous(weight)
+    dres, mu, rs = contiguous(grad_residual_out), mean.contiguous(), rstd.contiguous()
+    flags = dict(HAS_DRES=dres is not None, HAS_W=has_w, HAS_B=has_b, ACC=tl_acc_dtype(x.dtype))
+    block_m, block_n, single, num_warps = fwd_config(rows, n, BWD_MAX_BLOCK)
+    with device_context(x):
+        if single:
+            row_blocks = triton.cdiv(rows, block_m)
+            p = persistent_programs(x.device, row_blocks, max(1, 32 // num_warps))
+        else:
+            col_blocks = triton.cdiv(n, block_n)
+            p = persistent_programs(x.device, rows, 4, share=col_blocks)
+        dw_part = torch.empty((p, n), dtype=acc, device=x.device) if has_w else None
+        db_part = torch.empty((p, n), dtype=acc, device=x.device) if has_b else None
+        if single:
+            _ln_bwd_kernel[(p,)](
+                dy, dres, xc, w, mu, rs, dx.buf, dw_part, db_part, rows, n, row_blocks,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
+            )  # fmt: skip
+        else:
+            c_gx = torch.empty(rows, dtype=acc, device=x.device)
+            c_g = torch.empty(rows, dtype=acc, device=x.device)
+            _ln_rowdot_kernel[(rows,)](
+                dy, xc, w, mu, rs, c_gx, c_g, n, HAS_W=has_w, ACC=flags["ACC"],
+                BLOCK_N=block_n, num_warps=num_warps,
+            )  # fmt: skip
+            _ln_bwd_cols_kernel[(col_blocks, p)](
+                dy, dres, xc, w, mu, rs, c_gx, c_g, dx.buf, dw_part, db_part, rows, n,
+                BLOCK_N=block_n, num_warps=num_warps, **flags,
+            )  # fmt: skip
+        dw = reduce_partials(dw_part, weight) if has_w else x.new_empty(0)
+        db = reduce_partials(db_part, bias) if has_b else x.new_empty(0)
+    return dx.finish(), dw, db

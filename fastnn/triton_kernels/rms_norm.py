@@ -1,0 +1,402 @@
+"""Triton RMSNorm forward and backward over the last dim of a 2-D input, optionally fused with a
+residual add: the `triton` backend of `fastnn::rms_norm_fwd` / `fastnn::rms_norm_bwd`.
+
+Semantics are fastnn/reference/rms_norm.py's. Statistics and accumulation are fp32 (fp64 for
+fp64 input, so gradcheck can run on these kernels under the interpreter); out, residual_out and
+grad_input have the input's dtype, grad_weight the weight's.
+
+Layout of the work:
+- forward, N <= FWD_MAX_BLOCK: one [BLOCK_M, BLOCK_N] tile of rows per program, the rows kept in
+  registers between the sum of squares and the scaling (one read of x);
+- forward, larger N: one row per program, looping over column blocks twice (the second read of
+  the row mostly hits L2: a 64K bf16 row is 128 KB);
+- backward, N <= BWD_MAX_BLOCK: a persistent grid of P programs, each looping over row tiles and
+  summing dW for its rows in fp32 registers, one [P, N] partial write;
+- backward, larger N: a row-dot kernel (sum(g * xhat) per row), then a [column block, row group]
+  grid that writes dx and a [G, N] partial;
+- dW = a fixed-order column sum of the partials (_reduce_partials): bitwise reproducible across
+  runs on one device, since P depends only on the device and the shape.
+
+The helpers at the top (checks, allocation, program counts, the partial reduction) are shared
+with layer_norm.py.
+"""
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest power-of-two row held whole in registers. Forward keeps x (and the fp32 copy) per
+# element: 16K elements over 16 warps is 32 per thread, no spills. Backward keeps x, dy and the
+# fp32 dW accumulator: 8K over 16 warps is 16 of each per thread.
+FWD_MAX_BLOCK = 16384
+BWD_MAX_BLOCK = 8192
+# Column block of the looping paths (N above the caps).
+LOOP_BLOCK = 4096
+# Elements per program tile for short rows (several rows per program).
+TILE = 4096
+
+
+# ---- shared helpers (also used by layer_norm.py) -------------------------------------------------
+
+
+def acc_dtype(dtype):
+    """Torch accumulation / statistics dtype for tensors of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_norm_inputs(op, input, residual, params):
+    """Checks the schema's contract; `params` is [(name, tensor or None)]. Returns (rows, N)."""
+    if input.dim() != 2:
+        raise RuntimeError(f"fastnn: {op} expects a 2-D input [rows, N], got {list(input.shape)}")
+    if input.dtype not in _FLOATS:
+        raise RuntimeError(
+            f"fastnn: input must be float32, float16, bfloat16 or float64, got {input.dtype}"
+        )
+    rows, n = input.shape
+    if residual is not None:
+        if residual.shape != input.shape or residual.dtype != input.dtype:
+            raise RuntimeError(
+                f"fastnn: residual ({list(residual.shape)}, {residual.dtype}) must match input "
+                f"({list(input.shape)}, {input.dtype})"
+            )
+        params = [*params, ("residual", residual)]
+    for name, p in params:
+        if p is None:
+            continue
+        if p.device != input.device:
+            raise RuntimeError(f"fastnn: {name} is on {p.device} but input is on {input.device}")
+        if p.dtype not in _FLOATS:
+            raise RuntimeError(
+                f"fastnn: {name} must be float32, float16, bfloat16 or float64, got {p.dtype}"
+            )
+        if name != "residual" and tuple(p.shape) != (n,):
+            raise RuntimeError(f"fastnn: {name} must have shape [{n}], got {list(p.shape)}")
+    return rows, n
+
+
+def check_same_device(t, name, ref, ref_name):
+    if t.device != ref.device:
+        raise RuntimeError(f"fastnn: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def contiguous(t):
+    return None if t is None else t.contiguous()
+
+
+def device_context(t):
+    """Triton launches on torch's current CUDA device: make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class Output:
+    """An output allocated as the fake allocates it (empty_like(ref): strides follow ref), with a
+    contiguous buffer for the kernel; finish() copies back when the two differ."""
+
+    def __init__(self, ref, dtype=None):
+        self.out = torch.empty_like(ref, dtype=dtype)
+        self.buf = (
+            self.out
+            if self.out.is_contiguous()
+            else torch.empty(ref.shape, dtype=self.out.dtype, device=ref.device)
+        )
+
+    def finish(self):
+        if self.buf is not self.out:
+            self.out.copy_(self.buf)
+        return self.out
+
+
+@functools.cache
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def persistent_programs(device, work, per_sm, share=1):
+    """Programs of a persistent grid: `per_sm` per SM on a GPU split over `share` grid columns,
+    at most `work`. Under the interpreter (CPU) 4, so the partial-sum reduction is exercised
+    with several partials while the grid stays small (about 1 ms per interpreted program)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        budget = _sm_count(index) * per_sm // share
+    else:
+        budget = 4
+    return max(1, min(work, budget))
+
+
+def fwd_config(rows, n, max_block):
+    """(BLOCK_M, BLOCK_N, single, num_warps) for a row-wise kernel."""
+    block_n = triton.next_power_of_2(n)
+    if block_n > max_block:
+        return 1, LOOP_BLOCK, False, 16
+    block_m = max(1, min(TILE // block_n, triton.next_power_of_2(rows)))
+    tile = block_m * block_n
+    # About 32 elements per thread at 4..16 warps: 16-byte accesses with room in registers.
+    num_warps = min(16, max(4, tile // 1024))
+    return block_m, block_n, True, num_warps
+
+
+@triton.jit
+def _reduce_partials_kernel(PART, OUT, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT[c] = sum over p of PART[p, c], in a fixed order: the same bits on every run."""
+    pid = tl.program_id(0).to(tl.int64)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=PART.dtype.element_ty)
+    for p0 in range(0, P, BLOCK_P):
+        prow = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+        mask = (prow[:, None] < P) & cmask[None, :]
+        acc += tl.load(PART + prow[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cmask)
+
+
+def reduce_partials(part, like):
+    """part: [P, N] fp32 (fp64) partial sums -> [N] tensor shaped and typed like `like`."""
+    out = Output(like)
+    n = part.shape[1]
+    block_n = min(256, triton.next_power_of_2(n))
+    grid = (triton.cdiv(n, block_n),)
+    _reduce_partials_kernel[grid](part, out.buf, part.shape[0], n, BLOCK_P=32, BLOCK_N=block_n)
+    return out.finish()
+
+
+# ---- RMSNorm kernels ------------------------------------------------------------------------------
+
+
+@triton.jit
+def load_sum(X, R, offs, mask, HAS_RES: tl.constexpr, ACC: tl.constexpr):
+    """x (+ r rounded to x's dtype, as an unfused add would be), in x's dtype."""
+    x = tl.load(X + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(R + offs, mask=mask, other=0.0)
+        x = (x.to(ACC) + r.to(ACC)).to(X.dtype.element_ty)
+    return x
+
+
+@triton.jit
+def _rms_fwd_kernel(
+    X, R, W, Y, S, RSTD, rows, N, eps,
+    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = row < rows
+    base = row[:, None] * N
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        mask = rmask[:, None] & cmask[None, :]
+        s = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC)
+        if HAS_RES:
+            tl.store(S + base + cols[None, :], s, mask=mask)
+        x = s.to(ACC)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+        y = x * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+        tl.store(Y + base + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = rmask[:, None] & (cols < N)[None, :]
+            s = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC)
+            if HAS_RES:
+                tl.store(S + base + cols[None, :], s, mask=mask)
+            x = s.to(ACC)
+            acc += x * x
+        rstd = tl.rsqrt(tl.sum(acc, axis=1) / N + eps)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            mask = rmask[:, None] & cmask[None, :]
+            # Recomputing x + r (instead of reading S back) keeps this pass free of any
+            # ordering question between this program's stores and loads.
+            y = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC).to(ACC) * rstd[:, None]
+            if HAS_W:
+                y = y * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+            tl.store(Y + base + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd, mask=rmask)
+
+
+@triton.jit
+def _rms_bwd_kernel(
+    DY, DRES, X, W, RSTD, DX, DW_PART, rows, N, num_row_blocks,
+    HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Persistent: program p handles row tiles p, p + P, ...; writes DW_PART[p, :]."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
+    dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    # An int64 loop variable: row offsets stay int64 (and the interpreter yields Python ints).
+    for rb in range(pid.to(tl.int64), num_row_blocks, nprog):
+        row = rb * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        rmask = row < rows
+        mask = rmask[:, None] & cmask[None, :]
+        offs = row[:, None] * N + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+        rstd = tl.load(RSTD + row, mask=rmask, other=0.0).to(ACC)
+        xhat = x * rstd[:, None]
+        g = dy * w[None, :] if HAS_W else dy
+        c = tl.sum(g * xhat, axis=1) / N
+        dx = rstd[:, None] * (g - xhat * c[:, None])
+        if HAS_DRES:
+            dx += tl.load(DRES + offs, mask=mask, other=0.0).to(ACC)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_W:
+            dw += dy * xhat
+    if HAS_W:
+        tl.store(DW_PART + pid.to(tl.int64) * N + cols, tl.sum(dw, axis=0), mask=cmask)
+
+
+@triton.jit
+def _rms_rowdot_kernel(
+    DY, X, W, RSTD, C, N, HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """Long rows: C[row] = mean(g * xhat) with g = dy * w, looping over column blocks."""
+    row = tl.program_id(0).to(tl.int64)
+    rstd = tl.load(RSTD + row).to(ACC)
+    acc = tl.zeros([BLOCK_N], dtype=ACC)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        x = tl.load(X + row * N + cols, mask=cmask, other=0.0).to(ACC)
+        g = tl.load(DY + row * N + cols, mask=cmask, other=0.0).to(ACC)
+        if HAS_W:
+            g = g * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
+        acc += g * x * rstd
+    tl.store(C + row, tl.sum(acc, axis=0) / N)
+
+
+@triton.jit
+def _rms_bwd_cols_kernel(
+    DY, DRES, X, W, RSTD, C, DX, DW_PART, rows, N,
+    HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Long rows: program (j, g) handles column block j of rows g, g + G, ...; DW_PART[g, block j]."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    grp = tl.program_id(1)
+    ngrp = tl.num_programs(1)
+    cmask = cols < N
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
+    dw = tl.zeros([BLOCK_N], dtype=ACC)
+    for row in range(grp.to(tl.int64), rows, ngrp):
+        offs = row * N + cols
+        x = tl.load(X + offs, mask=cmask, other=0.0).to(ACC)
+        dy = tl.load(DY + offs, mask=cmask, other=0.0).to(ACC)
+        rstd = tl.load(RSTD + row).to(ACC)
+        c = tl.load(C + row)
+        xhat = x * rstd
+        g = dy * w if HAS_W else dy
+        dx = rstd * (g - xhat * c)
+        if HAS_DRES:
+            dx += tl.load(DRES + offs, mask=cmask, other=0.0).to(ACC)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=cmask)
+        if HAS_W:
+            dw += dy * xhat
+    if HAS_W:
+        tl.store(DW_PART + grp.to(tl.int64) * N + cols, dw, mask=cmask)
+
+
+# ---- launchers (the op signatures of csrc/library.cpp) ---------------------------------------------
+
+
+def rms_norm_fwd(input, residual, weight, eps):
+    """input, residual: [rows, N]; weight: [N] or None (any float dtype).
+
+    Returns (out [rows, N] input's dtype, residual_out (the rounded input + residual, or empty),
+    rstd [rows] fp32, fp64 for fp64 input).
+    """
+    rows, n = check_norm_inputs("rms_norm_fwd", input, residual, [("weight", weight)])
+    out = Output(input)
+    res_out = Output(input) if residual is not None else None
+    rstd = torch.empty(rows, dtype=acc_dtype(input.dtype), device=input.device)
+    if rows > 0 and n == 0:
+        rstd.fill_(float("nan"))  # the mean of an empty row, as the reference computes it
+    elif rows > 0:
+        x, r, w = input.contiguous(), contiguous(residual), contiguous(weight)
+        block_m, block_n, single, num_warps = fwd_config(rows, n, FWD_MAX_BLOCK)
+        grid = (triton.cdiv(rows, block_m),)
+        with device_context(input):
+            _rms_fwd_kernel[grid](
+                x, r, w, out.buf, res_out.buf if res_out else None, rstd, rows, n, eps,
+                HAS_RES=r is not None, HAS_W=w is not None, ACC=tl_acc_dtype(input.dtype),
+                BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=num_warps,
+            )  # fmt: skip
+    residual_out = res_out.finish() if res_out else input.new_empty(0)
+    return out.finish(), residual_out, rstd
+
+
+def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
+    """grad_out, grad_residual_out (optional): [rows, N]; x: the normalised tensor [rows, N];
+    weight: [N] or None; rstd: [rows] from the forward.
+
+    Returns (grad_input [rows, N] in x's dtype, including grad_residual_out; grad_weight [N] in
+    weight's dtype, or empty without weight).
+    """
+    rows, n = check_norm_inputs("rms_norm_bwd", x, None, [("weight", weight)])
+    check_same_device(grad_out, "grad_out", x, "x")
+    check_same_device(rstd, "rstd", x, "x")
+    if grad_out.shape != x.shape:
+        raise RuntimeError(
+            f"fastnn: grad_out of shape {list(grad_out.shape)} does not match x {list(x.shape)}"
+        )
+    if grad_residual_out is not None:
+        check_same_device(grad_residual_out, "grad_residual_out", x, "x")
+        if grad_residual_out.shape != x.shape:
+            raise RuntimeError(
+                f"fastnn: grad_residual_out of shape {list(grad_residual_out.shape)} does not "
+                f"match x {list(x.shape)}"
+            )
+    dx = Output(x)
+    acc = acc_dtype(x.dtype)
+    if rows == 0 or n == 0:
+        if weight is None:
+            return dx.finish(), x.new_empty(0)
+        return dx.finish(), torch.zeros_like(weight)
+    xc, dy, w = x.contiguous(), grad_out.contiguous(), contiguous(weight)
+    dres, rs = contiguous(grad_residual_out), rstd.contiguous()
+    has_w = w is not None
+    flags = dict(HAS_DRES=dres is not None, HAS_W=has_w, ACC=tl_acc_dtype(x.dtype))
+    block_m, block_n, single, num_warps = fwd_config(rows, n, BWD_MAX_BLOCK)
+    with device_context(x):
+        if single:
+            row_blocks = triton.cdiv(rows, block_m)
+            p = persistent_programs(x.device, row_blocks, max(1, 32 // num_warps))
+            part = torch.empty((p, n), dtype=acc, device=x.device) if has_w else None
+            _rms_bwd_kernel[(p,)](
+                dy, dres, xc, w, rs, dx.buf, part, rows, n, row_blocks,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
+            )  # fmt: skip
+        else:
+            c = torch.empty(rows, dtype=acc, device=x.device)
+            _rms_rowdot_kernel[(rows,)](
+                dy, xc, w, rs, c, n, HAS_W=has_w, ACC=flags["ACC"], BLOCK_N=block_n,
+                num_warps=num_warps,
+            )  # fmt: skip
+            col_blocks = triton.cdiv(n, block_n)
+            g = persistent_programs(x.device, rows, 4, share=col_blocks)
+            part = torch.empty((g, n), dtype=acc, device=x.device) if has_w else None
+            _rms_bwd_cols_kernel[(col_blocks, g)](
+                dy, dres, xc, w, rs, c, dx.buf, part, rows, n,
+                BLOCK_N=block_n, num_warps=num_warps, **flags,
+            )  # fmt: skip
+        dw = reduce_partials(part, weight) if has_w else x.new_empty(0)
+    return dx.finish(), dw

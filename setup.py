@@ -1,27 +1,50 @@
 """Build fastnn and its torch extension `fastnn._C`.
 
 Environment knobs (all optional):
-  FASTNN_NO_EXTENSION=1        pure-Python install: reference and Triton backends only.
+  FASTNN_NO_EXTENSION=1        pure-Python install: reference and Triton backends only
+                               (a py3-none-any wheel).
   FASTNN_BUILD_CUDA=auto|0|1   CUDA kernels: auto builds them when torch is a CUDA build and a
                                CUDA toolkit is found; 1 fails loudly when it cannot; 0 never.
   TORCH_CUDA_ARCH_LIST         archs to compile for; default DEFAULT_CUDA_ARCHS below.
   CUDA_HOME                    the toolkit; found from `nvcc` on PATH when unset, even when that
                                `nvcc` is a wrapper script that execs the real one.
   MAX_JOBS                     parallel compile jobs (ninja), as torch's cpp_extension reads it.
+  FASTNN_BUILD_DIR             build folder (default `build`); wheel builds use their own
+                               (tools/build_wheel.sh) so they never touch the in-place dev build's
+                               objects in build/temp.*.
 No GPU is needed to build: nothing here queries a device.
+
+A wheel with the extension is tied to the torch it was built against: the kernels use torch's
+C++ API (ATen, c10, torch/library.h), whose ABI changes between torch minor releases. So its
+metadata requires torch==X.Y.* and its version carries a local label saying what it was built
+against (0.1.0+cu130.torch2.14, 0.1.0+cpu.torch2.14). setup.py also writes fastnn/_build_info.py
+next to the built extension; fastnn/_extension.py compares it with the running torch and explains
+a mismatch instead of failing with an undefined symbol. The extension uses only CPython's limited
+API (Py_LIMITED_API), so one wheel serves every CPython >= 3.10 (tag cp310-abi3).
 """
 
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py as _build_py
 
 ROOT = Path(__file__).resolve().parent
 # Ampere (A100, A10/3090), Ada (L4/4090), Hopper (H100/H200), plus PTX for newer cards to JIT.
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+# A pure-Python install works with any torch that has the torch.library API fastnn uses; only
+# 2.14 is tested, so that is the floor until CI covers older ones.
+PURE_TORCH_REQUIREMENT = "torch>=2.14"
+BUILD_INFO = ("fastnn", "_build_info")  # package, module: written by the build, never copied
+
+
+def _base_version():
+    text = (ROOT / "fastnn" / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
 
 
 def _toolkit_from_nvcc():
@@ -51,13 +74,69 @@ def _find_cuda_home():
     return home
 
 
+def _toolkit_version(cuda_home):
+    """nvcc's release, e.g. '13.0.88', or None when it cannot be read."""
+    try:
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    match = re.search(r"\bV(\d+\.\d+\.\d+)", out)
+    return match.group(1) if match else None
+
+
 def _flag(name, default):
     return os.environ.get(name, default).strip().lower()
 
 
+def _build_info_text(facts):
+    lines = ["# Written by setup.py next to the extension it describes; do not edit."]
+    lines += [f"{key} = {value!r}" for key, value in facts.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _write_if_changed(path, text):
+    path = Path(path)
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+class build_py(_build_py):
+    """Never copies a source-tree fastnn/_build_info.py (it describes the in-place dev build, not
+    this one); a pure-Python build writes its own, saying it has no extension."""
+
+    pure_info = None  # build-info text for a pure-Python build, else None
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        return [m for m in modules if (m[0], m[1]) != BUILD_INFO]
+
+    def run(self):
+        super().run()
+        if self.pure_info is not None:
+            _write_if_changed(
+                Path(self.build_lib, *BUILD_INFO[:-1], "_build_info.py"), self.pure_info
+            )
+
+
 def _extensions():
+    """(ext_modules, cmdclass, facts) for this build."""
+    facts = {
+        "VARIANT": "pure",
+        "TORCH_VERSION": None,
+        "CUDA_VERSION": None,
+        "CUDA_TOOLKIT": None,
+        "CUDA_ARCHS": "",
+        "CXX11_ABI": None,
+    }
     if _flag("FASTNN_NO_EXTENSION", "0") in ("1", "true", "yes"):
-        return [], {}
+        build_py.pure_info = _build_info_text(facts)
+        return [], {"build_py": build_py}, facts
     build_cuda = _flag("FASTNN_BUILD_CUDA", "auto")
     if build_cuda not in ("auto", "0", "1"):
         sys.exit(f"FASTNN_BUILD_CUDA must be auto, 0 or 1, got {build_cuda!r}")
@@ -92,30 +171,65 @@ def _extensions():
         extra_link_args=["-fopenmp"],
         py_limited_api=True,
     )
-    _write_build_info(torch, with_cuda)
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [ext], {"build_ext": build_ext}
-
-
-def _write_build_info(torch, with_cuda):
-    """Record what the extension is built against, for `python -m fastnn info` and for the
-    torch-version check that turns an ABI mismatch into a readable error."""
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
-    text = (
-        "# Written by setup.py when the extension is built; do not edit.\n"
-        f"TORCH_VERSION = {torch.__version__!r}\n"
-        f"CUDA_VERSION = {(torch.version.cuda if with_cuda else None)!r}\n"
-        f"CUDA_ARCHS = {archs!r}\n"
+    facts.update(
+        VARIANT="cuda" if with_cuda else "cpu",
+        TORCH_VERSION=torch.__version__,
+        CUDA_VERSION=torch.version.cuda if with_cuda else None,
+        CUDA_TOOLKIT=_toolkit_version(cuda_home) if with_cuda else None,
+        CUDA_ARCHS=os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else "",
+        CXX11_ABI=bool(torch._C._GLIBCXX_USE_CXX11_ABI),
     )
-    path = ROOT / "fastnn" / "_build_info.py"
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
+    info = _build_info_text(facts)
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class build_ext(base):
+        """Writes _build_info.py next to the extension it describes: into the build folder (and
+        so the wheel) and, for in-place and editable builds, into the source tree."""
+
+        def run(self):
+            super().run()
+            _write_if_changed(Path(self.build_lib, "fastnn", "_build_info.py"), info)
+            if self.inplace:
+                _write_if_changed(ROOT / "fastnn" / "_build_info.py", info)
+
+    return [ext], {"build_ext": build_ext, "build_py": build_py}, facts
 
 
-ext_modules, cmdclass = _extensions()
+def _version(facts):
+    """The base version plus a local label naming what a binary build is built against."""
+    if facts["VARIANT"] == "pure":
+        return _base_version()
+    torch_mm = ".".join(facts["TORCH_VERSION"].split("+")[0].split(".")[:2])
+    device = "cu" + facts["CUDA_VERSION"].replace(".", "") if facts["CUDA_VERSION"] else "cpu"
+    return f"{_base_version()}+{device}.torch{torch_mm}"
+
+
+def _requirements(facts):
+    if facts["VARIANT"] == "pure":
+        return [PURE_TORCH_REQUIREMENT]
+    major, minor = facts["TORCH_VERSION"].split("+")[0].split(".")[:2]
+    return [f"torch=={major}.{minor}.*"]
+
+
+def _options(ext_modules):
+    options = {}
+    if ext_modules:  # tag cp310-abi3: one wheel for every CPython >= 3.10
+        options["bdist_wheel"] = {"py_limited_api": "cp310"}
+    build_dir = os.environ.get("FASTNN_BUILD_DIR")
+    if build_dir:
+        build_dir = os.path.abspath(build_dir)
+        os.makedirs(build_dir, exist_ok=True)
+        options["build"] = {"build_base": build_dir}
+        options["egg_info"] = {"egg_base": build_dir}  # keep fastnn.egg-info out of the source
+    return options
+
+
+ext_modules, cmdclass, facts = _extensions()
 setup(
+    version=_version(facts),
+    install_requires=_requirements(facts),
     packages=find_packages(include=["fastnn", "fastnn.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
+    options=_options(ext_modules),
 )

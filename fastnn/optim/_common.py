@@ -1,30 +1,39 @@
-"""What the fastnn optimizers share: collecting parameters with gradients into (device, dtype)
-buckets, with torch.optim's errors for gradients it cannot take."""
+"""What the fastnn optimizers share: FusedStepMixin, the step() engine that collects the
+parameters with gradients, creates torch.optim's state for them, groups them by (device, dtype)
+and calls the chosen backend's update op once per group.
+
+A tensor goes to the kernels as the kernel sees it: the local shard of a DTensor (FSDP2) and the
+real view of a complex tensor (torch.optim does the same: complex Adam is Adam on (re, im)).
+Nothing here reads a device tensor on the host: step() never synchronises with the GPU.
+"""
 
 from collections import defaultdict
 
 import torch
-from torch.optim.optimizer import _get_scalar_dtype
+from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
+
+from fastnn import _backend, ops
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+MASTER = "master_param"  # state key of the fp32 master copy (master_weights=True)
 
 
-def params_with_grad(group, name):
-    """The params of `group` that have a gradient, checked as torch.optim checks them."""
-    out = []
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
-            raise RuntimeError(
-                f"{name} does not support sparse gradients, please consider SparseAdam instead"
-            )
-        if torch.is_complex(p):
-            raise RuntimeError(f"fastnn.optim.{name} does not support complex parameters yet")
-        out.append(p)
-    return out
+def _is_dtensor(t):
+    # DTensor subclasses torch.Tensor; checking the class name avoids importing
+    # torch.distributed.tensor in processes that never use it.
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def kernel_view(t):
+    """t as the kernels take it: a DTensor's local shard, a complex tensor's real view."""
+    if _is_dtensor(t):
+        t = t.to_local()
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def new_step(p, group):
-    """A zero step counter as torch.optim makes it: on the device when capturable or fused."""
+    """A zero step counter as torch.optim makes it: on the param's device when capturable or
+    fused (so the fused GradScaler protocol and CUDA graphs need no host), else on the host."""
     if group.get("capturable") or group.get("fused"):
         return torch.zeros(
             (), dtype=_get_scalar_dtype(is_fused=group.get("fused")), device=p.device
@@ -32,14 +41,221 @@ def new_step(p, group):
     return torch.tensor(0.0, dtype=_get_scalar_dtype())
 
 
-def buckets(params):
-    """Group params by (device, dtype), keeping order; returns {key: [indices]}."""
+def zeros_state(p, dtype=None):
+    """A zero state tensor like p (torch's zeros_like(p, preserve_format)), in `dtype` if given."""
+    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def host_float(value, what):
+    """A hyperparameter as a Python float. A 0-d CPU tensor is read on the host (no device sync);
+    a tensor on an accelerator would need a sync every step, so it is refused."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu":
+            raise ValueError(
+                f"fastnn.optim: {what} as a tensor on {value.device} would synchronise the host "
+                "every step; pass a float or a CPU tensor (lr may be a device tensor)"
+            )
+        return float(value)
+    return float(value)
+
+
+def lr_arguments(lr, device):
+    """(lr float, lr_tensor) for an update of tensors on `device`: a tensor lr on that device is
+    read by the kernel; a CPU tensor lr is read on the host (no device sync)."""
+    if not isinstance(lr, torch.Tensor):
+        return float(lr), None
+    if lr.device == device:
+        return 0.0, lr
+    if lr.device.type == "cpu":
+        return float(lr), None
+    return 0.0, lr.to(device, non_blocking=True)
+
+
+def _low_precision_master(group, p):
+    return bool(group.get("master_weights")) and p.dtype in LOW_PRECISION
+
+
+class FusedStepMixin:
+    """step(), master weights and GradScaler support for a torch.optim optimizer subclass.
+
+    Subclasses set FAMILY / OP (backend family and op name), MOMENTS (state keys of the
+    per-element state, in the op's argument order) and define _new_state(p, group, state,
+    dtype) and _op_arguments(group, states, steps) -> (state lists, steps list or None, kwargs).
+    """
+
+    FAMILY = ""
+    OP = ""
+    MOMENTS = ()
+
+    def _fastnn_setup(self, master_weights):
+        if self.defaults.get("differentiable"):
+            raise RuntimeError(
+                f"fastnn.optim.{type(self).__name__} does not support differentiable=True (its "
+                f"fused update is not differentiable); use torch.optim.{type(self).__name__}"
+            )
+        self.defaults["master_weights"] = bool(master_weights)
+        for group in self.param_groups:
+            group.setdefault("master_weights", bool(master_weights))
+        self.register_load_state_dict_pre_hook(_keep_fp32_state)
+        self.register_load_state_dict_post_hook(_restore_fp32_state)
+
+    # GradScaler calls step() with grad_scale / found_inf set (the fused protocol) when this is
+    # True. It is True only when every step counter lives where found_inf does (capturable or
+    # fused groups, or CPU params): undoing a skipped step then needs no host sync. Otherwise
+    # GradScaler unscales the grads and skips step() itself, as for torch.optim.Adam.
+    @property
+    def _step_supports_amp_scaling(self):
+        return all(
+            g.get("capturable")
+            or g.get("fused")
+            or all(p.device.type == "cpu" for p in g["params"])
+            for g in self.param_groups
+        )
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value):
+        pass  # torch.optim.Adam.__init__ assigns it for fused=True; the property decides
+
+    def _params_with_grad(self, group):
+        """The group's params that have a gradient; torch.optim's errors for the others."""
+        if group.get("differentiable"):
+            raise RuntimeError(
+                f"fastnn.optim.{type(self).__name__} does not support differentiable=True"
+            )
+        out = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(self._sparse_message())
+            if _is_dtensor(p) and p.grad.placements != p.placements:
+                raise RuntimeError(
+                    f"fastnn.optim: a DTensor param with placements {p.placements} has a grad "
+                    f"with placements {p.grad.placements}; redistribute the grad to match"
+                )
+            out.append(p)
+        return out
+
+    def _sparse_message(self):
+        return f"{type(self).__name__} does not support sparse gradients"
+
+    def _init_state(self, p, group):
+        state = self.state[p]
+        master = _low_precision_master(group, p)
+        if len(state) == 0 and group.get("fused"):
+            _device_dtype_check_for_fused(p)
+        # Low-precision params with master weights keep fp32 moments too: a bf16 exp_avg_sq
+        # cannot move by (1 - 0.999) of itself (below half a bf16 ulp, 2^-9).
+        self._new_state(p, group, state, torch.float32 if master else None)
+        if master and MASTER not in state:
+            state[MASTER] = p.detach().to(torch.float32, copy=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every param with a grad: one backend op call per (device, dtype)."""
+        self._accelerator_graph_capture_health_check()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        # Validate everything before changing anything: a bad grad in the last group must not
+        # leave the first groups stepped.
+        work = [(group, self._params_with_grad(group)) for group in self.param_groups]
+        for group, _ in work:
+            self._check_group(group)
+        for group, params in work:
+            for p in params:
+                self._init_state(p, group)
+            for key, idx in _buckets(params).items():
+                self._update_bucket(group, key[0], [params[i] for i in idx], grad_scale, found_inf)
+        return loss
+
+    def _check_group(self, group):
+        # Values the kernels take as host floats: refuse device tensors before any update.
+        for key in ("betas", "eps", "weight_decay", "alpha", "momentum"):
+            if key in group:
+                values = group[key] if isinstance(group[key], tuple) else (group[key],)
+                for v in values:
+                    host_float(v, key)
+
+    def _update_bucket(self, group, device, params, grad_scale, found_inf):
+        states = [self.state[p] for p in params]
+        pk = [kernel_view(p) for p in params]
+        gk = []
+        for p, g in zip(pk, params, strict=True):
+            g = kernel_view(g.grad)
+            if g.stride() != p.stride() and not (g.is_contiguous() and p.is_contiguous()):
+                g = torch.empty_like(p).copy_(g)  # e.g. a DDP bucket view of a transposed param
+            gk.append(g)
+        master = [kernel_view(s[MASTER]) for s in states] if MASTER in states[0] else []
+        lists, use_steps, kwargs = self._op_arguments(group, states)
+        lists = [[kernel_view(t) for t in lst] for lst in lists]
+        steps = [s["step"] for s in states]
+        lr, lr_tensor = lr_arguments(group["lr"], device)
+        scale = _on(grad_scale, device)
+        inf = _on(found_inf, device)
+        torch._foreach_add_(steps, 1)
+        op = ops.get(_backend.resolve(self.FAMILY, device.type), self.OP)
+        step_args = [steps] if use_steps else []
+        op(pk, gk, *lists, *step_args, master, lr_tensor, scale, inf, lr=lr, **kwargs)
+        if inf is not None:
+            # The kernel wrote nothing; undo the step count too, on the device (no sync).
+            # GradScaler sums found_inf over devices, so it may be 2: subtract (found_inf != 0).
+            if steps[0].device != inf.device:
+                raise RuntimeError(
+                    "fastnn.optim: found_inf is on "
+                    f"{inf.device} but the step counts are on {steps[0].device}; the fused "
+                    "GradScaler protocol needs capturable=True or fused=True on accelerators"
+                )
+            skipped = (inf != 0).to(steps[0].dtype)
+            torch._foreach_sub_(steps, [skipped] * len(steps))
+
+
+def _on(t, device):
+    if t is None or t.device == device:
+        return t
+    return t.to(device, non_blocking=True)
+
+
+def _buckets(params):
+    """Indices of params grouped by the (device, dtype) their kernels see, in order."""
     out = defaultdict(list)
     for i, p in enumerate(params):
-        out[(p.device, p.dtype)].append(i)
+        k = kernel_view(p)
+        out[(k.device, k.dtype, _is_dtensor(p))].append(i)
     return out
 
 
-def scalar(value):
-    """A hyperparameter that may be a 0-d tensor, as a float (or None for a tensor lr)."""
-    return float(value) if not isinstance(value, torch.Tensor) else float(value.item())
+# ---- state_dict: fp32 state of low-precision params stays fp32 ---------------------------------
+# torch.optim.Optimizer.load_state_dict casts every floating state tensor to its param's dtype,
+# which would round master weights (and fp32 moments) of bf16 params to bf16. The pre-hook keeps
+# the saved tensors; the post-hook puts them back in fp32 for groups with master_weights.
+
+
+def _keep_fp32_state(optimizer, state_dict):
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    kept = {}
+    for saved_id, p in zip(saved_ids, params, strict=False):
+        entry = state_dict["state"].get(saved_id)
+        if isinstance(entry, dict):
+            kept[p] = {k: v for k, v in entry.items() if isinstance(v, torch.Tensor)}
+    optimizer._fastnn_loaded_state = kept
+
+
+def _restore_fp32_state(optimizer):
+    kept = getattr(optimizer, "_fastnn_loaded_state", {})
+    optimizer._fastnn_loaded_state = {}
+    for group in optimizer.param_groups:
+        # A state_dict saved by torch.optim has no master_weights: keep this optimizer's choice.
+        group.setdefault("master_weights", optimizer.defaults.get("master_weights", False))
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state or not _low_precision_master(group, p):
+                continue
+            for key in (*optimizer.MOMENTS, MASTER):
+                if key in state:
+                    src = kept.get(p, {}).get(key, state[key])
+                    state[key] = src.to(device=p.device, dtype=torch.float32, copy=True)

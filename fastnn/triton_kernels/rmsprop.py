@@ -1,0 +1,255 @@
+"""Triton multi-tensor RMSprop update (`fastnn::triton_rmsprop_step_`).
+
+The same multi-tensor scheme as the Adam kernel (fastnn/triton_kernels/adam.py, whose launch
+helpers this module uses): one launch per (device, dtype signature) over a cached table of
+64K-element chunks, fp32 math (fp64 for fp64 params), IEEE sqrt and division, grad_scale /
+found_inf / lr_tensor read on the device, nothing written when found_inf != 0.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fastnn.triton_kernels import adam as mt
+from fastnn.triton_kernels.adam import div_ieee, sqrt_ieee
+
+
+@triton.jit
+def _rmsprop_tile(
+    offs, mask, p_ptr, g_ptr, sq_ptr, ga_ptr, buf_ptr, w_ptr,
+    lr, scale, alpha, one_minus_alpha, eps, weight_decay, momentum,
+    P_T: tl.constexpr, G_T: tl.constexpr, SQ_T: tl.constexpr, GA_T: tl.constexpr,
+    BUF_T: tl.constexpr, W_T: tl.constexpr, CDT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_WD: tl.constexpr,
+    CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
+):  # fmt: skip
+    """One tile of BLOCK elements, in torch.optim.RMSprop's for-loop order."""
+    if HAS_MASTER:
+        w = tl.load(w_ptr + offs, mask=mask).to(CDT)
+    else:
+        w = tl.load(p_ptr + offs, mask=mask).to(CDT)
+    g = tl.load(g_ptr + offs, mask=mask).to(CDT)
+    sq = tl.load(sq_ptr + offs, mask=mask).to(CDT)
+    if HAS_SCALE:
+        g = div_ieee(g, scale, CDT)
+    if MAXIMIZE:
+        g = -g
+    if HAS_WD:
+        g = g + weight_decay * w
+    sq = sq * alpha + one_minus_alpha * (g * g)  # square_avg.mul_(alpha).addcmul_(g, g, 1 - alpha)
+    tl.store(sq_ptr + offs, sq.to(SQ_T), mask=mask)
+    if CENTERED:
+        ga = tl.load(ga_ptr + offs, mask=mask).to(CDT)
+        ga = ga + one_minus_alpha * (g - ga)  # grad_avg.lerp_(g, 1 - alpha)
+        tl.store(ga_ptr + offs, ga.to(GA_T), mask=mask)
+        avg = sqrt_ieee(sq - ga * ga, CDT) + eps
+    else:
+        avg = sqrt_ieee(sq, CDT) + eps
+    if HAS_MOMENTUM:
+        buf = tl.load(buf_ptr + offs, mask=mask).to(CDT)
+        buf = buf * momentum + div_ieee(g, avg, CDT)  # buf.mul_(momentum).addcdiv_(g, avg)
+        tl.store(buf_ptr + offs, buf.to(BUF_T), mask=mask)
+        w = w - lr * buf
+    else:
+        w = w - lr * div_ieee(g, avg, CDT)
+    if HAS_MASTER:
+        tl.store(w_ptr + offs, w.to(W_T), mask=mask)
+    tl.store(p_ptr + offs, w.to(P_T), mask=mask)
+
+
+@triton.jit
+def _rmsprop_body(
+    table, lr_ptr, scale_ptr, inf_ptr,
+    lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+    P_T: tl.constexpr, G_T: tl.constexpr, SQ_T: tl.constexpr, GA_T: tl.constexpr,
+    BUF_T: tl.constexpr, W_T: tl.constexpr, CDT: tl.constexpr,
+    HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+    HAS_MASTER: tl.constexpr, HAS_WD: tl.constexpr, CENTERED: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = table + tl.program_id(0).to(tl.int64) * 8
+    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_T))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_T))
+    sq_ptr = tl.load(row + 2).to(tl.pointer_type(SQ_T))
+    ga_ptr = tl.load(row + 3).to(tl.pointer_type(GA_T))
+    buf_ptr = tl.load(row + 4).to(tl.pointer_type(BUF_T))
+    w_ptr = tl.load(row + 5).to(tl.pointer_type(W_T))
+    n = tl.load(row + 6)
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        sq_ptr = tl.multiple_of(sq_ptr, 16)
+        if CENTERED:
+            ga_ptr = tl.multiple_of(ga_ptr, 16)
+        if HAS_MOMENTUM:
+            buf_ptr = tl.multiple_of(buf_ptr, 16)
+        if HAS_MASTER:
+            w_ptr = tl.multiple_of(w_ptr, 16)
+    if HAS_LR_PTR:
+        lr_v = tl.load(lr_ptr).to(CDT)
+    else:
+        lr_v = tl.full((), lr, CDT)
+    live = tl.full([BLOCK], 1, tl.int1)
+    if HAS_INF:
+        live = live & (tl.load(inf_ptr) == 0)
+    scale = 1.0
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(CDT)
+    n_full = (n // BLOCK) * BLOCK
+    for start in range(0, n_full, BLOCK):
+        offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
+        _rmsprop_tile(
+            offs, live, p_ptr, g_ptr, sq_ptr, ga_ptr, buf_ptr, w_ptr,
+            lr_v, scale, alpha, one_minus_alpha, eps, weight_decay, momentum,
+            P_T, G_T, SQ_T, GA_T, BUF_T, W_T, CDT,
+            HAS_SCALE, HAS_MASTER, HAS_WD, CENTERED, HAS_MOMENTUM, MAXIMIZE,
+        )  # fmt: skip
+    if n_full < n:
+        offs = n_full + tl.arange(0, BLOCK)
+        _rmsprop_tile(
+            offs, live & (offs < n), p_ptr, g_ptr, sq_ptr, ga_ptr, buf_ptr, w_ptr,
+            lr_v, scale, alpha, one_minus_alpha, eps, weight_decay, momentum,
+            P_T, G_T, SQ_T, GA_T, BUF_T, W_T, CDT,
+            HAS_SCALE, HAS_MASTER, HAS_WD, CENTERED, HAS_MOMENTUM, MAXIMIZE,
+        )  # fmt: skip
+
+
+# fp32 and fp64 entry points, as for Adam: the scalars arrive in the compute dtype.
+@triton.jit
+def _rmsprop_f32(
+    table, lr_ptr, scale_ptr, inf_ptr,
+    lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+    P_T: tl.constexpr, G_T: tl.constexpr, SQ_T: tl.constexpr, GA_T: tl.constexpr,
+    BUF_T: tl.constexpr, W_T: tl.constexpr, HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_INF: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_WD: tl.constexpr,
+    CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    _rmsprop_body(
+        table, lr_ptr, scale_ptr, inf_ptr, lr, alpha, one_minus_alpha, eps, weight_decay,
+        momentum, P_T, G_T, SQ_T, GA_T, BUF_T, W_T, tl.float32, HAS_LR_PTR, HAS_SCALE, HAS_INF,
+        HAS_MASTER, HAS_WD, CENTERED, HAS_MOMENTUM, MAXIMIZE, ALIGNED, BLOCK,
+    )  # fmt: skip
+
+
+@triton.jit
+def _rmsprop_f64(
+    table, lr_ptr, scale_ptr, inf_ptr,
+    lr: tl.float64, alpha: tl.float64, one_minus_alpha: tl.float64, eps: tl.float64,
+    weight_decay: tl.float64, momentum: tl.float64,
+    P_T: tl.constexpr, G_T: tl.constexpr, SQ_T: tl.constexpr, GA_T: tl.constexpr,
+    BUF_T: tl.constexpr, W_T: tl.constexpr, HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_INF: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_WD: tl.constexpr,
+    CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    _rmsprop_body(
+        table, lr_ptr, scale_ptr, inf_ptr, lr, alpha, one_minus_alpha, eps, weight_decay,
+        momentum, P_T, G_T, SQ_T, GA_T, BUF_T, W_T, tl.float64, HAS_LR_PTR, HAS_SCALE, HAS_INF,
+        HAS_MASTER, HAS_WD, CENTERED, HAS_MOMENTUM, MAXIMIZE, ALIGNED, BLOCK,
+    )  # fmt: skip
+
+
+def rmsprop_step_(
+    params,
+    grads,
+    square_avgs,
+    grad_avgs,
+    momentum_buffers,
+    master_params,
+    lr_tensor,
+    grad_scale,
+    found_inf,
+    *,
+    lr,
+    alpha,
+    eps,
+    weight_decay,
+    momentum,
+    centered,
+    maximize,
+):
+    """In-place RMSprop update of lists of same-device tensors (schema `rmsprop_step_`).
+
+    params, grads, square_avgs: same shapes; fp32 / fp16 / bf16 / fp64 (states may be fp32 for
+    low-precision params). grad_avgs: when centered, else []. momentum_buffers: when
+    momentum > 0, else []. master_params: fp32 copies of the params (or [])."""
+    has_momentum = momentum > 0
+    if len(square_avgs) != len(params):
+        raise ValueError("fastnn.rmsprop_step_: square_avgs needs one tensor per param")
+    if centered and len(grad_avgs) != len(params):
+        raise ValueError("fastnn.rmsprop_step_: centered=True needs one grad_avg per param")
+    if has_momentum and len(momentum_buffers) != len(params):
+        raise ValueError("fastnn.rmsprop_step_: momentum > 0 needs one momentum_buffer per param")
+    gas = grad_avgs if centered else []
+    bufs = momentum_buffers if has_momentum else []
+    cdt = mt.check_lists(
+        "rmsprop_step_",
+        params,
+        grads,
+        ("square_avgs", square_avgs),
+        ("grad_avgs", gas),
+        ("momentum_buffers", bufs),
+        ("master_params", master_params),
+    )
+    if cdt is None:
+        return
+    device = params[0].device
+    live = [i for i, p in enumerate(params) if p.numel() > 0]
+    if not live:
+        return
+    lr_ptr = mt.on_device(lr_tensor, device)
+    scale = mt.on_device(grad_scale, device)
+    inf = mt.on_device(found_inf, device)
+    lists = [params, grads, square_avgs, gas, bufs, master_params]
+    mutable = [True, False, True, True, True, True]
+    write_back, flat = [], []
+    for i in live:
+        present = [(k, lst[i]) for k, lst in enumerate(lists) if lst]
+        views, wb = mt.flat_views([t for _, t in present], [mutable[k] for k, _ in present])
+        write_back += wb
+        row = [None] * 6
+        for (k, _), v in zip(present, views, strict=True):
+            row[k] = v
+        flat.append(row)
+    kernel = _rmsprop_f64 if cdt == torch.float64 else _rmsprop_f32
+    groups = mt.dtype_groups(
+        len(live), [[r[k] for r in flat] if lists[k] else [] for k in range(6)]
+    )
+    for sig, idx in groups.items():
+        addrs = [[t.data_ptr() if t is not None else 0 for t in flat[j]] for j in idx]
+        sizes = [d.itemsize if d else 4 for d in sig]
+        numels = [flat[j][0].numel() for j in idx]
+        table = mt.chunk_table(addrs, sizes, numels, idx, device, mt.CHUNK)
+        kernel[(table.shape[0],)](
+            table,
+            lr_ptr,
+            scale,
+            inf,
+            float(lr),
+            float(alpha),
+            1.0 - float(alpha),
+            float(eps),
+            float(weight_decay),
+            float(momentum),
+            P_T=mt.triton_dtype(sig[0]),
+            G_T=mt.triton_dtype(sig[1]),
+            SQ_T=mt.triton_dtype(sig[2]),
+            GA_T=mt.triton_dtype(sig[3]),
+            BUF_T=mt.triton_dtype(sig[4]),
+            W_T=mt.triton_dtype(sig[5]),
+            HAS_LR_PTR=lr_ptr is not None,
+            HAS_SCALE=scale is not None,
+            HAS_INF=inf is not None,
+            HAS_MASTER=bool(master_params),
+            HAS_WD=weight_decay != 0,
+            CENTERED=bool(centered),
+            HAS_MOMENTUM=has_momentum,
+            MAXIMIZE=bool(maximize),
+            ALIGNED=mt.aligned(addrs, sizes, mt.CHUNK),
+            BLOCK=mt.BLOCK,
+            num_warps=mt.NUM_WARPS,
+        )
+    for original, copy in write_back:
+        original.copy_(copy)

@@ -42,6 +42,18 @@ format: .venv/.deps-stamp
 # The whole suite on the CPU, Triton kernels under the interpreter (tests/conftest.py sets it).
 test: setup lint
 	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q bench --benchmark-disable
+
+# Benchmarks on the device present (CUDA when visible, else the CPU: a few minutes), the copy
+# bandwidth measured in the same run, then report.md and plots in bench/results/<device>-<date>/.
+bench: setup
+	$(PY) -m bench.run
+
+# The one command on a machine with an NVIDIA GPU (no .venv there: the system python3 and its
+# torch): build for the local arch, every test on CUDA, benchmarks, report; see bench/gpu_check.sh.
+# Without a GPU it says so and exits 2.
+gpu-check:
+	bash bench/gpu_check.sh
 
 demo: setup
 	$(PY) -m fastnn.demo

@@ -1,0 +1,1 @@
+"""fastnn's benchmark suite (pytest-benchmark), its report and the GPU check; see run.py."""

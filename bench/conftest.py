@@ -1,0 +1,89 @@
+"""pytest configuration of the benchmark suite (bench/harness.py explains the method).
+
+Adds to pytest-benchmark's JSON what report.py needs: the device and software versions in
+machine_info, and the skipped cases with their reasons under "skipped"."""
+
+import collections
+import importlib.util
+import os
+import platform
+
+import pytest
+import torch
+
+from bench import harness
+
+_skipped = []
+
+
+def pytest_configure(config):
+    disabled = config.getoption("benchmark_disable", False) and not config.getoption(
+        "benchmark_enable", False
+    )
+    if disabled:
+        harness.set_profile("smoke")
+        if harness.DEVICE == "cpu":
+            # The smoke run also drives the Triton backend once, interpreted (about 1 ms per
+            # program; the smoke tensors need a few dozen). Triton reads this when a kernel
+            # module is first imported, which happens at the first call of one of its ops.
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_report_header(config):
+    return (
+        f"fastnn bench: device={harness.DEVICE} ({harness.device_name()}), "
+        f"profile={harness.profile()}"
+    )
+
+
+def pytest_runtest_setup(item):
+    left = harness.budget_left()
+    if left is not None and left <= 0 and "benchmark" in getattr(item, "fixturenames", ()):
+        pytest.skip("time budget (FASTNN_BENCH_BUDGET_S) spent before this case started")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+    if harness.DEVICE == "cuda":
+        torch.cuda.empty_cache()  # the next case's tensors may be several GB
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and report.when in ("setup", "call"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped.append({"name": report.nodeid.split("::")[-1], "reason": reason})
+
+
+def _version(module):
+    if importlib.util.find_spec(module) is None:
+        return None
+    return getattr(importlib.import_module(module), "__version__", "unknown")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    info = {
+        "device": harness.DEVICE,
+        "device_name": harness.device_name(),
+        "profile": harness.profile(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "liger_kernel": _version("liger_kernel"),
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if harness.DEVICE == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            cuda=torch.version.cuda,
+            capability=f"{props.major}.{props.minor}",
+            sm_count=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+        )
+    machine_info["fastnn"] = info
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["skipped"] = _skipped
+    output_json["skipped_summary"] = collections.Counter(s["reason"] for s in _skipped)

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# `make gpu-check`: the one command to run on a machine with an NVIDIA GPU.
+#
+#   1. builds fastnn._C in place for this card's arch only (TORCH_CUDA_ARCH_LIST from
+#      torch.cuda.get_device_capability(), computed here, never in setup.py), with the system
+#      python3 and no pip install: the lent machines have no network and their own torch;
+#   2. runs the whole test suite (tests/) on CUDA with compiled Triton (TRITON_INTERPRET=0: the
+#      interpreted CPU runs are CI's), `-m "not slow"` (the slow tests build wheels, not kernels);
+#   3. runs the benchmark suite and writes the report (python -m bench.run), with what is left of
+#      the time budget, so everything ends within about GPU_CHECK_BUDGET_S;
+#   4. leaves build.log, tests.log, bench.log, benchmark.json, report.md, the plots and a summary
+#      (gpu-check.md) in bench/results/<device>-<date>/, the folder to commit.
+#
+# Without a CUDA GPU it prints why and exits 2: a non-zero status, so no script can mistake a
+# machine without a GPU for a passed check. Exit 1: the build or some tests failed (the report is
+# still written when the build succeeded). Exit 0: built, every test passed, report written.
+#
+# Knobs: GPU_CHECK_PYTHON (python3), GPU_CHECK_BUDGET_S (480), GPU_CHECK_TEST_TIMEOUT_S (240),
+# GPU_CHECK_PYTEST_ARGS (extra pytest args for tests/, e.g. "-n 4" or "-k rms"), MAX_JOBS.
+# Peers that are not installed there (Liger-Kernel is pure Python) can be carried as wheels in
+# .whl/: they are installed with pip --no-index into a private folder on PYTHONPATH.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${GPU_CHECK_PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
+TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT_S:-240}
+start=$SECONDS
+
+if ! why=$("$PY" -c '
+import sys
+try:
+    import torch
+except ImportError as e:
+    sys.exit(f"cannot import torch ({e})")
+if torch.version.cuda is None:
+    sys.exit(f"torch {torch.__version__} is a CPU-only build")
+if not torch.cuda.is_available():
+    sys.exit("torch sees no CUDA device")
+' 2>&1); then
+  echo "gpu-check: no CUDA GPU to check on: $why (python: $PY)." >&2
+  echo "gpu-check: run it on a machine with an NVIDIA GPU; on this one use 'make test' and 'make bench'." >&2
+  exit 2
+fi
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/fastnn-gpu-check-site .whl/*.whl &&
+    export PYTHONPATH="/tmp/fastnn-gpu-check-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+out=$("$PY" -m bench.run --print-out) || exit 1
+mkdir -p "$out"
+summary="$out/gpu-check.md"
+echo "gpu-check: results in ${out#"$PWD"/}"
+{
+  echo "# gpu-check, $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo '```'
+  "$PY" -c 'import torch, platform; p = torch.cuda.get_device_properties(0)
+print(f"{p.name}, compute capability {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
+      f"{p.total_memory / 2**30:.0f} GiB; torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"Python {platform.python_version()}")
+try:
+    import triton; print(f"triton {triton.__version__}")
+except ImportError:
+    print("triton not installed")'
+  nvcc --version 2>/dev/null | tail -n 1
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null |
+    sed "s/^/nvidia-smi: /"
+  git rev-parse HEAD 2>/dev/null | sed 's/^/commit /'
+  echo '```'
+  echo
+} >"$summary"
+
+# 1. Build for this card only: one arch keeps the build to a few minutes at most.
+echo "gpu-check: building fastnn._C for sm_${arch/./} (log: build.log)"
+t=$SECONDS
+TORCH_CUDA_ARCH_LIST="$arch" FASTNN_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+  "$PY" setup.py build_ext --inplace >"$out/build.log" 2>&1
+build_rc=$?
+if [ $build_rc -eq 0 ]; then
+  "$PY" -c 'import fastnn
+from fastnn import _backend, _extension
+assert _extension.load(), _extension.error()
+for family in ("rms_norm", "layer_norm", "glu", "adam", "rmsprop"):
+    for backend in ("native", "triton"):
+        why = _backend.unavailable_reason(backend, family, "cuda") or "available"
+        print(f"{family:10} {backend:6} on cuda: {why}")' >>"$out/build.log" 2>&1
+  build_rc=$?
+fi
+echo "- build (TORCH_CUDA_ARCH_LIST=$arch): $([ $build_rc -eq 0 ] && echo ok || echo FAILED), $((SECONDS - t)) s" >>"$summary"
+if [ $build_rc -ne 0 ]; then
+  tail -n 30 "$out/build.log"
+  echo "gpu-check: the build failed (full log: $out/build.log)" >&2
+  exit 1
+fi
+tail -n 10 "$out/build.log"
+
+# 2. The test suite on CUDA, compiled Triton. `timeout` bounds it so the benchmarks still run.
+echo "gpu-check: tests (log: tests.log, at most ${TEST_TIMEOUT} s)"
+t=$SECONDS
+# shellcheck disable=SC2086  # GPU_CHECK_PYTEST_ARGS is a list of words
+TRITON_INTERPRET=0 timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -ra -p no:cacheprovider \
+  -m "not slow" tests ${GPU_CHECK_PYTEST_ARGS:-} 2>&1 | tee "$out/tests.log"
+test_rc=${PIPESTATUS[0]}
+case $test_rc in
+  0) tests="all passed" ;;
+  124 | 137) tests="TIMED OUT after ${TEST_TIMEOUT} s (see the end of tests.log)" ;;
+  *) tests="FAILED (pytest exit $test_rc)" ;;
+esac
+echo "- tests: $tests, $((SECONDS - t)) s: \`$(grep -E '(passed|failed|error)' "$out/tests.log" | tail -n 1)\`" >>"$summary"
+
+# 3. Benchmarks and report, with what is left of the budget (at least a minute).
+left=$((BUDGET - (SECONDS - start) - 20))
+[ $left -lt 60 ] && left=60
+echo "gpu-check: benchmarks (log: bench.log, budget ${left} s)"
+t=$SECONDS
+TRITON_INTERPRET=0 "$PY" -m bench.run --out "$out" --budget-s "$left"
+bench_rc=$?
+echo "- benchmarks: $([ $bench_rc -eq 0 ] && echo ok || echo "pytest exit $bench_rc"), $((SECONDS - t)) s; report: [report.md](report.md)" >>"$summary"
+echo "- total: $((SECONDS - start)) s" >>"$summary"
+
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+  # On a lent machine only $OUT comes back, a few files at most: pack the folder.
+  tar czf "$OUT/gpu-check.tar.gz" -C "$(dirname "$out")" "$(basename "$out")" &&
+    echo "gpu-check: packed into \$OUT/gpu-check.tar.gz"
+fi
+cat "$summary"
+[ $test_rc -eq 0 ] && [ $bench_rc -eq 0 ]

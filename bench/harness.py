@@ -1,0 +1,123 @@
+"""The benchmark harness shared by bench/test_*.py.
+
+- Device: CUDA when present (override with FASTNN_BENCH_DEVICE=cpu|cuda), else the CPU.
+- Profile: `smoke` under `--benchmark-disable` (every case runs once on tiny tensors: CI's check
+  that each benchmark still runs), else the device's own sizes (`cuda` or `cpu`).
+- Timing: on a GPU, pytest-benchmark's timer is replaced by CUDA events (`CudaEventTimer`), so a
+  round is GPU time between two events around `iterations` back-to-back calls (the launches queue
+  up, so Python overhead is hidden once a call's GPU time exceeds it, as in a training step).
+  On the CPU it is pytest-benchmark's wall clock; the report uses the median round.
+- Bytes: every entry records `bytes` (the fixed formula of shared/performance.md, computed by the
+  test) in extra_info, with op / mode / impl / dtype / shape, so report.py derives GB/s.
+- Budget: FASTNN_BENCH_BUDGET_S (seconds from session start) skips the cases that would start
+  after it, with the reason, so `make gpu-check` always ends with a report.
+"""
+
+import os
+import time
+
+import torch
+
+DEVICE = os.environ.get("FASTNN_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"FASTNN_BENCH_DEVICE must be cpu or cuda, got {DEVICE!r}")
+
+_profile = DEVICE  # set to "smoke" by conftest.py under --benchmark-disable
+_session_start = time.monotonic()
+
+# Rounds of `iterations` calls each, after warm-up rounds. On a GPU 10 x 10 calls of 0.1-1 ms keep
+# an entry near 50 ms; on the CPU single calls of a few ms, 7 rounds, the median of which is what
+# the report shows (the 2 shared cores are noisy: compare only entries from one run).
+ROUNDS = {"cuda": (3, 10, 10), "cpu": (1, 7, 1), "smoke": (0, 1, 1)}  # (warmup, rounds, iters)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def set_profile(name):
+    global _profile
+    _profile = name
+
+
+def profile():
+    """'cuda', 'cpu' (timed runs on that device) or 'smoke' (each case once, tiny tensors)."""
+    return _profile
+
+
+def budget_left():
+    """Seconds left of FASTNN_BENCH_BUDGET_S (None: no budget)."""
+    budget = os.environ.get("FASTNN_BENCH_BUDGET_S")
+    if not budget:
+        return None
+    return float(budget) - (time.monotonic() - _session_start)
+
+
+def device_name():
+    """The GPU's name, or the CPU's model name."""
+    if DEVICE == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
+
+
+class CudaEventTimer:
+    """A pytest-benchmark timer read from CUDA events.
+
+    pytest-benchmark computes a round's time as timer() after minus timer() before. Each call
+    records an event on the current stream, waits for it, and returns the running sum of the
+    event-to-event intervals, so the difference of two calls is exactly the GPU time between the
+    two records (one float32 interval, ~0.5 us resolution; a single base event would lose
+    resolution after minutes). Waiting at the first call also keeps earlier work out of a round.
+    """
+
+    __name__ = "cuda_event_timer"
+
+    def __init__(self):
+        self._last = None
+        self._seconds = 0.0
+
+    def __call__(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        event.synchronize()
+        if self._last is not None:
+            self._seconds += self._last.elapsed_time(event) / 1e3
+        self._last = event
+        return self._seconds
+
+
+def run(benchmark, fn, *, nbytes, info, timing=None):
+    """Time `fn()` with pytest-benchmark in pedantic mode and record what report.py needs.
+
+    nbytes: bytes one call moves by the fixed formula; info: op, mode, impl, dtype, shape (and
+    anything else to keep); timing: (warm-up rounds, rounds, calls per round), else ROUNDS.
+    """
+    if DEVICE == "cuda":
+        benchmark._timer = CudaEventTimer()  # no public hook for a per-test timer in 5.x
+    benchmark.extra_info.update(info, bytes=int(nbytes), device=DEVICE, profile=profile())
+    warmup, rounds, iterations = timing or ROUNDS[profile()]
+    return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=iterations)
+
+
+def randn(shape, dtype, requires_grad=False, scale=1.0):
+    """Random normal data on DEVICE (never zeros: they can run faster than real data)."""
+    t = torch.randn(shape, device=DEVICE, dtype=torch.float32).mul_(scale).to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def rows_for(n, elements):
+    """Rows of an [rows, n] tensor of about `elements` elements (at least one row)."""
+    return max(1, elements // n)
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()

@@ -1,0 +1,76 @@
+"""SwiGLU, h = silu(g) * u: forward, backward and forward+backward over [rows, H], every
+implementation of bench/impls.py.
+
+Shapes: H are LLaMA MLP widths (TinyLlama 5632, LLaMA-7B 11008, LLaMA-3-8B 14336, LLaMA-70B
+28672, and 2816), rows chosen for about 2^26 elements per tensor on a GPU (128 MB in bf16, above
+L2) in bf16, plus 11008 in fp32 / fp16; on the CPU fp32 at 2^22 elements (above a 32 MB L3) plus
+bf16.
+
+Bytes (shared/performance.md), M = rows * H elements of e bytes:
+  fwd: read g, u; write h             = 3Me
+  bwd: read dh, g, u; write dg, du    = 5Me
+fwd+bwd is the sum (8Me).
+"""
+
+import pytest
+import torch
+
+from bench import harness, impls
+from tests.tolerances import FORWARD, INPUT_GRAD, RTOL, rel_error
+
+WIDTHS = [2816, 5632, 11008, 14336, 28672]
+CASES = {
+    "cuda": [("bf16", h) for h in WIDTHS] + [("fp32", 11008), ("fp16", 11008)],
+    "cpu": [("fp32", h) for h in (2816, 11008)] + [("bf16", 11008)],
+    # 1000 is not a multiple of 8: vectorised kernels take their tail path.
+    "smoke": [("fp32", 1000), ("bf16", 2816)],
+}
+ELEMENTS = {"cuda": 2**26, "cpu": 2**22, "smoke": 2**14}
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def glu_bytes(mode, m, e):
+    return {"fwd": 3 * m * e, "bwd": 5 * m * e, "fwd+bwd": 8 * m * e}[mode]
+
+
+@pytest.mark.parametrize("impl", impls.GLU_IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype_name,h", CASES[harness.profile()])
+def test_swiglu(benchmark, dtype_name, h, mode, impl):
+    why = impls.unavailable(impl, "glu")
+    if why is not None:
+        pytest.skip(why)
+    dtype = harness.DTYPES[dtype_name]
+    rows = harness.rows_for(h, ELEMENTS[harness.profile()])
+    # Gate values of a trained MLP are of order a few units; scale 2 spreads them over silu's bend.
+    g = harness.randn((rows, h), dtype, requires_grad=True, scale=2.0)
+    u = harness.randn((rows, h), dtype, requires_grad=True)
+    dh = harness.randn((rows, h), dtype)
+    fn = impls.get(impl, "glu")
+
+    if mode == "fwd":
+        timed = lambda: fn(g, u)  # noqa: E731
+    elif mode == "bwd":
+        out = fn(g, u)
+        timed = lambda: torch.autograd.grad(out, (g, u), dh, retain_graph=True)  # noqa: E731
+    else:
+        timed = lambda: torch.autograd.grad(fn(g, u), (g, u), dh)  # noqa: E731
+
+    harness.run(
+        benchmark,
+        timed,
+        nbytes=glu_bytes(mode, rows * h, g.element_size()),
+        info={"op": "swiglu", "mode": mode, "impl": impl, "dtype": dtype_name, "shape": [rows, h]},
+    )
+    if mode == "fwd+bwd" and impl != "eager":
+        # Wiring check (tests/ test the kernels): same result as eager within twice the table's
+        # tolerance, since both round to `dtype`.
+        out = fn(g, u)
+        ref = impls.get("eager", "glu")(g, u)
+        pairs = [(out, ref, FORWARD)]
+        grads = torch.autograd.grad(out, (g, u), dh)
+        ref_grads = torch.autograd.grad(ref, (g, u), dh)
+        pairs += [(a, b, INPUT_GRAD) for a, b in zip(grads, ref_grads, strict=True)]
+        for got, want, kind in pairs:
+            err = rel_error(got, want)
+            assert err <= 2 * RTOL[dtype][kind], f"swiglu: {err:.2e} from eager ({dtype})"

@@ -1,0 +1,127 @@
+"""Optimizer step(): Adam, AdamW and RMSprop over the parameters of a LLaMA-like model (hundreds
+of tensors of mixed sizes: embeddings, attention and MLP matrices, norm vectors).
+
+Implementations: torch.optim's for-loop (`eager-forloop`), foreach (`eager`, torch's default on
+CUDA), fused (`eager-fused`, Adam / AdamW only: torch has no fused RMSprop), torch.compile of the
+foreach step (`compile`, on CUDA, AdamW fp32 only: compiling a step over hundreds of tensors is
+slow), and fastnn.optim with each backend forced.
+
+Bytes per parameter (shared/performance.md), sp = param element size (grad and state alike):
+  Adam / AdamW: read p, g, m, v; write p, m, v          = 7 sp   (28 B in fp32)
+  RMSprop: read p, g, v; write p, v                     = 5 sp   (20 B); momentum +2 sp, centered +2 sp
+"""
+
+import pytest
+import torch
+
+import fastnn
+from bench import harness
+
+# (d_model, d_ff, layers, vocab): CUDA ~369M params in 219 tensors (a 24-layer, 1024-wide model,
+# ~10 GB moved per fp32 Adam step); CPU ~8M params in 75 tensors; smoke ~12K params in 21 tensors.
+MODELS = {"cuda": (1024, 2816, 24, 32000), "cpu": (256, 704, 8, 4000), "smoke": (32, 88, 2, 100)}
+VARIANTS = {
+    "adam": (torch.optim.Adam, fastnn.optim.Adam, {}),
+    "adamw": (torch.optim.AdamW, fastnn.optim.AdamW, {"weight_decay": 0.01}),
+    "rmsprop": (torch.optim.RMSprop, fastnn.optim.RMSprop, {}),
+    "rmsprop-centered-momentum": (
+        torch.optim.RMSprop,
+        fastnn.optim.RMSprop,
+        {"centered": True, "momentum": 0.9},
+    ),
+}
+CASES = {
+    "cuda": [(v, "fp32") for v in VARIANTS] + [("adamw", "bf16")],
+    "cpu": [(v, "fp32") for v in VARIANTS],
+    "smoke": [("adamw", "fp32"), ("rmsprop-centered-momentum", "fp32"), ("adamw", "bf16")],
+}
+IMPLS = (
+    "eager-forloop",
+    "eager",
+    "eager-fused",
+    "compile",
+    "fastnn-torch",
+    "fastnn-native",
+    "fastnn-triton",
+)
+FAMILY = {"adam": "adam", "adamw": "adam", "rmsprop": "rmsprop"}
+# Steps take 3-100 ms on a GPU at this size: fewer rounds than the kernels' default.
+TIMING = {"cuda": (1, 5, 2), "cpu": (1, 5, 1), "smoke": (0, 1, 1)}
+
+
+def llama_shapes(d, ff, layers, vocab):
+    """Parameter shapes of a LLaMA-style decoder: embedding, per layer q/k/v/o [d, d],
+    gate/up [ff, d], down [d, ff] and two norm weights [d], final norm, output head."""
+    layer = [(d, d)] * 4 + [(ff, d), (ff, d), (d, ff), (d,), (d,)]
+    return [(vocab, d)] + layer * layers + [(d,), (vocab, d)]
+
+
+def optim_bytes(params, variant):
+    """(2 + 1 + 2 * states) element sizes per parameter: p read and written, g read, each state
+    read and written; grads and states have the params' dtype."""
+    states = {"adam": 2, "adamw": 2, "rmsprop": 1, "rmsprop-centered-momentum": 3}[variant]
+    return sum(p.numel() * p.element_size() * (3 + 2 * states) for p in params)
+
+
+def unavailable(impl, variant, dtype_name):
+    family = FAMILY.get(variant, "rmsprop")
+    if impl == "eager-fused" and family == "rmsprop":
+        return "torch.optim.RMSprop has no fused implementation"
+    if impl == "compile" and (
+        harness.profile() != "cuda" or (variant, dtype_name) != ("adamw", "fp32")
+    ):
+        return (
+            "torch.compile of step() is benchmarked on CUDA for AdamW fp32 only (slow to compile)"
+        )
+    if impl.startswith("fastnn-"):
+        from fastnn import _backend
+
+        why = _backend.unavailable_reason(impl.split("-", 1)[1], family, harness.DEVICE)
+        return None if why is None else f"fastnn {impl.split('-', 1)[1]} backend: {why}"
+    return None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant,dtype_name", CASES[harness.profile()])
+def test_step(benchmark, variant, dtype_name, impl):
+    why = unavailable(impl, variant, dtype_name)
+    if why is not None:
+        pytest.skip(why)
+    dtype = harness.DTYPES[dtype_name]
+    torch_cls, fastnn_cls, options = VARIANTS[variant]
+    params = []
+    for shape in llama_shapes(*MODELS[harness.profile()]):
+        p = harness.randn(shape, dtype, scale=0.02).requires_grad_(True)
+        p.grad = harness.randn(shape, dtype, scale=1e-3)
+        params.append(p)
+    kwargs = dict(options, lr=1e-4)
+
+    if impl.startswith("fastnn-"):
+        opt = fastnn_cls(params, **kwargs)
+        backend = impl.split("-", 1)[1]
+
+        def step():
+            with fastnn.use_backend(backend):
+                opt.step()
+
+    else:
+        mode = {"eager-forloop": {"foreach": False}, "eager-fused": {"fused": True}}
+        opt = torch_cls(params, **kwargs, **mode.get(impl, {"foreach": True}))
+        step = torch.compile(opt.step) if impl == "compile" else opt.step
+
+    step()  # creates the state (and compiles): keep that out of the timing, even in smoke runs
+    harness.run(
+        benchmark,
+        step,
+        nbytes=optim_bytes(params, variant),
+        info={
+            "op": variant,
+            "mode": "step",
+            "impl": impl,
+            "dtype": dtype_name,
+            "shape": [sum(p.numel() for p in params)],
+            "tensors": len(params),
+        },
+        timing=TIMING[harness.profile()],
+    )
+    assert all(torch.isfinite(p).all() for p in params[:3])

@@ -1,0 +1,53 @@
+"""report.py on a hand-made pytest-benchmark JSON: the derived numbers are the right ones."""
+
+import json
+
+from bench import report
+
+
+def _bench(op, mode, impl, median_s, nbytes, shape, dtype="bf16"):
+    info = {"op": op, "mode": mode, "impl": impl, "dtype": dtype, "shape": shape, "bytes": nbytes}
+    return {"extra_info": info, "stats": {"median": median_s, "rounds": 10, "iterations": 10}}
+
+
+def _write(tmp_path, benchmarks, skipped=None):
+    data = {
+        "machine_info": {"fastnn": {"device": "cuda", "device_name": "Test GPU", "torch": "x"}},
+        "commit_info": {"id": "0123456789abcdef", "dirty": False},
+        "datetime": "2026-11-25T12:00:00",
+        "benchmarks": benchmarks,
+        "skipped_summary": skipped or {},
+    }
+    path = tmp_path / "benchmark.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_report_numbers(tmp_path):
+    benchmarks = [
+        _bench("copy", "copy", "torch", 1e-3, 3_000_000_000, [2**28], "fp32"),  # 3000 GB/s
+        # 1.5 GB in 1 ms = 1500 GB/s = 50% of copy; eager 4 ms, compile 2 ms.
+        _bench("rms_norm", "fwd", "fastnn-native", 1e-3, 1_500_000_000, [4096, 512]),
+        _bench("rms_norm", "fwd", "eager", 4e-3, 1_500_000_000, [4096, 512]),
+        _bench("rms_norm", "fwd", "compile", 2e-3, 1_500_000_000, [4096, 512]),
+        _bench("rms_norm", "fwd", "eager", 1e-3, 1_000_000_000, [2048, 1024]),
+        _bench("adamw", "step", "fastnn-triton", 5e-3, 10_000_000_000, [10**9], "fp32"),
+    ]
+    path = _write(tmp_path, benchmarks, {"Skipped: no liger": 3})
+    text = (tmp_path / report.write_report(str(path), str(tmp_path))).read_text()
+    assert "**3,000 GB/s**" in text
+    assert "| bf16 | [4096, 512] | fastnn-native | 1,000 | 1,500.0 | 50% | 4.00x | 2.00x |" in text
+    assert "| bf16 | [4096, 512] | eager | 4,000 | 375.0 | 12% | 1.00x | 0.50x |" in text
+    # No compile entry at this shape: its speedup column says so instead of inventing one.
+    assert "| bf16 | [2048, 1024] | eager | 1,000 | 1,000.0 | 33% | 1.00x | - |" in text
+    assert "| fp32 | [1000000000] | fastnn-triton | 5,000 | 2,000.0 | 67% | - | - |" in text
+    assert "| 3 | Skipped: no liger |" in text
+    # Two values of N for rms_norm: a plot; the optimizer has no sweep: none.
+    assert (tmp_path / "rms_norm.png").stat().st_size > 0
+    assert not (tmp_path / "adamw.png").exists()
+
+
+def test_report_without_copy(tmp_path):
+    path = _write(tmp_path, [_bench("swiglu", "bwd", "eager", 2e-6, 1000, [1, 100], "fp32")])
+    text = (tmp_path / report.write_report(str(path), str(tmp_path))).read_text()
+    assert "| fp32 | [1, 100] | eager | 2.0 | 0.5 | - | 1.00x | - |" in text

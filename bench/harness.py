@@ -13,9 +13,11 @@
   after it, with the reason, so `make gpu-check` always ends with a report.
 """
 
+import importlib.util
 import os
 import time
 
+import pytest
 import torch
 
 DEVICE = os.environ.get("FASTNN_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -32,6 +34,27 @@ ROUNDS = {"cuda": (3, 10, 10), "cpu": (1, 7, 1), "smoke": (0, 1, 1)}  # (warmup,
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def _load_tolerances():
+    # By path: a `tests` package installed in site-packages (some wheels ship one) would shadow
+    # the repository's tests/ folder, which is a namespace package.
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    spec = importlib.util.spec_from_file_location(
+        "fastnn_tests_tolerances", f"{path}/tolerances.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tolerances = _load_tolerances()  # the tolerance table of shared/testing.md
+
+
+def headline(*values):
+    """A parametrize case that runs before the others (conftest.py sorts them first), so the
+    LLaMA-sized cases make the report even when a time budget cuts the sweeps short."""
+    return pytest.param(*values, marks=pytest.mark.headline)
 
 
 def set_profile(name):

@@ -24,8 +24,11 @@ GLU_IMPLS = NORM_IMPLS
 
 # One compiled function per op is called at many shapes and dtypes; Dynamo's default limit of 8
 # recompiles per function would silently fall back to eager after the 8th, so raise it.
-torch._dynamo.config.recompile_limit = 256
-torch._dynamo.config.accumulated_recompile_limit = 4096
+for _name, _limit in (("recompile_limit", 256), ("accumulated_recompile_limit", 4096)):
+    if hasattr(torch._dynamo.config, _name):  # named cache_size_limit before torch 2.7
+        setattr(torch._dynamo.config, _name, _limit)
+    else:
+        torch._dynamo.config.cache_size_limit = 256
 
 
 def unavailable(impl, family):

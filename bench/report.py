@@ -126,6 +126,44 @@ def op_tables(rows, copy):
     return lines
 
 
+def summary_table(rows, copy):
+    """Markdown lines: GB/s of every implementation at the headline (LLaMA-sized) cases, one row
+    per (op, mode, dtype, shape), and the best fastnn backend against eager and compile."""
+    cases = collections.defaultdict(dict)
+    for r in rows:
+        if r.get("headline") and r["op"] != "copy":
+            cases[(r["op"], r["mode"], r["dtype"], tuple(r["shape"]))][r["impl"]] = r
+    if not cases:
+        return []
+    impls = _order({i for c in cases.values() for i in c}, IMPL_ORDER)
+    lines = [
+        "## Summary: GB/s at LLaMA-sized cases" + (f" (copy: {copy:,.0f} GB/s)" if copy else ""),
+        "",
+        "| op | mode | dtype | shape | "
+        + " | ".join(impls)
+        + " | best fastnn | vs eager | vs compile |",
+        "| --- | --- | --- | --- | " + " | ".join("---:" for _ in impls) + " | --- | ---: | ---: |",
+    ]
+    for key in sorted(
+        cases, key=lambda k: (k[0], _rank(k[1], MODE_ORDER), _rank(k[2], DTYPE_ORDER), k[3])
+    ):
+        case = cases[key]
+        cells = [f"{case[i]['gbps']:,.0f}" if i in case else "" for i in impls]
+        ours = [i for i in case if i.startswith("fastnn-")]
+        best, vs_eager, vs_compile = "-", None, None
+        if ours:
+            best = min(ours, key=lambda i: case[i]["median_s"])
+            t = case[best]["median_s"]
+            vs_eager = case["eager"]["median_s"] / t if "eager" in case else None
+            vs_compile = case["compile"]["median_s"] / t if "compile" in case else None
+        op, mode, dtype, shape = key
+        lines.append(
+            f"| {op} | {mode} | {dtype} | {_shape(shape)} | " + " | ".join(cells)
+            + f" | {best} | {_fmt_ratio(vs_eager)} | {_fmt_ratio(vs_compile)} |"
+        )  # fmt: skip
+    return lines + [""]
+
+
 def header(data, rows, copy):
     mi = data.get("machine_info", {})
     fx = mi.get("fastnn", {})
@@ -248,6 +286,7 @@ def write_report(json_path, out_dir):
             "Plots: " + ", ".join(f"[{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs)
         )
         lines.append("")
+    lines += summary_table(rows, copy)
     lines += op_tables(rows, copy)
     lines += skipped_lines(data)
     path = os.path.join(out_dir, "report.md")

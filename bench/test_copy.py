@@ -2,6 +2,7 @@
 device-to-device `dst.copy_(src)`, bytes read plus bytes written. report.py expresses every
 kernel's GB/s as a percentage of this."""
 
+import pytest
 import torch
 
 from bench import harness
@@ -10,6 +11,7 @@ from bench import harness
 ELEMENTS = {"cuda": 2**28, "cpu": 2**24, "smoke": 2**12}
 
 
+@pytest.mark.headline
 def test_copy(benchmark):
     n = ELEMENTS[harness.profile()]
     src = harness.randn((n,), torch.float32)

@@ -31,8 +31,8 @@ VARIANTS = {
     ),
 }
 CASES = {
-    "cuda": [(v, "fp32") for v in VARIANTS] + [("adamw", "bf16")],
-    "cpu": [(v, "fp32") for v in VARIANTS],
+    "cuda": [harness.headline(v, "fp32") for v in VARIANTS] + [harness.headline("adamw", "bf16")],
+    "cpu": [harness.headline(v, "fp32") for v in VARIANTS],
     "smoke": [("adamw", "fp32"), ("rmsprop-centered-momentum", "fp32"), ("adamw", "bf16")],
 }
 IMPLS = (

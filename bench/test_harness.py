@@ -1,0 +1,60 @@
+"""The harness's own logic, checked without a GPU: the CUDA-event timer's arithmetic (with a
+fake event clock) and the byte formulas against shared/performance.md's speed-of-light table."""
+
+import pytest
+import torch
+
+from bench import harness
+from bench.test_glu import glu_bytes
+from bench.test_norms import norm_bytes
+from bench.test_optim import optim_bytes
+
+
+class _FakeEvent:
+    now_ms = 0.0  # the fake GPU clock
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.t = None
+
+    def record(self):
+        self.t = _FakeEvent.now_ms
+
+    def synchronize(self):
+        assert self.t is not None
+
+    def elapsed_time(self, end):
+        # float32 like cudaEventElapsedTime: large spans lose resolution, short ones do not.
+        return float(torch.tensor(end.t - self.t, dtype=torch.float32))
+
+
+def test_cuda_event_timer_differences_are_event_intervals(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    timer = harness.CudaEventTimer()
+    _FakeEvent.now_ms = 1.0e7  # hours into a session: a single base event would be coarse here
+    start = timer()
+    _FakeEvent.now_ms += 0.123
+    end = timer()
+    assert end - start == pytest.approx(0.123e-3, rel=1e-4)
+    _FakeEvent.now_ms += 5000.0  # time between rounds counts in neither round
+    start = timer()
+    _FakeEvent.now_ms += 0.0015
+    assert timer() - start == pytest.approx(1.5e-6, rel=1e-3)
+
+
+def test_bytes_match_speed_of_light_table():
+    """shared/performance.md: at 3.0 TB/s, RMSNorm [32768, 4096] bf16 fwd 179 us, bwd 270 us;
+    SwiGLU [32768, 11008] bf16 fwd 721 us, bwd 1.20 ms; Adam on 1e9 fp32 params 9.3 ms."""
+    us = lambda nbytes: nbytes / 3.0e12 * 1e6  # noqa: E731
+    assert us(norm_bytes("rms_norm", "fwd", 32768, 4096, 2)) == pytest.approx(179, abs=1)
+    assert us(norm_bytes("rms_norm", "bwd", 32768, 4096, 2)) == pytest.approx(270, abs=2)
+    assert us(glu_bytes("fwd", 32768 * 11008, 2)) == pytest.approx(721, abs=1)
+    assert us(glu_bytes("bwd", 32768 * 11008, 2)) == pytest.approx(1202, abs=2)
+    p = torch.empty(0, dtype=torch.float32)
+    per_param = optim_bytes([p.new_empty(1000)], "adam") / 1000
+    assert per_param == 28 and us(per_param * 1e9) == pytest.approx(9333, abs=1)
+    assert optim_bytes([p.new_empty(10)], "rmsprop") == 10 * 20
+    assert optim_bytes([p.new_empty(10)], "rmsprop-centered-momentum") == 10 * 36
+    # LayerNorm: one more parameter vector and one more fp32 statistic per row than RMSNorm.
+    extra = norm_bytes("layer_norm", "bwd", 8, 64, 2) - norm_bytes("rms_norm", "bwd", 8, 64, 2)
+    assert extra == 64 * 2 + 8 * 4

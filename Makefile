@@ -58,5 +58,13 @@ gpu-check:
 demo: setup
 	$(PY) -m fastnn.demo
 
+# Binary wheel into dist/: CPU kernels plus CUDA kernels for TORCH_CUDA_ARCH_LIST (default: the
+# list in setup.py), cp310-abi3, requiring the torch minor release of .venv. Built in its own
+# folder (build/wheel-<variant>), so the in-place dev build stays incremental. MAX_JOBS defaults
+# to the core count. WHEEL_VARIANT=cpu (no CUDA kernels) or pure (no extension, py3-none-any).
+WHEEL_VARIANT ?= cuda
+wheel: .venv/.deps-stamp
+	tools/build_wheel.sh $(WHEEL_VARIANT)
+
 clean:
 	rm -rf build dist *.egg-info fastnn/*.so fastnn/_build_info.py .venv/.editable-stamp

@@ -1,0 +1,257 @@
+// RMSNorm on the CPU, optionally fused with the residual add (schemas in csrc/library.cpp,
+// semantics of fastnn/reference/rms_norm.py):
+//   forward   s = input + residual (rounded to input's dtype), rstd = 1 / sqrt(mean(s^2) + eps),
+//             out = s * rstd * weight
+//   backward  xhat = x * rstd, g = dy * w, dx = rstd * (g - xhat * mean(g * xhat)) +
+//   d(residual_out)
+//             dw = sum over rows of dy * xhat
+// Rows run in parallel (at::parallel_for); each row is read from memory once and kept in L1/L2
+// between its reduction and its normalise loop. fp32 accumulation (fp64 for fp64 tensors).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "fastnn/checks.h"
+#include "fastnn/norm_cpu.h"
+
+namespace fastnn::cpu {
+namespace {
+
+// ---- Forward ----------------------------------------------------------------------------------
+
+template <typename T, typename A>
+struct FwdArgs {
+  const T* x;
+  const T* res;  // nullptr without a residual
+  const A* w;    // [n], ones without a weight
+  T* y;
+  T* res_out;
+  A* rstd;
+  int64_t n;
+  A eps;
+};
+
+template <bool kAvx2, typename T, typename A>
+FASTNN_ALWAYS_INLINE void fwd_rows(const FwdArgs<T, A>& a, int64_t begin, int64_t end) {
+  constexpr bool kSame = std::is_same_v<T, A>;
+  const int64_t n = a.n;
+  std::vector<A> scratch(kSame ? 0 : 2 * n);
+  A* __restrict__ xb = scratch.data();
+  A* __restrict__ rb = kSame ? nullptr : xb + n;
+  const A* __restrict__ w = a.w;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t off = r * n;
+    const A* __restrict__ x;
+    if (a.res != nullptr) {
+      if constexpr (kSame) {
+        A* __restrict__ s = a.res_out + off;
+        const A* __restrict__ xi = a.x + off;
+        const A* __restrict__ ri = a.res + off;
+        for (int64_t i = 0; i < n; ++i) s[i] = xi[i] + ri[i];
+        x = s;
+      } else {
+        // The sum is rounded to T (as an unfused `input + residual`) before it is normalised.
+        const A* xi = load_row<kAvx2>(a.x + off, xb, n);
+        const A* ri = load_row<kAvx2>(a.res + off, rb, n);
+        for (int64_t i = 0; i < n; ++i) xb[i] = xi[i] + ri[i];
+        store_row<kAvx2>(xb, a.res_out + off, n);
+        x = load_row<kAvx2>(a.res_out + off, xb, n);
+      }
+    } else {
+      x = load_row<kAvx2>(a.x + off, xb, n);
+    }
+    const A ss = row_sum<Term::kXX>(x, x, x, A(0), n);
+    const A rstd = A(1) / std::sqrt(ss / static_cast<A>(n) + a.eps);
+    a.rstd[r] = rstd;
+    A* __restrict__ y = out_row<T>(a.y + off, xb);  // xb: y[i] only needs x[i]
+    for (int64_t i = 0; i < n; ++i) y[i] = (x[i] * rstd) * w[i];
+    if constexpr (!kSame) store_row<kAvx2>(xb, a.y + off, n);
+  }
+}
+
+template <typename T, typename A>
+FASTNN_TARGET_AVX2 void fwd_rows_avx2(const FwdArgs<T, A>& a, int64_t begin, int64_t end) {
+  fwd_rows<true>(a, begin, end);
+}
+
+template <typename T, typename A>
+void fwd_rows_base(const FwdArgs<T, A>& a, int64_t begin, int64_t end) {
+  fwd_rows<false>(a, begin, end);
+}
+
+// ---- Backward ---------------------------------------------------------------------------------
+
+template <typename T, typename A>
+struct BwdArgs {
+  const T* dy;
+  const T* gres;  // gradient into residual_out, nullptr when absent
+  const T* x;
+  const A* w;  // [n], ones without a weight
+  const A* rstd;
+  T* dx;
+  A* partial;  // [blocks.count, n] dw partials, nullptr without a weight
+  int64_t n;
+  int64_t rows;
+  RowBlocks blocks;
+};
+
+template <bool kAvx2, typename T, typename A>
+FASTNN_ALWAYS_INLINE void bwd_blocks(const BwdArgs<T, A>& a, int64_t blk_begin, int64_t blk_end) {
+  constexpr bool kSame = std::is_same_v<T, A>;
+  const int64_t n = a.n;
+  std::vector<A> scratch((kSame ? 2 : 5) * n);
+  A* __restrict__ hb = scratch.data();  // xhat
+  A* __restrict__ gb = hb + n;          // dy * w
+  A* __restrict__ xb = kSame ? nullptr : gb + n;
+  A* __restrict__ db = kSame ? nullptr : xb + n;
+  A* __restrict__ rb = kSame ? nullptr : db + n;
+  const A* __restrict__ w = a.w;
+  const A inv_n = A(1) / static_cast<A>(n);
+  for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+    A* __restrict__ pw = a.partial != nullptr ? a.partial + blk * n : nullptr;
+    if (pw != nullptr) std::fill(pw, pw + n, A(0));
+    const int64_t row_end = std::min(a.rows, (blk + 1) * a.blocks.per_block);
+    for (int64_t r = blk * a.blocks.per_block; r < row_end; ++r) {
+      const int64_t off = r * n;
+      const A* __restrict__ x = load_row<kAvx2>(a.x + off, xb, n);
+      const A* __restrict__ dy = load_row<kAvx2>(a.dy + off, db, n);
+      const A rstd = a.rstd[r];
+      for (int64_t i = 0; i < n; ++i) {
+        hb[i] = x[i] * rstd;
+        gb[i] = dy[i] * w[i];
+      }
+      const A c = row_sum<Term::kXY>(gb, hb, hb, A(0), n) * inv_n;  // mean(g * xhat)
+      if (pw != nullptr)
+        for (int64_t i = 0; i < n; ++i) pw[i] += dy[i] * hb[i];
+      A* __restrict__ dx = out_row<T>(a.dx + off, xb);  // x is no longer needed
+      if (a.gres != nullptr) {
+        const A* __restrict__ gr = load_row<kAvx2>(a.gres + off, rb, n);
+        for (int64_t i = 0; i < n; ++i) dx[i] = rstd * (gb[i] - hb[i] * c) + gr[i];
+      } else {
+        for (int64_t i = 0; i < n; ++i) dx[i] = rstd * (gb[i] - hb[i] * c);
+      }
+      if constexpr (!kSame) store_row<kAvx2>(xb, a.dx + off, n);
+    }
+  }
+}
+
+template <typename T, typename A>
+FASTNN_TARGET_AVX2 void bwd_blocks_avx2(const BwdArgs<T, A>& a, int64_t begin, int64_t end) {
+  bwd_blocks<true>(a, begin, end);
+}
+
+template <typename T, typename A>
+void bwd_blocks_base(const BwdArgs<T, A>& a, int64_t begin, int64_t end) {
+  bwd_blocks<false>(a, begin, end);
+}
+
+// ---- Op entry points --------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(
+    const at::Tensor& input, const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& weight, double eps) {
+  check_float(input, "input");
+  TORCH_CHECK(input.dim() == 2, "fastnn: rms_norm_fwd expects a 2-D input [rows, N], got shape ",
+              input.sizes());
+  TORCH_CHECK(input.device().is_cpu(), "fastnn: CPU rms_norm_fwd got input on ", input.device());
+  const int64_t rows = input.size(0), n = input.size(1);
+  if (has(residual)) check_like(*residual, "residual", input, "input");
+  check_vector(weight, "weight", input, n);
+
+  const at::Tensor x = input.contiguous();
+  const at::ScalarType acc = acc_type(x.scalar_type());
+  at::Tensor out = at::empty({rows, n}, x.options());
+  at::Tensor residual_out = has(residual) ? at::empty({rows, n}, x.options()) : x.new_empty({0});
+  at::Tensor rstd = at::empty({rows}, x.options().dtype(acc));
+  if (rows == 0) return {out, residual_out, rstd};
+  const at::Tensor res = has(residual) ? residual->contiguous() : at::Tensor();
+  const at::Tensor w = param_as_acc(weight, acc, n, 1.0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastnn_rms_fwd", [&] {
+    using A = acc_t<scalar_t>;
+    const FwdArgs<scalar_t, A> args{
+        x.const_data_ptr<scalar_t>(),
+        res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
+        w.const_data_ptr<A>(),
+        out.mutable_data_ptr<scalar_t>(),
+        res.defined() ? residual_out.mutable_data_ptr<scalar_t>() : nullptr,
+        rstd.mutable_data_ptr<A>(),
+        n,
+        static_cast<A>(eps)};
+    const bool avx2 = has_avx2();
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+      avx2 ? fwd_rows_avx2(args, begin, end) : fwd_rows_base(args, begin, end);
+    });
+  });
+  return {out, residual_out, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out,
+                                                const c10::optional<at::Tensor>& grad_residual_out,
+                                                const at::Tensor& x_in,
+                                                const c10::optional<at::Tensor>& weight,
+                                                const at::Tensor& rstd_in) {
+  check_float(x_in, "x");
+  TORCH_CHECK(x_in.dim() == 2, "fastnn: rms_norm_bwd expects a 2-D x [rows, N], got shape ",
+              x_in.sizes());
+  TORCH_CHECK(x_in.device().is_cpu(), "fastnn: CPU rms_norm_bwd got x on ", x_in.device());
+  const int64_t rows = x_in.size(0), n = x_in.size(1);
+  check_like(grad_out, "grad_out", x_in, "x");
+  if (has(grad_residual_out)) check_like(*grad_residual_out, "grad_residual_out", x_in, "x");
+  check_vector(weight, "weight", x_in, n);
+  check_stat(rstd_in, "rstd", x_in);
+
+  const at::ScalarType acc = acc_type(x_in.scalar_type());
+  const bool with_w = has(weight);
+  at::Tensor dx = at::empty({rows, n}, x_in.options());
+  if (rows == 0) {
+    // The sum over zero rows is zero, as the reference's dy.sum(0).
+    return {dx, with_w ? at::zeros({n}, weight->options()) : x_in.new_empty({0})};
+  }
+  const at::Tensor x = x_in.contiguous(), dy = grad_out.contiguous(), rstd = rstd_in.contiguous();
+  const at::Tensor gres = has(grad_residual_out) ? grad_residual_out->contiguous() : at::Tensor();
+  const at::Tensor w = param_as_acc(weight, acc, n, 1.0);
+  const RowBlocks blocks = row_blocks(rows, n);
+  at::Tensor partial = with_w ? at::empty({blocks.count, n}, x.options().dtype(acc)) : at::Tensor();
+  at::Tensor dw = with_w ? at::empty({n}, x.options().dtype(acc)) : x.new_empty({0});
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastnn_rms_bwd", [&] {
+    using A = acc_t<scalar_t>;
+    const BwdArgs<scalar_t, A> args{dy.const_data_ptr<scalar_t>(),
+                                    gres.defined() ? gres.const_data_ptr<scalar_t>() : nullptr,
+                                    x.const_data_ptr<scalar_t>(),
+                                    w.const_data_ptr<A>(),
+                                    rstd.const_data_ptr<A>(),
+                                    dx.mutable_data_ptr<scalar_t>(),
+                                    with_w ? partial.mutable_data_ptr<A>() : nullptr,
+                                    n,
+                                    rows,
+                                    blocks};
+    const bool avx2 = has_avx2();
+    at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
+      avx2 ? bwd_blocks_avx2(args, begin, end) : bwd_blocks_base(args, begin, end);
+    });
+    if (with_w) {
+      const A* p = partial.const_data_ptr<A>();
+      A* out = dw.mutable_data_ptr<A>();
+      at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+        reduce_partials(p, blocks.count, n, out, begin, end);
+      });
+    }
+  });
+  if (with_w && weight->scalar_type() != acc) dw = dw.to(weight->scalar_type());
+  return {dx, dw};
+}
+
+}  // namespace
+}  // namespace fastnn::cpu
+
+TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
+  m.impl("rms_norm_fwd", &fastnn::cpu::rms_norm_fwd);
+  m.impl("rms_norm_bwd", &fastnn::cpu::rms_norm_bwd);
+}

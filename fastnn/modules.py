@@ -2,6 +2,7 @@
 constructor, defaults, parameters, state_dict keys and repr; forward runs fastnn's kernels and
 optionally fuses a residual add."""
 
+import torch
 from torch import nn
 
 from fastnn import functional as F
@@ -49,23 +50,84 @@ class SwiGLU(nn.Module):
 
 
 class SwiGLUMLP(nn.Module):
-    """The LLaMA MLP: down_proj(silu(gate_proj(x)) * up_proj(x)).
+    """The LLaMA MLP: down_proj(act(gate_proj(x)) * up_proj(x)), act = silu by default.
 
-    x: [..., hidden_size] -> [..., hidden_size]; state_dict keys gate_proj.weight,
-    up_proj.weight, down_proj.weight (and .bias with bias=True), as the usual LLaMA MLP.
+    x: [..., hidden_size] -> [..., hidden_size], any float dtype the Linear layers accept.
+
+    fused_gate_up=True holds gate and up as one `gate_up_proj` Linear with weight
+    [2 * intermediate_size, hidden_size] (rows [gate; up]): one matmul, and the packed kernel
+    reads its [..., 2 * intermediate_size] output in place. Either way the state_dict has the
+    usual LLaMA keys gate_proj.weight, up_proj.weight, down_proj.weight (and .bias with
+    bias=True): a fused module's state_dict holds the two halves of the fused weight (views, as
+    a state_dict shares parameter memory), and load_state_dict takes the separate keys and
+    copies them into the halves. So checkpoints move freely between fused and unfused modules
+    and to and from other LLaMA implementations; only named_parameters() differs.
     """
 
-    def __init__(self, hidden_size, intermediate_size, bias=False, device=None, dtype=None):
+    def __init__(
+        self,
+        hidden_size,
+        intermediate_size,
+        bias=False,
+        device=None,
+        dtype=None,
+        *,
+        fused_gate_up=False,
+        activation="silu",
+    ):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"fastnn: unknown GLU activation {activation!r}; expected one of {ACTIVATIONS}"
+            )
         factory = {"device": device, "dtype": dtype}
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
+        self.fused_gate_up = fused_gate_up
+        self.activation = activation
+        if fused_gate_up:
+            self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias, **factory)
+            # Initialised as two separate Linears: nn.Linear's bounds depend on fan_in
+            # (hidden_size) only, so the [2I, H] weight draws from the same distribution.
+            self.register_state_dict_post_hook(_split_gate_up_state)
+            self.register_load_state_dict_pre_hook(_merge_gate_up_state)
+        else:
+            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
+            self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias, **factory)
 
     def forward(self, x):
-        return self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x)))
+        if self.fused_gate_up:
+            h = F.glu_family(self.gate_up_proj(x), None, self.activation)
+        else:
+            h = F.glu_family(self.gate_proj(x), self.up_proj(x), self.activation)
+        return self.down_proj(h)
+
+    def extra_repr(self):
+        return f"fused_gate_up={self.fused_gate_up}, activation={self.activation!r}"
+
+
+def _split_gate_up_state(module, state_dict, prefix, local_metadata):
+    """state_dict post-hook of a fused SwiGLUMLP: gate_up_proj.* -> gate_proj.*, up_proj.*."""
+    for name in ("weight", "bias"):
+        fused = state_dict.pop(f"{prefix}gate_up_proj.{name}", None)
+        if fused is not None:
+            gate, up = fused.chunk(2, dim=0)
+            state_dict[f"{prefix}gate_proj.{name}"] = gate
+            state_dict[f"{prefix}up_proj.{name}"] = up
+
+
+def _merge_gate_up_state(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+):
+    """load_state_dict pre-hook of a fused SwiGLUMLP: gate_proj.* + up_proj.* -> gate_up_proj.*.
+    A state_dict that already has gate_up_proj.* loads as is; one half alone is left in place,
+    so strict loading reports it as unexpected and gate_up_proj.* as missing."""
+    for name in ("weight", "bias"):
+        gate_key, up_key = f"{prefix}gate_proj.{name}", f"{prefix}up_proj.{name}"
+        if gate_key in state_dict and up_key in state_dict:
+            gate, up = state_dict.pop(gate_key), state_dict.pop(up_key)
+            state_dict[f"{prefix}gate_up_proj.{name}"] = torch.cat([gate, up], dim=0)
 
 
 __all__ = ["LayerNorm", "RMSNorm", "SwiGLU", "SwiGLUMLP"]

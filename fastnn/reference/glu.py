@@ -36,28 +36,87 @@ def activation_and_derivative(x, activation):
     )
 
 
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_float(t, name):
+    if t.dtype not in _FLOATS:
+        raise RuntimeError(
+            f"fastnn: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}"
+        )
+
+
+def _check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"fastnn: unknown GLU activation {activation!r}; expected one of {ACTIVATIONS}"
+        )
+
+
+def _check_pair(gate, up):
+    _check_float(gate, "gate")
+    _check_float(up, "up")
+    if up.device != gate.device:
+        raise RuntimeError(f"fastnn: up is on {up.device} but gate is on {gate.device}")
+    if gate.shape != up.shape:
+        raise RuntimeError(
+            f"fastnn: gate of shape {list(gate.shape)} and up of shape {list(up.shape)} differ"
+        )
+    if gate.dtype != up.dtype:
+        raise RuntimeError(f"fastnn: gate has dtype {gate.dtype} but up has {up.dtype}")
+
+
+def _check_packed(gate_up):
+    _check_float(gate_up, "gate_up")
+    if gate_up.dim() == 0 or gate_up.shape[-1] % 2 != 0:
+        raise RuntimeError(
+            f"fastnn: packed gate_up of shape {list(gate_up.shape)} needs an even last dim "
+            "holding [gate | up]"
+        )
+
+
+def _check_grad(grad_out, like, shape):
+    _check_float(grad_out, "grad_out")
+    if grad_out.device != like.device:
+        raise RuntimeError(f"fastnn: grad_out is on {grad_out.device} but gate is on {like.device}")
+    if tuple(grad_out.shape) != tuple(shape):
+        raise RuntimeError(
+            f"fastnn: grad_out of shape {list(grad_out.shape)} does not match the output shape "
+            f"{list(shape)}"
+        )
+
+
 def glu_fwd(gate, up, activation):
     """gate, up: same shape and dtype. Returns act(gate) * up in that dtype."""
+    _check_activation(activation)
+    _check_pair(gate, up)
     cdt = compute_dtype(gate.dtype)
     act, _ = activation_and_derivative(gate.to(cdt), activation)
-    return (act * up.to(cdt)).to(gate.dtype)
+    return (act * up.to(cdt)).to(gate.dtype).contiguous()
 
 
 def glu_bwd(grad_out, gate, up, activation):
-    """Returns (grad_gate, grad_up) = (dh * up * act'(gate), dh * act(gate))."""
+    """Returns (grad_gate, grad_up) = (dh * up * act'(gate), dh * act(gate)), gate's dtype;
+    grad_out may have any float dtype."""
+    _check_activation(activation)
+    _check_pair(gate, up)
+    _check_grad(grad_out, gate, gate.shape)
     cdt = compute_dtype(gate.dtype)
     act, dact = activation_and_derivative(gate.to(cdt), activation)
     dh = grad_out.to(cdt)
-    return (dh * up.to(cdt) * dact).to(gate.dtype), (dh * act).to(up.dtype)
+    dg = (dh * up.to(cdt) * dact).to(gate.dtype)
+    return dg.contiguous(), (dh * act).to(up.dtype).contiguous()
 
 
 def glu_packed_fwd(gate_up, activation):
     """gate_up: [..., 2H] holding [gate | up]. Returns [..., H]."""
+    _check_packed(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return glu_fwd(gate, up, activation)
 
 
 def glu_packed_bwd(grad_out, gate_up, activation):
     """Returns the gradient of gate_up, [..., 2H]."""
+    _check_packed(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.cat(glu_bwd(grad_out, gate, up, activation), dim=-1)

@@ -1,0 +1,242 @@
+// CPU kernels of the GLU family (glu_fwd, glu_bwd, glu_packed_fwd, glu_packed_bwd; schemas in
+// csrc/library.cpp, semantics in fastnn/reference/glu.py): out = act(gate) * up, elementwise.
+//
+// The per-element math is csrc/include/fastnn/activations.h, the same code the CUDA kernels run.
+// The extension is compiled for baseline x86-64 (no -mavx2), so each inner loop is also compiled
+// as an AVX2+FMA clone (GCC target attribute) chosen at run time: GCC vectorises the header's
+// branch-free math 8 floats wide there. Measured on this machine's AMD EPYC, [4096, 4096] fp32
+// SwiGLU forward: see fastnn/README and the issue-4 report for the ratios against eager torch.
+//
+// Layout: every op works on "runs": [rows, H] outputs (h, or dh for the backward) stored
+// contiguously, and inputs whose row r starts at r * in_stride (in_stride = H for separate gate /
+// up, 2H for packed [gate | up] rows, where up starts H after gate). Nothing is copied to split
+// a packed input.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+// From here on (our kernels and the shared math, not torch's headers): no-trapping-math lets GCC
+// if-convert the math's selects (x >= 0 ? r : z * r) into vector blends, which the vectoriser
+// needs. It changes no result (it only stops GCC from preserving FP exception flags); this is
+// not fast-math. The pragma must precede the math's inlining: a function attribute on the AVX2
+// clone alone leaves the inlined loop scalar (measured: no ymm instruction in the clone).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+#include "fastnn/activations.h"
+#include "fastnn/checks.h"
+
+namespace fastnn {
+namespace {
+
+// About 32K elements (128 KB of fp32 per tensor) per task: big enough to amortise a task,
+// small enough to split a [4096, 4096] problem over every core.
+constexpr int64_t kGrain = 32768;
+
+template <Activation A, typename scalar_t>
+inline __attribute__((always_inline)) void fwd_run(const scalar_t* g, const scalar_t* u,
+                                                   scalar_t* h, int64_t n) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t i = 0; i < n; ++i) {
+    h[i] = static_cast<scalar_t>(
+        glu_fwd_elem<A>(static_cast<opmath_t>(g[i]), static_cast<opmath_t>(u[i])));
+  }
+}
+
+template <Activation A, typename scalar_t>
+inline __attribute__((always_inline)) void bwd_run(const scalar_t* dh, const scalar_t* g,
+                                                   const scalar_t* u, scalar_t* dg, scalar_t* du,
+                                                   int64_t n) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t i = 0; i < n; ++i) {
+    opmath_t dgi, dui;
+    glu_bwd_elem<A>(static_cast<opmath_t>(dh[i]), static_cast<opmath_t>(g[i]),
+                    static_cast<opmath_t>(u[i]), dgi, dui);
+    dg[i] = static_cast<scalar_t>(dgi);
+    du[i] = static_cast<scalar_t>(dui);
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FASTNN_GLU_AVX2 1
+#define FASTNN_AVX2_CLONE __attribute__((target("avx2,fma")))
+template <Activation A, typename scalar_t>
+FASTNN_AVX2_CLONE void fwd_run_avx2(const scalar_t* g, const scalar_t* u, scalar_t* h, int64_t n) {
+  fwd_run<A>(g, u, h, n);
+}
+template <Activation A, typename scalar_t>
+FASTNN_AVX2_CLONE void bwd_run_avx2(const scalar_t* dh, const scalar_t* g, const scalar_t* u,
+                                    scalar_t* dg, scalar_t* du, int64_t n) {
+  bwd_run<A>(dh, g, u, dg, du, n);
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+template <Activation A, typename scalar_t>
+void fwd_run_dispatch(const scalar_t* g, const scalar_t* u, scalar_t* h, int64_t n) {
+#ifdef FASTNN_GLU_AVX2
+  if (cpu_has_avx2()) return fwd_run_avx2<A>(g, u, h, n);
+#endif
+  fwd_run<A>(g, u, h, n);
+}
+
+template <Activation A, typename scalar_t>
+void bwd_run_dispatch(const scalar_t* dh, const scalar_t* g, const scalar_t* u, scalar_t* dg,
+                      scalar_t* du, int64_t n) {
+#ifdef FASTNN_GLU_AVX2
+  if (cpu_has_avx2()) return bwd_run_avx2<A>(dh, g, u, dg, du, n);
+#endif
+  bwd_run<A>(dh, g, u, dg, du, n);
+}
+
+// Splits the flat output range [0, rows * H) over threads and calls
+// fn(out_offset, in_offset, length) for each stretch that stays inside one row.
+template <typename F>
+void for_each_run(int64_t rows, int64_t H, int64_t in_stride, const F& fn) {
+  at::parallel_for(0, rows * H, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    while (i < end) {
+      const int64_t row = i / H, col = i % H;
+      const int64_t len = std::min(H - col, end - i);
+      fn(i, row * in_stride + col, len);
+      i += len;
+    }
+  });
+}
+
+// gate and up point at element 0 of their rows' halves (up = gate + H when packed).
+void launch_fwd(const at::Tensor& gate_base, int64_t up_offset, const at::Tensor& up_base,
+                at::Tensor& out, int64_t rows, int64_t H, int64_t in_stride, Activation act) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "glu_fwd_cpu", [&] {
+    const scalar_t* g = gate_base.const_data_ptr<scalar_t>();
+    const scalar_t* u = up_base.const_data_ptr<scalar_t>() + up_offset;
+    scalar_t* h = out.mutable_data_ptr<scalar_t>();
+    dispatch_activation(act, [&](auto tag) {
+      constexpr Activation A = decltype(tag)::value;
+      for_each_run(rows, H, in_stride, [&](int64_t o, int64_t in, int64_t len) {
+        fwd_run_dispatch<A>(g + in, u + in, h + o, len);
+      });
+    });
+  });
+}
+
+void launch_bwd(const at::Tensor& grad_out, const at::Tensor& gate_base, int64_t up_offset,
+                const at::Tensor& up_base, at::Tensor& dgate_base, at::Tensor& dup_base,
+                int64_t rows, int64_t H, int64_t in_stride, Activation act) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, gate_base.scalar_type(), "glu_bwd_cpu", [&] {
+        const scalar_t* dh = grad_out.const_data_ptr<scalar_t>();
+        const scalar_t* g = gate_base.const_data_ptr<scalar_t>();
+        const scalar_t* u = up_base.const_data_ptr<scalar_t>() + up_offset;
+        scalar_t* dg = dgate_base.mutable_data_ptr<scalar_t>();
+        scalar_t* du = dup_base.mutable_data_ptr<scalar_t>() + up_offset;
+        dispatch_activation(act, [&](auto tag) {
+          constexpr Activation A = decltype(tag)::value;
+          for_each_run(rows, H, in_stride, [&](int64_t o, int64_t in, int64_t len) {
+            bwd_run_dispatch<A>(dh + o, g + in, u + in, dg + in, du + in, len);
+          });
+        });
+      });
+}
+
+void check_pair(const at::Tensor& gate, const at::Tensor& up) {
+  check_float(gate, "gate");
+  check_float(up, "up");
+  check_same_device(up, "up", gate, "gate");
+  TORCH_CHECK(gate.sizes() == up.sizes(), "fastnn: gate of shape ", gate.sizes(),
+              " and up of shape ", up.sizes(), " differ");
+  TORCH_CHECK(gate.scalar_type() == up.scalar_type(), "fastnn: gate has dtype ", gate.scalar_type(),
+              " but up has ", up.scalar_type());
+}
+
+// grad_out: the output's shape, any float dtype (cast to `like`'s dtype), made contiguous.
+at::Tensor prepare_grad(const at::Tensor& grad_out, const at::Tensor& like,
+                        at::IntArrayRef out_shape) {
+  check_float(grad_out, "grad_out");
+  check_same_device(grad_out, "grad_out", like, "gate");
+  TORCH_CHECK(grad_out.sizes() == out_shape, "fastnn: grad_out of shape ", grad_out.sizes(),
+              " does not match the output shape ", out_shape);
+  return grad_out.to(like.scalar_type()).contiguous();
+}
+
+void check_packed(const at::Tensor& gate_up) {
+  check_float(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, "fastnn: packed gate_up of shape ",
+              gate_up.sizes(), " needs an even last dim holding [gate | up]");
+}
+
+std::vector<int64_t> packed_out_shape(const at::Tensor& gate_up) {
+  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
+  shape.back() /= 2;
+  return shape;
+}
+
+at::Tensor glu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up, c10::string_view activation) {
+  const Activation act = parse_activation(activation);
+  check_pair(gate, up);
+  const at::Tensor g = gate.contiguous(), u = up.contiguous();
+  at::Tensor out = at::empty(g.sizes(), g.options());
+  const int64_t n = g.numel();
+  if (n == 0) return out;
+  launch_fwd(g, 0, u, out, 1, n, n, act);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> glu_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& gate,
+                                               const at::Tensor& up, c10::string_view activation) {
+  const Activation act = parse_activation(activation);
+  check_pair(gate, up);
+  const at::Tensor g = gate.contiguous(), u = up.contiguous();
+  const at::Tensor dh = prepare_grad(grad_out, g, g.sizes());
+  at::Tensor dg = at::empty(g.sizes(), g.options()), du = at::empty(u.sizes(), u.options());
+  const int64_t n = g.numel();
+  if (n == 0) return {dg, du};
+  launch_bwd(dh, g, 0, u, dg, du, 1, n, n, act);
+  return {dg, du};
+}
+
+at::Tensor glu_packed_fwd_cpu(const at::Tensor& gate_up, c10::string_view activation) {
+  const Activation act = parse_activation(activation);
+  check_packed(gate_up);
+  const at::Tensor gu = gate_up.contiguous();
+  at::Tensor out = at::empty(packed_out_shape(gu), gu.options());
+  const int64_t H = gu.size(-1) / 2, rows = H == 0 ? 0 : out.numel() / H;
+  if (out.numel() == 0) return out;
+  launch_fwd(gu, H, gu, out, rows, H, 2 * H, act);
+  return out;
+}
+
+at::Tensor glu_packed_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& gate_up,
+                              c10::string_view activation) {
+  const Activation act = parse_activation(activation);
+  check_packed(gate_up);
+  const at::Tensor gu = gate_up.contiguous();
+  const auto out_shape = packed_out_shape(gu);
+  const at::Tensor dh = prepare_grad(grad_out, gu, out_shape);
+  at::Tensor dgu = at::empty(gu.sizes(), gu.options());
+  const int64_t H = gu.size(-1) / 2, rows = H == 0 ? 0 : dh.numel() / H;
+  if (dh.numel() == 0) return dgu;
+  launch_bwd(dh, gu, H, gu, dgu, dgu, rows, H, 2 * H, act);
+  return dgu;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
+  m.impl("glu_fwd", &glu_fwd_cpu);
+  m.impl("glu_bwd", &glu_bwd_cpu);
+  m.impl("glu_packed_fwd", &glu_packed_fwd_cpu);
+  m.impl("glu_packed_bwd", &glu_packed_bwd_cpu);
+}
+
+}  // namespace fastnn

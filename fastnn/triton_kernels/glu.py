@@ -1,0 +1,290 @@
+"""Triton GLU family, out = act(gate) * up, elementwise: the `triton` backend of
+`fastnn::glu_fwd`, `glu_bwd`, `glu_packed_fwd`, `glu_packed_bwd` (schemas in csrc/library.cpp,
+semantics in fastnn/reference/glu.py).
+
+One forward and one backward kernel; the activation (ACT) and the layout (PACKED) are
+tl.constexpr, so each combination compiles to its own straight-line code:
+- separate gate / up: a flat 1-D grid over the elements (up to 2^31 programs);
+- packed [rows, 2H] = [gate | up] rows: a [rows, cdiv(H, BLOCK)] grid that reads both halves in
+  place (row stride 2H, up at +H) and, backward, writes one [rows, 2H] gradient.
+Math is fp32 (fp64 for fp64 tensors, so gradcheck runs here too), and every sigmoid goes
+through exp(-|x|) in (0, 1], as csrc/include/fastnn/activations.h: gates of +-1000 give finite
+outputs and gradients. The backward recomputes act(gate) from gate; nothing else is saved.
+"""
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from fastnn.reference.glu import ACTIVATIONS
+
+# Activation codes (tl.constexpr), in ACTIVATIONS order: silu, gelu, gelu_tanh, relu, sigmoid.
+_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
+# 1024 elements per program: 4 warps x 32 threads x 8 elements, i.e. one 16-byte access per
+# thread per tensor in bf16 (two in fp32).
+BLOCK = 1024
+NUM_WARPS = 4
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = 0.7978845608028654
+_GELU_TANH_CUBIC = 0.044715
+
+
+@triton.jit
+def _sigmoid_pair(x):
+    """(sigmoid(x), sigmoid(-x)) from z = exp(-|x|) in (0, 1]: no overflow, no cancellation."""
+    z = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + z)
+    zr = z * r
+    nonneg = x >= 0
+    return tl.where(nonneg, r, zr), tl.where(nonneg, zr, r)
+
+
+@triton.jit
+def _gelu_tanh_arg(x):
+    # 2y = 2 k0 (x + k1 x^3) on x clamped to [-22, 22]: beyond it exp(-2|y|) < exp(-795)
+    # underflows to 0 even in fp64, so sigmoid(2y) is exactly 0 or 1 either way, and the clamp
+    # keeps x^3 from overflowing into inf * 0 (see activations.h).
+    xc = tl.minimum(tl.maximum(x, -22.0), 22.0)
+    return xc, 2.0 * _SQRT_2_OVER_PI * xc * (1.0 + _GELU_TANH_CUBIC * xc * xc)
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    if ACT == 0:  # silu
+        s, _ = _sigmoid_pair(x)
+        a = x * s
+    elif ACT == 1:  # gelu (erf)
+        a = x * (0.5 + 0.5 * tl.erf(x * _SQRT_HALF))
+    elif ACT == 2:  # gelu_tanh: x sigmoid(2y)
+        _, y2 = _gelu_tanh_arg(x)
+        s, _ = _sigmoid_pair(y2)
+        a = x * s
+    elif ACT == 3:  # relu (NaN stays NaN, as torch.relu)
+        a = tl.where(x <= 0, 0.0, x)
+    else:  # sigmoid (GLU)
+        a, _ = _sigmoid_pair(x)
+    return a
+
+
+@triton.jit
+def _act_grad(x, ACT: tl.constexpr):
+    if ACT == 0:
+        s, sm = _sigmoid_pair(x)
+        a = x * s
+        da = s * (1.0 + x * sm)
+    elif ACT == 1:
+        cdf = 0.5 + 0.5 * tl.erf(x * _SQRT_HALF)
+        a = x * cdf
+        da = cdf + x * (_INV_SQRT_2PI * tl.exp(-0.5 * x * x))
+    elif ACT == 2:
+        xc, y2 = _gelu_tanh_arg(x)
+        s, sm = _sigmoid_pair(y2)
+        a = x * s
+        dy = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * xc * xc)
+        da = s + 2.0 * xc * s * sm * dy
+    elif ACT == 3:
+        a = tl.where(x <= 0, 0.0, x)
+        da = tl.where(x <= 0, 0.0, 1.0)
+    else:
+        a, sm = _sigmoid_pair(x)
+        da = a * sm
+    return a, da
+
+
+@triton.jit
+def _offsets(H, in_stride, PACKED: tl.constexpr, BLOCK: tl.constexpr):
+    """(output offsets, input offsets, mask) of this program's elements."""
+    if PACKED:
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < H
+        return row * H + cols, row * in_stride + cols, mask
+    else:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < H
+        return offs, offs, mask
+
+
+@triton.jit
+def _glu_fwd_kernel(
+    g_ptr,
+    u_ptr,
+    h_ptr,
+    H,
+    in_stride,
+    ACT: tl.constexpr,
+    PACKED: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    out_offs, in_offs, mask = _offsets(H, in_stride, PACKED, BLOCK)
+    g = tl.load(g_ptr + in_offs, mask=mask, other=0.0).to(COMPUTE)
+    u = tl.load(u_ptr + in_offs, mask=mask, other=0.0).to(COMPUTE)
+    h = _act(g, ACT) * u
+    tl.store(h_ptr + out_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _glu_bwd_kernel(
+    dh_ptr,
+    g_ptr,
+    u_ptr,
+    dg_ptr,
+    du_ptr,
+    H,
+    in_stride,
+    ACT: tl.constexpr,
+    PACKED: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    out_offs, in_offs, mask = _offsets(H, in_stride, PACKED, BLOCK)
+    dh = tl.load(dh_ptr + out_offs, mask=mask, other=0.0).to(COMPUTE)
+    g = tl.load(g_ptr + in_offs, mask=mask, other=0.0).to(COMPUTE)
+    u = tl.load(u_ptr + in_offs, mask=mask, other=0.0).to(COMPUTE)
+    a, da = _act_grad(g, ACT)
+    tl.store(dg_ptr + in_offs, (dh * u * da).to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + in_offs, (dh * a).to(du_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- launchers: names and signatures of the op schemas -------------------------------------------
+
+
+def _code(activation):
+    if activation not in _CODE:
+        raise ValueError(
+            f"fastnn: unknown GLU activation {activation!r}; expected one of {ACTIVATIONS}"
+        )
+    return _CODE[activation]
+
+
+def _check_float(t, name):
+    if t.dtype not in _FLOATS:
+        raise RuntimeError(
+            f"fastnn: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}"
+        )
+
+
+def _check_pair(gate, up):
+    _check_float(gate, "gate")
+    _check_float(up, "up")
+    if up.device != gate.device:
+        raise RuntimeError(f"fastnn: up is on {up.device} but gate is on {gate.device}")
+    if gate.shape != up.shape:
+        raise RuntimeError(
+            f"fastnn: gate of shape {list(gate.shape)} and up of shape {list(up.shape)} differ"
+        )
+    if gate.dtype != up.dtype:
+        raise RuntimeError(f"fastnn: gate has dtype {gate.dtype} but up has {up.dtype}")
+
+
+def _check_packed(gate_up):
+    _check_float(gate_up, "gate_up")
+    if gate_up.dim() == 0 or gate_up.shape[-1] % 2 != 0:
+        raise RuntimeError(
+            f"fastnn: packed gate_up of shape {list(gate_up.shape)} needs an even last dim "
+            "holding [gate | up]"
+        )
+
+
+def _prepare_grad(grad_out, like, shape):
+    """grad_out in `like`'s dtype, contiguous, checked against the output shape."""
+    _check_float(grad_out, "grad_out")
+    if grad_out.device != like.device:
+        raise RuntimeError(f"fastnn: grad_out is on {grad_out.device} but gate is on {like.device}")
+    if tuple(grad_out.shape) != tuple(shape):
+        raise RuntimeError(
+            f"fastnn: grad_out of shape {list(grad_out.shape)} does not match the output shape "
+            f"{list(shape)}"
+        )
+    return grad_out.to(like.dtype).contiguous()
+
+
+def _device(t):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _compute(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _grid(rows, H, packed):
+    return (rows, triton.cdiv(H, BLOCK)) if packed else (triton.cdiv(H, BLOCK),)
+
+
+def _fwd(g, u, out, rows, H, in_stride, packed, act):
+    with _device(g):
+        _glu_fwd_kernel[_grid(rows, H, packed)](
+            g, u, out, H, in_stride, act, packed, _compute(g.dtype), BLOCK, num_warps=NUM_WARPS
+        )
+
+
+def _bwd(dh, g, u, dg, du, rows, H, in_stride, packed, act):
+    with _device(g):
+        _glu_bwd_kernel[_grid(rows, H, packed)](
+            dh,
+            g,
+            u,
+            dg,
+            du,
+            H,
+            in_stride,
+            act,
+            packed,
+            _compute(g.dtype),
+            BLOCK,
+            num_warps=NUM_WARPS,
+        )
+
+
+def glu_fwd(gate, up, activation):
+    """gate, up: one shape and float dtype. Returns act(gate) * up, contiguous, gate's dtype."""
+    act = _code(activation)
+    _check_pair(gate, up)
+    g, u = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(g)
+    if g.numel() > 0:
+        _fwd(g, u, out, 1, g.numel(), g.numel(), False, act)
+    return out
+
+
+def glu_bwd(grad_out, gate, up, activation):
+    """Returns (grad_gate, grad_up) = (dh * up * act'(gate), dh * act(gate))."""
+    act = _code(activation)
+    _check_pair(gate, up)
+    g, u = gate.contiguous(), up.contiguous()
+    dh = _prepare_grad(grad_out, g, g.shape)
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    if g.numel() > 0:
+        _bwd(dh, g, u, dg, du, 1, g.numel(), g.numel(), False, act)
+    return dg, du
+
+
+def glu_packed_fwd(gate_up, activation):
+    """gate_up: [..., 2H] = [gate | up]. Returns act(gate) * up, [..., H]."""
+    act = _code(activation)
+    _check_packed(gate_up)
+    gu = gate_up.contiguous()
+    H = gu.shape[-1] // 2
+    out = gu.new_empty((*gu.shape[:-1], H))
+    if out.numel() > 0:
+        _fwd(gu, gu[..., H:], out, out.numel() // H, H, 2 * H, True, act)
+    return out
+
+
+def glu_packed_bwd(grad_out, gate_up, activation):
+    """Returns the gradient of gate_up, [..., 2H] = [grad_gate | grad_up]."""
+    act = _code(activation)
+    _check_packed(gate_up)
+    gu = gate_up.contiguous()
+    H = gu.shape[-1] // 2
+    dh = _prepare_grad(grad_out, gu, (*gu.shape[:-1], H))
+    dgu = torch.empty_like(gu)
+    if dh.numel() > 0:
+        _bwd(dh, gu, gu[..., H:], dgu, dgu[..., H:], dh.numel() // H, H, 2 * H, True, act)
+    return dgu

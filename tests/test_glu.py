@@ -1,0 +1,349 @@
+"""GLU family (out = act(gate) * up) on every backend against the fp64 reference, on the CPU
+(Triton under the interpreter): forward, backward and the packed [gate | up] layout over shapes,
+dtypes and activations; eager-torch ratio check in fp16 / bf16; extreme gates; non-contiguous
+and zero-size inputs; gradcheck; opcheck; torch.compile; SwiGLUMLP (fused weights, state_dict
+interop); bad inputs. GPU-only cases are in test_glu_gpu.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BACKENDS, skip_unless_available
+from tolerances import FORWARD, INPUT_GRAD, RTOL, assert_ratio_close, assert_rel_close
+
+import fastnn
+from fastnn import functional as FF
+from fastnn import ops
+from fastnn.reference import glu as ref
+
+ACTIVATIONS = ref.ACTIVATIONS
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# 1 element, odd, prime above a Triton block (1031 > 1024), 3-D, a ragged packed row (H = 130).
+SHAPES = [(1,), (3, 17), (2, 1031), (2, 3, 130)]
+
+
+def eager(gate, up, activation):
+    """What a user writes in plain torch, in the tensors' own dtype."""
+    act = {
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda g: F.gelu(g, approximate="tanh"),
+        "relu": F.relu,
+        "sigmoid": torch.sigmoid,
+    }[activation]
+    return act(gate) * up
+
+
+def make_inputs(shape, dtype, scale=2.0, seed=0):
+    """gate, up, grad_out rounded to `dtype`, and their fp64 copies."""
+    gen = torch.Generator().manual_seed(seed)
+    g, u, dh = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3))
+    g = g * scale  # reach the tails of the activations
+    low = [t.to(dtype) for t in (g, u, dh)]
+    return low, [t.double() for t in low]
+
+
+def ref64(g, u, dh, activation):
+    out = ref.glu_fwd(g, u, activation)
+    dg, du = ref.glu_bwd(dh, g, u, activation)
+    return out, dg, du
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ops_against_fp64_reference(backend, activation, dtype, shape):
+    """Separate and packed forward / backward ops against the fp64 reference (testing.md table;
+    bf16 under the Triton interpreter truncates instead of rounding, within the bf16 row)."""
+    skip_unless_available(backend, "glu", "cpu")
+    (g, u, dh), (g64, u64, dh64) = make_inputs(shape, dtype)
+    out64, dg64, du64 = ref64(g64, u64, dh64, activation)
+
+    out = ops.get(backend, "glu_fwd")(g, u, activation)
+    dg, du = ops.get(backend, "glu_bwd")(dh, g, u, activation)
+    for t in (out, dg, du):
+        assert t.dtype == dtype and t.shape == g.shape
+    assert_rel_close(out, out64, dtype, FORWARD, "out")
+    assert_rel_close(dg, dg64, dtype, INPUT_GRAD, "grad_gate")
+    assert_rel_close(du, du64, dtype, INPUT_GRAD, "grad_up")
+
+    gu = torch.cat([g, u], dim=-1)
+    out_p = ops.get(backend, "glu_packed_fwd")(gu, activation)
+    dgu = ops.get(backend, "glu_packed_bwd")(dh, gu, activation)
+    assert out_p.shape == g.shape and dgu.shape == gu.shape
+    assert_rel_close(out_p, out64, dtype, FORWARD, "packed out")
+    assert_rel_close(dgu, torch.cat([dg64, du64], dim=-1), dtype, INPUT_GRAD, "packed grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_eager_error(backend, activation, dtype):
+    """|fastnn - ref64| <= 2 |eager same dtype - ref64| + 1 ulp, elementwise, for the output and
+    both gradients through the public function (autograd)."""
+    skip_unless_available(backend, "glu", "cpu")
+    (g, u, dh), (g64, u64, dh64) = make_inputs((4, 300), dtype, seed=1)
+    out64, dg64, du64 = ref64(g64, u64, dh64, activation)
+
+    ge, ue = g.clone().requires_grad_(), u.clone().requires_grad_()
+    out_e = eager(ge, ue, activation)
+    out_e.backward(dh)
+    gf, uf = g.clone().requires_grad_(), u.clone().requires_grad_()
+    with fastnn.use_backend(backend):
+        out_f = FF.glu_family(gf, uf, activation)
+    out_f.backward(dh)
+
+    eps = torch.finfo(dtype).eps  # eps * |ref| >= one ulp of ref
+    for what, mine, theirs, r in (
+        ("out", out_f, out_e, out64),
+        ("grad_gate", gf.grad, ge.grad, dg64),
+        ("grad_up", uf.grad, ue.grad, du64),
+    ):
+        assert_ratio_close(mine.detach(), r, theirs.detach(), atol=eps * r.abs() + 1e-6, what=what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_extreme_gates_finite(backend, activation, dtype):
+    """Gates of +-1000 (and +-60000 in fp16 range) give finite outputs and gradients that match
+    the limits of the fp64 reference."""
+    skip_unless_available(backend, "glu", "cpu")
+    g64 = torch.tensor([-60000.0, -1000.0, -100.0, -30.0, -1.0, 0.0, 1.0, 30.0, 100.0, 1000.0])
+    g64 = g64.double()
+    u64 = torch.linspace(-2, 2, g64.numel(), dtype=torch.float64)
+    dh64 = torch.ones_like(g64)
+    g, u, dh = (t.to(dtype) for t in (g64, u64, dh64))
+    g64, u64 = g.double(), u.double()
+    out = ops.get(backend, "glu_fwd")(g, u, activation)
+    dg, du = ops.get(backend, "glu_bwd")(dh, g, u, activation)
+    dgu = ops.get(backend, "glu_packed_bwd")(dh, torch.cat([g, u]), activation)
+    for t in (out, dg, du, dgu):
+        assert torch.isfinite(t).all(), t
+    out64, dg64, du64 = ref64(g64, u64, dh64, activation)
+    rtol = RTOL[dtype][FORWARD] * 4
+    torch.testing.assert_close(out.double(), out64.to(dtype).double(), rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(dg.double(), dg64.to(dtype).double(), rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(du.double(), du64.to(dtype).double(), rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """Transposed gate, strided-slice up, a packed input from a transposed buffer and a
+    non-contiguous grad_out: equal to the contiguous result."""
+    skip_unless_available(backend, "glu", "cpu")
+    gen = torch.Generator().manual_seed(2)
+    gt = torch.randn(24, 10, generator=gen).t()  # [10, 24], strides (1, 10)
+    us = torch.randn(10, 48, generator=gen)[:, ::2]  # [10, 24], stride 2
+    dh = torch.randn(24, 10, generator=gen).t()
+    gu = torch.randn(48, 10, generator=gen).t()  # packed [10, 48], non-contiguous
+    assert not (gt.is_contiguous() or us.is_contiguous() or gu.is_contiguous())
+    for activation in ("silu", "gelu_tanh"):
+        fwd, bwd = ops.get(backend, "glu_fwd"), ops.get(backend, "glu_bwd")
+        pf, pb = ops.get(backend, "glu_packed_fwd"), ops.get(backend, "glu_packed_bwd")
+        c = lambda t: t.contiguous()  # noqa: E731
+        torch.testing.assert_close(fwd(gt, us, activation), fwd(c(gt), c(us), activation))
+        for a, b in zip(
+            bwd(dh, gt, us, activation), bwd(c(dh), c(gt), c(us), activation), strict=True
+        ):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(pf(gu, activation), pf(c(gu), activation))
+        torch.testing.assert_close(pb(dh, gu, activation), pb(c(dh), c(gu), activation))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0,), (0, 8), (3, 0), (2, 0, 4)])
+def test_zero_size(backend, shape):
+    skip_unless_available(backend, "glu", "cpu")
+    g = torch.randn(shape)
+    out = ops.get(backend, "glu_fwd")(g, g.clone(), "silu")
+    dg, du = ops.get(backend, "glu_bwd")(g.clone(), g, g.clone(), "silu")
+    assert out.shape == dg.shape == du.shape == g.shape
+    packed = torch.randn((*shape[:-1], 2 * shape[-1]))
+    out_p = ops.get(backend, "glu_packed_fwd")(packed, "silu")
+    assert out_p.shape == g.shape
+    assert ops.get(backend, "glu_packed_bwd")(out_p, packed, "silu").shape == packed.shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_fp64(backend, activation):
+    skip_unless_available(backend, "glu", "cpu")
+    gen = torch.Generator().manual_seed(3)
+    g = (torch.randn(3, 5, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    u = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    gu = torch.randn(3, 10, generator=gen, dtype=torch.float64, requires_grad=True)
+    with fastnn.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda a, b: FF.glu_family(a, b, activation), (g, u))
+        assert torch.autograd.gradcheck(lambda a: FF.glu_family(a, None, activation), (gu,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_a_clear_error(backend):
+    skip_unless_available(backend, "glu", "cpu")
+    g = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    with fastnn.use_backend(backend):
+        out = FF.swiglu(g, u)
+    (dg,) = torch.autograd.grad(out.sum(), g, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        dg.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["glu_fwd", "glu_bwd", "glu_packed_fwd", "glu_packed_bwd"])
+def test_opcheck(backend, op):
+    skip_unless_available(backend, "glu", "cpu")
+    gen = torch.Generator().manual_seed(4)
+    g, u, dh = (torch.randn(3, 6, generator=gen) for _ in range(3))
+    gu = torch.randn(3, 12, generator=gen)
+    grad = op in ("glu_fwd", "glu_packed_fwd")
+    args = {
+        "glu_fwd": (g.requires_grad_(grad), u.requires_grad_(grad), "gelu_tanh"),
+        "glu_bwd": (dh, g, u, "silu"),
+        "glu_packed_fwd": (gu.requires_grad_(grad), "silu"),
+        "glu_packed_bwd": (dh, gu, "sigmoid"),
+    }[op]
+    torch.library.opcheck(ops.get(backend, op), args)
+
+
+def test_auto_backend_is_native_on_cpu_when_built():
+    skip_unless_available("native", "glu", "cpu")
+    fastnn.set_backend("auto")
+    from fastnn import _backend
+
+    assert _backend.resolve("glu", "cpu") == "native"
+
+
+# ---- functional and module API -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swiglu_functional_and_module(backend):
+    skip_unless_available(backend, "glu", "cpu")
+    (g, u, _), _ = make_inputs((2, 3, 8), torch.float64)
+    with fastnn.use_backend(backend):
+        torch.testing.assert_close(FF.swiglu(g, u), F.silu(g) * u)
+        torch.testing.assert_close(FF.swiglu(torch.cat([g, u], -1)), F.silu(g) * u)
+        torch.testing.assert_close(fastnn.SwiGLU("relu")(g, u), F.relu(g) * u)
+        torch.testing.assert_close(
+            FF.glu_family(g, u, "gelu_tanh"), F.gelu(g, approximate="tanh") * u
+        )
+
+
+def llama_mlp_reference(mlp, x):
+    """The textbook LLaMA MLP from the fastnn module's state_dict, in plain torch."""
+    sd = mlp.state_dict()
+    gate = F.linear(x, sd["gate_proj.weight"], sd.get("gate_proj.bias"))
+    up = F.linear(x, sd["up_proj.weight"], sd.get("up_proj.bias"))
+    return F.linear(F.silu(gate) * up, sd["down_proj.weight"], sd.get("down_proj.bias"))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_mlp_matches_llama(fused, bias):
+    torch.manual_seed(5)
+    mlp = fastnn.SwiGLUMLP(16, 24, bias=bias, dtype=torch.float64, fused_gate_up=fused)
+    keys = {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}
+    if bias:
+        keys |= {k.replace("weight", "bias") for k in keys}
+    assert set(mlp.state_dict()) == keys
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    out = mlp(x)
+    torch.testing.assert_close(out, llama_mlp_reference(mlp, x))
+    out.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in mlp.parameters())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_mlp_state_dict_interop(bias):
+    """Separate-weight checkpoints load into the fused module and back, exactly."""
+    torch.manual_seed(6)
+    plain = fastnn.SwiGLUMLP(8, 12, bias=bias)
+    fused = fastnn.SwiGLUMLP(8, 12, bias=bias, fused_gate_up=True)
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=0)
+    assert torch.equal(fused.gate_up_proj.weight[:12], plain.gate_proj.weight)
+    assert torch.equal(fused.gate_up_proj.weight[12:], plain.up_proj.weight)
+
+    back = fastnn.SwiGLUMLP(8, 12, bias=bias)
+    back.load_state_dict(fused.state_dict())
+    for k, v in plain.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    # A torch.nn LLaMA-style MLP built from the same keys loads too (no fastnn-only key).
+    torch_mlp = torch.nn.ModuleDict(
+        {
+            n: torch.nn.Linear(*s, bias=bias)
+            for n, s in [("gate_proj", (8, 12)), ("up_proj", (8, 12)), ("down_proj", (12, 8))]
+        }
+    )
+    torch_mlp.load_state_dict(fused.state_dict())
+    # A state_dict missing one half fails strict loading and names the keys.
+    broken = plain.state_dict()
+    del broken["up_proj.weight"]
+    with pytest.raises(RuntimeError, match="gate_proj.weight|gate_up_proj.weight"):
+        fastnn.SwiGLUMLP(8, 12, bias=bias, fused_gate_up=True).load_state_dict(broken)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_swiglu_mlp_compiles_fullgraph(fused):
+    """No graph break through the custom op, forward and backward (aot_eager: dynamo and
+    AOTAutograd with the fake kernels and autograd registration, without the C++ compile)."""
+    torch.manual_seed(7)
+    mlp = fastnn.SwiGLUMLP(16, 32, fused_gate_up=fused)
+    x = torch.randn(4, 16, requires_grad=True)
+    compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, mlp(x))
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    (gx_eager,) = torch.autograd.grad(mlp(x).sum(), x)
+    torch.testing.assert_close(gx, gx_eager)
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------
+
+
+def test_functional_bad_inputs():
+    g = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match=r"\[3, 4\].*\[3, 5\]"):
+        FF.swiglu(g, torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match="torch.int64"):
+        FF.swiglu(torch.ones(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="torch.int32"):
+        FF.swiglu(g, torch.ones(3, 4, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="meta.*cpu|cpu.*meta"):
+        FF.swiglu(g, torch.randn(3, 4, device="meta"))
+    with pytest.raises(ValueError, match="unknown GLU activation 'swish'"):
+        FF.glu_family(g, g, "swish")
+    with pytest.raises(ValueError, match="unknown GLU activation"):
+        fastnn.SwiGLU("tanh")
+    with pytest.raises(ValueError, match="unknown GLU activation"):
+        fastnn.SwiGLUMLP(4, 8, activation="tanh")
+    with pytest.raises(RuntimeError, match="even last dim"):
+        FF.swiglu(torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match="dtype"):
+        FF.swiglu(g, g.double())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op_bad_inputs(backend):
+    """The ops check their own arguments too (they are public through torch.ops.fastnn)."""
+    skip_unless_available(backend, "glu", "cpu")
+    fwd, bwd = ops.get(backend, "glu_fwd"), ops.get(backend, "glu_bwd")
+    pf, pb = ops.get(backend, "glu_packed_fwd"), ops.get(backend, "glu_packed_bwd")
+    g = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="unknown GLU activation"):
+        fwd(g, g, "swish")
+    with pytest.raises(RuntimeError, match=r"\[2, 4\].*\[2, 3\]"):
+        fwd(g, torch.randn(2, 3), "silu")
+    with pytest.raises(RuntimeError, match="Int|int32"):
+        fwd(g.int(), g.int(), "silu")
+    with pytest.raises(RuntimeError, match="dtype"):
+        fwd(g, g.double(), "silu")
+    with pytest.raises(RuntimeError, match="grad_out"):
+        bwd(torch.randn(2, 5), g, g, "silu")
+    with pytest.raises(RuntimeError, match="even last dim"):
+        pf(torch.randn(2, 5), "silu")
+    with pytest.raises(RuntimeError, match="grad_out"):
+        pb(torch.randn(2, 3), torch.randn(2, 4), "silu")

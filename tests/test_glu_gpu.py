@@ -1,0 +1,132 @@
+"""GLU family on a CUDA device: the native CUDA and compiled Triton kernels against the fp64
+reference, the vector / scalar paths (ragged sizes, misaligned pointers, packed H not a multiple
+of the vector width), a tensor over 2^31 elements, extreme gates, opcheck and an inductor
+compile of SwiGLUMLP. Skipped without CUDA; the CPU cases are in test_glu.py."""
+
+import pytest
+import torch
+from conftest import skip_unless_available
+from tolerances import FORWARD, INPUT_GRAD, assert_rel_close
+
+import fastnn
+from fastnn import ops
+from fastnn.reference import glu as ref
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+GPU_BACKENDS = ("native", "triton")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def make(shape, dtype, offset=0, seed=0):
+    """gate, up, grad_out on the GPU in `dtype`; with offset > 0 each starts `offset` elements
+    into a larger buffer, so its pointer is not 16-byte aligned."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    n = torch.Size(shape).numel()
+    out = []
+    for scale in (2.0, 1.0, 1.0):
+        buf = torch.randn(n + offset, generator=gen, device="cuda", dtype=torch.float32) * scale
+        out.append(buf.to(dtype)[offset:].view(shape))
+    return out
+
+
+def check_against_reference(backend, activation, g, u, dh):
+    dtype = g.dtype
+    g64, u64, dh64 = g.double(), u.double(), dh.double()
+    out = ops.get(backend, "glu_fwd")(g, u, activation)
+    dg, du = ops.get(backend, "glu_bwd")(dh, g, u, activation)
+    assert_rel_close(out, ref.glu_fwd(g64, u64, activation), dtype, FORWARD, "out")
+    dg64, du64 = ref.glu_bwd(dh64, g64, u64, activation)
+    assert_rel_close(dg, dg64, dtype, INPUT_GRAD, "grad_gate")
+    assert_rel_close(du, du64, dtype, INPUT_GRAD, "grad_up")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+# aligned and a multiple of every vector width; ragged (tail); prime; large
+@pytest.mark.parametrize("shape", [(64, 256), (3, 1001), (1, 7), (4096, 2050)])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_cuda_against_reference(backend, activation, dtype, shape, offset):
+    skip_unless_available(backend, "glu", "cuda")
+    g, u, dh = make(shape, dtype, offset)
+    check_against_reference(backend, activation, g, u, dh)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H", [1, 3, 8, 1000, 11008])  # H % 8 != 0 takes the scalar path
+def test_cuda_packed(backend, activation, dtype, H):
+    skip_unless_available(backend, "glu", "cuda")
+    g, u, dh = make((33, H), dtype)
+    gu = torch.cat([g, u], dim=-1)
+    g64, u64, dh64 = g.double(), u.double(), dh.double()
+    out = ops.get(backend, "glu_packed_fwd")(gu, activation)
+    dgu = ops.get(backend, "glu_packed_bwd")(dh, gu, activation)
+    assert_rel_close(out, ref.glu_fwd(g64, u64, activation), dtype, FORWARD, "packed out")
+    dgu64 = torch.cat(ref.glu_bwd(dh64, g64, u64, activation), dim=-1)
+    assert_rel_close(dgu, dgu64, dtype, INPUT_GRAD, "packed grad")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
+def test_cuda_extreme_gates(backend, activation):
+    skip_unless_available(backend, "glu", "cuda")
+    g = torch.tensor([-1e30, -1000.0, -100.0, 0.0, 100.0, 1000.0, 1e30], device="cuda")
+    u = torch.ones_like(g)
+    out = ops.get(backend, "glu_fwd")(g, u, activation)
+    dg, du = ops.get(backend, "glu_bwd")(u, g, u, activation)
+    for t in (out, dg, du):
+        assert torch.isfinite(t).all(), t
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_over_2_31_elements(backend):
+    """int64 offsets: a bf16 gate / up of 2^31 + 8 elements; the last elements are checked."""
+    skip_unless_available(backend, "glu", "cuda")
+    n = 2**31 + 8
+    if torch.cuda.get_device_properties(0).total_memory < 6 * n * 2 + (4 << 30):
+        pytest.skip("needs about 30 GB of GPU memory")
+    g = torch.empty(n, device="cuda", dtype=torch.bfloat16).uniform_(-4, 4)
+    u = torch.empty(n, device="cuda", dtype=torch.bfloat16).uniform_(-1, 1)
+    out = ops.get(backend, "glu_fwd")(g, u, "silu")
+    tail = slice(n - 4096, n)
+    expect = ref.glu_fwd(g[tail].double(), u[tail].double(), "silu")
+    assert_rel_close(out[tail], expect, torch.bfloat16, FORWARD, "tail of out")
+    del out
+    dg, du = ops.get(backend, "glu_bwd")(u, g, u, "silu")
+    dg64, du64 = ref.glu_bwd(u[tail].double(), g[tail].double(), u[tail].double(), "silu")
+    assert_rel_close(dg[tail], dg64, torch.bfloat16, INPUT_GRAD, "tail of grad_gate")
+    assert_rel_close(du[tail], du64, torch.bfloat16, INPUT_GRAD, "tail of grad_up")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("op", ["glu_fwd", "glu_bwd", "glu_packed_fwd", "glu_packed_bwd"])
+def test_cuda_opcheck(backend, op):
+    skip_unless_available(backend, "glu", "cuda")
+    g, u, dh = make((5, 24), torch.bfloat16)
+    gu = torch.cat([g, u], dim=-1)
+    grad = op in ("glu_fwd", "glu_packed_fwd")
+    args = {
+        "glu_fwd": (g.requires_grad_(grad), u.requires_grad_(grad), "silu"),
+        "glu_bwd": (dh, g, u, "gelu"),
+        "glu_packed_fwd": (gu.requires_grad_(grad), "gelu_tanh"),
+        "glu_packed_bwd": (dh, gu, "silu"),
+    }[op]
+    torch.library.opcheck(ops.get(backend, op), args)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_mlp_inductor_fullgraph(backend, fused):
+    skip_unless_available(backend, "glu", "cuda")
+    torch.manual_seed(0)
+    mlp = fastnn.SwiGLUMLP(256, 512, device="cuda", dtype=torch.bfloat16, fused_gate_up=fused)
+    x = torch.randn(8, 64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with fastnn.use_backend(backend):
+        eager = mlp(x)
+        compiled = torch.compile(mlp, fullgraph=True)(x)
+        torch.testing.assert_close(compiled, eager)
+        compiled.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

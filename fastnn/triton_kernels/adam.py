@@ -290,7 +290,9 @@ def _adam_body(
     # found_inf is set (nothing read, nothing written).
     live = tl.full([BLOCK], 1, tl.int1)
     if HAS_INF:
-        live = live & (tl.load(inf_ptr) == 0)
+        # A splat compared with a scalar: the mask stays uniform over the tile, so accesses
+        # still vectorise (and `int1 & scalar bool` trips the interpreter). NaN skips too.
+        live = tl.zeros([BLOCK], tl.float32) == tl.load(inf_ptr).to(tl.float32)
     scale = 1.0
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(CDT)

@@ -1,0 +1,724 @@
+"""fastnn.optim.Adam / AdamW / RMSprop against torch.optim's for-loop implementation
+(foreach=False), on every backend (Triton under the interpreter, small tensors; native once its
+kernels are registered). Trajectories run 20+ steps with identical gradients; fp32 results must
+agree to the fp32 tolerance of tests/tolerances.py."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import BACKENDS, skip_unless_available
+from tolerances import FORWARD, RTOL, assert_rel_close, rel_error
+
+import fastnn
+from fastnn.optim import Adam, AdamW, RMSprop
+from fastnn.triton_kernels import adam as triton_adam
+
+# 1 element, odd, zero-size, 3-D. The Triton interpreter runs each kernel op in Python (about
+# 0.3-1 ms an op, 100 ops a program here), so the Triton cases use fewer tensors and tiles of 128
+# (fixture below): 231 elements are one full tile and a tail. test_triton_multi_chunk covers
+# several chunks per tensor.
+SHAPES = [(1,), (33, 7), (0,), (130,), (4, 5, 6)]
+TRITON_SHAPES = [(33, 7), (0,), (5,)]
+STEPS = 20
+
+
+@pytest.fixture(autouse=True)
+def _small_triton_chunks(monkeypatch):
+    monkeypatch.setattr(triton_adam, "CHUNK", 256)
+    monkeypatch.setattr(triton_adam, "BLOCK", 128)
+
+
+def make_params(dtype=torch.float32, seed=0, shapes=None, backend=None):
+    if shapes is None:
+        shapes = TRITON_SHAPES if backend == "triton" else SHAPES
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+def make_grads(params, steps, seed=1):
+    """Per step, one gradient per param (None for params listed as frozen by the caller)."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) for p in params]
+        for _ in range(steps)
+    ]
+
+
+def clone_leaves(params):
+    return [torch.nn.Parameter(p.clone()) for p in params]
+
+
+def run(opt, params, grads, skip=()):
+    """Apply `grads` (a list of per-step lists) with `opt`; params in `skip` get no grad."""
+    for step_grads in grads:
+        for i, (p, g) in enumerate(zip(params, step_grads, strict=True)):
+            p.grad = None if i in skip else g.clone()
+        opt.step()
+
+
+def assert_params_close(ours, ref, dtype=torch.float32):
+    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        assert_rel_close(a.detach(), b.detach().double(), dtype, FORWARD, what=f"param {i}")
+
+
+def assert_states_close(opt, ref_opt, params, ref_params, dtype=torch.float32):
+    for i, (p, q) in enumerate(zip(params, ref_params, strict=True)):
+        s, r = opt.state[p], ref_opt.state[q]
+        assert set(s) == set(r), f"param {i}: state keys {sorted(s)} != torch's {sorted(r)}"
+        for k in r:
+            if k == "step":
+                assert float(s[k]) == float(r[k]), f"param {i}: step {s[k]} != {r[k]}"
+            else:
+                assert_rel_close(s[k], r[k].double(), dtype, FORWARD, what=f"param {i} {k}")
+
+
+def use(backend):
+    skip_unless_available(backend, "adam", "cpu")
+    return fastnn.use_backend(backend)
+
+
+# ---- Trajectories over every option combination ----------------------------------------------
+
+ADAM_CASES = list(
+    itertools.product(
+        (0.0, 0.1),  # weight_decay
+        (False, True),  # amsgrad
+        (False, True),  # maximize
+        (False, True),  # decoupled_weight_decay
+        (False, True),  # lr as a tensor
+    )
+)
+
+
+def backend_cases(cases, triton_cases):
+    """Every case on torch and native; on Triton (interpreted, slow) a subset in which every
+    option is on and off at least once."""
+    return [(b, *c) for b in BACKENDS for c in (triton_cases if b == "triton" else cases)]
+
+
+TRITON_ADAM_CASES = [
+    (0.0, False, False, False, False),
+    (0.1, False, True, False, True),
+    (0.1, True, False, True, False),
+    (0.1, True, True, True, True),
+]
+
+
+@pytest.mark.parametrize(
+    "backend,wd,amsgrad,maximize,decoupled,tensor_lr", backend_cases(ADAM_CASES, TRITON_ADAM_CASES)
+)
+def test_adam_trajectory(backend, wd, amsgrad, maximize, decoupled, tensor_lr):
+    skip_unless_available(backend, "adam", "cpu")
+    params = make_params(backend=backend)
+    grads = make_grads(params, STEPS)
+    lr = torch.tensor(0.01) if tensor_lr else 0.01
+    kw = dict(betas=(0.8, 0.95), eps=1e-6, weight_decay=wd, amsgrad=amsgrad, maximize=maximize)
+    kw["decoupled_weight_decay"] = decoupled
+    ours, ref = clone_leaves(params), clone_leaves(params)
+    opt = Adam(ours, lr=lr, **kw)
+    ref_opt = torch.optim.Adam(ref, lr=lr.clone() if tensor_lr else lr, foreach=False, **kw)
+    with fastnn.use_backend(backend):
+        run(opt, ours, grads)
+    run(ref_opt, ref, grads)
+    assert_params_close(ours, ref)
+    assert_states_close(opt, ref_opt, ours, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adamw_trajectory(backend, amsgrad):
+    skip_unless_available(backend, "adam", "cpu")
+    params = make_params(backend=backend)
+    grads = make_grads(params, STEPS)
+    ours, ref = clone_leaves(params), clone_leaves(params)
+    opt = AdamW(ours, lr=0.02, weight_decay=0.3, amsgrad=amsgrad)
+    ref_opt = torch.optim.AdamW(ref, lr=0.02, weight_decay=0.3, amsgrad=amsgrad, foreach=False)
+    with fastnn.use_backend(backend):
+        run(opt, ours, grads)
+    run(ref_opt, ref, grads)
+    assert_params_close(ours, ref)
+    assert_states_close(opt, ref_opt, ours, ref)
+    assert opt.param_groups[0]["decoupled_weight_decay"] is True
+
+
+RMSPROP_CASES = list(
+    itertools.product(
+        (0.0, 0.1),  # weight_decay
+        (0.0, 0.9),  # momentum
+        (False, True),  # centered
+        (False, True),  # maximize
+        (0.99, 0.5),  # alpha
+    )
+)
+
+
+TRITON_RMSPROP_CASES = [
+    (0.0, 0.0, False, False, 0.99),
+    (0.1, 0.9, False, True, 0.5),
+    (0.1, 0.0, True, False, 0.5),
+    (0.1, 0.9, True, True, 0.99),
+]
+
+
+@pytest.mark.parametrize(
+    "backend,wd,momentum,centered,maximize,alpha",
+    backend_cases(RMSPROP_CASES, TRITON_RMSPROP_CASES),
+)
+def test_rmsprop_trajectory(backend, wd, momentum, centered, maximize, alpha):
+    skip_unless_available(backend, "rmsprop", "cpu")
+    params = make_params(backend=backend)
+    grads = make_grads(params, STEPS)
+    # A tensor lr in half the cases (those with momentum), so every option meets both lr kinds.
+    lr = torch.tensor(0.003) if momentum else 0.003
+    kw = dict(alpha=alpha, eps=1e-6, weight_decay=wd, momentum=momentum, centered=centered)
+    kw["maximize"] = maximize
+    ours, ref = clone_leaves(params), clone_leaves(params)
+    opt = RMSprop(ours, lr=lr, **kw)
+    ref_opt = torch.optim.RMSprop(ref, lr=lr.clone() if momentum else lr, foreach=False, **kw)
+    with fastnn.use_backend(backend):
+        run(opt, ours, grads)
+    run(ref_opt, ref, grads)
+    assert_params_close(ours, ref)
+    assert_states_close(opt, ref_opt, ours, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
+def test_capturable_on_cpu(backend, cls):
+    # torch's for-loop refuses capturable=True on a CPU; fastnn keeps the step on the params'
+    # device (the CPU) and matches torch's non-capturable run.
+    skip_unless_available(backend, cls.lower(), "cpu")
+    params = make_params(backend=backend)
+    grads = make_grads(params, STEPS)
+    ours, ref = clone_leaves(params), clone_leaves(params)
+    opt = getattr(fastnn.optim, cls)(ours, lr=torch.tensor(0.01), capturable=True)
+    ref_opt = getattr(torch.optim, cls)(ref, lr=0.01, foreach=False)
+    with fastnn.use_backend(backend):
+        run(opt, ours, grads)
+    run(ref_opt, ref, grads)
+    assert_params_close(ours, ref)
+    assert opt._step_supports_amp_scaling
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp64_trajectory(backend):
+    # fp64 params: fp64 math and fp64 hyperparameters, to fp64 precision.
+    skip_unless_available(backend, "adam", "cpu")
+    params = make_params(torch.float64, backend=backend)
+    grads = make_grads(params, STEPS)
+    for cls, kw in ((Adam, dict(weight_decay=0.1, amsgrad=True)), (RMSprop, dict(momentum=0.5))):
+        ours, ref = clone_leaves(params), clone_leaves(params)
+        opt, ref_opt = (
+            cls(ours, lr=0.01, **kw),
+            getattr(torch.optim, cls.__name__)(ref, lr=0.01, foreach=False, **kw),
+        )
+        with fastnn.use_backend(backend):
+            run(opt, ours, grads)
+        run(ref_opt, ref, grads)
+        assert_params_close(ours, ref, torch.float64)
+
+
+# ---- Groups, frozen params, zero-size params ---------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_groups_frozen_and_zero_size(backend):
+    skip_unless_available(backend, "adam", "cpu")
+    params = make_params()
+    grads = make_grads(params, STEPS)
+
+    def groups(ps):
+        return [
+            {"params": ps[:2], "lr": 0.03, "betas": (0.5, 0.9), "amsgrad": True},
+            {"params": ps[2:4], "weight_decay": 0.2},
+            {"params": ps[4:], "lr": 0.005, "maximize": True},
+        ]
+
+    ours, ref = clone_leaves(params), clone_leaves(params)
+    opt, ref_opt = (
+        Adam(groups(ours), lr=0.01),
+        torch.optim.Adam(groups(ref), lr=0.01, foreach=False),
+    )
+    # Param 1 is frozen throughout: untouched, no state. Param 3 gets no grad on the first 5
+    # steps, so its step count differs from its bucket's others (per-tensor bias corrections).
+    with fastnn.use_backend(backend):
+        run(opt, ours, grads[:5], skip=(1, 3))
+        run(opt, ours, grads[5:], skip=(1,))
+    run(ref_opt, ref, grads[:5], skip=(1, 3))
+    run(ref_opt, ref, grads[5:], skip=(1,))
+    assert ours[1] not in opt.state and torch.equal(ours[1], params[1])
+    assert float(opt.state[ours[3]]["step"]) == STEPS - 5
+    assert opt.state[ours[2]]["exp_avg"].shape == (0,)  # zero-size params get state, as torch's
+    assert_params_close(ours, ref)
+    assert_states_close(
+        opt, ref_opt, [ours[i] for i in (0, 2, 3, 4)], [ref[i] for i in (0, 2, 3, 4)]
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_params_and_grads(backend):
+    # A transposed param (its state is transposed too: preserve_format) with a contiguous grad,
+    # as a DDP bucket view gives it; and a param that is a strided slice (not dense).
+    skip_unless_available(backend, "adam", "cpu")
+    base = make_params(shapes=[(9, 6), (8, 10)])
+    ours = [torch.nn.Parameter(base[0].t()), torch.nn.Parameter(base[1][:, ::2])]
+    ref = [torch.nn.Parameter(base[0].t().clone()), torch.nn.Parameter(base[1][:, ::2].clone())]
+    grads = make_grads(ref, STEPS)
+    opt, ref_opt = Adam(ours, lr=0.01), torch.optim.Adam(ref, lr=0.01, foreach=False)
+    try:
+        with fastnn.use_backend(backend):
+            run(opt, ours, [[g.contiguous() for g in gs] for gs in grads])
+    except RuntimeError as e:
+        # A kernel may refuse a param that is not dense, but only with an error that says so.
+        assert backend == "native" and "dense" in str(e), e
+        return
+    run(ref_opt, ref, grads)
+    assert_params_close(ours, ref)
+
+
+@pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
+def test_triton_multi_chunk(monkeypatch, cls):
+    # Tensors over several 64-element chunks of 16-element tiles: each program finds its chunk
+    # in the table, full tiles and tails; one tensor joins late so step counts differ.
+    skip_unless_available("triton", cls.lower(), "cpu")
+    monkeypatch.setattr(triton_adam, "CHUNK", 64)
+    monkeypatch.setattr(triton_adam, "BLOCK", 16)
+    params = make_params(shapes=[(150,), (3, 7)])
+    grads = make_grads(params, 4)
+    ours, ref = clone_leaves(params), clone_leaves(params)
+    kw = dict(lr=0.01, weight_decay=0.1)
+    opt = getattr(fastnn.optim, cls)(ours, **kw)
+    ref_opt = getattr(torch.optim, cls)(ref, foreach=False, **kw)
+    with fastnn.use_backend("triton"):
+        run(opt, ours, grads[:1], skip=(1,))
+        run(opt, ours, grads[1:])
+    run(ref_opt, ref, grads[:1], skip=(1,))
+    run(ref_opt, ref, grads[1:])
+    assert_params_close(ours, ref)
+    assert_states_close(opt, ref_opt, ours, ref)
+
+
+# ---- Low precision: bf16 / fp16 params, with and without master weights --------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
+def test_low_precision_without_master_weights(backend, dtype, cls):
+    # Ratio check (testing.md method 2), on norms: the kernel computes in fp32 and rounds once,
+    # so its distance from an fp32 run from the same rounded start and grads is at most twice
+    # that of torch.optim run in `dtype`.
+    skip_unless_available(backend, cls.lower(), "cpu")
+    if backend == "triton":
+        pytest.skip(
+            "the Triton interpreter truncates fp32 -> bf16 / fp16, a bias that adds up over a "
+            "trajectory; test_triton_low_precision_step_within_one_ulp checks single steps"
+        )
+    params = make_params(dtype, backend=backend)
+    grads = make_grads(params, STEPS)
+    # eps 1e-3: 1e-8 is 0 in fp16, and torch's fp16 Adam then divides by zero (NaN).
+    kw = dict(lr=0.02, weight_decay=0.1, eps=1e-3)
+    ours, eager = clone_leaves(params), clone_leaves(params)
+    ref32 = [torch.nn.Parameter(p.float()) for p in params]
+    opt = getattr(fastnn.optim, cls)(ours, **kw)
+    with fastnn.use_backend(backend):
+        run(opt, ours, grads)
+    run(getattr(torch.optim, cls)(eager, foreach=False, **kw), eager, grads)
+    run(
+        getattr(torch.optim, cls)(ref32, foreach=False, **kw),
+        ref32,
+        [[g.float() for g in gs] for gs in grads],
+    )
+    assert opt.state[ours[1]]["square_avg" if cls == "RMSprop" else "exp_avg"].dtype == dtype
+    for i, (a, e, r) in enumerate(zip(ours, eager, ref32, strict=True)):
+        assert a.dtype == dtype
+        err, eager_err = rel_error(a.detach(), r.detach()), rel_error(e.detach(), r.detach())
+        assert err <= 2 * eager_err + RTOL[dtype][FORWARD], f"param {i}: {err} vs eager {eager_err}"
+
+
+def _one_ulp(x, dtype):
+    return torch.finfo(dtype).eps * x.float().abs().clamp_min(torch.finfo(dtype).tiny)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("master", [False, True])
+@pytest.mark.parametrize("op", ["adam_step_", "rmsprop_step_"])
+def test_triton_low_precision_step_within_one_ulp(dtype, master, op):
+    # One step of the Triton op and the reference op on identical low-precision inputs (with a
+    # grad_scale): every result within one ulp (the interpreter truncates, testing.md).
+    family = op.split("_")[0]
+    skip_unless_available("triton", family, "cpu")
+    g = torch.Generator().manual_seed(3)
+
+    def rand(shape, positive=False):
+        t = torch.randn(shape, generator=g)
+        return (t.abs() if positive else t).to(dtype)
+
+    shape = (300,)
+    p, grad = rand(shape), rand(shape)
+    sdt = torch.float32 if master else dtype
+    if op == "adam_step_":
+        states = [rand(shape).to(sdt), rand(shape, True).to(sdt), rand(shape, True).to(sdt)]
+        extra = [[torch.tensor(7.0)]]
+        kw = dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-3, weight_decay=0.1)
+        kw.update(decoupled_weight_decay=False, amsgrad=True, maximize=False)
+    else:
+        sq = rand(shape, True).to(sdt) + 2
+        # |grad_avg| < 1 < sqrt(square_avg): the centered variance stays positive.
+        states = [sq, (rand(shape).float().clamp(-2, 2) / 3).to(sdt), rand(shape).to(sdt)]
+        extra = []
+        kw = dict(lr=0.01, alpha=0.9, eps=1e-3, weight_decay=0.1, momentum=0.5, centered=True)
+        kw["maximize"] = True
+    outs = []
+    for backend in ("triton", "torch"):
+        ps, ss = [p.clone()], [[s.clone()] for s in states]
+        masters = [p.float()] if master else []
+        args = [ps, [grad * 4], *ss, *extra, masters, None, torch.tensor(4.0), torch.tensor(0.0)]
+        fastnn.ops.get(backend, op)(*args, **kw)
+        outs.append([ps[0], *(s[0] for s in ss), *masters])
+    for i, (a, b) in enumerate(zip(*outs, strict=True)):
+        tol = _one_ulp(b, b.dtype) if b.dtype != torch.float32 else 1e-6 * b.abs() + 1e-7
+        assert ((a.float() - b.float()).abs() <= tol).all(), f"output {i}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
+def test_master_weights_track_fp32_run(backend, dtype, cls):
+    # With master_weights=True the update runs on fp32 copies with fp32 moments, so the masters
+    # follow an fp32 run fed the same (low-precision) grads to fp32 tolerance, and each param is
+    # its master rounded to `dtype`.
+    skip_unless_available(backend, cls.lower().rstrip("w"), "cpu")
+    params = make_params(dtype, backend=backend)
+    grads = make_grads(params, STEPS)
+    kw = dict(lr=0.02, weight_decay=0.1)
+    if cls == "RMSprop":
+        kw.update(momentum=0.5, centered=True)
+    ours = clone_leaves(params)
+    ref32 = [torch.nn.Parameter(p.float()) for p in params]
+    opt = getattr(fastnn.optim, cls)(ours, master_weights=True, **kw)
+    ref_opt = getattr(torch.optim, cls)(ref32, foreach=False, **kw)
+    with fastnn.use_backend(backend):
+        run(opt, ours, grads)
+    run(ref_opt, ref32, [[g.float() for g in gs] for gs in grads])
+    for i, (p, r) in enumerate(zip(ours, ref32, strict=True)):
+        state = opt.state[p]
+        master = state["master_param"]
+        assert master.dtype == torch.float32 and p.dtype == dtype
+        assert_rel_close(master, r.detach().double(), torch.float32, what=f"master {i}")
+        for k, v in state.items():
+            if k != "step":
+                assert v.dtype == torch.float32, f"{k} is {v.dtype}"
+        rounded = master.to(dtype)
+        if backend == "triton":
+            # The Triton interpreter truncates fp32 -> low precision: one ulp (testing.md).
+            assert ((p.float() - rounded.float()).abs() <= _one_ulp(rounded, dtype)).all()
+        else:
+            assert torch.equal(p.detach(), rounded)
+
+
+# ---- state_dict: layout and round trips with torch.optim ------------------------------------
+
+
+def _split(grads):
+    return grads[:10], grads[10:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        ("Adam", dict(amsgrad=True, weight_decay=0.1)),
+        ("AdamW", dict()),
+        ("RMSprop", dict(momentum=0.9, centered=True)),
+    ],
+)
+@pytest.mark.parametrize("direction", ["torch_to_fastnn", "fastnn_to_torch"])
+def test_state_dict_round_trip(backend, cls, kw, direction):
+    skip_unless_available(backend, cls.lower().rstrip("w"), "cpu")
+    params = make_params(backend=backend)
+    first, second = _split(make_grads(params, STEPS))
+    fast_cls, torch_cls = getattr(fastnn.optim, cls), getattr(torch.optim, cls)
+    # The uninterrupted torch run.
+    ref = clone_leaves(params)
+    ref_opt = torch_cls(ref, lr=0.01, foreach=False, **kw)
+    run(ref_opt, ref, first + second)
+    # Half a run in one library, the state_dict handed to the other, the rest there.
+    a, b = clone_leaves(params), None
+    with fastnn.use_backend(backend):
+        if direction == "torch_to_fastnn":
+            opt_a = torch_cls(a, lr=0.01, foreach=False, **kw)
+            run(opt_a, a, first)
+            b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+            opt_b = fast_cls(b, lr=0.5, **kw)  # lr comes from the state_dict
+        else:
+            opt_a = fast_cls(a, lr=0.01, **kw)
+            run(opt_a, a, first)
+            b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+            opt_b = torch_cls(b, lr=0.5, foreach=False, **kw)
+        sd = opt_a.state_dict()
+        opt_b.load_state_dict(sd)
+        run(opt_b, b, second)
+    assert_params_close(b, ref)
+    assert_states_close(opt_b, ref_opt, b, ref)
+
+
+def test_state_dict_layout_is_torchs():
+    params = make_params()
+    grads = make_grads(params, 3)
+    ours, ref = clone_leaves(params), clone_leaves(params)
+    opt, ref_opt = AdamW(ours, amsgrad=True), torch.optim.AdamW(ref, amsgrad=True)
+    run(opt, ours, grads)
+    run(ref_opt, ref, grads)
+    sd, ref_sd = opt.state_dict(), ref_opt.state_dict()
+    assert sd["state"].keys() == ref_sd["state"].keys()
+    for k, v in ref_sd["state"].items():
+        assert list(sd["state"][k]) == list(v)  # same keys, same order
+        assert sd["state"][k]["step"].device == v["step"].device
+    extra = set(sd["param_groups"][0]) - set(ref_sd["param_groups"][0])
+    assert extra == {"master_weights"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_master_weights_state_dict_round_trip(backend):
+    # Saved master weights and fp32 moments come back fp32 (torch.optim's loader would cast them
+    # to bf16), and training continues exactly as without the interruption.
+    skip_unless_available(backend, "adam", "cpu")
+    params = make_params(torch.bfloat16, backend=backend)
+    first, second = _split(make_grads(params, STEPS))
+    ref = clone_leaves(params)
+    with fastnn.use_backend(backend):
+        ref_opt = AdamW(ref, lr=0.02, master_weights=True)
+        run(ref_opt, ref, first + second)
+        a = clone_leaves(params)
+        opt_a = AdamW(a, lr=0.02, master_weights=True)
+        run(opt_a, a, first)
+        b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+        opt_b = AdamW(b, lr=0.02, master_weights=True)
+        opt_b.load_state_dict(opt_a.state_dict())
+        assert opt_b.state[b[1]]["master_param"].dtype == torch.float32
+        assert opt_b.state[b[1]]["exp_avg_sq"].dtype == torch.float32
+        run(opt_b, b, second)
+    for p, q in zip(b, ref, strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(opt_b.state[p]["master_param"], ref_opt.state[q]["master_param"])
+
+
+def test_master_weights_from_torch_state_dict():
+    # A torch.optim state_dict has no master weights: the optimizer's own choice stays, masters
+    # start from the params and the loaded bf16 moments become fp32.
+    params = make_params(torch.bfloat16)
+    grads = make_grads(params, 4)
+    a = clone_leaves(params)
+    ref_opt = torch.optim.Adam(a, lr=0.01)
+    run(ref_opt, a, grads[:2])
+    opt = Adam(a, lr=0.01, master_weights=True)
+    opt.load_state_dict(ref_opt.state_dict())
+    assert opt.param_groups[0]["master_weights"] is True
+    assert opt.state[a[1]]["exp_avg"].dtype == torch.float32
+    run(opt, a, grads[2:])
+    assert opt.state[a[1]]["master_param"].dtype == torch.float32
+
+
+# ---- GradScaler ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_grad_scaler(backend, cls, unscale_first):
+    # The fused protocol: GradScaler hands grad_scale / found_inf to step(). A step with an inf
+    # in one grad changes nothing (params, state, step counts); the others match torch's run on
+    # the unscaled grads. unscale_first: the user unscales (e.g. to clip) before scaler.step.
+    skip_unless_available(backend, cls.lower(), "cpu")
+    params = make_params(backend=backend)
+    grads = make_grads(params, 6)
+    kw = dict(lr=0.01, weight_decay=0.1)
+    ours, ref = clone_leaves(params), clone_leaves(params)
+    opt = getattr(fastnn.optim, cls)(ours, **kw)
+    ref_opt = getattr(torch.optim, cls)(ref, foreach=False, **kw)
+    assert opt._step_supports_amp_scaling
+    k = next(i for i, p in enumerate(ours) if p.dim() == 2)  # the param that gets the inf
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    with fastnn.use_backend(backend):
+        for step, gs in enumerate(grads):
+            poisoned = step == 3
+            for p in ours:
+                p.grad = None
+            loss = sum((p * g).sum() for p, g in zip(ours, gs, strict=True))
+            scaler.scale(loss).backward()  # grads g * 1024: exact (a power of two)
+            if poisoned:
+                ours[k].grad[0, 0] = float("inf")
+            before = [p.detach().clone() for p in ours]
+            state_before = {n: v.clone() for n, v in opt.state[ours[k]].items()} if step else {}
+            if unscale_first:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+            if poisoned:
+                assert all(torch.equal(a, b) for a, b in zip(ours, before, strict=True))
+                for n, v in state_before.items():
+                    assert torch.equal(opt.state[ours[k]][n], v), f"{n} changed"
+            else:
+                run(ref_opt, ref, [gs])
+    assert float(opt.state[ours[0]]["step"]) == 5
+    assert_params_close(ours, ref)
+
+
+# ---- Errors: torch's own, and nothing changed ------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
+def test_sparse_grad_error_changes_nothing(cls):
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    dense = torch.nn.Parameter(torch.randn(3))
+    opt = getattr(fastnn.optim, cls)([{"params": [dense]}, {"params": emb.parameters()}], lr=0.1)
+    dense.grad = torch.ones(3)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = (dense.detach().clone(), emb.weight.detach().clone())
+    with pytest.raises(RuntimeError, match="does not support sparse gradients.*SparseAdam"):
+        opt.step()
+    assert torch.equal(dense, before[0]) and torch.equal(emb.weight, before[1])
+    assert len(opt.state) == 0  # not even the dense param of the first group stepped
+
+
+def _errors(make):
+    try:
+        make()
+    except Exception as e:  # noqa: BLE001 - the point is to compare whatever torch raises
+        return type(e), str(e)
+    return None
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        ("Adam", dict(lr=-1.0)),
+        ("Adam", dict(eps=-1.0)),
+        ("Adam", dict(betas=(1.0, 0.999))),
+        ("Adam", dict(betas=(0.9, -0.1))),
+        ("Adam", dict(weight_decay=-1.0)),
+        ("Adam", dict(lr=torch.tensor([0.1, 0.2]))),
+        ("Adam", dict(lr=torch.tensor(0.1), foreach=True)),
+        ("Adam", dict(fused=True, foreach=True)),
+        ("AdamW", dict(betas=(0.9, 1.5))),
+        ("RMSprop", dict(alpha=-0.5)),
+        ("RMSprop", dict(momentum=-0.5)),
+        ("RMSprop", dict(lr=-0.1)),
+        ("RMSprop", dict(eps=-1.0)),
+    ],
+)
+def test_validation_errors_are_torchs(cls, kw):
+    p = torch.nn.Parameter(torch.randn(3))
+    expected = _errors(lambda: getattr(torch.optim, cls)([p], **kw))
+    assert expected is not None
+    assert _errors(lambda: getattr(fastnn.optim, cls)([p], **kw)) == expected
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
+def test_duplicate_params_and_empty_list_errors_are_torchs(cls):
+    p = torch.nn.Parameter(torch.randn(3))
+    for params in ([{"params": [p]}, {"params": [p]}], []):
+        expected = _errors(lambda params=params: getattr(torch.optim, cls)(params))
+        assert expected is not None
+        assert _errors(lambda params=params: getattr(fastnn.optim, cls)(params)) == expected
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
+def test_differentiable_is_refused_clearly(cls):
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(RuntimeError, match="does not support differentiable=True"):
+        getattr(fastnn.optim, cls)([p], differentiable=True)
+
+
+def test_signatures_and_defaults_are_torchs():
+    import inspect
+
+    for cls in ("Adam", "AdamW", "RMSprop"):
+        ours = inspect.signature(getattr(fastnn.optim, cls)).parameters
+        theirs = inspect.signature(getattr(torch.optim, cls)).parameters
+        assert list(ours)[: len(theirs)] == list(theirs) or set(ours) - {"master_weights"} == set(
+            theirs
+        )
+        for name, par in theirs.items():
+            assert ours[name].default == par.default, (cls, name)
+            assert ours[name].kind == par.kind, (cls, name)
+        assert ours["master_weights"].kind == inspect.Parameter.KEYWORD_ONLY
+
+
+def test_foreach_and_fused_accepted():
+    p = torch.nn.Parameter(torch.randn(4))
+    for kw in (dict(foreach=True), dict(foreach=False), dict(fused=True), dict(fused=False)):
+        opt = Adam([p], lr=0.1, **kw)
+        p.grad = torch.ones(4)
+        opt.step()
+    # fused=True puts the step on the param's device, as torch's fused Adam does.
+    assert opt.state[p]["step"].device == p.device
+
+
+# ---- Complex params: handled as real views, as torch.optim does --------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
+def test_complex_params(backend, cls):
+    skip_unless_available(backend, cls.lower(), "cpu")
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(5, 3, dtype=torch.complex64, generator=g)
+    grads = [[torch.randn(5, 3, dtype=torch.complex64, generator=g)] for _ in range(STEPS)]
+    ours, ref = [torch.nn.Parameter(base.clone())], [torch.nn.Parameter(base.clone())]
+    kw = dict(lr=0.01, weight_decay=0.1)
+    opt = getattr(fastnn.optim, cls)(ours, **kw)
+    with fastnn.use_backend(backend):
+        run(opt, ours, grads)
+    run(getattr(torch.optim, cls)(ref, foreach=False, **kw), ref, grads)
+    assert ours[0].dtype == torch.complex64
+    assert_rel_close(
+        torch.view_as_real(ours[0].detach()),
+        torch.view_as_real(ref[0].detach()).double(),
+        torch.float32,
+    )
+
+
+# ---- The step() engine: what it passes to the op ---------------------------------------------
+
+
+def test_one_op_call_per_device_dtype_group(monkeypatch):
+    calls = []
+    real = fastnn.ops.get
+
+    def spy(backend, name):
+        op = real(backend, name)
+
+        def wrapped(*args, **kwargs):
+            calls.append([t.dtype for t in args[0]])
+            return op(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(fastnn.ops, "get", spy)
+    ps = [torch.nn.Parameter(torch.randn(3, dtype=d)) for d in (torch.float32, torch.float64) * 3]
+    opt = Adam(ps, lr=0.1)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    with fastnn.use_backend("torch"):
+        opt.step()
+    assert sorted(map(str, calls)) == sorted(map(str, [[torch.float32] * 3, [torch.float64] * 3]))
+
+
+def test_step_hooks_and_closure():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = Adam([p], lr=0.1)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+
+    def closure():
+        opt.zero_grad()
+        loss = (p * p).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert seen == ["pre", "post"] and loss is not None and float(opt.state[p]["step"]) == 1

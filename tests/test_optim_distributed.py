@@ -1,0 +1,124 @@
+"""fastnn optimizers under torch.distributed on 2 gloo ranks (127.0.0.1, a free port, processes
+from torch.multiprocessing.spawn): DDP with gradients as bucket views, and FSDP2 (fully_shard on
+a CPU device mesh, DTensor params updated on their local shards). Each must match a
+single-process torch.optim run on the whole batch.
+
+One spawn runs every check on every available backend: starting two processes that import torch
+costs seconds, the checks themselves milliseconds."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+STEPS = 6
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(8, 8, generator=g), torch.randn(8, 4, generator=g)
+
+
+def _train(model, opt, rank, world):
+    """STEPS steps on this rank's share of each global batch (everything when world == 1)."""
+    for step in range(STEPS):
+        x, y = _batch(step)
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _reference(torch_cls, **kw):
+    model = _model()
+    _train(model, torch_cls(model.parameters(), foreach=False, **kw), 0, 1)
+    return [p.detach() for p in model.parameters()]
+
+
+def _check_ddp(rank, backend):
+    from tolerances import assert_rel_close
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fastnn
+
+    model = DDP(_model(), gradient_as_bucket_view=True)
+    opt = fastnn.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    with fastnn.use_backend(backend):
+        _train(model, opt, rank, WORLD)
+    ref = _reference(torch.optim.AdamW, lr=0.01, weight_decay=0.1)
+    for i, (p, r) in enumerate(zip(model.parameters(), ref, strict=True)):
+        assert_rel_close(p.detach(), r.double(), torch.float32, what=f"DDP {backend} param {i}")
+
+
+def _check_fsdp2(rank, backend):
+    from tolerances import assert_rel_close
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import fastnn
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = _model()
+    fully_shard(model, mesh=mesh)
+    opt = fastnn.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.5, centered=True)
+    with fastnn.use_backend(backend):
+        _train(model, opt, rank, WORLD)
+    ref = _reference(torch.optim.RMSprop, lr=0.01, momentum=0.5, centered=True)
+    for i, (p, r) in enumerate(zip(model.parameters(), ref, strict=True)):
+        assert isinstance(p, DTensor)
+        # State is kept as torch.optim keeps it for DTensor params: sharded like the param.
+        state = opt.state[p]
+        assert isinstance(state["square_avg"], DTensor)
+        assert state["square_avg"].placements == p.placements
+        full = p.full_tensor()
+        assert_rel_close(full.detach(), r.double(), torch.float32, what=f"FSDP2 {backend} {i}")
+
+
+def _worker(rank, port, tests_dir, out_dir):
+    # Spawned processes start fresh: the tests directory (tolerances.py) is not on their path.
+    import sys
+
+    sys.path.insert(0, tests_dir)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from fastnn import _backend
+
+        ran = []
+        for backend in ("torch", "native", "triton"):
+            if _backend.unavailable_reason(backend, "adam", "cpu") is not None:
+                continue
+            if _backend.unavailable_reason(backend, "rmsprop", "cpu") is not None:
+                continue
+            _check_ddp(rank, backend)
+            _check_fsdp2(rank, backend)
+            ran.append(backend)
+        with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+            f.write(" ".join(ran))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ddp_and_fsdp2_match_single_process(tmp_path):
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    mp.spawn(_worker, args=(_free_port(), tests_dir, str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        ran = (tmp_path / f"rank{rank}").read_text().split()
+        assert "torch" in ran and "triton" in ran, ran

@@ -1,0 +1,205 @@
+"""LayerNorm (optionally fused with the residual add) on every backend and device, against torch's
+F.layer_norm in float64 (tests/norm_cases.py holds the oracle and the shared checks)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES
+from norm_cases import (
+    BACKEND_DEVICES,
+    DTYPES,
+    INTERPRETER_MAX_N,
+    LARGE_SHAPES,
+    SHAPES,
+    check_against_oracle,
+    check_compile_block,
+    check_deterministic,
+    check_eps,
+    check_grad_subsets,
+    check_module_dropin,
+    check_noncontiguous,
+    check_nonfinite_confined,
+    check_zero_rows,
+    gradcheck_case,
+    make_case,
+    opcheck_ops,
+    randn,
+    run_fastnn,
+    skip,
+)
+from tolerances import RTOL
+
+import fastnn
+from fastnn import functional as FF
+
+KIND = "ln"
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("shape,nshape", SHAPES, ids=[str(s[0]) for s in SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_matches_fp64_reference(backend, device, dtype, shape, nshape, residual):
+    skip(KIND, backend, device)
+    case = make_case(KIND, shape, nshape, dtype, device, residual=residual)
+    if nshape == (1,):
+        check_single_element_rows(backend, case)
+        return
+    check_against_oracle(KIND, backend, device, case, nshape, 1e-5, dtype)
+
+
+def check_single_element_rows(backend, case):
+    """N = 1: x - mean(x) is exactly 0, so out = bias, the input gradient is only the residual's
+    and dW = 0, exactly (the fp64 oracle's own mean rounds to about 1e-15, so a relative error
+    against it means nothing here)."""
+    out, res_out, dx, dr, dw, db = run_fastnn(KIND, backend, case, (1,), 1e-5)
+    torch.testing.assert_close(out, case["b"].expand_as(out), rtol=0, atol=0)
+    want_dx = case["dres"] if case["dres"] is not None else torch.zeros_like(dx)
+    torch.testing.assert_close(dx, want_dx, rtol=0, atol=0)
+    torch.testing.assert_close(dw, torch.zeros_like(dw), rtol=0, atol=0)
+    torch.testing.assert_close(db, case["dy"].sum(0).to(db.dtype), rtol=RTOL[db.dtype][2], atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,nshape", LARGE_SHAPES, ids=[str(s[0]) for s in LARGE_SHAPES])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_large_hidden_size(backend, device, shape, nshape, dtype):
+    if backend == "triton" and device == "cpu":
+        if nshape[0] > INTERPRETER_MAX_N:
+            pytest.skip("70K-wide rows take minutes under the Triton interpreter; runs on a GPU")
+        if dtype == torch.float32:
+            pytest.skip("the interpreter runs the looping path in bf16 only (seconds per case)")
+    skip(KIND, backend, device)
+    case = make_case(KIND, shape, nshape, dtype, device)
+    check_against_oracle(KIND, backend, device, case, nshape, 1e-5, dtype)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("weight", [True, False], ids=["weight", "no-weight"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "plain"])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_options(backend, device, residual, weight, bias):
+    skip(KIND, backend, device)
+    case = make_case(KIND, (11, 48), (48,), torch.float32, device, residual, weight, bias)
+    check_against_oracle(KIND, backend, device, case, (48,), 1e-5, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_bf16_input_fp32_weight(backend, device):
+    """A mixed-precision module: the result has torch's dtype (the input's), dW the weight's."""
+    skip(KIND, backend, device)
+    case = make_case(KIND, (8, 72), (72,), torch.bfloat16, device, param_dtype=torch.float32)
+    want = F.layer_norm(case["x"] + case["r"], (72,), case["w"], case["b"])
+    with fastnn.use_backend(backend):
+        out, _ = FF.layer_norm(case["x"], (72,), case["w"], case["b"], residual=case["r"])
+    assert out.dtype == want.dtype == torch.bfloat16
+    check_against_oracle(KIND, backend, device, case, (72,), 1e-5, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_zero_rows(backend, device):
+    skip(KIND, backend, device)
+    check_zero_rows(KIND, backend, device)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_grad_for_input_only_or_weight_only(backend, device):
+    skip(KIND, backend, device)
+    check_grad_subsets(KIND, backend, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_noncontiguous_and_misaligned(backend, device, dtype):
+    skip(KIND, backend, device)
+    check_noncontiguous(KIND, backend, device, dtype)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-12, 1e3])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_eps_extremes(backend, device, eps):
+    skip(KIND, backend, device)
+    check_eps(KIND, backend, device, eps)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_nan_and_inf_stay_in_their_row(backend, device):
+    skip(KIND, backend, device)
+    check_nonfinite_confined(KIND, backend, device)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_weight_grad_bitwise_deterministic(backend, device):
+    skip(KIND, backend, device)
+    check_deterministic(KIND, backend, device)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_gradcheck_fp64(backend):
+    skip(KIND, backend, "cpu")
+    gradcheck_case(KIND, backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_opcheck(backend, device):
+    skip(KIND, backend, device)
+    opcheck_ops(KIND, backend, device, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_compile_fullgraph_block(backend, device):
+    skip(KIND, backend, device)
+    check_compile_block(KIND, backend, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_is_a_drop_in(device):
+    check_module_dropin(KIND, device)
+
+
+# ---- Bad input: a clear error naming the problem ---------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_bad_inputs(backend, device):
+    skip(KIND, backend, device)
+    x = randn((4, 8), torch.float32, device)
+    ones = torch.ones(8, device=device)
+    with fastnn.use_backend(backend):
+        with pytest.raises(RuntimeError, match=r"weight of shape \[5\].*normalized_shape \[8\]"):
+            FF.layer_norm(x, (8,), torch.ones(5, device=device), ones)
+        with pytest.raises(RuntimeError, match=r"bias of shape \[2, 4\].*normalized_shape \[8\]"):
+            FF.layer_norm(x, (8,), ones, torch.ones(2, 4, device=device))
+        with pytest.raises(RuntimeError, match=r"input of shape \[4, 8\].*normalized_shape \[7\]"):
+            FF.layer_norm(x, (7,))
+        for bad in (torch.int64, torch.complex64):
+            with pytest.raises(RuntimeError, match=str(bad)):
+                FF.layer_norm(x.to(bad), (8,))
+        with pytest.raises(RuntimeError, match=r"bias is on meta.*input is on"):
+            FF.layer_norm(x, (8,), ones, torch.ones(8, device="meta"))
+        with pytest.raises(RuntimeError, match=r"residual of shape \[4, 7\]"):
+            FF.layer_norm(x, (8,), residual=x[:, :7])
+        with pytest.raises(RuntimeError, match=r"residual has dtype torch.float16"):
+            FF.layer_norm(x, (8,), residual=x.half())
+
+
+def test_native_op_checks_arguments():
+    """The C++ ops are public (torch.ops.fastnn.*): they check their own arguments too."""
+    skip(KIND, "native", "cpu")
+    fwd, bwd = torch.ops.fastnn.layer_norm_fwd, torch.ops.fastnn.layer_norm_bwd
+    x = torch.randn(4, 8)
+    ones, stat = torch.ones(8), torch.ones(4)
+    cases = [
+        (lambda: fwd(x[0], None, None, None, 1e-5), r"2-D input"),
+        (lambda: fwd(x.long(), None, None, None, 1e-5), r"input must be float32.*got Long"),
+        (lambda: fwd(x, None, ones, torch.ones(5), 1e-5), r"bias must have shape \[8\], got \[5\]"),
+        (lambda: fwd(x, None, ones.int(), None, 1e-5), r"weight must be"),
+        (lambda: fwd(x, x[:, :7], None, None, 1e-5), r"residual of shape \[4, 7\]"),
+        (lambda: bwd(x, None, x, None, None, stat.double(), stat), r"mean must be Float"),
+        (lambda: bwd(x, None, x, None, None, stat, stat[:3]), r"rstd must have shape \[4\]"),
+        (lambda: bwd(x[:3], None, x, None, None, stat, stat), r"grad_out of shape \[3, 8\]"),
+        (lambda: bwd(x, None, x, ones, torch.ones(9), stat, stat), r"bias must have shape \[8\]"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()

@@ -1,0 +1,209 @@
+"""RMSNorm (optionally fused with the residual add) on every backend and device, against torch's
+F.rms_norm in float64 (tests/norm_cases.py holds the oracle and the shared checks)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES
+from norm_cases import (
+    BACKEND_DEVICES,
+    DTYPES,
+    INTERPRETER_MAX_N,
+    LARGE_SHAPES,
+    SHAPES,
+    assert_ratio,
+    check_against_oracle,
+    check_compile_block,
+    check_deterministic,
+    check_eps,
+    check_grad_subsets,
+    check_module_dropin,
+    check_noncontiguous,
+    check_nonfinite_confined,
+    check_zero_rows,
+    gradcheck_case,
+    make_case,
+    opcheck_ops,
+    randn,
+    skip,
+    ulp_slack,
+)
+
+import fastnn
+from fastnn import functional as FF
+
+KIND = "rms"
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("shape,nshape", SHAPES, ids=[str(s[0]) for s in SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_matches_fp64_reference(backend, device, dtype, shape, nshape, residual):
+    skip(KIND, backend, device)
+    case = make_case(KIND, shape, nshape, dtype, device, residual=residual)
+    # With N = 1 the input gradient is eps / (x^2 + eps)^1.5: at eps = 1e-6 it is the difference
+    # of two terms 1e6 times larger, ill-conditioned in any fp32 kernel; eps = 1 keeps it a test.
+    eps = 1.0 if nshape == (1,) else 1e-6
+    check_against_oracle(KIND, backend, device, case, nshape, eps, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,nshape", LARGE_SHAPES, ids=[str(s[0]) for s in LARGE_SHAPES])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_large_hidden_size(backend, device, shape, nshape, dtype):
+    if backend == "triton" and device == "cpu":
+        if nshape[0] > INTERPRETER_MAX_N:
+            pytest.skip("70K-wide rows take minutes under the Triton interpreter; runs on a GPU")
+        if dtype == torch.float32:
+            pytest.skip("the interpreter runs the looping path in bf16 only (seconds per case)")
+    skip(KIND, backend, device)
+    case = make_case(KIND, shape, nshape, dtype, device)
+    check_against_oracle(KIND, backend, device, case, nshape, 1e-6, dtype)
+
+
+@pytest.mark.parametrize("weight", [True, False], ids=["weight", "no-weight"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "plain"])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_options(backend, device, residual, weight):
+    skip(KIND, backend, device)
+    case = make_case(KIND, (11, 48), (48,), torch.float32, device, residual, weight)
+    check_against_oracle(KIND, backend, device, case, (48,), 1e-6, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_bf16_input_fp32_weight(backend, device):
+    """A mixed-precision module: the result has torch's dtype (the input's), dW the weight's."""
+    skip(KIND, backend, device)
+    case = make_case(KIND, (8, 72), (72,), torch.bfloat16, device, param_dtype=torch.float32)
+    want = F.rms_norm(case["x"] + case["r"], (72,), case["w"], 1e-6)
+    with fastnn.use_backend(backend):
+        out, _ = FF.rms_norm(case["x"], (72,), case["w"], 1e-6, residual=case["r"])
+    assert out.dtype == want.dtype == torch.bfloat16
+    check_against_oracle(KIND, backend, device, case, (72,), 1e-6, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_zero_rows(backend, device):
+    skip(KIND, backend, device)
+    check_zero_rows(KIND, backend, device)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_grad_for_input_only_or_weight_only(backend, device):
+    skip(KIND, backend, device)
+    check_grad_subsets(KIND, backend, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_noncontiguous_and_misaligned(backend, device, dtype):
+    skip(KIND, backend, device)
+    check_noncontiguous(KIND, backend, device, dtype)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-12, 1e3])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_eps_extremes(backend, device, eps):
+    skip(KIND, backend, device)
+    check_eps(KIND, backend, device, eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_eps_none_as_torch(backend, device, dtype):
+    """eps=None is torch.finfo of the compute dtype (fp32 for bf16 input, not bf16's 2^-7): on
+    inputs of scale 1e-4 the mean square (1e-8) is below either choice of eps, so a wrong
+    default changes the result by orders of magnitude."""
+    skip(KIND, backend, device)
+    x = randn((6, 50), dtype, device, scale=1e-4, seed=40)
+    w = randn((50,), dtype, device, offset=1.0, seed=41)
+    with fastnn.use_backend(backend):
+        out = FF.rms_norm(x, (50,), w)
+    ref64 = F.rms_norm(x.double(), (50,), w.double(), torch.finfo(x.float().dtype).eps)
+    if dtype == torch.float64:
+        ref64 = F.rms_norm(x, (50,), w)
+    eager = F.rms_norm(x, (50,), w)
+    torch.testing.assert_close(eager.double(), ref64, rtol=3e-2, atol=0)  # torch agrees
+    assert_ratio(out, ref64, eager, ulp_slack(ref64, dtype, backend, device), "out")
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_nan_and_inf_stay_in_their_row(backend, device):
+    skip(KIND, backend, device)
+    check_nonfinite_confined(KIND, backend, device)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_weight_grad_bitwise_deterministic(backend, device):
+    skip(KIND, backend, device)
+    check_deterministic(KIND, backend, device)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_gradcheck_fp64(backend):
+    skip(KIND, backend, "cpu")
+    gradcheck_case(KIND, backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_opcheck(backend, device):
+    skip(KIND, backend, device)
+    opcheck_ops(KIND, backend, device, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_compile_fullgraph_block(backend, device):
+    skip(KIND, backend, device)
+    check_compile_block(KIND, backend, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_is_a_drop_in(device):
+    check_module_dropin(KIND, device)
+
+
+# ---- Bad input: a clear error naming the problem ---------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_bad_inputs(backend, device):
+    skip(KIND, backend, device)
+    x = randn((4, 8), torch.float32, device)
+    with fastnn.use_backend(backend):
+        with pytest.raises(RuntimeError, match=r"weight of shape \[5\].*normalized_shape \[8\]"):
+            FF.rms_norm(x, (8,), torch.ones(5, device=device))
+        with pytest.raises(RuntimeError, match=r"input of shape \[4, 8\].*normalized_shape \[7\]"):
+            FF.rms_norm(x, (7,))
+        for bad in (torch.int64, torch.complex64):
+            with pytest.raises(RuntimeError, match=str(bad)):
+                FF.rms_norm(x.to(bad), (8,))
+        with pytest.raises(RuntimeError, match=r"weight is on meta.*input is on"):
+            FF.rms_norm(x, (8,), torch.ones(8, device="meta"))
+        with pytest.raises(RuntimeError, match=r"residual of shape \[4, 7\]"):
+            FF.rms_norm(x, (8,), residual=x[:, :7])
+        with pytest.raises(RuntimeError, match=r"residual has dtype torch.float16"):
+            FF.rms_norm(x, (8,), residual=x.half())
+
+
+def test_native_op_checks_arguments():
+    """The C++ ops are public (torch.ops.fastnn.*): they check their own arguments too."""
+    skip(KIND, "native", "cpu")
+    fwd, bwd = torch.ops.fastnn.rms_norm_fwd, torch.ops.fastnn.rms_norm_bwd
+    x = torch.randn(4, 8)
+    rstd = torch.ones(4)
+    cases = [
+        (lambda: fwd(x[0], None, None, 1e-5), r"2-D input"),
+        (lambda: fwd(x.long(), None, None, 1e-5), r"input must be float32.*got Long"),
+        (lambda: fwd(x, None, torch.ones(5), 1e-5), r"weight must have shape \[8\], got \[5\]"),
+        (lambda: fwd(x, None, torch.ones(8, dtype=torch.int32), 1e-5), r"weight must be"),
+        (lambda: fwd(x, x[:, :7], None, 1e-5), r"residual of shape \[4, 7\]"),
+        (lambda: fwd(x, x.double(), None, 1e-5), r"residual has dtype Double"),
+        (lambda: bwd(x, None, x, None, rstd.double()), r"rstd must be Float"),
+        (lambda: bwd(x, None, x, None, rstd[:3]), r"rstd must have shape \[4\]"),
+        (lambda: bwd(x[:3], None, x, None, rstd), r"grad_out of shape \[3, 8\]"),
+        (lambda: bwd(x, x.half(), x, None, rstd), r"grad_residual_out has dtype Half"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()

@@ -121,37 +121,71 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
     return out if residual is None else (out, residual_out.view(input.shape))
 
 
-def glu_family(gate, up=None, activation="silu"):
+def glu_family(gate, up=None, activation="silu", *, inplace_backward=False):
     """act(gate) * up, elementwise, for act in silu (SwiGLU), gelu, gelu_tanh (GeGLU), relu
     (ReGLU) and sigmoid (GLU).
 
     gate, up: one shape and dtype (fp32 / fp16 / bf16 / fp64). With up=None, the last dim of
-    `gate` holds [gate | up] (size 2H) and the result has last dim H.
+    `gate` holds [gate | up] (size 2H) and the result has last dim H. The result is contiguous,
+    in gate's dtype. The backward recomputes act(gate) from the saved inputs.
+
+    inplace_backward=True (opt-in, eager mode) saves memory in the backward: it writes the
+    gradients over gate and up (their values are gone afterwards) instead of allocating new
+    tensors, and a second backward through the result raises. gate and up must not be leaf
+    tensors that require grad (their .grad would alias them); Linear outputs are the intended
+    use.
     """
-    if activation not in ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(
             f"fastnn: unknown GLU activation {activation!r}; expected one of {ACTIVATIONS}"
         )
     _check_float(gate, "gate")
-    backend = _backend.resolve("glu", gate.device.type)
     if up is None:
         if gate.dim() == 0 or gate.shape[-1] % 2 != 0:
             raise RuntimeError(
                 f"fastnn: packed gate_up of shape {list(gate.shape)} needs an even last dim "
                 "holding [gate | up]"
             )
+    else:
+        _check_float(up, "up")
+        if gate.shape != up.shape:
+            raise RuntimeError(
+                f"fastnn: gate of shape {list(gate.shape)} and up of shape {list(up.shape)} differ"
+            )
+        if gate.dtype != up.dtype:
+            raise RuntimeError(f"fastnn: gate has dtype {gate.dtype} but up has {up.dtype}")
+        _check_same_device(up, "up", gate, "gate")
+    backend = _backend.resolve("glu", gate.device.type)
+    if inplace_backward:
+        return _glu_inplace_backward(gate, up, activation, backend)
+    if up is None:
         return ops.get(backend, "glu_packed_fwd")(gate, activation)
-    _check_float(up, "up")
-    if gate.shape != up.shape:
-        raise RuntimeError(
-            f"fastnn: gate of shape {list(gate.shape)} and up of shape {list(up.shape)} differ"
-        )
-    if gate.dtype != up.dtype:
-        raise RuntimeError(f"fastnn: gate has dtype {gate.dtype} but up has {up.dtype}")
-    _check_same_device(up, "up", gate, "gate")
     return ops.get(backend, "glu_fwd")(gate, up, activation)
 
 
-def swiglu(gate, up=None):
-    """silu(gate) * up; with up=None the last dim of `gate` holds [gate | up]."""
-    return glu_family(gate, up, "silu")
+def _glu_inplace_backward(gate, up, activation, backend):
+    from fastnn.ops import glu as glu_ops
+
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "fastnn: inplace_backward=True is for eager mode; under torch.compile leave it off "
+            "(the compiler plans the backward's memory itself)"
+        )
+    for name, t in (("gate", gate), ("up", up)):
+        if t is not None and t.is_leaf and t.requires_grad:
+            raise RuntimeError(
+                f"fastnn: inplace_backward=True would write the gradient over {name}, a leaf "
+                "tensor that requires grad; pass a computed tensor (e.g. a Linear output) or "
+                "use inplace_backward=False"
+            )
+    # Contiguous inputs so the kernel overwrites the very tensors it saved (a copy made here
+    # is ours to overwrite).
+    gate = gate.contiguous()
+    up = None if up is None else up.contiguous()
+    bwd_backend = glu_ops.inplace_backward_backend(gate.device.type)
+    return glu_ops.InplaceBackwardGLU.apply(gate, up, activation, backend, bwd_backend)
+
+
+def swiglu(gate, up=None, *, inplace_backward=False):
+    """silu(gate) * up; with up=None the last dim of `gate` holds [gate | up]. See glu_family."""
+    return glu_family(gate, up, "silu", inplace_backward=inplace_backward)

@@ -32,21 +32,23 @@ class LayerNorm(nn.LayerNorm):
 class SwiGLU(nn.Module):
     """act(gate) * up with a fused kernel; act is silu by default (SwiGLU), or one of gelu,
     gelu_tanh (GeGLU), relu (ReGLU), sigmoid (GLU). forward(gate, up=None): with up=None the last
-    dim of gate holds [gate | up]."""
+    dim of gate holds [gate | up]. inplace_backward=True: see fastnn.functional.glu_family."""
 
-    def __init__(self, activation="silu"):
+    def __init__(self, activation="silu", *, inplace_backward=False):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(
                 f"fastnn: unknown GLU activation {activation!r}; expected one of {ACTIVATIONS}"
             )
         self.activation = activation
+        self.inplace_backward = inplace_backward
 
     def forward(self, gate, up=None):
-        return F.glu_family(gate, up, self.activation)
+        return F.glu_family(gate, up, self.activation, inplace_backward=self.inplace_backward)
 
     def extra_repr(self):
-        return f"activation={self.activation!r}"
+        extra = ", inplace_backward=True" if self.inplace_backward else ""
+        return f"activation={self.activation!r}{extra}"
 
 
 class SwiGLUMLP(nn.Module):
@@ -62,6 +64,10 @@ class SwiGLUMLP(nn.Module):
     a state_dict shares parameter memory), and load_state_dict takes the separate keys and
     copies them into the halves. So checkpoints move freely between fused and unfused modules
     and to and from other LLaMA implementations; only named_parameters() differs.
+
+    inplace_backward=True writes the GLU's gradients over the gate / up projections' outputs
+    in the backward (they are dead by then): two [..., intermediate_size] tensors fewer at the
+    backward's peak; eager mode only, and a second backward raises.
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class SwiGLUMLP(nn.Module):
         *,
         fused_gate_up=False,
         activation="silu",
+        inplace_backward=False,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -85,6 +92,7 @@ class SwiGLUMLP(nn.Module):
         self.intermediate_size = intermediate_size
         self.fused_gate_up = fused_gate_up
         self.activation = activation
+        self.inplace_backward = inplace_backward
         if fused_gate_up:
             self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias, **factory)
             # Initialised as two separate Linears: nn.Linear's bounds depend on fan_in
@@ -98,13 +106,15 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x):
         if self.fused_gate_up:
-            h = F.glu_family(self.gate_up_proj(x), None, self.activation)
+            gate, up = self.gate_up_proj(x), None
         else:
-            h = F.glu_family(self.gate_proj(x), self.up_proj(x), self.activation)
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        h = F.glu_family(gate, up, self.activation, inplace_backward=self.inplace_backward)
         return self.down_proj(h)
 
     def extra_repr(self):
-        return f"fused_gate_up={self.fused_gate_up}, activation={self.activation!r}"
+        extra = ", inplace_backward=True" if self.inplace_backward else ""
+        return f"fused_gate_up={self.fused_gate_up}, activation={self.activation!r}{extra}"
 
 
 def _split_gate_up_state(module, state_dict, prefix, local_metadata):

@@ -2,7 +2,7 @@
 
 import torch
 
-from fastnn import ops
+from fastnn import _backend, ops
 from fastnn.reference import glu as ref
 
 TRITON_MODULE = "fastnn.triton_kernels.glu"
@@ -70,3 +70,114 @@ ops.define_autograd("glu_fwd", "glu_bwd", _setup_context, _make_backward, "glu")
 ops.define_autograd(
     "glu_packed_fwd", "glu_packed_bwd", _setup_context_packed, _make_backward_packed, "glu"
 )
+
+
+# ---- opt-in in-place backward (memory saving) ----------------------------------------------------
+# glu_bwd_ / glu_packed_bwd_ write grad_gate / grad_up over the saved gate / up (or gate_up), so
+# the backward allocates no new [.., H] tensors. The native schemas are pending in
+# csrc/library.cpp (see INPLACE_*_SCHEMA); until they exist, `auto` runs these with the Triton
+# kernel on CUDA and the reference on the CPU, and a forced `native` says why it cannot.
+INPLACE_BWD_SCHEMA = "(Tensor grad_out, Tensor(a!) gate, Tensor(b!) up, str activation) -> ()"
+INPLACE_PACKED_BWD_SCHEMA = "(Tensor grad_out, Tensor(a!) gate_up, str activation) -> ()"
+INPLACE_ORDER = {"cpu": ("native", "torch"), "cuda": ("native", "triton", "torch")}
+
+
+def _ref_bwd_(grad_out, gate, up, activation):
+    # The reference computes out of place and copies: it defines the semantics, not the memory.
+    grad_gate, grad_up = ref.glu_bwd(grad_out, gate, up, activation)
+    gate.copy_(grad_gate)
+    up.copy_(grad_up)
+
+
+def _ref_packed_bwd_(grad_out, gate_up, activation):
+    gate_up.copy_(ref.glu_packed_bwd(grad_out, gate_up, activation))
+
+
+def _no_output(*args):
+    return None
+
+
+for _backend_name, _impls in (
+    ("torch", (_ref_bwd_, _ref_packed_bwd_)),
+    (
+        "triton",
+        (
+            ops._lazy_triton(TRITON_MODULE, "glu_bwd_"),
+            ops._lazy_triton(TRITON_MODULE, "glu_packed_bwd_"),
+        ),
+    ),
+):
+    for _name, _impl, _schema, _mut in (
+        ("glu_bwd_", _impls[0], INPLACE_BWD_SCHEMA, ("gate", "up")),
+        ("glu_packed_bwd_", _impls[1], INPLACE_PACKED_BWD_SCHEMA, ("gate_up",)),
+    ):
+        torch.library.custom_op(
+            f"fastnn::{ops.PREFIX[_backend_name]}{_name}", _impl, mutates_args=_mut, schema=_schema
+        ).register_fake(_no_output)
+
+
+def _inplace_unavailable(backend, device_type):
+    if backend == "native":
+        if not hasattr(torch.ops.fastnn, "glu_bwd_"):
+            return (
+                "the native in-place GLU backward (fastnn::glu_bwd_) is not in this build yet; "
+                "use backend 'triton' (CUDA) or 'torch'"
+            )
+        return None
+    return _backend.unavailable_reason(backend, "glu", device_type)
+
+
+def inplace_backward_backend(device_type):
+    """The backend that runs glu_bwd_ / glu_packed_bwd_ on `device_type`, by the rules of
+    fastnn._backend (auto: the first available in INPLACE_ORDER; forced: that one or an error)."""
+    forced = _backend.get_backend()
+    if forced != "auto":
+        why = _inplace_unavailable(forced, device_type)
+        if why is not None:
+            raise _backend.BackendUnavailableError(
+                f"fastnn: backend {forced!r} cannot run the in-place GLU backward on "
+                f"{device_type}: {why}"
+            )
+        return forced
+    order = INPLACE_ORDER.get(device_type, ("torch",))
+    return next(b for b in order if _inplace_unavailable(b, device_type) is None)
+
+
+def _get_inplace(backend, name):
+    return getattr(torch.ops.fastnn, ops.PREFIX[backend] + name).default
+
+
+class InplaceBackwardGLU(torch.autograd.Function):
+    """act(gate) * up whose backward writes grad_gate / grad_up over gate / up (up=None: packed
+    gate_up) and returns them: no new gradient tensors, at the price of the inputs' values and of
+    any second backward, which raises."""
+
+    @staticmethod
+    def forward(ctx, gate, up, activation, fwd_backend, bwd_backend):
+        if up is None:
+            out = ops.get(fwd_backend, "glu_packed_fwd")(gate, activation)
+            ctx.save_for_backward(gate)
+        else:
+            out = ops.get(fwd_backend, "glu_fwd")(gate, up, activation)
+            ctx.save_for_backward(gate, up)
+        ctx.activation, ctx.bwd_backend, ctx.consumed = activation, bwd_backend, False
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.consumed:
+            raise RuntimeError(
+                "fastnn: this GLU was called with inplace_backward=True: its first backward "
+                "wrote the gradients over gate and up, so it cannot run backward again; use "
+                "inplace_backward=False to backward twice"
+            )
+        ctx.consumed = True
+        saved = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        if len(saved) == 1:
+            (gate_up,) = saved
+            _get_inplace(ctx.bwd_backend, "glu_packed_bwd_")(grad_out, gate_up, ctx.activation)
+            return gate_up, None, None, None, None
+        gate, up = saved
+        _get_inplace(ctx.bwd_backend, "glu_bwd_")(grad_out, gate, up, ctx.activation)
+        return gate, up, None, None, None

@@ -288,3 +288,32 @@ def glu_packed_bwd(grad_out, gate_up, activation):
     if dh.numel() > 0:
         _bwd(dh, gu, gu[..., H:], dgu, dgu[..., H:], dh.numel() // H, H, 2 * H, True, act)
     return dgu
+
+
+def _check_inplace_target(t, name):
+    if not t.is_contiguous():
+        raise RuntimeError(f"fastnn: the in-place GLU backward needs a contiguous {name}")
+
+
+def glu_bwd_(grad_out, gate, up, activation):
+    """In place: gate <- grad_gate, up <- grad_up (each element is read before it is written,
+    by the same program, so overwriting the inputs is safe)."""
+    act = _code(activation)
+    _check_pair(gate, up)
+    _check_inplace_target(gate, "gate")
+    _check_inplace_target(up, "up")
+    dh = _prepare_grad(grad_out, gate, gate.shape)
+    if gate.numel() > 0:
+        _bwd(dh, gate, up, gate, up, 1, gate.numel(), gate.numel(), False, act)
+
+
+def glu_packed_bwd_(grad_out, gate_up, activation):
+    """In place: gate_up <- its gradient [grad_gate | grad_up]."""
+    act = _code(activation)
+    _check_packed(gate_up)
+    _check_inplace_target(gate_up, "gate_up")
+    H = gate_up.shape[-1] // 2
+    dh = _prepare_grad(grad_out, gate_up, (*gate_up.shape[:-1], H))
+    if dh.numel() > 0:
+        up = gate_up[..., H:]
+        _bwd(dh, gate_up, up, gate_up, up, dh.numel() // H, H, 2 * H, True, act)

@@ -722,3 +722,37 @@ def test_step_hooks_and_closure():
 
     loss = opt.step(closure)
     assert seen == ["pre", "post"] and loss is not None and float(opt.state[p]["step"]) == 1
+
+
+def test_pickled_optimizer_keeps_master_weights_fp32_on_load():
+    import pickle
+
+    q = torch.nn.Parameter(torch.randn(5, dtype=torch.bfloat16))
+    opt = RMSprop([q], master_weights=True)
+    q.grad = torch.ones(5, dtype=torch.bfloat16)
+    opt.step()
+    copy = pickle.loads(pickle.dumps(opt))  # torch.optim drops hooks when pickling
+    copy.load_state_dict(opt.state_dict())
+    (p,) = copy.param_groups[0]["params"]
+    assert copy.state[p]["master_param"].dtype == torch.float32
+    assert copy.state[p]["square_avg"].dtype == torch.float32
+
+
+def test_lr_scheduler_with_tensor_lr():
+    # Schedulers write a tensor lr in place; the kernels read it on every step.
+    p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    opt, ref = AdamW([p], lr=torch.tensor(0.1)), torch.optim.AdamW([q], lr=torch.tensor(0.1))
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (opt, ref)]
+    for step in range(6):
+        for x in (p, q):
+            x.grad = torch.full((4,), float(step + 1))
+        opt.step()
+        ref.step()
+        for s in scheds:
+            s.step()
+    assert (
+        float(opt.param_groups[0]["lr"])
+        == float(ref.param_groups[0]["lr"])
+        == pytest.approx(0.0125)
+    )
+    assert_params_close([p], [q])

@@ -61,7 +61,7 @@ def test_trajectory_cuda(backend, cls, kw, capturable):
         assert_rel_close(a.detach(), b.detach().double(), torch.float32, FORWARD, f"param {i}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["native", "triton"])  # the reference may sync: the oracle
 @pytest.mark.parametrize("capturable", [False, True])
 def test_step_does_not_sync(backend, capturable):
     skip_unless_available(backend, "adam", "cuda")
@@ -112,10 +112,12 @@ def test_grad_scaler_fused_protocol_cuda(backend):
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12, growth_interval=1000)
     with fastnn.use_backend(backend):
         for step, gs in enumerate(grads):
-            for i, (p, g) in enumerate(zip(ours, gs, strict=True)):
-                p.grad = g * scaler.get_scale()
-                if step == 2 and i == 1:
-                    p.grad[0, 0] = float("inf")
+            for p in ours:
+                p.grad = None
+            loss = sum((p * g).sum() for p, g in zip(ours, gs, strict=True))
+            scaler.scale(loss).backward()  # grads g * 4096: exact (a power of two)
+            if step == 2:
+                ours[1].grad[0, 0] = float("inf")
             before = [p.detach().clone() for p in ours]
             scaler.step(opt)
             scaler.update()

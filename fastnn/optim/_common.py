@@ -96,8 +96,22 @@ class FusedStepMixin:
         self.defaults["master_weights"] = bool(master_weights)
         for group in self.param_groups:
             group.setdefault("master_weights", bool(master_weights))
-        self.register_load_state_dict_pre_hook(_keep_fp32_state)
-        self.register_load_state_dict_post_hook(_restore_fp32_state)
+        self._register_fp32_hooks()
+
+    def _register_fp32_hooks(self):
+        # Hooks are not pickled (torch.optim.Optimizer.__getstate__ keeps defaults, state and
+        # param_groups only), so __setstate__ calls this again; never twice.
+        if _keep_fp32_state not in self._optimizer_load_state_dict_pre_hooks.values():
+            self.register_load_state_dict_pre_hook(_keep_fp32_state)
+        if _restore_fp32_state not in self._optimizer_load_state_dict_post_hooks.values():
+            self.register_load_state_dict_post_hook(_restore_fp32_state)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.defaults.setdefault("master_weights", False)
+        for group in self.param_groups:
+            group.setdefault("master_weights", self.defaults["master_weights"])
+        self._register_fp32_hooks()
 
     # GradScaler calls step() with grad_scale / found_inf set (the fused protocol) when this is
     # True. It is True only when every step counter lives where found_inf does (capturable or

@@ -756,3 +756,27 @@ def test_lr_scheduler_with_tensor_lr():
         == pytest.approx(0.0125)
     )
     assert_params_close([p], [q])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["adam_step_", "rmsprop_step_"])
+def test_opcheck(backend, op):
+    # Schema, fake implementation and mutation annotations of the registered op.
+    skip_unless_available(backend, op.split("_")[0], "cpu")
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(5, generator=g), torch.randn(3, 2, generator=g)]
+
+    def like(positive=False):
+        return [torch.randn(p.shape, generator=g).abs() if positive else torch.randn(p.shape, generator=g) for p in ps]  # fmt: skip
+
+    scalars = [torch.tensor(0.01), torch.tensor(2.0), torch.tensor(0.0)]  # lr, scale, found_inf
+    if op == "adam_step_":
+        args = [ps, like(), like(), like(True), like(True), [torch.tensor(2.0)] * 2, [], *scalars]
+        kw = dict(lr=0.0, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+        kw.update(decoupled_weight_decay=True, amsgrad=True, maximize=False)
+    else:
+        sq = [t + 4 for t in like(True)]
+        args = [ps, like(), sq, like(), like(), [], *scalars]
+        kw = dict(lr=0.0, alpha=0.9, eps=1e-8, weight_decay=0.1, momentum=0.9, centered=True)
+        kw["maximize"] = False
+    torch.library.opcheck(fastnn.ops.get(backend, op), args, kw)

@@ -14,10 +14,21 @@ import torch
 from bench import harness
 
 _skipped = []
+_load_at_start = None
+
+
+def _loadavg():
+    try:
+        return round(os.getloadavg()[0], 2)  # 1-minute load average: how busy the host was
+    except OSError:
+        return None
 
 
 def pytest_configure(config):
+    global _load_at_start
+    _load_at_start = _loadavg()
     config.addinivalue_line("markers", "headline: a case that runs first (harness.headline)")
+    config.addinivalue_line("markers", "bench_last: a slow case that runs after all others")
     disabled = config.getoption("benchmark_disable", False) and not config.getoption(
         "benchmark_enable", False
     )
@@ -31,9 +42,14 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    # Headline cases first (stable: file and parameter order otherwise), so that a time budget
-    # cuts the N sweeps, never the copy ceiling or the LLaMA-sized cases.
-    items.sort(key=lambda item: item.get_closest_marker("headline") is None)
+    # Headline cases first, slow ones last (stable: file and parameter order otherwise), so that
+    # a time budget cuts the N sweeps, never the copy ceiling or the LLaMA-sized cases.
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("bench_last") is not None,
+            item.get_closest_marker("headline") is None,
+        )
+    )
 
 
 def pytest_report_header(config):
@@ -81,6 +97,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "liger_kernel": _version("liger_kernel"),
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": _load_at_start,
+        "loadavg_end": _loadavg(),
     }
     if harness.DEVICE == "cuda":
         props = torch.cuda.get_device_properties(0)

@@ -16,6 +16,7 @@
 # still written when the build succeeded). Exit 0: built, every test passed, report written.
 #
 # Knobs: GPU_CHECK_PYTHON (python3), GPU_CHECK_BUDGET_S (480), GPU_CHECK_TEST_TIMEOUT_S (240),
+# GPU_CHECK_OUT (the results folder),
 # GPU_CHECK_PYTEST_ARGS (extra pytest args for tests/, e.g. "-n 4" or "-k rms"), MAX_JOBS.
 # Peers that are not installed there (Liger-Kernel is pure Python) can be carried as wheels in
 # .whl/: they are installed with pip --no-index into a private folder on PYTHONPATH.
@@ -48,7 +49,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
-out=$("$PY" -m bench.run --print-out) || exit 1
+out=${GPU_CHECK_OUT:-$("$PY" -m bench.run --print-out)} || exit 1
 mkdir -p "$out"
 summary="$out/gpu-check.md"
 echo "gpu-check: results in ${out#"$PWD"/}"
@@ -75,8 +76,10 @@ except ImportError:
 # 1. Build for this card only: one arch keeps the build to a few minutes at most.
 echo "gpu-check: building fastnn._C for sm_${arch/./} (log: build.log)"
 t=$SECONDS
+lock=()  # the lock `make build` takes too, so the two never build at once
+command -v flock >/dev/null && mkdir -p build && lock=(flock build/.lock)
 TORCH_CUDA_ARCH_LIST="$arch" FASTNN_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-  "$PY" setup.py build_ext --inplace >"$out/build.log" 2>&1
+  ${lock[@]+"${lock[@]}"} "$PY" setup.py build_ext --inplace >"$out/build.log" 2>&1
 build_rc=$?
 if [ $build_rc -eq 0 ]; then
   "$PY" -c 'import fastnn
@@ -96,19 +99,23 @@ if [ $build_rc -ne 0 ]; then
 fi
 tail -n 10 "$out/build.log"
 
-# 2. The test suite on CUDA, compiled Triton. `timeout` bounds it so the benchmarks still run.
+# 2. The test suite on CUDA, compiled Triton. `timeout` bounds it so the benchmarks still run;
+# with pytest-timeout, a hanging case fails alone instead of using up the whole budget.
 echo "gpu-check: tests (log: tests.log, at most ${TEST_TIMEOUT} s)"
 t=$SECONDS
+per_test=()
+"$PY" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 120)
 # shellcheck disable=SC2086  # GPU_CHECK_PYTEST_ARGS is a list of words
 TRITON_INTERPRET=0 timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -ra -p no:cacheprovider \
-  -m "not slow" tests ${GPU_CHECK_PYTEST_ARGS:-} 2>&1 | tee "$out/tests.log"
+  -m "not slow" ${per_test[@]+"${per_test[@]}"} tests ${GPU_CHECK_PYTEST_ARGS:-} 2>&1 | tee "$out/tests.log"
 test_rc=${PIPESTATUS[0]}
 case $test_rc in
   0) tests="all passed" ;;
   124 | 137) tests="TIMED OUT after ${TEST_TIMEOUT} s (see the end of tests.log)" ;;
   *) tests="FAILED (pytest exit $test_rc)" ;;
 esac
-echo "- tests: $tests, $((SECONDS - t)) s: \`$(grep -E '(passed|failed|error)' "$out/tests.log" | tail -n 1)\`" >>"$summary"
+last=$(grep -E '[0-9]+ (passed|failed|errors?)' "$out/tests.log" | tail -n 1)
+echo "- tests: $tests, $((SECONDS - t)) s${last:+: \`$last\`}" >>"$summary"
 
 # 3. Benchmarks and report, with what is left of the budget (at least a minute).
 left=$((BUDGET - (SECONDS - start) - 20))

@@ -83,6 +83,10 @@ def _fmt_time(s):
     return f"{us:,.0f}" if us >= 100 else f"{us:.1f}"
 
 
+def _fmt_gbps(x):
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
+
+
 def _fmt_ratio(x):
     return "-" if x is None else f"{x:.2f}x"
 
@@ -119,7 +123,7 @@ def op_tables(rows, copy):
                     s = sp[r["impl"]]
                     lines.append(
                         f"| {r['dtype']} | {_shape(r['shape'])} | {r['impl']} | "
-                        f"{_fmt_time(r['median_s'])} | {r['gbps']:,.1f} | {pct} | "
+                        f"{_fmt_time(r['median_s'])} | {_fmt_gbps(r['gbps'])} | {pct} | "
                         f"{_fmt_ratio(s.get('eager'))} | {_fmt_ratio(s.get('compile'))} |"
                     )
             lines.append("")
@@ -148,7 +152,7 @@ def summary_table(rows, copy):
         cases, key=lambda k: (k[0], _rank(k[1], MODE_ORDER), _rank(k[2], DTYPE_ORDER), k[3])
     ):
         case = cases[key]
-        cells = [f"{case[i]['gbps']:,.0f}" if i in case else "" for i in impls]
+        cells = [_fmt_gbps(case[i]["gbps"]) if i in case else "" for i in impls]
         ours = [i for i in case if i.startswith("fastnn-")]
         best, vs_eager, vs_compile = "-", None, None
         if ours:
@@ -180,7 +184,9 @@ def header(data, rows, copy):
     lines.append(f"- device: `{fx.get('device')}` ({fx.get('device_name')}); " + "; ".join(sw))
     lines.append(
         f"- host: {mi.get('cpu', {}).get('brand_raw', mi.get('processor', '?'))}, "
-        f"{fx.get('cpu_threads')} torch threads, Python {fx.get('python')}"
+        f"{fx.get('cpu_threads')} torch threads, Python {fx.get('python')}; 1-minute load "
+        f"average {fx.get('loadavg_start')} at the start, {fx.get('loadavg_end')} at the end, on "
+        f"{fx.get('cpu_count')} cores"
     )
     if ci.get("id"):
         lines.append(

@@ -3,8 +3,8 @@ implementation of bench/impls.py.
 
 Shapes: H are LLaMA MLP widths (TinyLlama 5632, LLaMA-7B 11008, LLaMA-3-8B 14336, LLaMA-70B
 28672, and 2816), rows chosen for about 2^26 elements per tensor on a GPU (128 MB in bf16, above
-L2) in bf16, plus 11008 in fp32 / fp16; on the CPU fp32 at 2^22 elements (above a 32 MB L3) plus
-bf16.
+L2) in bf16, plus 11008 in fp32 / fp16; on the CPU 11008 in fp32 and bf16 at 2^22 elements (above a
+32 MB L3).
 
 Bytes (shared/performance.md), M = rows * H elements of e bytes:
   fwd: read g, u; write h             = 3Me
@@ -25,7 +25,7 @@ WIDTHS = [2816, 5632, 11008, 14336, 28672]
 LLAMA = [harness.headline(d, 11008) for d in ("bf16", "fp32", "fp16")]  # LLaMA-7B MLP width
 CASES = {
     "cuda": LLAMA + [("bf16", h) for h in WIDTHS if h != 11008],
-    "cpu": LLAMA[:2] + [("fp32", 2816)],
+    "cpu": LLAMA[:2],
     # 1000 is not a multiple of 8: vectorised kernels take their tail path.
     "smoke": [("fp32", 1000), ("bf16", 2816)],
 }
@@ -51,6 +51,12 @@ def test_swiglu(benchmark, dtype_name, h, mode, impl):
     u = harness.randn((rows, h), dtype, requires_grad=True)
     dh = harness.randn((rows, h), dtype)
     fn = impls.get(impl, "glu")
+
+    if impl == "liger":
+        try:  # a peer's limits are a skip, not a failure (Liger refuses N > 65536)
+            fn(g, u)
+        except Exception as e:  # noqa: BLE001
+            pytest.skip(f"Liger-Kernel cannot run this case: {type(e).__name__}: {e}"[:200])
 
     if mode == "fwd+bwd" and impl != "eager":
         # Wiring check (tests/ test the kernels), before timing so wrong results get no numbers:

@@ -3,7 +3,7 @@ implementation of bench/impls.py.
 
 Shapes: on a GPU a sweep of N from 512 to 262144 in bf16 at about 2^26 elements (128 MB per bf16
 tensor, well above the 50-60 MB L2, so no buffer rotation is needed), plus the LLaMA-7B hidden
-size 4096 in fp32 and fp16; on the CPU fp32 N = 512..65536 at 2^22 elements (16 MB per fp32
+size 4096 in fp32 and fp16; on the CPU fp32 N = 512, 4096, 65536 at 2^22 elements (16 MB per fp32
 tensor: a forward moves twice the 32 MB L3 of the dev machines) plus bf16 at 4096.
 Weights (and bias) have the activation dtype, as in a model cast with .to(dtype).
 
@@ -30,7 +30,7 @@ SWEEP = [2**k for k in range(9, 19)]  # 512 .. 262144
 LLAMA = [harness.headline(d, 4096) for d in ("bf16", "fp32", "fp16")]  # LLaMA-7B hidden size
 CASES = {
     "cuda": LLAMA + [("bf16", n) for n in SWEEP if n != 4096],
-    "cpu": LLAMA[:2] + [("fp32", n) for n in (512, 1024, 16384, 65536)],
+    "cpu": LLAMA[:2] + [("fp32", n) for n in (512, 65536)],
     # 5120 (LLaMA-13B) is not a power of two: it takes the kernels' masked paths.
     "smoke": [("fp32", 512), ("bf16", 5120)],
 }
@@ -78,6 +78,12 @@ def test_norm(benchmark, op, dtype_name, n, mode, impl):
     args = (*inputs, EPS[op])
     dy = harness.randn((rows, n), dtype)
     fn = impls.get(impl, op)
+
+    if impl == "liger":
+        try:  # a peer's limits are a skip, not a failure (Liger refuses N > 65536)
+            fn(*args)
+        except Exception as e:  # noqa: BLE001
+            pytest.skip(f"Liger-Kernel cannot run this case: {type(e).__name__}: {e}"[:200])
 
     if mode == "fwd+bwd" and impl != "eager":  # checked before timing: no numbers for wrong results
         out = fn(*args)

@@ -1,0 +1,169 @@
+// Per-element math of the Adam / AdamW update, shared by the CPU (csrc/cpu/adam.cpp) and CUDA
+// (csrc/cuda/adam.cu) kernels, so the CPU tests check the formulas the GPU runs. Also holds the
+// elementwise helpers that rmsprop_math.h reuses.
+//
+// Order of operations is torch.optim.Adam's for-loop (single-tensor) path, so trajectories match
+// it closely: every scalar coefficient is computed in double (as Python does) and rounded once to
+// the math type M; the per-element math runs in M: float for fp32 / fp16 / bf16 tensors, double
+// for fp64. No fast-math: IEEE division and square root. (nvcc contracts a * b + c into an FMA by
+// default, the host build does not: CPU and CUDA results may differ in the last bit.)
+//
+// V, the type of the per-element values, is M, or on the host a GCC vector of M (the CPU kernels
+// run 16- or 32-byte vectors through the same code; see host_vec). The option flags are plain
+// bools: the CPU kernels pass compile-time constants (the branches fold away and the loop stays
+// straight-line), the CUDA kernels pass the launch's flags (uniform branches, no divergence).
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define FASTNN_OPT_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define FASTNN_OPT_HD inline __attribute__((always_inline))
+#else
+#define FASTNN_OPT_HD inline
+#endif
+
+namespace fastnn {
+namespace optim_math {
+
+FASTNN_OPT_HD float sqrt_(float x) { return ::sqrtf(x); }
+FASTNN_OPT_HD double sqrt_(double x) { return ::sqrt(x); }
+
+#if !defined(__CUDACC__) && defined(__GNUC__)
+// Host vectors. GCC does not vectorise a loop that calls sqrt unless the whole build has
+// -fno-math-errno (sqrt(-1) must set errno; neither a pragma nor an attribute changes that per
+// function). On vector types the square root is the vector instruction itself (IEEE-exact), and
+// +, -, *, / and ?: act per lane with the same IEEE rounding as the scalar code.
+template <typename M, int kBytes>
+struct host_vec {
+  typedef M type __attribute__((vector_size(kBytes)));
+};
+using f32x4 = host_vec<float, 16>::type;
+using f64x2 = host_vec<double, 16>::type;
+using f32x8 = host_vec<float, 32>::type;
+using f64x4 = host_vec<double, 32>::type;
+
+#if defined(__x86_64__)
+// SSE2 is part of x86-64: no target attribute needed.
+FASTNN_OPT_HD f32x4 sqrt_(f32x4 x) { return __builtin_ia32_sqrtps(x); }
+FASTNN_OPT_HD f64x2 sqrt_(f64x2 x) { return __builtin_ia32_sqrtpd(x); }
+// 32-byte vectors are used only inside the AVX2 clones of the CPU kernels, which inline these.
+__attribute__((target("avx"), always_inline)) inline f32x8 sqrt_(f32x8 x) {
+  return __builtin_ia32_sqrtps256(x);
+}
+__attribute__((target("avx"), always_inline)) inline f64x4 sqrt_(f64x4 x) {
+  return __builtin_ia32_sqrtpd256(x);
+}
+#else
+// Other hosts: lane by lane (scalar, still exact).
+inline f32x4 sqrt_(f32x4 x) {
+  for (int i = 0; i < 4; ++i) x[i] = std::sqrt(x[i]);
+  return x;
+}
+inline f64x2 sqrt_(f64x2 x) {
+  for (int i = 0; i < 2; ++i) x[i] = std::sqrt(x[i]);
+  return x;
+}
+#endif
+#endif  // host vectors
+
+// torch.maximum: NaN when either side is NaN. A mask and ?: so it is one select per lane for
+// vectors; when b is NaN, a > b is false and b (NaN) is returned.
+template <typename V>
+FASTNN_OPT_HD V max_nan_(V a, V b) {
+  return ((a > b) | (a != a)) ? a : b;
+}
+
+// at::lerp(self, end, w): two forms chosen by |w| < 0.5 for accuracy at both ends. `w` is the
+// weight rounded from double (float(1 - beta)), one_minus_w = 1 - w computed in M, as torch does.
+template <typename M>
+struct LerpWeight {
+  M w;
+  M one_minus_w;
+  bool small;
+};
+
+template <typename M>
+FASTNN_OPT_HD LerpWeight<M> lerp_weight(double w) {
+  LerpWeight<M> out;
+  out.w = static_cast<M>(w);
+  out.one_minus_w = M(1) - out.w;
+  out.small = (out.w < M(0) ? -out.w : out.w) < M(0.5);
+  return out;
+}
+
+template <typename V, typename M>
+FASTNN_OPT_HD V lerp_(V self, V end, const LerpWeight<M>& lw) {
+  return lw.small ? self + lw.w * (end - self) : end - (end - self) * lw.one_minus_w;
+}
+
+// ---- Adam ---------------------------------------------------------------------------------------
+
+// Per-call hyperparameters, as passed to the op (doubles, as Python holds them).
+struct AdamHyper {
+  double beta1, beta2, eps, weight_decay;
+  bool decoupled_weight_decay, maximize;
+};
+
+// Per-tensor coefficients in the math type, each rounded once from its double value.
+template <typename M>
+struct AdamCoeffs {
+  M grad_divisor;  // grad_scale (1 without one), negated for maximize: g / -s == -(g / s) exactly
+  M weight_decay;  // coupled (Adam) L2 term: g + wd * p
+  M decay;         // decoupled (AdamW): p * (1 - lr * wd)
+  LerpWeight<M> beta1_lerp;  // exp_avg.lerp_(grad, 1 - beta1)
+  M beta2, one_minus_beta2;  // exp_avg_sq * beta2 + (1 - beta2) * g * g
+  M neg_step_size;           // -lr / bias_correction1
+  M bias_correction2_sqrt;
+  M eps;
+};
+
+// Bias corrections of step `step` (the count after this update), in double:
+// bias_correction1 = 1 - beta1^step, sqrt(1 - beta2^step).
+FASTNN_OPT_HD void adam_bias_corrections(double beta1, double beta2, double step, double* bc1,
+                                         double* bc2_sqrt) {
+  *bc1 = 1.0 - ::pow(beta1, step);
+  *bc2_sqrt = ::sqrt(1.0 - ::pow(beta2, step));
+}
+
+// The coefficients of one tensor. grad_scale is 1 without a grad scaler.
+template <typename M>
+FASTNN_OPT_HD AdamCoeffs<M> adam_coeffs(const AdamHyper& h, double lr, double bc1, double bc2_sqrt,
+                                        double grad_scale) {
+  AdamCoeffs<M> c;
+  c.grad_divisor = static_cast<M>(h.maximize ? -grad_scale : grad_scale);
+  c.weight_decay = static_cast<M>(h.weight_decay);
+  c.decay = static_cast<M>(1.0 - lr * h.weight_decay);
+  c.beta1_lerp = lerp_weight<M>(1.0 - h.beta1);
+  c.beta2 = static_cast<M>(h.beta2);
+  c.one_minus_beta2 = static_cast<M>(1.0 - h.beta2);
+  c.neg_step_size = static_cast<M>(-(lr / bc1));
+  c.bias_correction2_sqrt = static_cast<M>(bc2_sqrt);
+  c.eps = static_cast<M>(h.eps);
+  return c;
+}
+
+// One Adam step on one element (or one host vector of elements). p holds the weights (the fp32
+// master copy when there is one), g the raw gradient (still scaled); m, v, v_max the state.
+// Flags: l2 = coupled weight decay (Adam with weight_decay != 0), decoupled = AdamW's decay
+// with weight_decay != 0, amsgrad. v_max is read and written only with amsgrad.
+template <typename V, typename M>
+FASTNN_OPT_HD void adam_update(V& p, V g, V& m, V& v, V& v_max, const AdamCoeffs<M>& c, bool l2,
+                               bool decoupled, bool amsgrad) {
+  g = g / c.grad_divisor;
+  if (decoupled) p = p * c.decay;
+  if (l2) g = g + c.weight_decay * p;
+  m = lerp_(m, g, c.beta1_lerp);
+  v = v * c.beta2 + c.one_minus_beta2 * g * g;  // addcmul: self + (value * t1) * t2
+  V v_hat = v;
+  if (amsgrad) {
+    v_max = max_nan_(v_max, v);
+    v_hat = v_max;
+  }
+  const V denom = sqrt_(v_hat) / c.bias_correction2_sqrt + c.eps;
+  p = p + c.neg_step_size * m / denom;  // addcdiv: self + (value * t1) / t2
+}
+
+}  // namespace optim_math
+}  // namespace fastnn

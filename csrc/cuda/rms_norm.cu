@@ -1,0 +1,540 @@
+// RMSNorm on CUDA, optionally fused with the residual add (schemas in csrc/library.cpp,
+// semantics of fastnn/reference/rms_norm.py):
+//   forward   s = input + residual (rounded to input's dtype), rstd = 1 / sqrt(mean(s^2) + eps),
+//             out = s * rstd * weight
+//   backward  xhat = x * rstd, g = dy * w, dx = rstd * (g - xhat * mean(g * xhat)) +
+//   d(residual_out),
+//             dw = sum over rows of dy * xhat
+// Four tiers: device kernels, templated launchers (tier and vector width chosen by N and
+// alignment), dtype dispatch (fp32 accumulation; fp64 tensors run the scalar kernels in fp64), op
+// entry points (checks, allocation, device guard, current stream, launch checks).
+//
+// Kernels (VEC = 16 bytes of T per access; a "row group" is blockDim.x threads on one row):
+//   fwd reg:     the row's vectors held in registers between the sum of squares and the scaling,
+//                N <= 4096 vectors (32K bf16 / 16K fp32): one read of x, one write of y.
+//   fwd staged:  longer rows, or the scalar fallback (misaligned pointers, N % VEC != 0, fp64):
+//                the row staged in dynamic shared memory when it fits (227 KB on an H100: 113K
+//                bf16), else the second pass re-reads it from global memory (mostly L2 hits).
+//   bwd reg:     persistent grid (blocks resident on every SM); each row group accumulates dW for
+//                its rows in fp32 registers and writes one partial row; N <= 8K bf16 / fp16,
+//                N <= 8K fp32 (at most 512 threads x 2 or 4 vectors: no register spills).
+//   bwd staged:  persistent grid for longer rows / the scalar fallback: x and dy staged in shared
+//                memory when they fit, dW accumulated in the row group's own partial row in
+//                global memory (each thread updates only its own columns: no races).
+//   column_sum:  dW = fixed-order sum of the partial rows: the same bits on every run.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <initializer_list>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+#include "fastnn/checks.h"
+#include "fastnn/cuda_utils.cuh"
+
+namespace fastnn::cuda {
+namespace {
+
+// ---- Device kernels -----------------------------------------------------------------------------
+
+template <typename T, typename W>
+struct FwdArgs {
+  const T* x;
+  const T* res;  // nullptr without a residual
+  const W* w;    // nullptr without a weight
+  T* y;
+  T* res_out;  // nullptr without a residual
+  acc_t<T>* rstd;
+  int64_t rows;
+  int64_t n;
+  acc_t<T> eps;
+};
+
+// s = x (+ r, rounded to T as an unfused add would round it); also stores s to res_out.
+template <typename T, typename W, int VEC>
+__device__ __forceinline__ Vec<T, VEC> load_sum(const FwdArgs<T, W>& a, int64_t idx) {
+  using A = acc_t<T>;
+  Vec<T, VEC> s = load_vec<T, VEC>(a.x + idx);
+  if (a.res != nullptr) {
+    const Vec<T, VEC> r = load_vec<T, VEC>(a.res + idx);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      s.v[j] = static_cast<T>(static_cast<A>(s.v[j]) + static_cast<A>(r.v[j]));
+    store_vec(a.res_out + idx, s);
+  }
+  return s;
+}
+
+template <typename T, typename W, int VEC>
+__device__ __forceinline__ void store_out(const FwdArgs<T, W>& a, int64_t idx, int64_t col,
+                                          const Vec<T, VEC>& s, acc_t<T> rstd) {
+  using A = acc_t<T>;
+  Vec<T, VEC> y;
+  if (a.w != nullptr) {
+    const Vec<W, VEC> w = load_vec<W, VEC>(a.w + col);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      y.v[j] = static_cast<T>(static_cast<A>(s.v[j]) * rstd * static_cast<A>(w.v[j]));
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) y.v[j] = static_cast<T>(static_cast<A>(s.v[j]) * rstd);
+  }
+  store_vec(a.y + idx, y);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ acc_t<T> sum_squares(const Vec<T, VEC>& s) {
+  acc_t<T> ss = 0;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const acc_t<T> v = static_cast<acc_t<T>>(s.v[j]);
+    ss += v * v;
+  }
+  return ss;
+}
+
+// Block [blockDim.y rows][blockDim.x threads]; thread x holds vectors x, x + blockDim.x, ... of
+// its row (ITEMS of them) in registers.
+template <typename T, typename W, int VEC, int ITEMS>
+__global__ void __launch_bounds__(1024) rms_fwd_reg_kernel(FwdArgs<T, W> a) {
+  using A = acc_t<T>;
+  __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool valid = row < a.rows;  // invalid threads still join the row_sum barrier
+  const int64_t off = row * a.n;
+  Vec<T, VEC> s[ITEMS];
+  A ss = 0;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
+    if (valid && col < a.n) {
+      s[i] = load_sum<T, W, VEC>(a, off + col);
+      ss += sum_squares<T, VEC>(s[i]);
+    }
+  }
+  ss = row_sum(ss, scratch);
+  const A rstd = rsqrt_acc(ss / static_cast<A>(a.n) + a.eps);
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
+    if (valid && col < a.n) store_out<T, W, VEC>(a, off + col, col, s[i], rstd);
+  }
+  if (valid && threadIdx.x == 0) a.rstd[row] = rstd;
+}
+
+// Any N: two passes over the row; the second reads it back from shared memory (SMEM) or from
+// global memory (res_out when a residual was added: the same thread wrote those elements).
+template <typename T, typename W, int VEC, bool SMEM>
+__global__ void __launch_bounds__(1024) rms_fwd_staged_kernel(FwdArgs<T, W> a) {
+  using A = acc_t<T>;
+  __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t nvec = a.n / VEC;
+  Vec<T, VEC>* stage = reinterpret_cast<Vec<T, VEC>*>(smem) + threadIdx.y * (SMEM ? nvec : 0);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool valid = row < a.rows;
+  const int64_t off = row * a.n;
+  A ss = 0;
+  if (valid) {
+    for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
+      const Vec<T, VEC> s = load_sum<T, W, VEC>(a, off + k * VEC);
+      if constexpr (SMEM) stage[k] = s;
+      ss += sum_squares<T, VEC>(s);
+    }
+  }
+  ss = row_sum(ss, scratch);
+  const A rstd = rsqrt_acc(ss / static_cast<A>(a.n) + a.eps);
+  if (!valid) return;  // no barrier follows
+  const T* src = a.res != nullptr ? a.res_out : a.x;
+  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
+    const Vec<T, VEC> s = SMEM ? stage[k] : load_vec<T, VEC>(src + off + k * VEC);
+    store_out<T, W, VEC>(a, off + k * VEC, k * VEC, s, rstd);
+  }
+  if (threadIdx.x == 0) a.rstd[row] = rstd;
+}
+
+template <typename T, typename W>
+struct BwdArgs {
+  const T* dy;
+  const T* dres;  // gradient into residual_out, nullptr when absent
+  const T* x;
+  const W* w;  // nullptr without a weight
+  const acc_t<T>* rstd;
+  T* dx;
+  acc_t<T>* part;  // [gridDim.x * blockDim.y, n] dw partials, nullptr without a weight
+  int64_t rows;
+  int64_t n;
+};
+
+// Sum over this vector of g * xhat, g = dy * w.
+template <typename T, typename W, int VEC>
+__device__ __forceinline__ acc_t<T> dot_g_xhat(const BwdArgs<T, W>& a, int64_t col,
+                                               const Vec<T, VEC>& x, const Vec<T, VEC>& dy,
+                                               acc_t<T> rstd) {
+  using A = acc_t<T>;
+  A dot = 0;
+  if (a.w != nullptr) {
+    const Vec<W, VEC> w = load_vec<W, VEC>(a.w + col);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      dot += static_cast<A>(dy.v[j]) * static_cast<A>(w.v[j]) * (static_cast<A>(x.v[j]) * rstd);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) dot += static_cast<A>(dy.v[j]) * (static_cast<A>(x.v[j]) * rstd);
+  }
+  return dot;
+}
+
+// dx for one vector (stored), and dy * xhat added to dw[0..VEC).
+template <typename T, typename W, int VEC>
+__device__ __forceinline__ void store_dx(const BwdArgs<T, W>& a, int64_t idx, int64_t col,
+                                         const Vec<T, VEC>& x, const Vec<T, VEC>& dy, acc_t<T> rstd,
+                                         acc_t<T> mean_gx, acc_t<T>* dw) {
+  using A = acc_t<T>;
+  Vec<W, VEC> w;
+  if (a.w != nullptr) w = load_vec<W, VEC>(a.w + col);
+  Vec<T, VEC> gr;
+  if (a.dres != nullptr) gr = load_vec<T, VEC>(a.dres + idx);
+  Vec<T, VEC> dx;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const A d = static_cast<A>(dy.v[j]);
+    const A xhat = static_cast<A>(x.v[j]) * rstd;
+    const A g = a.w != nullptr ? d * static_cast<A>(w.v[j]) : d;
+    A v = rstd * (g - xhat * mean_gx);
+    if (a.dres != nullptr) v += static_cast<A>(gr.v[j]);
+    dx.v[j] = static_cast<T>(v);
+    dw[j] += d * xhat;
+  }
+  store_vec(a.dx + idx, dx);
+}
+
+// Persistent: row group (blockIdx.x, threadIdx.y) handles rows g, g + G, ... with G the number of
+// row groups, and writes partial row g.
+template <typename T, typename W, int VEC, int ITEMS>
+__global__ void __launch_bounds__(512) rms_bwd_reg_kernel(BwdArgs<T, W> a) {
+  using A = acc_t<T>;
+  __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
+  const A inv_n = A(1) / static_cast<A>(a.n);
+  A dw[ITEMS][VEC];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) dw[i][j] = 0;
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const int64_t groups = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  // The trip count depends on blockIdx.x only, so every thread reaches every row_sum barrier.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < a.rows;
+       base += groups) {
+    const int64_t row = base + threadIdx.y;
+    const bool valid = row < a.rows;
+    const int64_t off = row * a.n;
+    const A rstd = valid ? a.rstd[row] : A(0);
+    Vec<T, VEC> x[ITEMS], dy[ITEMS];
+    A dot = 0;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
+      if (valid && col < a.n) {
+        x[i] = load_vec<T, VEC>(a.x + off + col);
+        dy[i] = load_vec<T, VEC>(a.dy + off + col);
+        dot += dot_g_xhat<T, W, VEC>(a, col, x[i], dy[i], rstd);
+      }
+    }
+    const A mean_gx = row_sum(dot, scratch) * inv_n;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
+      if (valid && col < a.n)
+        store_dx<T, W, VEC>(a, off + col, col, x[i], dy[i], rstd, mean_gx, dw[i]);
+    }
+  }
+  if (a.part == nullptr) return;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
+    if (col < a.n) {
+      Vec<A, VEC> p;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) p.v[j] = dw[i][j];
+      store_vec(a.part + group * a.n + col, p);
+    }
+  }
+}
+
+// Persistent, any N: x and dy staged in shared memory (SMEM) or re-read from global memory; dw
+// accumulated in this row group's partial row, each thread on its own columns.
+template <typename T, typename W, int VEC, bool SMEM>
+__global__ void __launch_bounds__(1024) rms_bwd_staged_kernel(BwdArgs<T, W> a) {
+  using A = acc_t<T>;
+  __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t nvec = a.n / VEC;
+  Vec<T, VEC>* sx = reinterpret_cast<Vec<T, VEC>*>(smem) + threadIdx.y * (SMEM ? 2 * nvec : 0);
+  Vec<T, VEC>* sdy = sx + (SMEM ? nvec : 0);
+  const A inv_n = A(1) / static_cast<A>(a.n);
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const int64_t groups = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  A* pw = a.part != nullptr ? a.part + group * a.n : nullptr;
+  if (pw != nullptr)  // zeroed in the layout the updates below use: each thread its own columns
+    for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) pw[k * VEC + j] = 0;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < a.rows;
+       base += groups) {
+    const int64_t row = base + threadIdx.y;
+    const bool valid = row < a.rows;
+    const int64_t off = row * a.n;
+    const A rstd = valid ? a.rstd[row] : A(0);
+    A dot = 0;
+    if (valid) {
+      for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
+        const Vec<T, VEC> x = load_vec<T, VEC>(a.x + off + k * VEC);
+        const Vec<T, VEC> dy = load_vec<T, VEC>(a.dy + off + k * VEC);
+        if constexpr (SMEM) {
+          sx[k] = x;
+          sdy[k] = dy;
+        }
+        dot += dot_g_xhat<T, W, VEC>(a, k * VEC, x, dy, rstd);
+      }
+    }
+    const A mean_gx = row_sum(dot, scratch) * inv_n;
+    if (!valid) continue;  // the next iteration's barrier is still reached
+    for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
+      const Vec<T, VEC> x = SMEM ? sx[k] : load_vec<T, VEC>(a.x + off + k * VEC);
+      const Vec<T, VEC> dy = SMEM ? sdy[k] : load_vec<T, VEC>(a.dy + off + k * VEC);
+      A dw[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) dw[j] = 0;
+      store_dx<T, W, VEC>(a, off + k * VEC, k * VEC, x, dy, rstd, mean_gx, dw);
+      if (pw != nullptr)
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) pw[k * VEC + j] += dw[j];
+    }
+  }
+}
+
+// ---- Launchers ----------------------------------------------------------------------------------
+
+template <typename T, typename W>
+void launch_fwd(const FwdArgs<T, W>& a, int device, cudaStream_t stream) {
+  constexpr int kVec = vec_width<T>();
+  if constexpr (kVec > 1) {
+    if (vectorizable<T, W>(a.n, {a.x, a.res, a.y, a.res_out}, a.w)) {
+      const int64_t nvec = a.n / kVec;
+      if (nvec <= 1024 * 4) {
+        const dim3 block = row_block(nvec, 4, 1024);
+        const unsigned grid = grid_size(cdiv(a.rows, block.y));
+        const int64_t items = cdiv(nvec, block.x);
+        if (items == 1)
+          rms_fwd_reg_kernel<T, W, kVec, 1><<<grid, block, 0, stream>>>(a);
+        else if (items == 2)
+          rms_fwd_reg_kernel<T, W, kVec, 2><<<grid, block, 0, stream>>>(a);
+        else
+          rms_fwd_reg_kernel<T, W, kVec, 4><<<grid, block, 0, stream>>>(a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      const size_t bytes = static_cast<size_t>(a.n) * sizeof(T);
+      const unsigned grid = grid_size(a.rows);
+      if (bytes + kSmemReserve <= static_cast<size_t>(max_shared_memory(device))) {
+        auto kernel = rms_fwd_staged_kernel<T, W, kVec, true>;
+        allow_smem(kernel, bytes);
+        kernel<<<grid, 1024, bytes, stream>>>(a);
+      } else {
+        rms_fwd_staged_kernel<T, W, kVec, false><<<grid, 1024, 0, stream>>>(a);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  const dim3 block = row_block(a.n, 4, 1024);
+  rms_fwd_staged_kernel<T, W, 1, false><<<grid_size(cdiv(a.rows, block.y)), block, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Runs the backward kernel for `a` (a.part unset); returns the number of partial rows and
+// calls alloc_part(P) to get the [P, n] partial buffer (nullptr without a weight) first.
+template <typename T, typename W, typename Alloc>
+int64_t launch_bwd(BwdArgs<T, W> a, Alloc alloc_part, int device, cudaStream_t stream) {
+  constexpr int kVec = vec_width<T>();
+  if constexpr (kVec > 1) {
+    if (vectorizable<T, W>(a.n, {a.x, a.dy, a.dres, a.dx}, a.w)) {
+      const int64_t nvec = a.n / kVec;
+      // ptxas (sm_90): 4 vectors per thread of bf16 need 128+ registers and spill at 512
+      // threads; fp32 fits in 94. So 16-bit rows stop at 2 vectors per thread (8K elements).
+      constexpr int kMaxItems = sizeof(T) == 2 ? 2 : 4;
+      if (nvec <= 512 * kMaxItems) {
+        const dim3 block = row_block(nvec, kMaxItems, 512);
+        const int64_t items = cdiv(nvec, block.x);
+        auto kernel = rms_bwd_reg_kernel<T, W, kVec, 1>;
+        if (items == 2) kernel = rms_bwd_reg_kernel<T, W, kVec, 2>;
+        if constexpr (kMaxItems == 4)
+          if (items > 2) kernel = rms_bwd_reg_kernel<T, W, kVec, 4>;
+        const int64_t grid = persistent_grid(kernel, block, 0, a.rows, device);
+        a.part = alloc_part(grid * block.y);
+        kernel<<<grid_size(grid), block, 0, stream>>>(a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return grid * block.y;
+      }
+      const size_t bytes = 2 * static_cast<size_t>(a.n) * sizeof(T);
+      const dim3 block(1024, 1);
+      if (bytes + kSmemReserve <= static_cast<size_t>(max_shared_memory(device))) {
+        auto kernel = rms_bwd_staged_kernel<T, W, kVec, true>;
+        allow_smem(kernel, bytes);
+        const int64_t grid = persistent_grid(kernel, block, bytes, a.rows, device);
+        a.part = alloc_part(grid);
+        kernel<<<grid_size(grid), block, bytes, stream>>>(a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return grid;
+      }
+      auto kernel = rms_bwd_staged_kernel<T, W, kVec, false>;
+      const int64_t grid = persistent_grid(kernel, block, 0, a.rows, device);
+      a.part = alloc_part(grid);
+      kernel<<<grid_size(grid), block, 0, stream>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return grid;
+    }
+  }
+  const dim3 block = row_block(a.n, 4, 1024);
+  auto kernel = rms_bwd_staged_kernel<T, W, 1, false>;
+  const int64_t grid = persistent_grid(kernel, block, 0, a.rows, device);
+  a.part = alloc_part(grid * block.y);
+  kernel<<<grid_size(grid), block, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grid * block.y;
+}
+
+// ---- Op entry points ----------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& weight, double eps) {
+  check_input(input, "rms_norm_fwd", "input");
+  const int64_t rows = input.size(0), n = input.size(1);
+  if (has(residual)) {
+    check_like(*residual, "residual", input, "input");
+    TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "fastnn: residual has dtype ",
+                residual->scalar_type(), " but input has ", input.scalar_type());
+  }
+  check_vector(weight, "weight", input, n);
+  const c10::cuda::CUDAGuard guard(input.device());
+
+  Output out(input);
+  c10::optional<Output> res_out;
+  if (has(residual)) res_out.emplace(input);
+  at::Tensor rstd = at::empty({rows}, input.options().dtype(acc_scalar_type(input.scalar_type())));
+  if (rows > 0 && n == 0) rstd.fill_(std::numeric_limits<double>::quiet_NaN());  // empty mean
+  if (rows > 0 && n > 0) {
+    const at::Tensor x = input.contiguous();
+    const at::Tensor res = has(residual) ? residual->contiguous() : at::Tensor();
+    const at::Tensor w = weight_for_kernel(weight, x.scalar_type());
+    const int device = input.get_device();
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, x.scalar_type(), "fastnn_rms_norm_fwd_cuda", [&] {
+          using A = acc_t<scalar_t>;
+          auto run = [&](auto* w_ptr) {
+            using W = std::remove_const_t<std::remove_pointer_t<decltype(w_ptr)>>;
+            const FwdArgs<scalar_t, W> args{
+                x.const_data_ptr<scalar_t>(),
+                ptr_or_null<scalar_t>(res),
+                w_ptr,
+                out.buf.mutable_data_ptr<scalar_t>(),
+                res_out ? res_out->buf.mutable_data_ptr<scalar_t>() : nullptr,
+                rstd.mutable_data_ptr<A>(),
+                rows,
+                n,
+                static_cast<A>(eps)};
+            launch_fwd(args, device, stream);
+          };
+          if (w.defined() && w.scalar_type() == x.scalar_type())
+            run(w.const_data_ptr<scalar_t>());
+          else
+            run(ptr_or_null<A>(w));
+        });
+  }
+  at::Tensor residual_out = res_out ? res_out->finish() : input.new_empty({0});
+  return {out.finish(), residual_out, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_residual_out,
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& weight, const at::Tensor& rstd_in) {
+  check_input(x_in, "rms_norm_bwd", "x");
+  const int64_t rows = x_in.size(0), n = x_in.size(1);
+  check_like(grad_out, "grad_out", x_in, "x");
+  if (has(grad_residual_out)) check_like(*grad_residual_out, "grad_residual_out", x_in, "x");
+  check_vector(weight, "weight", x_in, n);
+  check_same_device(rstd_in, "rstd", x_in, "x");
+  TORCH_CHECK(rstd_in.dim() == 1 && rstd_in.size(0) == rows, "fastnn: rstd must have shape [", rows,
+              "], got ", rstd_in.sizes());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+
+  const at::ScalarType type = x_in.scalar_type(), acc = acc_scalar_type(type);
+  Output dx(x_in);
+  if (rows == 0 || n == 0)  // the sum over zero rows is zero, as the reference's
+    return {dx.finish(), has(weight) ? at::zeros({n}, weight->options()) : x_in.new_empty({0})};
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor dy = grad_out.to(type).contiguous();
+  const at::Tensor gres =
+      has(grad_residual_out) ? grad_residual_out->to(type).contiguous() : at::Tensor();
+  const at::Tensor rstd = rstd_in.to(acc).contiguous();
+  const at::Tensor w = weight_for_kernel(weight, type);
+  at::Tensor part;
+  const int device = x_in.get_device();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  int64_t parts = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "fastnn_rms_norm_bwd_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    auto alloc_part = [&](int64_t p) -> A* {
+      if (!w.defined()) return nullptr;
+      part = at::empty({p, n}, x.options().dtype(acc));
+      return part.mutable_data_ptr<A>();
+    };
+    auto run = [&](auto* w_ptr) {
+      using W = std::remove_const_t<std::remove_pointer_t<decltype(w_ptr)>>;
+      const BwdArgs<scalar_t, W> args{dy.const_data_ptr<scalar_t>(),
+                                      ptr_or_null<scalar_t>(gres),
+                                      x.const_data_ptr<scalar_t>(),
+                                      w_ptr,
+                                      rstd.const_data_ptr<A>(),
+                                      dx.buf.mutable_data_ptr<scalar_t>(),
+                                      nullptr,
+                                      rows,
+                                      n};
+      parts = launch_bwd(args, alloc_part, device, stream);
+    };
+    if (w.defined() && w.scalar_type() == type)
+      run(w.const_data_ptr<scalar_t>());
+    else
+      run(ptr_or_null<A>(w));
+  });
+  if (!w.defined()) return {dx.finish(), x_in.new_empty({0})};
+  at::Tensor dw = at::empty({n}, weight->options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dw.scalar_type(), "fastnn_rms_dw", [&] {
+    if (acc == at::kDouble)
+      column_sum(part.const_data_ptr<double>(), dw.mutable_data_ptr<scalar_t>(), parts, n, stream);
+    else
+      column_sum(part.const_data_ptr<float>(), dw.mutable_data_ptr<scalar_t>(), parts, n, stream);
+  });
+  return {dx.finish(), dw};
+}
+
+}  // namespace
+}  // namespace fastnn::cuda
+
+TORCH_LIBRARY_IMPL(fastnn, CUDA, m) {
+  m.impl("rms_norm_fwd", &fastnn::cuda::rms_norm_fwd_cuda);
+  m.impl("rms_norm_bwd", &fastnn::cuda::rms_norm_bwd_cuda);
+}

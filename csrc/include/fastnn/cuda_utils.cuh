@@ -1,0 +1,259 @@
+// Pieces shared by the CUDA kernels (csrc/cuda/*.cu): 16-byte vector access, warp and row
+// reductions in a fixed order, cached device attributes, the fixed-order column sum that turns
+// per-program partials into bitwise reproducible weight gradients, launch-shape helpers and the
+// argument checks / allocation of the norm op entry points.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <type_traits>
+#include <utility>
+
+#include "fastnn/checks.h"
+
+namespace fastnn::cuda {
+
+constexpr int kWarpSize = 32;
+
+// VEC elements of T moved by one access: 16 bytes for VEC = 16 / sizeof(T) (8 bf16 / fp16,
+// 4 fp32, 2 fp64), the widest global load (LDG.128). The alignment makes the compiler emit it.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ Vec<T, VEC> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, VEC>*>(p);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, VEC>& v) {
+  *reinterpret_cast<Vec<T, VEC>*>(p) = v;
+}
+
+inline bool is_aligned(const void* p, int64_t bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+__device__ __forceinline__ float rsqrt_acc(float v) { return rsqrtf(v); }
+__device__ __forceinline__ double rsqrt_acc(double v) { return rsqrt(v); }
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Threads of a block are laid out [blockDim.y rows][blockDim.x columns], blockDim.x a multiple of
+// 32 and at most 1024, blockDim.y <= kMaxRowsPerBlock. row_sum returns the sum of `v` over the
+// blockDim.x threads of this thread's row, to every one of them, in a fixed order (same bits on
+// every run). Every thread of the block must call it (it synchronises when blockDim.x > 32);
+// `scratch` holds kWarpSize * blockDim.y values.
+constexpr int kMaxRowsPerBlock = 8;
+
+template <typename A>
+__device__ __forceinline__ A row_sum(A v, A* scratch) {
+  v = warp_sum(v);
+  if (blockDim.x == kWarpSize) return v;  // one warp per row: the shuffles were enough
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  A* s = scratch + threadIdx.y * kWarpSize;
+  __syncthreads();  // the previous call's reads of `scratch` are done
+  if (lane == 0) s[warp] = v;
+  __syncthreads();
+  return warp_sum(lane < warps ? s[lane] : A(0));
+}
+
+// ---- Host-side device facts, looked up once per device and cached ------------------------------
+
+inline int device_attribute(cudaDeviceAttr attr, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, int>, int> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(static_cast<int>(attr), device);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  cache.emplace(key, value);
+  return value;
+}
+
+inline int sm_count(int device) { return device_attribute(cudaDevAttrMultiProcessorCount, device); }
+
+// Largest dynamic shared memory a block may opt into (227 KB on an H100).
+inline int max_shared_memory(int device) {
+  return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+}
+
+// Resident blocks of `kernel` per SM at `threads` threads and `smem` dynamic bytes (at least 1).
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel, int threads, size_t smem) {
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
+  return blocks > 0 ? blocks : 1;
+}
+
+// ---- Fixed-order column sum of [P, N] partials
+// ---------------------------------------------------
+
+// Block (32 columns, kColumnSumSplit slices of P): thread (x, y) sums rows y, y + split, ... of
+// its column in order, then slice 0 adds the slices' sums in order. The assignment depends only on
+// P and N, so the result has the same bits on every run.
+constexpr int kColumnSumSplit = 16;
+
+template <typename A, typename O>
+__global__ void column_sum_kernel(const A* __restrict__ part, O* __restrict__ out, int64_t P,
+                                  int64_t N) {
+  __shared__ A sums[kColumnSumSplit][kWarpSize + 1];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
+  A acc = A(0);
+  if (col < N) {
+    for (int64_t p = threadIdx.y; p < P; p += kColumnSumSplit) acc += part[p * N + col];
+  }
+  sums[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < N) {
+    A total = A(0);
+#pragma unroll
+    for (int s = 0; s < kColumnSumSplit; ++s) total += sums[s][threadIdx.x];
+    out[col] = static_cast<O>(total);
+  }
+}
+
+// out[N] = sum over the P rows of part [P, N] (contiguous), on `stream`.
+template <typename A, typename O>
+void column_sum(const A* part, O* out, int64_t P, int64_t N, cudaStream_t stream) {
+  const int64_t blocks = (N + kWarpSize - 1) / kWarpSize;
+  column_sum_kernel<A, O>
+      <<<static_cast<unsigned>(blocks), dim3(kWarpSize, kColumnSumSplit), 0, stream>>>(part, out, P,
+                                                                                       N);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- Launch shapes ------------------------------------------------------------------------------
+
+template <typename T>
+using acc_t = at::opmath_type<T>;  // float for half / bf16 / float, double for double
+
+// Bytes of dynamic shared memory left for other static shared arrays (the row_sum scratch).
+constexpr int kSmemReserve = 4096;
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int pow2_at_least(int64_t v) {
+  int p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+// Threads per row: a power of two in [32, max_threads] giving each thread at most `items`
+// vectors where possible; rows per block: enough for about 256 threads.
+inline dim3 row_block(int64_t nvec, int items, int max_threads) {
+  const int x = std::min(max_threads, std::max(kWarpSize, pow2_at_least(cdiv(nvec, items))));
+  const int y = std::max(1, std::min(kMaxRowsPerBlock, 256 / x));
+  return dim3(x, y);
+}
+
+inline unsigned grid_size(int64_t blocks) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastnn: too many rows (", blocks,
+              " blocks) for one launch");
+  return static_cast<unsigned>(blocks);
+}
+
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024)  // above the default limit a kernel must opt in
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+// fp64 and unaligned / odd-N tensors take the scalar (VEC = 1) staged kernels.
+template <typename T>
+constexpr int vec_width() {
+  return std::is_same_v<T, double> ? 1 : static_cast<int>(16 / sizeof(T));
+}
+
+template <typename T, typename W>
+bool vectorizable(int64_t n, std::initializer_list<const void*> data, const W* w) {
+  constexpr int kVec = vec_width<T>();
+  if (kVec == 1 || n % kVec != 0) return false;
+  for (const void* p : data)
+    if (!is_aligned(p, 16)) return false;
+  return is_aligned(w, static_cast<int64_t>(sizeof(W)) * kVec);
+}
+
+// Persistent grid: as many blocks as are resident at once, at most one per row group of work.
+template <typename Kernel>
+int64_t persistent_grid(Kernel kernel, dim3 block, size_t smem, int64_t rows, int device) {
+  const int64_t resident =
+      static_cast<int64_t>(sm_count(device)) * blocks_per_sm(kernel, block.x * block.y, smem);
+  return std::max<int64_t>(1, std::min(resident, cdiv(rows, block.y)));
+}
+
+// ---- Op entry helpers ---------------------------------------------------------------------------
+
+inline bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+inline at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
+  check_same_device(t, name, ref, ref_name);
+  TORCH_CHECK(t.sizes() == ref.sizes(), "fastnn: ", name, " of shape ", t.sizes(),
+              " does not match ", ref_name, " of shape ", ref.sizes());
+  check_float(t, name);
+}
+
+inline void check_input(const at::Tensor& input, const char* op, const char* name) {
+  check_float(input, name);
+  TORCH_CHECK(input.dim() == 2, "fastnn: ", op, " expects a 2-D ", name, " [rows, N], got shape ",
+              input.sizes());
+  TORCH_CHECK(input.is_cuda(), "fastnn: CUDA ", op, " got ", name, " on ", input.device());
+}
+
+// The weight as the kernels read it: its own dtype when it is the input's or the accumulation
+// dtype (no copy), else converted to the accumulation dtype once.
+inline at::Tensor weight_for_kernel(const c10::optional<at::Tensor>& w, at::ScalarType input_type) {
+  if (!has(w)) return at::Tensor();
+  const at::ScalarType acc = acc_scalar_type(input_type);
+  const at::ScalarType t = w->scalar_type();
+  return (t == input_type || t == acc) ? w->contiguous() : w->to(acc).contiguous();
+}
+
+// An output allocated as the op's fake allocates it (empty_like: strides follow `ref`), with a
+// contiguous buffer for the kernels; finish() copies back when they differ.
+struct Output {
+  at::Tensor out, buf;
+  explicit Output(const at::Tensor& ref)
+      : out(at::empty_like(ref)),
+        buf(out.is_contiguous() ? out : at::empty(ref.sizes(), ref.options())) {}
+  at::Tensor finish() {
+    if (!buf.is_same(out)) out.copy_(buf);
+    return out;
+  }
+};
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+}  // namespace fastnn::cuda

@@ -19,6 +19,7 @@ sync; the GPU when capturable), as one small [n, 2] tensor the kernel indexes pe
 """
 
 import collections
+import os
 
 import torch
 import triton
@@ -52,6 +53,13 @@ def check_lists(name, params, grads, *lists):
     if not params:
         return None
     device = params[0].device
+    if device.type != "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter copies tensor arguments to the host, but the launch table holds raw
+        # device addresses, which the host cannot read.
+        raise RuntimeError(
+            f"fastnn.{name}: the Triton multi-tensor kernels run on {device.type} tensors only "
+            "compiled; unset TRITON_INTERPRET (the interpreter runs them on CPU tensors)"
+        )
     for i, p in enumerate(params):
         tensors = [("param", p), ("grad", grads[i])] + [(w, lst[i]) for w, lst in lists if lst]
         for what, t in tensors:

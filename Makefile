@@ -16,9 +16,10 @@ setup: .venv/.deps-stamp .venv/.editable-stamp build
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
+# The editable install only puts the source tree on the path; `build` compiles the extension in
+# place. (Letting pip build it too would compile every source twice, in two build folders.)
 .venv/.editable-stamp: setup.py pyproject.toml .venv/.deps-stamp
-	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-$(DEV_CUDA_ARCH)}" \
-	  $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	FASTNN_NO_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 # Incremental (ninja) rebuild of the extension in place; a no-op when nothing changed.

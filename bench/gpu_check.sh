@@ -48,6 +48,14 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH="/tmp/fastnn-gpu-check-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
+pack() {
+  # On a lent machine only $OUT comes back, a few files at most: pack the results folder there.
+  if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+    tar czf "$OUT/gpu-check.tar.gz" -C "$(dirname "$out")" "$(basename "$out")" &&
+      echo "gpu-check: packed into \$OUT/gpu-check.tar.gz"
+  fi
+}
+
 arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
 out=${GPU_CHECK_OUT:-$("$PY" -m bench.run --print-out)} || exit 1
 mkdir -p "$out"
@@ -95,6 +103,7 @@ echo "- build (TORCH_CUDA_ARCH_LIST=$arch): $([ $build_rc -eq 0 ] && echo ok || 
 if [ $build_rc -ne 0 ]; then
   tail -n 30 "$out/build.log"
   echo "gpu-check: the build failed (full log: $out/build.log)" >&2
+  pack
   exit 1
 fi
 tail -n 10 "$out/build.log"
@@ -127,10 +136,6 @@ bench_rc=$?
 echo "- benchmarks: $([ $bench_rc -eq 0 ] && echo ok || echo "pytest exit $bench_rc"), $((SECONDS - t)) s; report: [report.md](report.md)" >>"$summary"
 echo "- total: $((SECONDS - start)) s" >>"$summary"
 
-if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-  # On a lent machine only $OUT comes back, a few files at most: pack the folder.
-  tar czf "$OUT/gpu-check.tar.gz" -C "$(dirname "$out")" "$(basename "$out")" &&
-    echo "gpu-check: packed into \$OUT/gpu-check.tar.gz"
-fi
+pack
 cat "$summary"
 [ $test_rc -eq 0 ] && [ $bench_rc -eq 0 ]

@@ -18,10 +18,15 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 MASTER = "master_param"  # state key of the fp32 master copy (master_weights=True)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _is_dtensor(t):
     # DTensor subclasses torch.Tensor; checking the class name avoids importing
-    # torch.distributed.tensor in processes that never use it.
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+    # torch.distributed.tensor in processes that never use it. Plain tensors return first:
+    # step() asks this a few times per tensor.
+    cls = type(t)
+    return cls not in _PLAIN and cls.__name__ == "DTensor" and hasattr(t, "to_local")
 
 
 def kernel_view(t):
@@ -183,7 +188,8 @@ class FusedStepMixin:
             for p in params:
                 self._init_state(p, group)
             for key, idx in _buckets(params).items():
-                self._update_bucket(group, key[0], [params[i] for i in idx], grad_scale, found_inf)
+                bucket = [params[i] for i in idx]
+                self._update_bucket(group, key[0], bucket, key[2], grad_scale, found_inf)
         return loss
 
     def _check_group(self, group):
@@ -194,18 +200,21 @@ class FusedStepMixin:
                 for v in values:
                     host_float(v, key)
 
-    def _update_bucket(self, group, device, params, grad_scale, found_inf):
+    def _update_bucket(self, group, device, params, special, grad_scale, found_inf):
+        # special: DTensor or complex params, whose tensors the kernels see through views.
+        view = kernel_view if special else _same
         states = [self.state[p] for p in params]
-        pk = [kernel_view(p) for p in params]
+        pk = [view(p) for p in params]
         gk = []
-        for p, g in zip(pk, params, strict=True):
-            g = kernel_view(g.grad)
+        for p, q in zip(pk, params, strict=True):
+            g = view(q.grad)
             if g.stride() != p.stride() and not (g.is_contiguous() and p.is_contiguous()):
                 g = torch.empty_like(p).copy_(g)  # e.g. a DDP bucket view of a transposed param
             gk.append(g)
-        master = [kernel_view(s[MASTER]) for s in states] if MASTER in states[0] else []
+        master = [view(s[MASTER]) for s in states] if MASTER in states[0] else []
         lists, use_steps, kwargs = self._op_arguments(group, states)
-        lists = [[kernel_view(t) for t in lst] for lst in lists]
+        if special:
+            lists = [[kernel_view(t) for t in lst] for lst in lists]
         steps = [s["step"] for s in states]
         lr, lr_tensor = lr_arguments(group["lr"], device)
         scale = _on(grad_scale, device)
@@ -227,6 +236,10 @@ class FusedStepMixin:
             torch._foreach_sub_(steps, [skipped] * len(steps))
 
 
+def _same(t):
+    return t
+
+
 def _on(t, device):
     if t is None or t.device == device:
         return t
@@ -234,11 +247,12 @@ def _on(t, device):
 
 
 def _buckets(params):
-    """Indices of params grouped by the (device, dtype) their kernels see, in order."""
+    """Indices of params grouped by (device, dtype, needs a kernel view), in order."""
     out = defaultdict(list)
     for i, p in enumerate(params):
-        k = kernel_view(p)
-        out[(k.device, k.dtype, _is_dtensor(p))].append(i)
+        special = _is_dtensor(p) or p.is_complex()
+        k = kernel_view(p) if special else p
+        out[(k.device, k.dtype, special)].append(i)
     return out
 
 

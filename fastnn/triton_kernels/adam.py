@@ -91,6 +91,8 @@ def flat_views(tensors, mutable):
     others. Already true when all are dense (no gaps, no overlap) with equal strides, e.g. a
     transposed or channels_last param with its preserve_format state and grad; otherwise the
     kernel works on contiguous copies. Returns (views, [(original, copy)] to write back)."""
+    if all(t.is_contiguous() for t in tensors):
+        return list(tensors), []
     first = tensors[0]
     if _dense(first) and all(t.stride() == first.stride() for t in tensors):
         return list(tensors), []
@@ -108,7 +110,8 @@ _TABLES_MAX = 64  # distinct (address set) tables kept; an optimizer normally ne
 
 
 def chunk_table(addrs, elem_sizes, numels, indices, device, chunk):
-    """The int64 [n_chunks, 8] launch table on `device` (see the module docstring).
+    """The int64 [n_chunks, 8] launch table on `device` (see the module docstring), and whether
+    all its addresses are 16-byte aligned.
 
     addrs: one list of 6 byte addresses per tensor (0 where the kernel reads none),
     elem_sizes: the 6 element sizes in bytes, numels: elements per tensor (all > 0),
@@ -117,8 +120,10 @@ def chunk_table(addrs, elem_sizes, numels, indices, device, chunk):
     hit = _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)
-        return hit[0]
+        return hit[0], hit[2]
     a = torch.tensor(addrs, dtype=torch.int64)
+    # 16-byte vector accesses when every address (and so every chunk start) is 16-byte aligned.
+    is_aligned = bool((a % 16 == 0).all()) and all(chunk * s % 16 == 0 for s in elem_sizes)
     n = torch.tensor(numels, dtype=torch.int64)
     chunks = (n + chunk - 1) // chunk
     owner = torch.repeat_interleave(torch.arange(len(numels)), chunks)
@@ -137,18 +142,10 @@ def chunk_table(addrs, elem_sizes, numels, indices, device, chunk):
         # table, so a CUDA graph that captured this copy never reads freed host memory.
         host = host.pin_memory()
         table = host.to(device, non_blocking=True)
-    _TABLES[key] = (table, host)
+    _TABLES[key] = (table, host, is_aligned)
     if len(_TABLES) > _TABLES_MAX:
         _TABLES.popitem(last=False)
-    return table
-
-
-def aligned(addrs, elem_sizes, chunk):
-    """True when every address (and so every chunk start) is 16-byte aligned: the kernel may then
-    use 16-byte vector accesses."""
-    if any(chunk * s % 16 for s in elem_sizes):
-        return False
-    return all(a % 16 == 0 for row in addrs for a in row)
+    return table, is_aligned
 
 
 def on_device(t, device):
@@ -160,6 +157,9 @@ def on_device(t, device):
 
 def dtype_groups(n, lists):
     """Indices 0..n-1 grouped by the dtypes of lists[k][i] (a launch specialises on them)."""
+    kinds = [{t.dtype for t in lst} if lst else {None} for lst in lists]
+    if all(len(k) == 1 for k in kinds):  # the usual case: one launch
+        return {tuple(next(iter(k)) for k in kinds): list(range(n))}
     out = collections.defaultdict(list)
     for i in range(n):
         out[tuple(lst[i].dtype if lst else None for lst in lists)].append(i)
@@ -368,7 +368,7 @@ def bias_corrections(steps, beta1, beta2, device, dtype):
     """[n, 2] tensor (1 - beta1^t, sqrt(1 - beta2^t)) per step tensor t, on `device`. Computed
     where the steps live: fp64 on the host, as torch.optim's for-loop does with Python floats;
     in the steps' dtype on the GPU, as its capturable path does."""
-    s = torch.stack([x.reshape(()) for x in steps])
+    s = torch.stack(steps if all(x.dim() == 0 for x in steps) else [x.reshape(()) for x in steps])
     if s.device.type == "cpu":
         s = s.double()
     bc = torch.stack([1 - torch.pow(beta1, s), (1 - torch.pow(beta2, s)).sqrt()], 1)
@@ -444,7 +444,7 @@ def adam_step_(
         addrs = [[t.data_ptr() if t is not None else 0 for t in flat[j]] for j in idx]
         sizes = [d.itemsize if d else 4 for d in sig]
         numels = [flat[j][0].numel() for j in idx]
-        table = chunk_table(addrs, sizes, numels, idx, device, CHUNK)
+        table, is_aligned = chunk_table(addrs, sizes, numels, idx, device, CHUNK)
         kernel[(table.shape[0],)](
             table,
             bc,
@@ -472,7 +472,7 @@ def adam_step_(
             DECOUPLED=bool(decoupled_weight_decay),
             AMSGRAD=bool(amsgrad),
             MAXIMIZE=bool(maximize),
-            ALIGNED=aligned(addrs, sizes, CHUNK),
+            ALIGNED=is_aligned,
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,
         )

@@ -223,7 +223,7 @@ def rmsprop_step_(
         addrs = [[t.data_ptr() if t is not None else 0 for t in flat[j]] for j in idx]
         sizes = [d.itemsize if d else 4 for d in sig]
         numels = [flat[j][0].numel() for j in idx]
-        table = mt.chunk_table(addrs, sizes, numels, idx, device, mt.CHUNK)
+        table, is_aligned = mt.chunk_table(addrs, sizes, numels, idx, device, mt.CHUNK)
         kernel[(table.shape[0],)](
             table,
             lr_ptr,
@@ -249,7 +249,7 @@ def rmsprop_step_(
             CENTERED=bool(centered),
             HAS_MOMENTUM=has_momentum,
             MAXIMIZE=bool(maximize),
-            ALIGNED=mt.aligned(addrs, sizes, mt.CHUNK),
+            ALIGNED=is_aligned,
             BLOCK=mt.BLOCK,
             num_warps=mt.NUM_WARPS,
         )

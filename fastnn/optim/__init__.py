@@ -1,6 +1,21 @@
 """Drop-in optimizers: fastnn.optim.Adam / AdamW / RMSprop subclass torch.optim's, so
-constructors, defaults, validation errors, param groups and state_dict layout are torch's own;
-step() runs one fused update per (device, dtype) group of parameters."""
+constructors, defaults, validation errors, param groups, hooks and state_dict layout are torch's
+own; step() runs one fused update per (device, dtype) group of parameters on the selected
+backend (`fastnn.use_backend`), and never synchronises the host with the device.
+
+- lr as a float or a tensor (read on the device), capturable=True (lr and step on the device,
+  CUDA-graph capturable), foreach / fused accepted (the update is always fused; fused=True keeps
+  the step on the device as torch's fused Adam does); differentiable=True is refused.
+- GradScaler: plain (unscale_, then step) and the fused protocol (grad_scale / found_inf read in
+  the kernel; a step with an inf found changes nothing, step counts included). The fused protocol
+  is offered when every step count lives on its params' device (capturable or fused groups, or
+  CPU params), so that undoing a skipped step needs no host sync.
+- master_weights=True (keyword-only, fastnn's): fp32 copies of fp16 / bf16 params and fp32
+  moments kept in the state (key "master_param") and in the state_dict.
+- Params without grads are skipped (no state); zero-size params, several groups, complex params
+  (updated as real views, as torch does), DDP bucket-view grads, DTensor params (FSDP2: the local
+  shards are updated; the state is DTensor, as torch's).
+"""
 
 from fastnn.optim.adam import Adam, AdamW
 from fastnn.optim.rmsprop import RMSprop

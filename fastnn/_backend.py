@@ -80,10 +80,12 @@ def unavailable_reason(backend, family, device_type):
         if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(
             f"fastnn::{native_op}", key
         ):
+            info = _extension.build_info()
+            built_without_cuda = info is None or getattr(info, "CUDA_VERSION", None) is None
             hint = (
                 "; the extension was built without CUDA (needs a CUDA build of torch and the "
                 "CUDA toolkit; see FASTNN_BUILD_CUDA)"
-                if device_type == "cuda"
+                if device_type == "cuda" and built_without_cuda
                 else ""
             )
             return f"the native extension has no {device_type} kernel for {family}{hint}"

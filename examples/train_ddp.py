@@ -14,7 +14,8 @@ Launch (gloo on CPUs, NCCL on GPUs; one process per GPU, or N CPU processes):
     # multi-node: the same command on every node, torchrun's own flags say who is who
     torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 \\
         --rdzv-backend c10d --rdzv-endpoint HOST:29500 examples/train_ddp.py   # node 0
-    # (--node-rank 1 on the second node; HOST is node 0's address)
+    # (--node-rank 1 on the second node; HOST is node 0's address. If gloo or NCCL picks the
+    # wrong network interface, set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, e.g. to eth0.)
 
 --compare trains a plain PyTorch twin from the same seed on the same batches, interleaved step by
 step (torch.nn.RMSNorm with an explicit add, an MLP of nn.Linear + F.silu, torch.optim.AdamW),
@@ -58,10 +59,10 @@ import corpus  # noqa: E402  (examples/corpus.py, next to this file)
 @dataclass
 class Config:
     vocab_size: int
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    mlp_hidden: int = 352  # about 8/3 * dim, as LLaMA, rounded to a multiple of 32
+    dim: int
+    n_layers: int
+    n_heads: int
+    mlp_hidden: int  # about 8/3 * dim, as LLaMA
     max_seq_len: int = 128
     eps: float = 1e-5
 
@@ -127,7 +128,9 @@ class Block(nn.Module):
         if residual is None:
             return norm(h), h
         if self.fast:
-            return norm(h, residual)  # one fused pass: the add, then the norm of the sum
+            # One fused pass: the add, then the norm of the sum. Under autocast h is bf16 and the
+            # stream fp32; the fused op takes one dtype, so h is promoted as `h + residual` would.
+            return norm(h.to(residual.dtype), residual)
         s = h + residual
         return norm(s), s
 
@@ -390,11 +393,11 @@ def parse_args(argv=None):
     a = ap.add_argument
     a("--data", help="a UTF-8 text file to train on (default: fastnn's generated corpus)")
     a("--corpus-chars", type=int, default=400_000, help="size of the generated corpus")
-    a("--steps", type=int, default=300, help="optimizer steps of the whole run")
+    a("--steps", type=int, default=120, help="optimizer steps of the whole run")
     a("--batch-size", type=int, default=16, help="sequences per rank and step")
     a("--seq-len", type=int, default=128)
-    a("--dim", type=int, default=128)
-    a("--layers", type=int, default=4)
+    a("--dim", type=int, default=96)
+    a("--layers", type=int, default=3)
     a("--heads", type=int, default=4)
     a("--mlp-hidden", type=int, default=None, help="default: 8/3 * dim rounded up to 32")
     a("--lr", type=float, default=3e-3)

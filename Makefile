@@ -57,7 +57,7 @@ gpu-check:
 	bash bench/gpu_check.sh
 
 demo: setup
-	$(PY) -m fastnn.demo
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m torch.distributed.run --nproc-per-node $$($(PY) -c "import torch; print(torch.cuda.device_count() or 2)") examples/train_ddp.py --compare
 
 # Binary wheel into dist/: CPU kernels plus CUDA kernels for TORCH_CUDA_ARCH_LIST (default: the
 # list in setup.py), cp310-abi3, requiring the torch minor release of .venv. Built in its own

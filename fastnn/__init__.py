@@ -18,17 +18,20 @@ from fastnn.ops import glu as _glu_ops  # noqa: F401
 from fastnn.ops import layer_norm as _layer_norm_ops  # noqa: F401
 from fastnn.ops import optim as _optim_ops  # noqa: F401
 from fastnn.ops import rms_norm as _rms_norm_ops  # noqa: F401
+from fastnn.patch import PatchReport, patch  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "LayerNorm",
+    "PatchReport",
     "RMSNorm",
     "SwiGLU",
     "SwiGLUMLP",
     "functional",
     "get_backend",
     "optim",
+    "patch",
     "set_backend",
     "use_backend",
 ]

@@ -1,0 +1,279 @@
+// Adam / AdamW update on CUDA (schema fastnn::adam_step_ in csrc/library.cpp, semantics of
+// fastnn/reference/adam.py, per-element math in fastnn/adam_math.h, launch machinery in
+// fastnn/multi_tensor_apply.cuh).
+//
+// One multi-tensor launch per (param dtype, state dtype, master weights) group, more only past
+// ~370 tensors. Each block: thread 0 finds nothing to do when found_inf != 0, else computes the
+// tensor's coefficients in double (lr, step, grad_scale read from device memory when they are
+// device tensors: capturable, no host synchronisation) into shared memory; then every thread
+// updates 16-byte vectors of the chunk (scalar fallback for misaligned pointers and the tail).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "fastnn/adam_math.h"
+#include "fastnn/checks.h"
+#include "fastnn/multi_tensor_apply.cuh"
+
+namespace fastnn::cuda {
+namespace {
+
+namespace om = fastnn::optim_math;
+
+// Per tensor: the device step counter (capturable), or the bias corrections computed on the host
+// from a host step counter.
+struct AdamExtra {
+  const void* step;
+  double bc1;
+  double bc2_sqrt;
+};
+
+// Lists: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master.
+constexpr int kLists = 6;
+constexpr int kMaxTensors = mta::capacity<kLists, AdamExtra>(256);
+using AdamChunks = mta::TensorChunks<kLists, AdamExtra, kMaxTensors>;
+
+struct AdamLaunch {
+  om::AdamHyper hyper;
+  mta::ScalarArg lr, grad_scale, found_inf;
+  bool l2, decoupled, amsgrad;
+  bool steps_on_device, step_is_double;
+};
+static_assert(sizeof(AdamChunks) + sizeof(AdamLaunch) <= mta::kParamBytes,
+              "adam kernel parameters exceed the 32764-byte limit");
+
+// K consecutive elements from offset i (K > 1: vector loads, pointers aligned).
+template <int K, typename P, typename S, typename M, bool kMaster>
+__device__ __forceinline__ void update_elements(int64_t i, P* param, const P* grad, S* m, S* v,
+                                                S* v_max, float* master, const om::AdamCoeffs<M>& c,
+                                                bool l2, bool decoupled, bool amsgrad) {
+  M pr[K], gr[K], mr[K], vr[K], xr[K];
+  if constexpr (kMaster) {
+    mta::load<K>(master + i, pr);
+  } else {
+    mta::load<K>(param + i, pr);
+  }
+  mta::load<K>(grad + i, gr);
+  mta::load<K>(m + i, mr);
+  mta::load<K>(v + i, vr);
+  if (amsgrad) {
+    mta::load<K>(v_max + i, xr);
+  } else {
+#pragma unroll
+    for (int j = 0; j < K; ++j) xr[j] = M(0);
+  }
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    om::adam_update(pr[j], gr[j], mr[j], vr[j], xr[j], c, l2, decoupled, amsgrad);
+  }
+  if constexpr (kMaster) mta::store<K>(master + i, pr);
+  mta::store<K>(param + i, pr);
+  mta::store<K>(m + i, mr);
+  mta::store<K>(v + i, vr);
+  if (amsgrad) mta::store<K>(v_max + i, xr);
+}
+
+template <typename P, typename S, bool kMaster>
+__global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
+    adam_kernel(const __grid_constant__ AdamChunks chunks, const __grid_constant__ AdamLaunch a) {
+  using M = std::conditional_t<std::is_same_v<P, double>, double, float>;
+  constexpr int kVec = sizeof(P) == 8 ? 2 : 16 / int(sizeof(P));  // 16 bytes of params
+
+  int t;
+  int64_t chunk;
+  mta::locate(chunks, int64_t(blockIdx.x), &t, &chunk);
+
+  __shared__ om::AdamCoeffs<M> coeffs;
+  __shared__ bool skip;
+  if (threadIdx.x == 0) {
+    skip = a.found_inf.ptr != nullptr && mta::read(a.found_inf) != 0.0;
+    if (!skip) {
+      const AdamExtra& e = chunks.extra[t];
+      double bc1 = e.bc1, bc2_sqrt = e.bc2_sqrt;
+      if (a.steps_on_device) {
+        const double step = a.step_is_double
+                                ? *static_cast<const double*>(e.step)
+                                : static_cast<double>(*static_cast<const float*>(e.step));
+        om::adam_bias_corrections(a.hyper.beta1, a.hyper.beta2, step, &bc1, &bc2_sqrt);
+      }
+      coeffs = om::adam_coeffs<M>(a.hyper, mta::read(a.lr), bc1, bc2_sqrt, mta::read(a.grad_scale));
+    }
+  }
+  __syncthreads();
+  if (skip) return;  // GradScaler found an inf / NaN: nothing is written
+  const om::AdamCoeffs<M> c = coeffs;
+
+  const int64_t start = chunk * mta::kChunkSize;
+  const int64_t left = chunks.numel[t] - start;
+  const int64_t n = left < mta::kChunkSize ? left : mta::kChunkSize;
+  P* param = static_cast<P*>(chunks.ptr[0][t]) + start;
+  const P* grad = static_cast<const P*>(chunks.ptr[1][t]) + start;
+  S* m = static_cast<S*>(chunks.ptr[2][t]) + start;
+  S* v = static_cast<S*>(chunks.ptr[3][t]) + start;
+  S* v_max = a.amsgrad ? static_cast<S*>(chunks.ptr[4][t]) + start : nullptr;
+  float* master = kMaster ? static_cast<float*>(chunks.ptr[5][t]) + start : nullptr;
+
+  const bool vec = mta::aligned<kVec>(param) && mta::aligned<kVec>(grad) && mta::aligned<kVec>(m) &&
+                   mta::aligned<kVec>(v) && (!a.amsgrad || mta::aligned<kVec>(v_max)) &&
+                   (!kMaster || mta::aligned<kVec>(master));
+  const int64_t n_vec = vec ? n / kVec * kVec : 0;
+  for (int64_t i = int64_t(threadIdx.x) * kVec; i < n_vec; i += int64_t(blockDim.x) * kVec) {
+    update_elements<kVec, P, S, M, kMaster>(i, param, grad, m, v, v_max, master, c, a.l2,
+                                            a.decoupled, a.amsgrad);
+  }
+  for (int64_t i = n_vec + threadIdx.x; i < n; i += blockDim.x) {
+    update_elements<1, P, S, M, kMaster>(i, param, grad, m, v, v_max, master, c, a.l2, a.decoupled,
+                                         a.amsgrad);
+  }
+}
+
+// ---- Op entry point -----------------------------------------------------------------------------
+
+bool same_layout(const at::Tensor& a, const at::Tensor& ref) {
+  if (a.is_contiguous() && ref.is_contiguous()) return true;
+  return a.is_non_overlapping_and_dense() && a.strides() == ref.strides();
+}
+
+void check_like(const at::Tensor& t, const char* list, size_t i, const at::Tensor& param,
+                c10::ScalarType dtype) {
+  TORCH_CHECK(t.device() == param.device(), "fastnn: adam_step_: ", list, "[", i, "] is on ",
+              t.device(), " but params[", i, "] is on ", param.device());
+  TORCH_CHECK(t.sizes() == param.sizes(), "fastnn: adam_step_: ", list, "[", i, "] has shape ",
+              t.sizes(), " but params[", i, "] has shape ", param.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "fastnn: adam_step_: ", list, "[", i, "] is ",
+              t.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(same_layout(t, param), "fastnn: adam_step_: ", list, "[", i, "] has strides ",
+              t.strides(), " but params[", i, "] has strides ", param.strides(),
+              "; optimizer state must have its parameter's memory layout");
+}
+
+void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                    at::TensorList steps, at::TensorList master_params,
+                    const std::optional<at::Tensor>& lr_tensor,
+                    const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf, double lr, double beta1,
+                    double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                    bool amsgrad, bool maximize) {
+  const size_t n = params.size();
+  auto check_len = [&](at::TensorList list, const char* name) {
+    TORCH_CHECK(list.size() == n, "fastnn: adam_step_: ", name, " has ", list.size(),
+                " tensors but params has ", n);
+  };
+  check_len(grads, "grads");
+  check_len(exp_avgs, "exp_avgs");
+  check_len(exp_avg_sqs, "exp_avg_sqs");
+  check_len(steps, "steps");
+  if (amsgrad) check_len(max_exp_avg_sqs, "max_exp_avg_sqs (amsgrad=True)");
+  const bool has_master = !master_params.empty();
+  if (has_master) check_len(master_params, "master_params");
+  if (n == 0) return;
+
+  const at::Device device = params[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  std::vector<at::Tensor> keep;  // temporaries that must outlive the launches' enqueueing
+  AdamLaunch a;
+  a.found_inf = mta::scalar_arg(found_inf, 0.0, device, "adam_step_", "found_inf", keep);
+  if (a.found_inf.ptr == nullptr && a.found_inf.value != 0.0) return;  // host inf: no change
+  a.grad_scale = mta::scalar_arg(grad_scale, 1.0, device, "adam_step_", "grad_scale", keep);
+  a.lr = mta::scalar_arg(lr_tensor, lr, device, "adam_step_", "lr_tensor", keep);
+  a.hyper = om::AdamHyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize};
+  a.l2 = weight_decay != 0.0 && !decoupled_weight_decay;
+  a.decoupled = weight_decay != 0.0 && decoupled_weight_decay;
+  a.amsgrad = amsgrad;
+  a.steps_on_device = !steps[0].device().is_cpu();
+  a.step_is_double = steps[0].scalar_type() == at::kDouble;
+
+  std::vector<at::Tensor> grads_used(grads.begin(), grads.end());
+  std::vector<std::tuple<int, int, bool>> keys(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    check_same_device(p, "params[i]", params[0], "params[0]");
+    TORCH_CHECK(p.is_cuda(), "fastnn: adam_step_ (CUDA): params[", i, "] is on ", p.device());
+    check_float(p, "params");
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "fastnn: adam_step_: params[", i,
+                "] must be dense (no gaps or overlaps), got strides ", p.strides());
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(g.layout() == at::kStrided, "fastnn: adam_step_: grads[", i,
+                "] is sparse; use torch.optim.SparseAdam for sparse gradients");
+    TORCH_CHECK(g.scalar_type() == p.scalar_type(), "fastnn: adam_step_: grads[", i, "] is ",
+                g.scalar_type(), " but params[", i, "] is ", p.scalar_type());
+    TORCH_CHECK(g.device() == p.device() && g.sizes() == p.sizes(), "fastnn: adam_step_: grads[", i,
+                "] (", g.sizes(), " on ", g.device(), ") does not match params[", i, "] (",
+                p.sizes(), " on ", p.device(), ")");
+    if (!same_layout(g, p)) grads_used[i] = at::empty_like(p).copy_(g);  // read-only: relay out
+    const c10::ScalarType st = exp_avgs[i].scalar_type();
+    TORCH_CHECK(st == p.scalar_type() || st == at::kFloat, "fastnn: adam_step_: exp_avgs[", i,
+                "] is ", st, "; optimizer state must be float32 or its param's dtype (",
+                p.scalar_type(), ")");
+    check_like(exp_avgs[i], "exp_avgs", i, p, st);
+    check_like(exp_avg_sqs[i], "exp_avg_sqs", i, p, st);
+    if (amsgrad) check_like(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, p, st);
+    if (has_master) {
+      TORCH_CHECK(p.scalar_type() == at::kHalf || p.scalar_type() == at::kBFloat16,
+                  "fastnn: adam_step_: master_params are fp32 copies of float16 / bfloat16 params, "
+                  "but params[",
+                  i, "] is ", p.scalar_type());
+      check_like(master_params[i], "master_params", i, p, at::kFloat);
+    }
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.numel() == 1 && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                "fastnn: adam_step_: steps[", i,
+                "] must be a one-element float32 / float64 tensor, got ", s.scalar_type(),
+                " of shape ", s.sizes());
+    if (a.steps_on_device) {
+      TORCH_CHECK(s.device() == device && s.scalar_type() == steps[0].scalar_type(),
+                  "fastnn: adam_step_: steps[", i, "] is ", s.scalar_type(), " on ", s.device(),
+                  " but steps[0] is ", steps[0].scalar_type(), " on ", steps[0].device(),
+                  "; steps must all be on the host or all on the params' device");
+    } else {
+      TORCH_CHECK(s.device().is_cpu(), "fastnn: adam_step_: steps[", i, "] is on ", s.device(),
+                  " but steps[0] is on the host; steps must all be on the host or all on ", device);
+    }
+    keys[i] = {int(p.scalar_type()), int(st), has_master};
+  }
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for (const auto& [key, indices] : mta::group_by<std::tuple<int, int, bool>>(int64_t(n), keys)) {
+    const auto pt = c10::ScalarType(std::get<0>(key));
+    const auto st = c10::ScalarType(std::get<1>(key));
+    mta::dispatch_dtypes(pt, st, has_master, [&]<typename P, typename S, bool kMaster>() {
+      auto fill = [&](AdamChunks& c, int slot, int64_t i) -> int64_t {
+        c.ptr[0][slot] = params[i].data_ptr();
+        c.ptr[1][slot] = const_cast<void*>(grads_used[i].const_data_ptr());
+        c.ptr[2][slot] = exp_avgs[i].data_ptr();
+        c.ptr[3][slot] = exp_avg_sqs[i].data_ptr();
+        c.ptr[4][slot] = amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
+        c.ptr[5][slot] = kMaster ? master_params[i].data_ptr() : nullptr;
+        AdamExtra& e = c.extra[slot];
+        e.step = nullptr;
+        e.bc1 = e.bc2_sqrt = 1.0;
+        if (a.steps_on_device) {
+          e.step = steps[i].const_data_ptr();
+        } else {  // a host counter: read it here (no device synchronisation)
+          const at::Tensor& s = steps[i];
+          const double step = s.scalar_type() == at::kFloat ? double(*s.const_data_ptr<float>())
+                                                            : *s.const_data_ptr<double>();
+          om::adam_bias_corrections(beta1, beta2, step, &e.bc1, &e.bc2_sqrt);
+        }
+        return params[i].numel();
+      };
+      auto launch = [&](const AdamChunks& c, int64_t blocks) {
+        adam_kernel<P, S, kMaster><<<unsigned(blocks), mta::kThreads, 0, stream>>>(c, a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      mta::pack_and_launch<AdamChunks>(indices, fill, launch);
+    });
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastnn, CUDA, m) { m.impl("adam_step_", &adam_step_cuda); }
+
+}  // namespace fastnn::cuda

@@ -21,10 +21,10 @@ from fastnn.triton_kernels.rms_norm import (
     check_same_device,
     contiguous,
     device_context,
-    fwd_config,
     load_sum,
     persistent_programs,
     reduce_partials,
+    row_config,
     tl_acc_dtype,
 )
 
@@ -215,7 +215,7 @@ def layer_norm_fwd(input, residual, weight, bias, eps):
     elif rows > 0:
         x, r = input.contiguous(), contiguous(residual)
         w, b = contiguous(weight), contiguous(bias)
-        block_m, block_n, single, num_warps = fwd_config(rows, n, FWD_MAX_BLOCK)
+        block_m, block_n, single, num_warps = row_config(rows, n, FWD_MAX_BLOCK, 32)
         grid = (triton.cdiv(rows, block_m),)
         with device_context(input):
             _ln_fwd_kernel[grid](
@@ -256,7 +256,7 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
     xc, dy, w = x.contiguous(), grad_out.contiguous(), contiguous(weight)
     dres, mu, rs = contiguous(grad_residual_out), mean.contiguous(), rstd.contiguous()
     flags = dict(HAS_DRES=dres is not None, HAS_W=has_w, HAS_B=has_b, ACC=tl_acc_dtype(x.dtype))
-    block_m, block_n, single, num_warps = fwd_config(rows, n, BWD_MAX_BLOCK)
+    block_m, block_n, single, num_warps = row_config(rows, n, BWD_MAX_BLOCK, 16)
     with device_context(x):
         if single:
             row_blocks = triton.cdiv(rows, block_m)

@@ -133,15 +133,17 @@ def persistent_programs(device, work, per_sm, share=1):
     return max(1, min(work, budget))
 
 
-def fwd_config(rows, n, max_block):
-    """(BLOCK_M, BLOCK_N, single, num_warps) for a row-wise kernel."""
+def row_config(rows, n, max_block, per_thread):
+    """(BLOCK_M, BLOCK_N, single, num_warps) for a row-wise kernel: whole rows (several per
+    program for short rows) up to `max_block`, else one row in LOOP_BLOCK column blocks.
+    num_warps gives each thread about `per_thread` elements (at 4..16 warps): 32 for the forward
+    (x and its fp32 copy), 16 for the backward (x, dy, dW accumulator and temporaries)."""
     block_n = triton.next_power_of_2(n)
     if block_n > max_block:
         return 1, LOOP_BLOCK, False, 16
     block_m = max(1, min(TILE // block_n, triton.next_power_of_2(rows)))
     tile = block_m * block_n
-    # About 32 elements per thread at 4..16 warps: 16-byte accesses with room in registers.
-    num_warps = min(16, max(4, tile // 1024))
+    num_warps = min(16, max(4, tile // (32 * per_thread)))
     return block_m, block_n, True, num_warps
 
 
@@ -332,7 +334,7 @@ def rms_norm_fwd(input, residual, weight, eps):
         rstd.fill_(float("nan"))  # the mean of an empty row, as the reference computes it
     elif rows > 0:
         x, r, w = input.contiguous(), contiguous(residual), contiguous(weight)
-        block_m, block_n, single, num_warps = fwd_config(rows, n, FWD_MAX_BLOCK)
+        block_m, block_n, single, num_warps = row_config(rows, n, FWD_MAX_BLOCK, 32)
         grid = (triton.cdiv(rows, block_m),)
         with device_context(input):
             _rms_fwd_kernel[grid](
@@ -375,7 +377,7 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
     dres, rs = contiguous(grad_residual_out), rstd.contiguous()
     has_w = w is not None
     flags = dict(HAS_DRES=dres is not None, HAS_W=has_w, ACC=tl_acc_dtype(x.dtype))
-    block_m, block_n, single, num_warps = fwd_config(rows, n, BWD_MAX_BLOCK)
+    block_m, block_n, single, num_warps = row_config(rows, n, BWD_MAX_BLOCK, 16)
     with device_context(x):
         if single:
             row_blocks = triton.cdiv(rows, block_m)

@@ -413,3 +413,9 @@ def test_swiglu_mlp_inplace_backward_same_grads(fused):
     mlp(x).square().sum().backward()
     for p, g in zip(mlp.parameters(), grads, strict=True):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_inplace_backward_under_compile_is_a_clear_error():
+    mlp = fastnn.SwiGLUMLP(8, 16, inplace_backward=True)
+    with pytest.raises(Exception, match="inplace_backward=True is for eager mode"):
+        torch.compile(mlp, fullgraph=True, backend="aot_eager")(torch.randn(2, 8))

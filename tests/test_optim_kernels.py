@@ -508,3 +508,156 @@ def test_opcheck_native_ops():
         (*lists, torch.tensor(1e-3), torch.tensor(2.0), torch.tensor(0.0)),
         dict(RMSPROP_KW, weight_decay=0.01, momentum=0.9, centered=True, maximize=False),
     )
+
+
+# ---- CUDA (runs where a GPU is present; the kernels share the math tested above) ---------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _to(lists, device):
+    return [[t.to(device) for t in ts] for ts in lists]
+
+
+def _misaligned(t):
+    """t's values in a view one element past the start of its allocation: not 16-byte aligned,
+    so the kernel takes its scalar path."""
+    view = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+    return view.copy_(t)
+
+
+def _lr_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_adam_cuda(dtype, capturable, misaligned):
+    """CUDA kernel vs the fp64 reference: host or device steps / lr, device grad_scale and
+    found_inf = 0, master weights for fp16 / bf16, aligned (vector) and misaligned (scalar)."""
+    skip_unless_available("native", "adam", "cuda")
+    kw = dict(ADAM_KW, weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True, maximize=True)
+    master = dtype in LOW
+    lists, steps = _adam_state(SIZES, dtype, torch.float32 if master else dtype, True, master)
+    lists[1] = [g * 4 for g in lists[1]]  # scaled grads (exact: a power of two)
+    eager, ref64 = _clone(lists), _to64(lists)
+    dev = _to(lists, "cuda")
+    if misaligned:
+        dev = [[_misaligned(t) for t in ts] for ts in dev]
+    _adam(
+        "native",
+        dev,
+        [s.cuda() for s in steps] if capturable else steps,
+        # fp64 params get an fp64 lr tensor: float32(1e-2) would be off by 2e-10 relative
+        lr_tensor=torch.tensor(kw["lr"], dtype=_lr_dtype(dtype), device="cuda")
+        if capturable
+        else None,
+        grad_scale=torch.tensor(4.0, device="cuda"),
+        found_inf=torch.tensor(0.0, device="cuda"),
+        **kw,
+    )
+    _adam("torch", eager, steps, grad_scale=torch.tensor(4.0), **kw)
+    _adam("torch", ref64, steps, grad_scale=torch.tensor(4.0), **kw)
+    _check(_to(dev, "cpu"), ref64, eager, ADAM_NAMES)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_rmsprop_cuda(dtype, misaligned):
+    skip_unless_available("native", "rmsprop", "cuda")
+    kw = dict(RMSPROP_KW, centered=True, momentum=0.9, weight_decay=0.1, maximize=True)
+    master = dtype in LOW
+    lists = _rmsprop_state(SIZES, dtype, torch.float32 if master else dtype, True, True, master)
+    lists[1] = [g * 4 for g in lists[1]]
+    eager, ref64 = _clone(lists), _to64(lists)
+    dev = _to(lists, "cuda")
+    if misaligned:
+        dev = [[_misaligned(t) for t in ts] for ts in dev]
+    _rmsprop(
+        "native",
+        dev,
+        lr_tensor=torch.tensor(kw["lr"], dtype=_lr_dtype(dtype), device="cuda"),
+        grad_scale=torch.tensor(4.0, device="cuda"),
+        found_inf=torch.tensor(0.0, device="cuda"),
+        **kw,
+    )
+    _rmsprop("torch", eager, grad_scale=torch.tensor(4.0), **kw)
+    _rmsprop("torch", ref64, grad_scale=torch.tensor(4.0), **kw)
+    _check(_to(dev, "cpu"), ref64, eager, RMSPROP_NAMES)
+
+
+@needs_cuda
+def test_cuda_many_tensors_several_launches():
+    """800 tensors: more than one launch's kernel parameters hold (about 370 for Adam)."""
+    skip_unless_available("native", "adam", "cuda")
+    sizes = [(int(n),) for n in torch.randint(0, 5000, (800,), generator=_gen(11))]
+    sizes[5] = (300_001,)
+    kw = dict(
+        ADAM_KW, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False
+    )
+    lists, steps = _adam_state(sizes, torch.float32, torch.float32, False, False)
+    ref64, dev = _to64(lists), _to(lists, "cuda")
+    _adam("native", dev, steps, **kw)
+    _adam("torch", ref64, steps, **kw)
+    _check(_to(dev, "cpu"), ref64, _clone(lists), ADAM_NAMES)
+    rkw = dict(RMSPROP_KW, centered=False, momentum=0.0, weight_decay=0.0, maximize=False)
+    rlists = _rmsprop_state(sizes, torch.float32, torch.float32, False, False, False)
+    ref64, dev = _to64(rlists), _to(rlists, "cuda")
+    _rmsprop("native", dev, **rkw)
+    _rmsprop("torch", ref64, **rkw)
+    _check(_to(dev, "cpu"), ref64, _clone(rlists), RMSPROP_NAMES)
+
+
+@needs_cuda
+def test_cuda_found_inf_on_device_writes_nothing():
+    skip_unless_available("native", "adam", "cuda")
+    kw = dict(ADAM_KW, weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True, maximize=False)
+    lists, steps = _adam_state(SIZES, torch.bfloat16, torch.float32, True, True)
+    dev = _to(lists, "cuda")
+    before = _clone(dev)
+    found = torch.tensor(1.0, device="cuda")
+    scale = torch.tensor(2.0, device="cuda")
+    _adam("native", dev, [s.cuda() for s in steps], grad_scale=scale, found_inf=found, **kw)
+    rkw = dict(RMSPROP_KW, centered=True, momentum=0.9, weight_decay=0.1, maximize=False)
+    rlists = _to(_rmsprop_state(SIZES, torch.float16, torch.float16, True, True, True), "cuda")
+    rbefore = _clone(rlists)
+    _rmsprop("native", rlists, grad_scale=scale, found_inf=found, **rkw)
+    for outs, befores in zip(dev + rlists, before + rbefore, strict=True):
+        for out, b in zip(outs, befores, strict=True):
+            assert torch.equal(out, b)
+
+
+@needs_cuda
+def test_cuda_graph_replay_reads_lr_and_steps_from_the_device():
+    """A captured step replays with the current device lr and step counts."""
+    skip_unless_available("native", "adam", "cuda")
+    kw = dict(
+        ADAM_KW, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False
+    )
+    lists, steps = _adam_state(((1000,), (33, 65)), torch.float32, torch.float32, False, False)
+    dev = _to(lists, "cuda")
+    dsteps = [s.cuda() for s in steps]
+    lr = torch.tensor(1e-2, device="cuda")
+
+    def step():
+        _adam("native", dev, dsteps, lr_tensor=lr, **kw)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    torch.cuda.synchronize()
+    ref64 = _to64(_to(dev, "cpu"))
+    lr.fill_(5e-3)
+    for s in dsteps:
+        s.add_(1)
+    graph.replay()
+    _adam("torch", ref64, [s.cpu() for s in dsteps], **dict(kw, lr=5e-3))
+    _check(_to(dev, "cpu"), ref64, _to(dev, "cpu"), ADAM_NAMES)

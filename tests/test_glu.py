@@ -419,3 +419,17 @@ def test_inplace_backward_under_compile_is_a_clear_error():
     mlp = fastnn.SwiGLUMLP(8, 16, inplace_backward=True)
     with pytest.raises(Exception, match="inplace_backward=True is for eager mode"):
         torch.compile(mlp, fullgraph=True, backend="aot_eager")(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["glu_bwd_", "glu_packed_bwd_"])
+def test_opcheck_inplace_ops(backend, op):
+    skip_unless_available(backend, "glu", "cpu")
+    gen = torch.Generator().manual_seed(10)
+    dh = torch.randn(3, 6, generator=gen)
+    args = (
+        (dh, torch.randn(3, 6, generator=gen), torch.randn(3, 6, generator=gen), "silu")
+        if op == "glu_bwd_"
+        else (dh, torch.randn(3, 12, generator=gen), "gelu")
+    )
+    torch.library.opcheck(getattr(torch.ops.fastnn, ops.PREFIX[backend] + op).default, args)

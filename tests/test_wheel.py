@@ -4,9 +4,10 @@ op run on the native CPU backend against the fp64 reference, and, for a CUDA bui
 kernels found registered.
 
 Variant (FASTNN_WHEEL_TEST_VARIANT): `cpu` by default (FASTNN_BUILD_CUDA=0), because CI runs this
-on 2 cores: measured on this 2-core machine, shared and loaded, the CPU-only wheel with 6 C++
-sources took 392 s wall (124 s CPU) from scratch, and a CUDA wheel for the single arch 9.0 much
-longer, every .cu file being compiled by nvcc on top of the C++ sources (see the report of issue 8).
+on 2 cores. Measured from scratch on this 2-core machine (shared: load average 7-15), MAX_JOBS=2,
+6 C++ sources and 3 .cu files: the CPU-only wheel took 124 s CPU (392 s wall); the CUDA wheel for
+the one arch 9.0 took 279 s CPU (1185 s wall), nvcc costing about 50 s CPU per .cu file. The whole
+test (build, venv, install, run) took 94-145 s CPU (11-13 min wall at that load).
 `cuda` builds for FASTNN_WHEEL_TEST_ARCH (default 9.0) and also checks the CUDA kernels. Objects
 are kept in build/wheel-test-<variant>, so a rerun recompiles only changed sources.
 """

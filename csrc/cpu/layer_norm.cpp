@@ -15,6 +15,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <tuple>
 
 #include "fastnn/checks.h"
@@ -43,15 +44,15 @@ template <bool kAvx2, typename T, typename A>
 FASTNN_ALWAYS_INLINE void fwd_rows(const FwdArgs<T, A>& a, int64_t begin, int64_t end) {
   constexpr bool kSame = std::is_same_v<T, A>;
   const int64_t n = a.n;
-  std::vector<A> scratch(kSame ? 0 : 2 * n);
-  A* __restrict__ xb = scratch.data();
-  A* __restrict__ rb = kSame ? nullptr : xb + n;
+  std::unique_ptr<A[]> scratch(kSame ? nullptr : new A[2 * n]);
+  A* xb = scratch.get();  // not restrict: the lowp residual path adds into it in place
+  A* rb = kSame ? nullptr : xb + n;
   const A* __restrict__ w = a.w;
   const A* __restrict__ bias = a.b;
   const A inv_n = A(1) / static_cast<A>(n);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t off = r * n;
-    const A* __restrict__ x;
+    const A* x;  // may be xb, which y then overwrites in place
     if (a.res != nullptr) {
       if constexpr (kSame) {
         A* __restrict__ s = a.res_out + off;
@@ -70,12 +71,12 @@ FASTNN_ALWAYS_INLINE void fwd_rows(const FwdArgs<T, A>& a, int64_t begin, int64_
     } else {
       x = load_row<kAvx2>(a.x + off, xb, n);
     }
-    const A mean = row_sum<Term::kX>(x, x, x, A(0), n) * inv_n;
-    const A var = row_sum<Term::kDevSq>(x, x, x, mean, n) * inv_n;
+    const A mean = row_sum<Term::kX>(x, x, A(0), n) * inv_n;
+    const A var = row_sum<Term::kDevSq>(x, x, mean, n) * inv_n;
     const A rstd = A(1) / std::sqrt(var + a.eps);
     a.mean[r] = mean;
     a.rstd[r] = rstd;
-    A* __restrict__ y = out_row<T>(a.y + off, xb);  // xb: y[i] only needs x[i]
+    A* y = out_row<T>(a.y + off, xb);  // xb: y[i] only needs x[i]
     for (int64_t i = 0; i < n; ++i) y[i] = ((x[i] - mean) * rstd) * w[i] + bias[i];
     if constexpr (!kSame) store_row<kAvx2>(xb, a.y + off, n);
   }
@@ -109,16 +110,19 @@ struct BwdArgs {
   RowBlocks blocks;
 };
 
+// Per row, two passes over the (L1/L2-resident) row: pass 1 accumulates sum(g) and
+// sum(g * xhat) in a fixed lane order and adds dy * xhat and dy into the block's dW / dB
+// partials; pass 2 writes dx. xhat and g are recomputed in pass 2 rather than stored.
 template <bool kAvx2, typename T, typename A>
 FASTNN_ALWAYS_INLINE void bwd_blocks(const BwdArgs<T, A>& a, int64_t blk_begin, int64_t blk_end) {
+  using V = vec_t<A>;
+  constexpr int64_t W = kVecWidth<A>, kStep = 2 * W;
   constexpr bool kSame = std::is_same_v<T, A>;
   const int64_t n = a.n;
-  std::vector<A> scratch((kSame ? 2 : 5) * n);
-  A* __restrict__ hb = scratch.data();  // xhat
-  A* __restrict__ gb = hb + n;          // dy * w
-  A* __restrict__ xb = kSame ? nullptr : gb + n;
-  A* __restrict__ db = kSame ? nullptr : xb + n;
-  A* __restrict__ rb = kSame ? nullptr : db + n;
+  std::unique_ptr<A[]> scratch(kSame ? nullptr : new A[3 * n]);
+  A* xb = scratch.get();
+  A* db = kSame ? nullptr : xb + n;
+  A* rb = kSame ? nullptr : db + n;
   const A* __restrict__ w = a.w;
   const A inv_n = A(1) / static_cast<A>(n);
   for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
@@ -129,25 +133,56 @@ FASTNN_ALWAYS_INLINE void bwd_blocks(const BwdArgs<T, A>& a, int64_t blk_begin, 
     const int64_t row_end = std::min(a.rows, (blk + 1) * a.blocks.per_block);
     for (int64_t r = blk * a.blocks.per_block; r < row_end; ++r) {
       const int64_t off = r * n;
-      const A* __restrict__ x = load_row<kAvx2>(a.x + off, xb, n);
+      const A* x = load_row<kAvx2>(a.x + off, xb, n);
       const A* __restrict__ dy = load_row<kAvx2>(a.dy + off, db, n);
       const A mean = a.mean[r], rstd = a.rstd[r];
-      for (int64_t i = 0; i < n; ++i) {
-        hb[i] = (x[i] - mean) * rstd;
-        gb[i] = dy[i] * w[i];
+      const V mv = V{} + mean, rs = V{} + rstd;
+      A g_sum = 0, gh_sum = 0;  // sum(g), sum(g * xhat)
+      for (int64_t base = 0; base < n; base += kChunk) {
+        const int64_t end = std::min(base + kChunk, n);
+        V g0{}, g1{}, s0{}, s1{};
+        int64_t i = base;
+        for (; i + kStep <= end; i += kStep) {
+          const V d0 = vload(dy + i), d1 = vload(dy + i + W);
+          const V h0 = (vload(x + i) - mv) * rs, h1 = (vload(x + i + W) - mv) * rs;
+          const V e0 = d0 * vload(w + i), e1 = d1 * vload(w + i + W);
+          g0 += e0;
+          g1 += e1;
+          s0 += e0 * h0;
+          s1 += e1 * h1;
+          if (pw != nullptr) {
+            vstore(pw + i, vload(pw + i) + d0 * h0);
+            vstore(pw + i + W, vload(pw + i + W) + d1 * h1);
+          }
+          if (pb != nullptr) {
+            vstore(pb + i, vload(pb + i) + d0);
+            vstore(pb + i + W, vload(pb + i + W) + d1);
+          }
+        }
+        A lg[kStep] = {}, ls[kStep] = {};
+        std::memcpy(lg, &g0, sizeof g0);
+        std::memcpy(lg + W, &g1, sizeof g1);
+        std::memcpy(ls, &s0, sizeof s0);
+        std::memcpy(ls + W, &s1, sizeof s1);
+        for (int64_t l = 0; i < end; ++i, ++l) {
+          const A h = (x[i] - mean) * rstd, e = dy[i] * w[i];
+          lg[l] += e;
+          ls[l] += e * h;
+          if (pw != nullptr) pw[i] += dy[i] * h;
+          if (pb != nullptr) pb[i] += dy[i];
+        }
+        g_sum += fold_lanes<kStep>(lg);
+        gh_sum += fold_lanes<kStep>(ls);
       }
-      const A g_mean = row_sum<Term::kX>(gb, gb, gb, A(0), n) * inv_n;
-      const A gx_mean = row_sum<Term::kXY>(gb, hb, hb, A(0), n) * inv_n;
-      if (pw != nullptr)
-        for (int64_t i = 0; i < n; ++i) pw[i] += dy[i] * hb[i];
-      if (pb != nullptr)
-        for (int64_t i = 0; i < n; ++i) pb[i] += dy[i];
-      A* __restrict__ dx = out_row<T>(a.dx + off, xb);  // x is no longer needed
+      const A g_mean = g_sum * inv_n, gh_mean = gh_sum * inv_n;
+      A* dx = out_row<T>(a.dx + off, xb);  // in place over x (same index only) when T != A
       if (a.gres != nullptr) {
         const A* __restrict__ gr = load_row<kAvx2>(a.gres + off, rb, n);
-        for (int64_t i = 0; i < n; ++i) dx[i] = rstd * (gb[i] - g_mean - hb[i] * gx_mean) + gr[i];
+        for (int64_t i = 0; i < n; ++i)
+          dx[i] = rstd * (dy[i] * w[i] - g_mean - ((x[i] - mean) * rstd) * gh_mean) + gr[i];
       } else {
-        for (int64_t i = 0; i < n; ++i) dx[i] = rstd * (gb[i] - g_mean - hb[i] * gx_mean);
+        for (int64_t i = 0; i < n; ++i)
+          dx[i] = rstd * (dy[i] * w[i] - g_mean - ((x[i] - mean) * rstd) * gh_mean);
       }
       if constexpr (!kSame) store_row<kAvx2>(xb, a.dx + off, n);
     }

@@ -328,10 +328,6 @@ def load_checkpoint(path, runs, cfg, data):
             optim_state_dict=state["optim"],
             options=StateDictOptions(full_state_dict=True),
         )
-        # torch.optim's load_state_dict hands betas back as a list; fastnn.optim (at this commit)
-        # accepts only a tuple there, so give it one.
-        for group in run.opt.param_groups:
-            group["betas"] = tuple(group["betas"])
     return ckpt["step"]
 
 

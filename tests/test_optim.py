@@ -780,3 +780,18 @@ def test_opcheck(backend, op):
         kw = dict(lr=0.0, alpha=0.9, eps=1e-8, weight_decay=0.1, momentum=0.9, centered=True)
         kw["maximize"] = False
     torch.library.opcheck(fastnn.ops.get(backend, op), args, kw)
+
+
+def test_betas_as_a_list_as_checkpoint_loaders_hand_them_back():
+    """torch.distributed.checkpoint's set_state_dict returns betas as a list; step() takes it."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    ref = torch.nn.Parameter(p.detach().clone())
+    opt = fastnn.optim.AdamW([p], betas=[0.9, 0.95])
+    ref_opt = torch.optim.AdamW([ref], betas=(0.9, 0.95), foreach=False)
+    for _ in range(3):
+        p.grad = torch.ones_like(p)
+        ref.grad = torch.ones_like(ref)
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(p, ref)

@@ -196,7 +196,7 @@ class FusedStepMixin:
         # Values the kernels take as host floats: refuse device tensors before any update.
         for key in ("betas", "eps", "weight_decay", "alpha", "momentum"):
             if key in group:
-                values = group[key] if isinstance(group[key], tuple) else (group[key],)
+                values = group[key] if isinstance(group[key], (tuple, list)) else (group[key],)
                 for v in values:
                     host_float(v, key)
 

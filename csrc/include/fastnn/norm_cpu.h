@@ -210,9 +210,11 @@ FASTNN_ALWAYS_INLINE void add_term(vec_t<A>& acc, const A* x, const A* y, const 
 }
 
 template <Term kTerm, typename A>
-FASTNN_ALWAYS_INLINE A row_sum(const A* x, const A* y, A c, int64_t n) {
+FASTNN_ALWAYS_INLINE A row_sum(const A* x, const A* y, A c, int64_t n,
+                               const A* prefetch = nullptr) {
   using V = vec_t<A>;
   constexpr int64_t W = kVecWidth<A>, kStep = W * kAccs, kLanes = W * kAccs;
+  constexpr int64_t kLine = 64 / sizeof(A);  // one step is two 64-byte cache lines
   static_assert(kChunk % kStep == 0, "a chunk holds whole steps");
   const V cv = V{} + c;
   A total = 0;
@@ -221,6 +223,10 @@ FASTNN_ALWAYS_INLINE A row_sum(const A* x, const A* y, A c, int64_t n) {
     V a0{}, a1{}, a2{}, a3{};
     int64_t i = base;
     for (; i + kStep <= end; i += kStep) {
+      if (prefetch != nullptr) {
+        __builtin_prefetch(prefetch + i);
+        __builtin_prefetch(prefetch + i + kLine);
+      }
       add_term<kTerm>(a0, x + i, y + i, cv);
       add_term<kTerm>(a1, x + i + W, y + i + W, cv);
       add_term<kTerm>(a2, x + i + 2 * W, y + i + 2 * W, cv);

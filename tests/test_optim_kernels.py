@@ -160,13 +160,15 @@ def test_adam_low_precision_state_and_master(dtype, state_dtype, master):
             assert torch.equal(p, w.to(dtype))
 
 
-def test_adam_grad_scale_lr_tensor_and_found_inf_zero():
+# 1024: a power of two (GradScaler's), applied as an exact multiply; 3: a true division.
+@pytest.mark.parametrize("scale_value", [1024.0, 3.0])
+def test_adam_grad_scale_lr_tensor_and_found_inf_zero(scale_value):
     """grad_scale divides the grads inside the kernel; lr_tensor overrides lr; found_inf = 0
     changes nothing."""
-    scale = torch.tensor(1024.0)
+    scale = torch.tensor(scale_value)
     kw = dict(ADAM_KW, weight_decay=0.1, decoupled_weight_decay=False, amsgrad=False, maximize=True)
     kw["lr"] = 123.0  # ignored: lr_tensor wins
-    lists, steps = _adam_state(SIZES, torch.float32, torch.float32, False, False, scale=1024.0)
+    lists, steps = _adam_state(SIZES, torch.float32, torch.float32, False, False, scale=scale_value)
     ref64 = _to64(lists)
     _adam(
         "native",
@@ -177,8 +179,7 @@ def test_adam_grad_scale_lr_tensor_and_found_inf_zero():
         found_inf=torch.tensor(0.0),
         **kw,
     )
-    ref_grads = [[g / 1024.0 for g in ref64[1]]]
-    ref64[1] = ref_grads[0]
+    ref64[1] = [g / scale_value for g in ref64[1]]
     _adam("torch", ref64, steps, **dict(kw, lr=1e-2))
     for name, outs, refs in zip(
         ADAM_NAMES[2:4] + ADAM_NAMES[:1],

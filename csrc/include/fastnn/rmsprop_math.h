@@ -17,7 +17,7 @@ struct RmspropHyper {
 
 template <typename M>
 struct RmspropCoeffs {
-  M grad_divisor;               // grad_scale (1 without one), negated for maximize
+  GradUnscale<M> grad;          // g / d, d = grad_scale (1 without one), negated for maximize
   M weight_decay;               // L2 term: g + wd * p
   M alpha, one_minus_alpha;     // square_avg * alpha + (1 - alpha) * g * g
   LerpWeight<M> grad_avg_lerp;  // grad_avg.lerp_(grad, 1 - alpha)
@@ -29,7 +29,7 @@ struct RmspropCoeffs {
 template <typename M>
 FASTNN_OPT_HD RmspropCoeffs<M> rmsprop_coeffs(const RmspropHyper& h, double lr, double grad_scale) {
   RmspropCoeffs<M> c;
-  c.grad_divisor = static_cast<M>(h.maximize ? -grad_scale : grad_scale);
+  c.grad = grad_unscale<M>(h.maximize ? -grad_scale : grad_scale);
   c.weight_decay = static_cast<M>(h.weight_decay);
   c.alpha = static_cast<M>(h.alpha);
   c.one_minus_alpha = static_cast<M>(1.0 - h.alpha);
@@ -46,7 +46,7 @@ FASTNN_OPT_HD RmspropCoeffs<M> rmsprop_coeffs(const RmspropHyper& h, double lr, 
 template <typename V, typename M>
 FASTNN_OPT_HD void rmsprop_update(V& p, V g, V& sq, V& grad_avg, V& buf, const RmspropCoeffs<M>& c,
                                   bool l2, bool centered, bool momentum) {
-  g = g / c.grad_divisor;
+  g = unscale_(g, c.grad);
   if (l2) g = g + c.weight_decay * p;
   sq = sq * c.alpha + c.one_minus_alpha * g * g;  // addcmul: self + (value * t1) * t2
   V avg;

@@ -6,8 +6,8 @@
 // vectorise at -O3. The build compiles for the baseline ISA (SSE2 on x86-64), so every kernel is
 // instantiated twice: once for the baseline and once inside a function with
 // __attribute__((target("avx2,fma,f16c"))), picked at run time by has_avx2(). The always-inline
-// row code is then vectorised with 256-bit registers in the AVX2 copy (measured on a 2-core EPYC,
-// [4096, 4096] fp32 RMSNorm forward: see the report of issue 3).
+// row code is then vectorised with 256-bit registers in the AVX2 copy (checked in the
+// disassembly: ymm loads and FMAs in *_avx2, xmm pairs in *_base).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,17 +1,18 @@
 """Triton multi-tensor RMSprop update (`fastnn::triton_rmsprop_step_`).
 
-The same multi-tensor scheme as the Adam kernel (fastnn/triton_kernels/adam.py, whose launch
-helpers this module uses): one launch per (device, dtype signature) over a cached table of
-64K-element chunks, fp32 math (fp64 for fp64 params), IEEE sqrt and division, grad_scale /
-found_inf / lr_tensor read on the device, nothing written when found_inf != 0.
+The same multi-tensor launch as Adam (fastnn/triton_kernels/multi_tensor.py): one launch per
+(device, dtype signature) over a cached table of 64K-element chunks, fp32 math (fp64 for fp64
+params), IEEE sqrt and division, grad_scale / found_inf / lr_tensor read on the device, nothing
+written when found_inf != 0. This file holds RMSprop's kernel and its math.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from fastnn.triton_kernels import adam as mt
-from fastnn.triton_kernels.adam import div_ieee, sqrt_ieee
+from fastnn.triton_kernels import adam
+from fastnn.triton_kernels import multi_tensor as mt
+from fastnn.triton_kernels.multi_tensor import div_ieee, sqrt_ieee
 
 
 @triton.jit
@@ -186,7 +187,7 @@ def rmsprop_step_(
         raise ValueError("fastnn.rmsprop_step_: momentum > 0 needs one momentum_buffer per param")
     gas = grad_avgs if centered else []
     bufs = momentum_buffers if has_momentum else []
-    cdt = mt.check_lists(
+    plan = mt.check_lists(
         "rmsprop_step_",
         params,
         grads,
@@ -195,37 +196,19 @@ def rmsprop_step_(
         ("momentum_buffers", bufs),
         ("master_params", master_params),
     )
-    if cdt is None:
+    if plan is None:
         return
-    device = params[0].device
-    live = [i for i, p in enumerate(params) if p.numel() > 0]
-    if not live:
-        return
+    cdt, device, live = plan
     lr_ptr = mt.on_device(lr_tensor, device)
     scale = mt.on_device(grad_scale, device)
     inf = mt.on_device(found_inf, device)
-    lists = [params, grads, square_avgs, gas, bufs, master_params]
-    mutable = [True, False, True, True, True, True]
-    write_back, flat = [], []
-    for i in live:
-        present = [(k, lst[i]) for k, lst in enumerate(lists) if lst]
-        views, wb = mt.flat_views([t for _, t in present], [mutable[k] for k, _ in present])
-        write_back += wb
-        row = [None] * 6
-        for (k, _), v in zip(present, views, strict=True):
-            row[k] = v
-        flat.append(row)
-    kernel = _rmsprop_f64 if cdt == torch.float64 else _rmsprop_f32
-    groups = mt.dtype_groups(
-        len(live), [[r[k] for r in flat] if lists[k] else [] for k in range(6)]
-    )
-    for sig, idx in groups.items():
-        addrs = [[t.data_ptr() if t is not None else 0 for t in flat[j]] for j in idx]
-        sizes = [d.itemsize if d else 4 for d in sig]
-        numels = [flat[j][0].numel() for j in idx]
-        table, is_aligned = mt.chunk_table(addrs, sizes, numels, idx, device, mt.CHUNK)
-        kernel[(table.shape[0],)](
-            table,
+    mt.launch(
+        _rmsprop_f64 if cdt == torch.float64 else _rmsprop_f32,
+        [params, grads, square_avgs, gas, bufs, master_params],
+        [True, False, True, True, True, True],
+        live,
+        device,
+        (
             lr_ptr,
             scale,
             inf,
@@ -235,12 +218,9 @@ def rmsprop_step_(
             float(eps),
             float(weight_decay),
             float(momentum),
-            P_T=mt.triton_dtype(sig[0]),
-            G_T=mt.triton_dtype(sig[1]),
-            SQ_T=mt.triton_dtype(sig[2]),
-            GA_T=mt.triton_dtype(sig[3]),
-            BUF_T=mt.triton_dtype(sig[4]),
-            W_T=mt.triton_dtype(sig[5]),
+        ),
+        ("P_T", "G_T", "SQ_T", "GA_T", "BUF_T", "W_T"),
+        dict(
             HAS_LR_PTR=lr_ptr is not None,
             HAS_SCALE=scale is not None,
             HAS_INF=inf is not None,
@@ -249,9 +229,9 @@ def rmsprop_step_(
             CENTERED=bool(centered),
             HAS_MOMENTUM=has_momentum,
             MAXIMIZE=bool(maximize),
-            ALIGNED=is_aligned,
-            BLOCK=mt.BLOCK,
-            num_warps=mt.NUM_WARPS,
-        )
-    for original, copy in write_back:
-        original.copy_(copy)
+        ),
+        # Adam's chunk and tile sizes, read at call time (tests shrink them there for both).
+        adam.CHUNK,
+        adam.BLOCK,
+        adam.NUM_WARPS,
+    )

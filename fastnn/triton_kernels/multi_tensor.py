@@ -1,0 +1,222 @@
+"""Multi-tensor launch machinery shared by the Triton optimizer kernels (adam.py, rmsprop.py).
+
+One launch per (device, dtype signature) group: the host splits every tensor into chunks of
+`chunk` elements and writes one int64 row per chunk into a table, [n_chunks, 8]: the byte
+addresses of param, grad and each state tensor advanced to the chunk's first element, the
+chunk's element count and the tensor's index in the lists. Program i reads row i, turns the
+addresses back into typed pointers and updates its chunk in tiles of BLOCK elements. So a step
+over hundreds of tensors is one launch, and no per-tensor Python work reaches the GPU. The table
+depends only on addresses and sizes, so it is cached (LRU): in steady training the parameters,
+states and (usually) gradients keep their addresses and no table is copied to the device; that
+also makes step() capturable in a CUDA graph once a warm-up step has built the table.
+
+Each op's file keeps its @triton.jit kernel (table row -> pointers -> tiles) and its update math;
+div_ieee / sqrt_ieee here are the IEEE-rounded primitives both use (no approximate instructions).
+"""
+
+import collections
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+TABLE_COLS = 8  # six addresses, chunk numel, tensor index
+
+_TRITON_DTYPE = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
+
+
+def check_lists(name, params, grads, *lists):
+    """Errors for lists the kernels cannot take. Returns None when there is nothing to update
+    (no params, or only zero-size ones), else (compute dtype, device, indices of the non-empty
+    params).
+
+    lists: (name for errors, list) pairs of per-param tensors, [] for a list the op leaves out."""
+    for what, lst in lists:
+        if lst and len(lst) != len(params):
+            raise ValueError(f"fastnn.{name}: {what} has {len(lst)} tensors, params {len(params)}")
+    if len(grads) != len(params):
+        raise ValueError(f"fastnn.{name}: grads has {len(grads)} tensors, params {len(params)}")
+    if not params:
+        return None
+    device = params[0].device
+    if device.type != "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter copies tensor arguments to the host, but the launch table holds raw
+        # device addresses, which the host cannot read.
+        raise RuntimeError(
+            f"fastnn.{name}: the Triton multi-tensor kernels run on {device.type} tensors only "
+            "compiled; unset TRITON_INTERPRET (the interpreter runs them on CPU tensors)"
+        )
+    for i, p in enumerate(params):
+        tensors = [("param", p), ("grad", grads[i])] + [(w, lst[i]) for w, lst in lists if lst]
+        for what, t in tensors:
+            if t.dtype not in _TRITON_DTYPE:
+                raise TypeError(f"fastnn.{name}: {what} {i} has unsupported dtype {t.dtype}")
+            if t.device != device:
+                raise ValueError(f"fastnn.{name}: {what} {i} is on {t.device}, params on {device}")
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"fastnn.{name}: {what} {i} has shape {tuple(t.shape)}, param {tuple(p.shape)}"
+                )
+    live = [i for i, p in enumerate(params) if p.numel() > 0]
+    if not live:
+        return None
+    cdt = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    return cdt, device, live
+
+
+def _dense(t):
+    """No gaps and no overlap: sorted by stride, each stride is the product of the sizes below."""
+    expected = 1
+    for stride, size in sorted(
+        (st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def flat_views(tensors, mutable):
+    """Tensors the kernel can walk as flat memory, element i of each matching element i of the
+    others. Already true when all are dense (no gaps, no overlap) with equal strides, e.g. a
+    transposed or channels_last param with its preserve_format state and grad; otherwise the
+    kernel works on contiguous copies. Returns (views, [(original, copy)] to write back)."""
+    if all(t.is_contiguous() for t in tensors):
+        return list(tensors), []
+    first = tensors[0]
+    if _dense(first) and all(t.stride() == first.stride() for t in tensors):
+        return list(tensors), []
+    views, write_back = [], []
+    for t, is_mutable in zip(tensors, mutable, strict=True):
+        c = t.contiguous()
+        views.append(c)
+        if is_mutable and c is not t:
+            write_back.append((t, c))
+    return views, write_back
+
+
+_TABLES = collections.OrderedDict()
+_TABLES_MAX = 64  # distinct (address set) tables kept; an optimizer normally needs one per group
+
+
+def chunk_table(addrs, elem_sizes, numels, indices, device, chunk):
+    """The int64 [n_chunks, 8] launch table on `device` (see the module docstring), and whether
+    all its addresses are 16-byte aligned.
+
+    addrs: one list of 6 byte addresses per tensor (0 where the kernel reads none),
+    elem_sizes: the 6 element sizes in bytes, numels: elements per tensor (all > 0),
+    indices: each tensor's index in the op's lists."""
+    key = (device, chunk, tuple(map(tuple, addrs)), tuple(numels), tuple(indices))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit[0], hit[2]
+    a = torch.tensor(addrs, dtype=torch.int64)
+    # 16-byte vector accesses when every address (and so every chunk start) is 16-byte aligned.
+    is_aligned = bool((a % 16 == 0).all()) and all(chunk * s % 16 == 0 for s in elem_sizes)
+    n = torch.tensor(numels, dtype=torch.int64)
+    chunks = (n + chunk - 1) // chunk
+    owner = torch.repeat_interleave(torch.arange(len(numels)), chunks)
+    first = torch.cumsum(chunks, 0) - chunks
+    start = (torch.arange(owner.numel()) - first[owner]) * chunk
+    base = a[owner]
+    rows = base + start[:, None] * torch.tensor(elem_sizes, dtype=torch.int64)[None, :]
+    rows = torch.where(base != 0, rows, 0)
+    count = torch.clamp(n[owner] - start, max=chunk)
+    index = torch.tensor(indices, dtype=torch.int64)[owner]
+    host = torch.cat([rows, count[:, None], index[:, None]], 1).contiguous()
+    if device.type == "cpu":
+        table = host
+    else:
+        # Pinned and non-blocking: no host sync. The pinned buffer stays in the cache with the
+        # table, so a CUDA graph that captured this copy never reads freed host memory.
+        host = host.pin_memory()
+        table = host.to(device, non_blocking=True)
+    _TABLES[key] = (table, host, is_aligned)
+    if len(_TABLES) > _TABLES_MAX:
+        _TABLES.popitem(last=False)
+    return table, is_aligned
+
+
+def on_device(t, device):
+    """t (a scalar tensor or None) on `device`, copied without a host sync if needed."""
+    if t is None or t.device == device:
+        return t
+    return t.to(device, non_blocking=True)
+
+
+def dtype_groups(n, lists):
+    """Indices 0..n-1 grouped by the dtypes of lists[k][i] (a launch specialises on them)."""
+    kinds = [{t.dtype for t in lst} if lst else {None} for lst in lists]
+    if all(len(k) == 1 for k in kinds):  # the usual case: one launch
+        return {tuple(next(iter(k)) for k in kinds): list(range(n))}
+    out = collections.defaultdict(list)
+    for i in range(n):
+        out[tuple(lst[i].dtype if lst else None for lst in lists)].append(i)
+    return out
+
+
+def triton_dtype(dtype):
+    return _TRITON_DTYPE[dtype] if dtype is not None else tl.float32
+
+
+@triton.jit
+def div_ieee(a, b, CDT: tl.constexpr):
+    """a / b rounded to nearest (fp32 `/` in Triton is the approximate div.full.f32)."""
+    if CDT == tl.float64:
+        return a / b  # fp64 division is always IEEE
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def sqrt_ieee(x, CDT: tl.constexpr):
+    if CDT == tl.float64:
+        return tl.sqrt(x)  # fp64 sqrt is always IEEE
+    else:
+        return tl.sqrt_rn(x)
+
+
+def launch(
+    kernel, lists, mutable, live, device, args, type_names, constexprs, chunk, block, num_warps
+):
+    """Launch `kernel` once per dtype signature over the non-empty params `live`.
+
+    lists: the 6 per-param tensor lists in table column order ([] where the op reads none; the
+    first is the params), mutable: whether the kernel writes each. args: the kernel's arguments
+    after the table. type_names: the kernel's 6 dtype constexprs, in column order. constexprs:
+    the op's other constexprs (ALIGNED and BLOCK are added here). Tensors the kernel cannot walk
+    as flat memory go through contiguous copies, written back after the launches."""
+    write_back, flat = [], []
+    for i in live:
+        present = [(k, lst[i]) for k, lst in enumerate(lists) if lst]
+        views, wb = flat_views([t for _, t in present], [mutable[k] for k, _ in present])
+        write_back += wb
+        row = [None] * 6
+        for (k, _), v in zip(present, views, strict=True):
+            row[k] = v
+        flat.append(row)
+    groups = dtype_groups(len(live), [[r[k] for r in flat] if lists[k] else [] for k in range(6)])
+    for sig, idx in groups.items():
+        addrs = [[t.data_ptr() if t is not None else 0 for t in flat[j]] for j in idx]
+        sizes = [d.itemsize if d else 4 for d in sig]
+        numels = [flat[j][0].numel() for j in idx]
+        table, is_aligned = chunk_table(addrs, sizes, numels, idx, device, chunk)
+        types = {name: triton_dtype(d) for name, d in zip(type_names, sig, strict=True)}
+        kernel[(table.shape[0],)](
+            table,
+            *args,
+            **types,
+            **constexprs,
+            ALIGNED=is_aligned,
+            BLOCK=block,
+            num_warps=num_warps,
+        )
+    for original, copy in write_back:
+        original.copy_(copy)

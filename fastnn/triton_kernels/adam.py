@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from fastnn.triton_kernels import multi_tensor as mt
-from fastnn.triton_kernels.multi_tensor import div_ieee, sqrt_ieee
+from fastnn.triton_kernels.multi_tensor import chunk_pointers, div_ieee, sqrt_ieee, step_scalars
 
 # 64K elements per program: about 16K programs for 1e9 parameters, and a table of 1 MB. BLOCK
 # elements per tile: 1024 fp32 over 4 warps is 8 per thread, two 16-byte accesses. RMSprop
@@ -69,75 +69,36 @@ def _adam_tile(
     tl.store(p_ptr + offs, w.to(P_T), mask=mask)
 
 
+# One entry for both compute dtypes: the scalar hyperparameters arrive in fp64 and are rounded
+# to CDT here, round-to-nearest as the launcher would round a Python float to an fp32 argument
+# (an fp32 beta2 = 0.999 is off by 5e-8 relative, so fp64 params keep fp64 scalars).
 @triton.jit
-def _adam_body(
-    table,
-    bias_corr,
-    lr_ptr,
-    scale_ptr,
-    inf_ptr,
-    lr,
-    beta1,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
-    eps,
-    weight_decay,
-    P_T: tl.constexpr,
-    G_T: tl.constexpr,
-    M_T: tl.constexpr,
-    V_T: tl.constexpr,
-    VMAX_T: tl.constexpr,
-    W_T: tl.constexpr,
-    CDT: tl.constexpr,
-    HAS_LR_PTR: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    HAS_INF: tl.constexpr,
-    HAS_MASTER: tl.constexpr,
-    HAS_WD: tl.constexpr,
-    DECOUPLED: tl.constexpr,
-    AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    row = table + tl.program_id(0).to(tl.int64) * 8
-    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_T))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_T))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(M_T))
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(V_T))
-    vmax_ptr = tl.load(row + 4).to(tl.pointer_type(VMAX_T))
-    w_ptr = tl.load(row + 5).to(tl.pointer_type(W_T))
-    n = tl.load(row + 6)
-    t = tl.load(row + 7)
-    if ALIGNED:
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
-        v_ptr = tl.multiple_of(v_ptr, 16)
-        if AMSGRAD:
-            vmax_ptr = tl.multiple_of(vmax_ptr, 16)
-        if HAS_MASTER:
-            w_ptr = tl.multiple_of(w_ptr, 16)
-
+def _adam(
+    table, bias_corr, lr_ptr, scale_ptr, inf_ptr,
+    lr: tl.float64, beta1: tl.float64, one_minus_beta1: tl.float64, beta2: tl.float64,
+    one_minus_beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64,
+    P_T: tl.constexpr, G_T: tl.constexpr, M_T: tl.constexpr, V_T: tl.constexpr,
+    VMAX_T: tl.constexpr, W_T: tl.constexpr, CDT: tl.constexpr,
+    HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+    HAS_MASTER: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    lr = tl.full((), lr, CDT)
+    one_minus_beta1 = tl.full((), one_minus_beta1, CDT)
+    beta2 = tl.full((), beta2, CDT)
+    one_minus_beta2 = tl.full((), one_minus_beta2, CDT)
+    eps = tl.full((), eps, CDT)
+    weight_decay = tl.full((), weight_decay, CDT)
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, n, t = chunk_pointers(
+        table, P_T, G_T, M_T, V_T, VMAX_T, W_T, ALIGNED
+    )
+    lr_v, scale, live = step_scalars(
+        lr_ptr, scale_ptr, inf_ptr, lr, CDT, HAS_LR_PTR, HAS_SCALE, HAS_INF, BLOCK
+    )
     bias_correction1 = tl.load(bias_corr + 2 * t).to(CDT)
     bias_correction2_sqrt = tl.load(bias_corr + 2 * t + 1).to(CDT)
-    if HAS_LR_PTR:
-        lr_v = tl.load(lr_ptr).to(CDT)
-    else:
-        lr_v = tl.full((), lr, CDT)
     step_size = div_ieee(lr_v, bias_correction1, CDT)
     decay = 1.0 - lr_v * weight_decay
-    # Full tiles need no bounds mask, so their accesses vectorise; `live` is all false when
-    # found_inf is set (nothing read, nothing written).
-    live = tl.full([BLOCK], 1, tl.int1)
-    if HAS_INF:
-        # A splat compared with a scalar: the mask stays uniform over the tile, so accesses
-        # still vectorise (and `int1 & scalar bool` trips the interpreter). NaN skips too.
-        live = tl.zeros([BLOCK], tl.float32) == tl.load(inf_ptr).to(tl.float32)
-    scale = 1.0
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr).to(CDT)
     n_full = (n // BLOCK) * BLOCK
     for start in range(0, n_full, BLOCK):
         offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
@@ -157,45 +118,6 @@ def _adam_body(
             P_T, G_T, M_T, V_T, VMAX_T, W_T, CDT,
             HAS_SCALE, HAS_MASTER, HAS_WD, DECOUPLED, AMSGRAD, MAXIMIZE,
         )  # fmt: skip
-
-
-# Two entry points so the scalar hyperparameters arrive in the compute dtype: fp32 for fp32 /
-# fp16 / bf16 params, fp64 for fp64 params (an fp32 beta2 = 0.999 is off by 5e-8 relative).
-@triton.jit
-def _adam_f32(
-    table, bias_corr, lr_ptr, scale_ptr, inf_ptr,
-    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-    P_T: tl.constexpr, G_T: tl.constexpr, M_T: tl.constexpr, V_T: tl.constexpr,
-    VMAX_T: tl.constexpr, W_T: tl.constexpr, HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_INF: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_WD: tl.constexpr,
-    DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    _adam_body(
-        table, bias_corr, lr_ptr, scale_ptr, inf_ptr,
-        lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-        P_T, G_T, M_T, V_T, VMAX_T, W_T, tl.float32, HAS_LR_PTR, HAS_SCALE, HAS_INF, HAS_MASTER,
-        HAS_WD, DECOUPLED, AMSGRAD, MAXIMIZE, ALIGNED, BLOCK,
-    )  # fmt: skip
-
-
-@triton.jit
-def _adam_f64(
-    table, bias_corr, lr_ptr, scale_ptr, inf_ptr,
-    lr: tl.float64, beta1: tl.float64, one_minus_beta1: tl.float64, beta2: tl.float64,
-    one_minus_beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64,
-    P_T: tl.constexpr, G_T: tl.constexpr, M_T: tl.constexpr, V_T: tl.constexpr,
-    VMAX_T: tl.constexpr, W_T: tl.constexpr, HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_INF: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_WD: tl.constexpr,
-    DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    _adam_body(
-        table, bias_corr, lr_ptr, scale_ptr, inf_ptr,
-        lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-        P_T, G_T, M_T, V_T, VMAX_T, W_T, tl.float64, HAS_LR_PTR, HAS_SCALE, HAS_INF, HAS_MASTER,
-        HAS_WD, DECOUPLED, AMSGRAD, MAXIMIZE, ALIGNED, BLOCK,
-    )  # fmt: skip
 
 
 def bias_corrections(steps, beta1, beta2, device, dtype):
@@ -259,7 +181,7 @@ def adam_step_(
     # Tensors in kernel order; None where absent. The kernel reads the master copy (when
     # given) as the weights and writes both it and the low-precision param.
     mt.launch(
-        _adam_f64 if cdt == torch.float64 else _adam_f32,
+        _adam,
         [params, grads, exp_avgs, exp_avg_sqs, vmaxs, master_params],
         [True, False, True, True, True, True],
         live,
@@ -279,6 +201,7 @@ def adam_step_(
         ),
         ("P_T", "G_T", "M_T", "V_T", "VMAX_T", "W_T"),
         dict(
+            CDT=mt.triton_dtype(cdt),
             HAS_LR_PTR=lr_ptr is not None,
             HAS_SCALE=scale is not None,
             HAS_INF=inf is not None,

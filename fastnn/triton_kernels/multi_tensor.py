@@ -183,6 +183,55 @@ def sqrt_ieee(x, CDT: tl.constexpr):
         return tl.sqrt_rn(x)
 
 
+@triton.jit
+def chunk_pointers(
+    table, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr,
+    T4: tl.constexpr, T5: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """This program's table row: the six column pointers typed T0..T5, the chunk's element
+    count and its tensor's index. With ALIGNED every address is a multiple of 16 (an absent
+    column's 0 too; the hint on a pointer the kernel never reads generates nothing)."""
+    row = table + tl.program_id(0).to(tl.int64) * 8
+    ptr0 = tl.load(row + 0).to(tl.pointer_type(T0))
+    ptr1 = tl.load(row + 1).to(tl.pointer_type(T1))
+    ptr2 = tl.load(row + 2).to(tl.pointer_type(T2))
+    ptr3 = tl.load(row + 3).to(tl.pointer_type(T3))
+    ptr4 = tl.load(row + 4).to(tl.pointer_type(T4))
+    ptr5 = tl.load(row + 5).to(tl.pointer_type(T5))
+    if ALIGNED:
+        ptr0 = tl.multiple_of(ptr0, 16)
+        ptr1 = tl.multiple_of(ptr1, 16)
+        ptr2 = tl.multiple_of(ptr2, 16)
+        ptr3 = tl.multiple_of(ptr3, 16)
+        ptr4 = tl.multiple_of(ptr4, 16)
+        ptr5 = tl.multiple_of(ptr5, 16)
+    return ptr0, ptr1, ptr2, ptr3, ptr4, ptr5, tl.load(row + 6), tl.load(row + 7)
+
+
+@triton.jit
+def step_scalars(
+    lr_ptr, scale_ptr, inf_ptr, lr, CDT: tl.constexpr, HAS_LR_PTR: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """(lr, grad scale, tile mask) of this step: lr from lr_ptr when given, the scale 1 when
+    there is none (the kernels then never read it)."""
+    if HAS_LR_PTR:
+        lr_v = tl.load(lr_ptr).to(CDT)
+    else:
+        lr_v = tl.full((), lr, CDT)
+    # Full tiles need no bounds mask, so their accesses vectorise; `live` is all false when
+    # found_inf is set (nothing read, nothing written).
+    live = tl.full([BLOCK], 1, tl.int1)
+    if HAS_INF:
+        # A splat compared with a scalar: the mask stays uniform over the tile, so accesses
+        # still vectorise (and `int1 & scalar bool` trips the interpreter). NaN skips too.
+        live = tl.zeros([BLOCK], tl.float32) == tl.load(inf_ptr).to(tl.float32)
+    scale = tl.full((), 1.0, CDT)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(CDT)
+    return lr_v, scale, live
+
+
 def launch(
     kernel, lists, mutable, live, device, args, type_names, constexprs, chunk, block, num_warps
 ):

@@ -6,13 +6,12 @@ params), IEEE sqrt and division, grad_scale / found_inf / lr_tensor read on the 
 written when found_inf != 0. This file holds RMSprop's kernel and its math.
 """
 
-import torch
 import triton
 import triton.language as tl
 
 from fastnn.triton_kernels import adam
 from fastnn.triton_kernels import multi_tensor as mt
-from fastnn.triton_kernels.multi_tensor import div_ieee, sqrt_ieee
+from fastnn.triton_kernels.multi_tensor import chunk_pointers, div_ieee, sqrt_ieee, step_scalars
 
 
 @triton.jit
@@ -58,10 +57,12 @@ def _rmsprop_tile(
     tl.store(p_ptr + offs, w.to(P_T), mask=mask)
 
 
+# One entry for both compute dtypes, as for Adam: fp64 scalars rounded to CDT here.
 @triton.jit
-def _rmsprop_body(
+def _rmsprop(
     table, lr_ptr, scale_ptr, inf_ptr,
-    lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+    lr: tl.float64, alpha: tl.float64, one_minus_alpha: tl.float64, eps: tl.float64,
+    weight_decay: tl.float64, momentum: tl.float64,
     P_T: tl.constexpr, G_T: tl.constexpr, SQ_T: tl.constexpr, GA_T: tl.constexpr,
     BUF_T: tl.constexpr, W_T: tl.constexpr, CDT: tl.constexpr,
     HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
@@ -69,36 +70,18 @@ def _rmsprop_body(
     HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    row = table + tl.program_id(0).to(tl.int64) * 8
-    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_T))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_T))
-    sq_ptr = tl.load(row + 2).to(tl.pointer_type(SQ_T))
-    ga_ptr = tl.load(row + 3).to(tl.pointer_type(GA_T))
-    buf_ptr = tl.load(row + 4).to(tl.pointer_type(BUF_T))
-    w_ptr = tl.load(row + 5).to(tl.pointer_type(W_T))
-    n = tl.load(row + 6)
-    if ALIGNED:
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        sq_ptr = tl.multiple_of(sq_ptr, 16)
-        if CENTERED:
-            ga_ptr = tl.multiple_of(ga_ptr, 16)
-        if HAS_MOMENTUM:
-            buf_ptr = tl.multiple_of(buf_ptr, 16)
-        if HAS_MASTER:
-            w_ptr = tl.multiple_of(w_ptr, 16)
-    if HAS_LR_PTR:
-        lr_v = tl.load(lr_ptr).to(CDT)
-    else:
-        lr_v = tl.full((), lr, CDT)
-    live = tl.full([BLOCK], 1, tl.int1)
-    if HAS_INF:
-        # A splat compared with a scalar: the mask stays uniform over the tile, so accesses
-        # still vectorise (and `int1 & scalar bool` trips the interpreter). NaN skips too.
-        live = tl.zeros([BLOCK], tl.float32) == tl.load(inf_ptr).to(tl.float32)
-    scale = 1.0
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr).to(CDT)
+    lr = tl.full((), lr, CDT)
+    alpha = tl.full((), alpha, CDT)
+    one_minus_alpha = tl.full((), one_minus_alpha, CDT)
+    eps = tl.full((), eps, CDT)
+    weight_decay = tl.full((), weight_decay, CDT)
+    momentum = tl.full((), momentum, CDT)
+    p_ptr, g_ptr, sq_ptr, ga_ptr, buf_ptr, w_ptr, n, _ = chunk_pointers(
+        table, P_T, G_T, SQ_T, GA_T, BUF_T, W_T, ALIGNED
+    )
+    lr_v, scale, live = step_scalars(
+        lr_ptr, scale_ptr, inf_ptr, lr, CDT, HAS_LR_PTR, HAS_SCALE, HAS_INF, BLOCK
+    )
     n_full = (n // BLOCK) * BLOCK
     for start in range(0, n_full, BLOCK):
         offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
@@ -116,42 +99,6 @@ def _rmsprop_body(
             P_T, G_T, SQ_T, GA_T, BUF_T, W_T, CDT,
             HAS_SCALE, HAS_MASTER, HAS_WD, CENTERED, HAS_MOMENTUM, MAXIMIZE,
         )  # fmt: skip
-
-
-# fp32 and fp64 entry points, as for Adam: the scalars arrive in the compute dtype.
-@triton.jit
-def _rmsprop_f32(
-    table, lr_ptr, scale_ptr, inf_ptr,
-    lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
-    P_T: tl.constexpr, G_T: tl.constexpr, SQ_T: tl.constexpr, GA_T: tl.constexpr,
-    BUF_T: tl.constexpr, W_T: tl.constexpr, HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_INF: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_WD: tl.constexpr,
-    CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    _rmsprop_body(
-        table, lr_ptr, scale_ptr, inf_ptr, lr, alpha, one_minus_alpha, eps, weight_decay,
-        momentum, P_T, G_T, SQ_T, GA_T, BUF_T, W_T, tl.float32, HAS_LR_PTR, HAS_SCALE, HAS_INF,
-        HAS_MASTER, HAS_WD, CENTERED, HAS_MOMENTUM, MAXIMIZE, ALIGNED, BLOCK,
-    )  # fmt: skip
-
-
-@triton.jit
-def _rmsprop_f64(
-    table, lr_ptr, scale_ptr, inf_ptr,
-    lr: tl.float64, alpha: tl.float64, one_minus_alpha: tl.float64, eps: tl.float64,
-    weight_decay: tl.float64, momentum: tl.float64,
-    P_T: tl.constexpr, G_T: tl.constexpr, SQ_T: tl.constexpr, GA_T: tl.constexpr,
-    BUF_T: tl.constexpr, W_T: tl.constexpr, HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_INF: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_WD: tl.constexpr,
-    CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    _rmsprop_body(
-        table, lr_ptr, scale_ptr, inf_ptr, lr, alpha, one_minus_alpha, eps, weight_decay,
-        momentum, P_T, G_T, SQ_T, GA_T, BUF_T, W_T, tl.float64, HAS_LR_PTR, HAS_SCALE, HAS_INF,
-        HAS_MASTER, HAS_WD, CENTERED, HAS_MOMENTUM, MAXIMIZE, ALIGNED, BLOCK,
-    )  # fmt: skip
 
 
 def rmsprop_step_(
@@ -203,7 +150,7 @@ def rmsprop_step_(
     scale = mt.on_device(grad_scale, device)
     inf = mt.on_device(found_inf, device)
     mt.launch(
-        _rmsprop_f64 if cdt == torch.float64 else _rmsprop_f32,
+        _rmsprop,
         [params, grads, square_avgs, gas, bufs, master_params],
         [True, False, True, True, True, True],
         live,
@@ -221,6 +168,7 @@ def rmsprop_step_(
         ),
         ("P_T", "G_T", "SQ_T", "GA_T", "BUF_T", "W_T"),
         dict(
+            CDT=mt.triton_dtype(cdt),
             HAS_LR_PTR=lr_ptr is not None,
             HAS_SCALE=scale is not None,
             HAS_INF=inf is not None,

@@ -14,7 +14,14 @@ import triton
 import triton.language as tl
 
 from fastnn.triton_kernels import multi_tensor as mt
-from fastnn.triton_kernels.multi_tensor import chunk_pointers, div_ieee, sqrt_ieee, step_scalars
+from fastnn.triton_kernels.multi_tensor import (
+    chunk_pointers,
+    div_ieee,
+    load_weight_grad,
+    sqrt_ieee,
+    step_scalars,
+    store_weight,
+)
 
 # 64K elements per program: about 16K programs for 1e9 parameters, and a table of 1 MB. BLOCK
 # elements per tile: 1024 fp32 over 4 warps is 8 per thread, two 16-byte accesses. RMSprop
@@ -35,17 +42,11 @@ def _adam_tile(
     DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
 ):  # fmt: skip
     """One tile of BLOCK elements: weights from the master copy when there is one."""
-    if HAS_MASTER:
-        w = tl.load(w_ptr + offs, mask=mask).to(CDT)
-    else:
-        w = tl.load(p_ptr + offs, mask=mask).to(CDT)
-    g = tl.load(g_ptr + offs, mask=mask).to(CDT)
+    w, g = load_weight_grad(
+        offs, mask, p_ptr, g_ptr, w_ptr, scale, CDT, HAS_SCALE, HAS_MASTER, MAXIMIZE
+    )
     m = tl.load(m_ptr + offs, mask=mask).to(CDT)
     v = tl.load(v_ptr + offs, mask=mask).to(CDT)
-    if HAS_SCALE:
-        g = div_ieee(g, scale, CDT)
-    if MAXIMIZE:
-        g = -g
     if HAS_WD:
         if DECOUPLED:
             w = w * decay
@@ -64,9 +65,7 @@ def _adam_tile(
     w = w - step_size * div_ieee(m, denom, CDT)
     tl.store(m_ptr + offs, m.to(M_T), mask=mask)
     tl.store(v_ptr + offs, v.to(V_T), mask=mask)
-    if HAS_MASTER:
-        tl.store(w_ptr + offs, w.to(W_T), mask=mask)
-    tl.store(p_ptr + offs, w.to(P_T), mask=mask)
+    store_weight(offs, mask, p_ptr, w_ptr, w, P_T, W_T, HAS_MASTER)
 
 
 # One entry for both compute dtypes: the scalar hyperparameters arrive in fp64 and are rounded
@@ -74,7 +73,7 @@ def _adam_tile(
 # (an fp32 beta2 = 0.999 is off by 5e-8 relative, so fp64 params keep fp64 scalars).
 @triton.jit
 def _adam(
-    table, bias_corr, lr_ptr, scale_ptr, inf_ptr,
+    table, lr_ptr, scale_ptr, inf_ptr, bias_corr,
     lr: tl.float64, beta1: tl.float64, one_minus_beta1: tl.float64, beta2: tl.float64,
     one_minus_beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64,
     P_T: tl.constexpr, G_T: tl.constexpr, M_T: tl.constexpr, V_T: tl.constexpr,
@@ -172,25 +171,21 @@ def adam_step_(
     )
     if plan is None:
         return
-    cdt, device, live = plan
     vmaxs = max_exp_avg_sqs if amsgrad else []
+    cdt, device, live = plan
     bc = bias_corrections([steps[i] for i in live], beta1, beta2, device, cdt)
-    lr_ptr = mt.on_device(lr_tensor, device)
-    scale = mt.on_device(grad_scale, device)
-    inf = mt.on_device(found_inf, device)
     # Tensors in kernel order; None where absent. The kernel reads the master copy (when
     # given) as the weights and writes both it and the low-precision param.
     mt.launch(
         _adam,
+        plan,
         [params, grads, exp_avgs, exp_avg_sqs, vmaxs, master_params],
         [True, False, True, True, True, True],
-        live,
-        device,
+        lr_tensor,
+        grad_scale,
+        found_inf,
         (
             bc,
-            lr_ptr,
-            scale,
-            inf,
             float(lr),
             float(beta1),
             1.0 - float(beta1),
@@ -201,11 +196,6 @@ def adam_step_(
         ),
         ("P_T", "G_T", "M_T", "V_T", "VMAX_T", "W_T"),
         dict(
-            CDT=mt.triton_dtype(cdt),
-            HAS_LR_PTR=lr_ptr is not None,
-            HAS_SCALE=scale is not None,
-            HAS_INF=inf is not None,
-            HAS_MASTER=bool(master_params),
             HAS_WD=weight_decay != 0,
             DECOUPLED=bool(decoupled_weight_decay),
             AMSGRAD=bool(amsgrad),

@@ -184,6 +184,35 @@ def sqrt_ieee(x, CDT: tl.constexpr):
 
 
 @triton.jit
+def load_weight_grad(
+    offs, mask, p_ptr, g_ptr, w_ptr, scale, CDT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_MASTER: tl.constexpr, MAXIMIZE: tl.constexpr,
+):  # fmt: skip
+    """A tile's weights (from the master copy when there is one) and its gradient, unscaled
+    and negated for maximize, in CDT."""
+    if HAS_MASTER:
+        w = tl.load(w_ptr + offs, mask=mask).to(CDT)
+    else:
+        w = tl.load(p_ptr + offs, mask=mask).to(CDT)
+    g = tl.load(g_ptr + offs, mask=mask).to(CDT)
+    if HAS_SCALE:
+        g = div_ieee(g, scale, CDT)
+    if MAXIMIZE:
+        g = -g
+    return w, g
+
+
+@triton.jit
+def store_weight(
+    offs, mask, p_ptr, w_ptr, w, P_T: tl.constexpr, W_T: tl.constexpr, HAS_MASTER: tl.constexpr
+):
+    """The updated weights to the master copy (when there is one) and the param."""
+    if HAS_MASTER:
+        tl.store(w_ptr + offs, w.to(W_T), mask=mask)
+    tl.store(p_ptr + offs, w.to(P_T), mask=mask)
+
+
+@triton.jit
 def chunk_pointers(
     table, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr,
     T4: tl.constexpr, T5: tl.constexpr, ALIGNED: tl.constexpr,
@@ -233,15 +262,24 @@ def step_scalars(
 
 
 def launch(
-    kernel, lists, mutable, live, device, args, type_names, constexprs, chunk, block, num_warps
-):
-    """Launch `kernel` once per dtype signature over the non-empty params `live`.
+    kernel, plan, lists, mutable, lr_tensor, grad_scale, found_inf, args, type_names, constexprs,
+    chunk, block, num_warps,
+):  # fmt: skip
+    """Launch `kernel` once per dtype signature over the non-empty params of `plan` (what
+    check_lists returned).
 
     lists: the 6 per-param tensor lists in table column order ([] where the op reads none; the
-    first is the params), mutable: whether the kernel writes each. args: the kernel's arguments
-    after the table. type_names: the kernel's 6 dtype constexprs, in column order. constexprs:
-    the op's other constexprs (ALIGNED and BLOCK are added here). Tensors the kernel cannot walk
-    as flat memory go through contiguous copies, written back after the launches."""
+    params first, the master params last), mutable: whether the kernel writes each.
+    lr_tensor, grad_scale, found_inf: 0-d tensors or None, passed after the table (copied to
+    the params' device without a host sync if needed). args: the kernel's other arguments.
+    type_names: the kernel's 6 dtype constexprs, in column order. constexprs: the op's own
+    constexprs (CDT, HAS_LR_PTR, HAS_SCALE, HAS_INF, HAS_MASTER, ALIGNED and BLOCK are added
+    here). Tensors the kernel cannot walk as flat memory go through contiguous copies, written
+    back after the launches."""
+    cdt, device, live = plan
+    lr_ptr = on_device(lr_tensor, device)
+    scale = on_device(grad_scale, device)
+    inf = on_device(found_inf, device)
     write_back, flat = [], []
     for i in live:
         present = [(k, lst[i]) for k, lst in enumerate(lists) if lst]
@@ -260,8 +298,16 @@ def launch(
         types = {name: triton_dtype(d) for name, d in zip(type_names, sig, strict=True)}
         kernel[(table.shape[0],)](
             table,
+            lr_ptr,
+            scale,
+            inf,
             *args,
             **types,
+            CDT=triton_dtype(cdt),
+            HAS_LR_PTR=lr_ptr is not None,
+            HAS_SCALE=scale is not None,
+            HAS_INF=inf is not None,
+            HAS_MASTER=bool(lists[5]),
             **constexprs,
             ALIGNED=is_aligned,
             BLOCK=block,

@@ -11,7 +11,14 @@ import triton.language as tl
 
 from fastnn.triton_kernels import adam
 from fastnn.triton_kernels import multi_tensor as mt
-from fastnn.triton_kernels.multi_tensor import chunk_pointers, div_ieee, sqrt_ieee, step_scalars
+from fastnn.triton_kernels.multi_tensor import (
+    chunk_pointers,
+    div_ieee,
+    load_weight_grad,
+    sqrt_ieee,
+    step_scalars,
+    store_weight,
+)
 
 
 @triton.jit
@@ -24,16 +31,10 @@ def _rmsprop_tile(
     CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
 ):  # fmt: skip
     """One tile of BLOCK elements, in torch.optim.RMSprop's for-loop order."""
-    if HAS_MASTER:
-        w = tl.load(w_ptr + offs, mask=mask).to(CDT)
-    else:
-        w = tl.load(p_ptr + offs, mask=mask).to(CDT)
-    g = tl.load(g_ptr + offs, mask=mask).to(CDT)
+    w, g = load_weight_grad(
+        offs, mask, p_ptr, g_ptr, w_ptr, scale, CDT, HAS_SCALE, HAS_MASTER, MAXIMIZE
+    )
     sq = tl.load(sq_ptr + offs, mask=mask).to(CDT)
-    if HAS_SCALE:
-        g = div_ieee(g, scale, CDT)
-    if MAXIMIZE:
-        g = -g
     if HAS_WD:
         g = g + weight_decay * w
     sq = sq * alpha + one_minus_alpha * (g * g)  # square_avg.mul_(alpha).addcmul_(g, g, 1 - alpha)
@@ -52,9 +53,7 @@ def _rmsprop_tile(
         w = w - lr * buf
     else:
         w = w - lr * div_ieee(g, avg, CDT)
-    if HAS_MASTER:
-        tl.store(w_ptr + offs, w.to(W_T), mask=mask)
-    tl.store(p_ptr + offs, w.to(P_T), mask=mask)
+    store_weight(offs, mask, p_ptr, w_ptr, w, P_T, W_T, HAS_MASTER)
 
 
 # One entry for both compute dtypes, as for Adam: fp64 scalars rounded to CDT here.
@@ -145,20 +144,15 @@ def rmsprop_step_(
     )
     if plan is None:
         return
-    cdt, device, live = plan
-    lr_ptr = mt.on_device(lr_tensor, device)
-    scale = mt.on_device(grad_scale, device)
-    inf = mt.on_device(found_inf, device)
     mt.launch(
         _rmsprop,
+        plan,
         [params, grads, square_avgs, gas, bufs, master_params],
         [True, False, True, True, True, True],
-        live,
-        device,
+        lr_tensor,
+        grad_scale,
+        found_inf,
         (
-            lr_ptr,
-            scale,
-            inf,
             float(lr),
             float(alpha),
             1.0 - float(alpha),
@@ -168,11 +162,6 @@ def rmsprop_step_(
         ),
         ("P_T", "G_T", "SQ_T", "GA_T", "BUF_T", "W_T"),
         dict(
-            CDT=mt.triton_dtype(cdt),
-            HAS_LR_PTR=lr_ptr is not None,
-            HAS_SCALE=scale is not None,
-            HAS_INF=inf is not None,
-            HAS_MASTER=bool(master_params),
             HAS_WD=weight_decay != 0,
             CENTERED=bool(centered),
             HAS_MOMENTUM=has_momentum,

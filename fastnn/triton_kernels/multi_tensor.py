@@ -10,8 +10,10 @@ depends only on addresses and sizes, so it is cached (LRU): in steady training t
 states and (usually) gradients keep their addresses and no table is copied to the device; that
 also makes step() capturable in a CUDA graph once a warm-up step has built the table.
 
-Each op's file keeps its @triton.jit kernel (table row -> pointers -> tiles) and its update math;
-div_ieee / sqrt_ieee here are the IEEE-rounded primitives both use (no approximate instructions).
+Here: the host side (argument checks, flat views, the cached table, dtype groups, the launch)
+and the @triton.jit pieces every op's kernel uses (its table row, the step scalars, the weight and
+gradient loads, IEEE-rounded div / sqrt: no approximate instructions). Each op's file keeps its
+kernel, its tile loop and its update math.
 """
 
 import collections

@@ -1,6 +1,7 @@
 // Adam / AdamW update on CUDA (schema fastnn::adam_step_ in csrc/library.cpp, semantics of
 // fastnn/reference/adam.py, per-element math in fastnn/adam_math.h, launch machinery in
-// fastnn/multi_tensor_apply.cuh).
+// fastnn/multi_tensor_apply.cuh, argument checks shared with csrc/cpu/adam.cpp in
+// fastnn/optim_host.h).
 //
 // One multi-tensor launch per (param dtype, state dtype, master weights) group, more only past
 // ~370 tensors. Each block: thread 0 finds nothing to do when found_inf != 0, else computes the
@@ -19,11 +20,15 @@
 #include "fastnn/adam_math.h"
 #include "fastnn/checks.h"
 #include "fastnn/multi_tensor_apply.cuh"
+#include "fastnn/optim_host.h"
 
 namespace fastnn::cuda {
 namespace {
 
 namespace om = fastnn::optim_math;
+namespace oh = fastnn::optim_host;
+
+constexpr const char* kOp = "adam_step_";
 
 // Per tensor: the device step counter (capturable), or the bias corrections computed on the host
 // from a host step counter.
@@ -84,9 +89,8 @@ __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
   using M = std::conditional_t<std::is_same_v<P, double>, double, float>;
   constexpr int kVec = sizeof(P) == 8 ? 2 : 16 / int(sizeof(P));  // 16 bytes of params
 
-  int t;
-  int64_t chunk;
-  mta::locate(chunks, int64_t(blockIdx.x), &t, &chunk);
+  const mta::ChunkSpan span = mta::chunk_span(chunks);
+  const int t = span.t;
 
   __shared__ om::AdamCoeffs<M> coeffs;
   __shared__ bool skip;
@@ -108,9 +112,7 @@ __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
   if (skip) return;  // GradScaler found an inf / NaN: nothing is written
   const om::AdamCoeffs<M> c = coeffs;
 
-  const int64_t start = chunk * mta::kChunkSize;
-  const int64_t left = chunks.numel[t] - start;
-  const int64_t n = left < mta::kChunkSize ? left : mta::kChunkSize;
+  const int64_t start = span.start;
   P* param = static_cast<P*>(chunks.ptr[0][t]) + start;
   const P* grad = static_cast<const P*>(chunks.ptr[1][t]) + start;
   S* m = static_cast<S*>(chunks.ptr[2][t]) + start;
@@ -121,36 +123,13 @@ __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
   const bool vec = mta::aligned<kVec>(param) && mta::aligned<kVec>(grad) && mta::aligned<kVec>(m) &&
                    mta::aligned<kVec>(v) && (!a.amsgrad || mta::aligned<kVec>(v_max)) &&
                    (!kMaster || mta::aligned<kVec>(master));
-  const int64_t n_vec = vec ? n / kVec * kVec : 0;
-  for (int64_t i = int64_t(threadIdx.x) * kVec; i < n_vec; i += int64_t(blockDim.x) * kVec) {
-    update_elements<kVec, P, S, M, kMaster>(i, param, grad, m, v, v_max, master, c, a.l2,
-                                            a.decoupled, a.amsgrad);
-  }
-  for (int64_t i = n_vec + threadIdx.x; i < n; i += blockDim.x) {
-    update_elements<1, P, S, M, kMaster>(i, param, grad, m, v, v_max, master, c, a.l2, a.decoupled,
+  mta::for_each_element<kVec>(span.n, vec, [&]<int K>(int64_t i) {
+    update_elements<K, P, S, M, kMaster>(i, param, grad, m, v, v_max, master, c, a.l2, a.decoupled,
                                          a.amsgrad);
-  }
+  });
 }
 
 // ---- Op entry point -----------------------------------------------------------------------------
-
-bool same_layout(const at::Tensor& a, const at::Tensor& ref) {
-  if (a.is_contiguous() && ref.is_contiguous()) return true;
-  return a.is_non_overlapping_and_dense() && a.strides() == ref.strides();
-}
-
-void check_like(const at::Tensor& t, const char* list, size_t i, const at::Tensor& param,
-                c10::ScalarType dtype) {
-  TORCH_CHECK(t.device() == param.device(), "fastnn: adam_step_: ", list, "[", i, "] is on ",
-              t.device(), " but params[", i, "] is on ", param.device());
-  TORCH_CHECK(t.sizes() == param.sizes(), "fastnn: adam_step_: ", list, "[", i, "] has shape ",
-              t.sizes(), " but params[", i, "] has shape ", param.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "fastnn: adam_step_: ", list, "[", i, "] is ",
-              t.scalar_type(), ", expected ", dtype);
-  TORCH_CHECK(same_layout(t, param), "fastnn: adam_step_: ", list, "[", i, "] has strides ",
-              t.strides(), " but params[", i, "] has strides ", param.strides(),
-              "; optimizer state must have its parameter's memory layout");
-}
 
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
@@ -161,27 +140,16 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
                     bool amsgrad, bool maximize) {
   const size_t n = params.size();
-  auto check_len = [&](at::TensorList list, const char* name) {
-    TORCH_CHECK(list.size() == n, "fastnn: adam_step_: ", name, " has ", list.size(),
-                " tensors but params has ", n);
-  };
-  check_len(grads, "grads");
-  check_len(exp_avgs, "exp_avgs");
-  check_len(exp_avg_sqs, "exp_avg_sqs");
-  check_len(steps, "steps");
-  if (amsgrad) check_len(max_exp_avg_sqs, "max_exp_avg_sqs (amsgrad=True)");
+  oh::check_adam_lists(n, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
+                       amsgrad);
   const bool has_master = !master_params.empty();
-  if (has_master) check_len(master_params, "master_params");
   if (n == 0) return;
 
   const at::Device device = params[0].device();
   c10::cuda::CUDAGuard guard(device);
   std::vector<at::Tensor> keep;  // temporaries that must outlive the launches' enqueueing
   AdamLaunch a;
-  a.found_inf = mta::scalar_arg(found_inf, 0.0, device, "adam_step_", "found_inf", keep);
-  if (a.found_inf.ptr == nullptr && a.found_inf.value != 0.0) return;  // host inf: no change
-  a.grad_scale = mta::scalar_arg(grad_scale, 1.0, device, "adam_step_", "grad_scale", keep);
-  a.lr = mta::scalar_arg(lr_tensor, lr, device, "adam_step_", "lr_tensor", keep);
+  if (!mta::set_scalar_args(a, lr_tensor, lr, grad_scale, found_inf, device, kOp, keep)) return;
   a.hyper = om::AdamHyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize};
   a.l2 = weight_decay != 0.0 && !decoupled_weight_decay;
   a.decoupled = weight_decay != 0.0 && decoupled_weight_decay;
@@ -190,36 +158,22 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   a.step_is_double = steps[0].scalar_type() == at::kDouble;
 
   std::vector<at::Tensor> grads_used(grads.begin(), grads.end());
-  std::vector<std::tuple<int, int, bool>> keys(n);
+  std::vector<mta::DtypeKey> keys(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     check_same_device(p, "params[i]", params[0], "params[0]");
     TORCH_CHECK(p.is_cuda(), "fastnn: adam_step_ (CUDA): params[", i, "] is on ", p.device());
-    check_float(p, "params");
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), "fastnn: adam_step_: params[", i,
-                "] must be dense (no gaps or overlaps), got strides ", p.strides());
     const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.layout() == at::kStrided, "fastnn: adam_step_: grads[", i,
-                "] is sparse; use torch.optim.SparseAdam for sparse gradients");
-    TORCH_CHECK(g.scalar_type() == p.scalar_type(), "fastnn: adam_step_: grads[", i, "] is ",
-                g.scalar_type(), " but params[", i, "] is ", p.scalar_type());
-    TORCH_CHECK(g.device() == p.device() && g.sizes() == p.sizes(), "fastnn: adam_step_: grads[", i,
-                "] (", g.sizes(), " on ", g.device(), ") does not match params[", i, "] (",
-                p.sizes(), " on ", p.device(), ")");
-    if (!same_layout(g, p)) grads_used[i] = at::empty_like(p).copy_(g);  // read-only: relay out
+    oh::check_param_and_grad(kOp, i, p, g, "use torch.optim.SparseAdam for sparse gradients");
+    if (!oh::same_layout(g, p)) grads_used[i] = at::empty_like(p).copy_(g);  // read-only: relay out
     const c10::ScalarType st = exp_avgs[i].scalar_type();
-    TORCH_CHECK(st == p.scalar_type() || st == at::kFloat, "fastnn: adam_step_: exp_avgs[", i,
-                "] is ", st, "; optimizer state must be float32 or its param's dtype (",
-                p.scalar_type(), ")");
-    check_like(exp_avgs[i], "exp_avgs", i, p, st);
-    check_like(exp_avg_sqs[i], "exp_avg_sqs", i, p, st);
-    if (amsgrad) check_like(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, p, st);
+    oh::check_state_dtype(kOp, "exp_avgs", i, st, p);
+    oh::check_like(kOp, exp_avgs[i], "exp_avgs", i, p, st);
+    oh::check_like(kOp, exp_avg_sqs[i], "exp_avg_sqs", i, p, st);
+    if (amsgrad) oh::check_like(kOp, max_exp_avg_sqs[i], "max_exp_avg_sqs", i, p, st);
     if (has_master) {
-      TORCH_CHECK(p.scalar_type() == at::kHalf || p.scalar_type() == at::kBFloat16,
-                  "fastnn: adam_step_: master_params are fp32 copies of float16 / bfloat16 params, "
-                  "but params[",
-                  i, "] is ", p.scalar_type());
-      check_like(master_params[i], "master_params", i, p, at::kFloat);
+      oh::check_master_param(kOp, i, p);
+      oh::check_like(kOp, master_params[i], "master_params", i, p, at::kFloat);
     }
     const at::Tensor& s = steps[i];
     TORCH_CHECK(s.numel() == 1 && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
@@ -239,37 +193,32 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (const auto& [key, indices] : mta::group_by<std::tuple<int, int, bool>>(int64_t(n), keys)) {
-    const auto pt = c10::ScalarType(std::get<0>(key));
-    const auto st = c10::ScalarType(std::get<1>(key));
-    mta::dispatch_dtypes(pt, st, has_master, [&]<typename P, typename S, bool kMaster>() {
-      auto fill = [&](AdamChunks& c, int slot, int64_t i) -> int64_t {
-        c.ptr[0][slot] = params[i].data_ptr();
-        c.ptr[1][slot] = const_cast<void*>(grads_used[i].const_data_ptr());
-        c.ptr[2][slot] = exp_avgs[i].data_ptr();
-        c.ptr[3][slot] = exp_avg_sqs[i].data_ptr();
-        c.ptr[4][slot] = amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
-        c.ptr[5][slot] = kMaster ? master_params[i].data_ptr() : nullptr;
-        AdamExtra& e = c.extra[slot];
-        e.step = nullptr;
-        e.bc1 = e.bc2_sqrt = 1.0;
-        if (a.steps_on_device) {
-          e.step = steps[i].const_data_ptr();
-        } else {  // a host counter: read it here (no device synchronisation)
-          const at::Tensor& s = steps[i];
-          const double step = s.scalar_type() == at::kFloat ? double(*s.const_data_ptr<float>())
-                                                            : *s.const_data_ptr<double>();
-          om::adam_bias_corrections(beta1, beta2, step, &e.bc1, &e.bc2_sqrt);
-        }
-        return params[i].numel();
-      };
-      auto launch = [&](const AdamChunks& c, int64_t blocks) {
-        adam_kernel<P, S, kMaster><<<unsigned(blocks), mta::kThreads, 0, stream>>>(c, a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      mta::pack_and_launch<AdamChunks>(indices, fill, launch);
-    });
-  }
+  mta::for_each_dtype_group(
+      keys, has_master,
+      [&]<typename P, typename S, bool kMaster>(const std::vector<int64_t>& indices) {
+        auto fill = [&](AdamChunks& c, int slot, int64_t i) -> int64_t {
+          c.ptr[0][slot] = params[i].data_ptr();
+          c.ptr[1][slot] = const_cast<void*>(grads_used[i].const_data_ptr());
+          c.ptr[2][slot] = exp_avgs[i].data_ptr();
+          c.ptr[3][slot] = exp_avg_sqs[i].data_ptr();
+          c.ptr[4][slot] = amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
+          c.ptr[5][slot] = kMaster ? master_params[i].data_ptr() : nullptr;
+          AdamExtra& e = c.extra[slot];
+          e.step = nullptr;
+          e.bc1 = e.bc2_sqrt = 1.0;
+          if (a.steps_on_device) {
+            e.step = steps[i].const_data_ptr();
+          } else {  // a host counter: read it here (no device synchronisation)
+            om::adam_bias_corrections(beta1, beta2, oh::host_step(steps[i]), &e.bc1, &e.bc2_sqrt);
+          }
+          return params[i].numel();
+        };
+        auto launch = [&](const AdamChunks& c, int64_t blocks) {
+          adam_kernel<P, S, kMaster><<<unsigned(blocks), mta::kThreads, 0, stream>>>(c, a);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        mta::pack_and_launch<AdamChunks>(indices, fill, launch);
+      });
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // RMSprop update on CUDA (schema fastnn::rmsprop_step_ in csrc/library.cpp, semantics of
 // fastnn/reference/rmsprop.py, per-element math in fastnn/rmsprop_math.h, launch machinery in
-// fastnn/multi_tensor_apply.cuh).
+// fastnn/multi_tensor_apply.cuh, argument checks shared with csrc/cpu/rmsprop.cpp in
+// fastnn/optim_host.h).
 //
 // Same plan as csrc/cuda/adam.cu: one multi-tensor launch per (param dtype, state dtype, master
 // weights) group; thread 0 of each block checks found_inf and computes the coefficients (lr and
@@ -17,12 +18,16 @@
 
 #include "fastnn/checks.h"
 #include "fastnn/multi_tensor_apply.cuh"
+#include "fastnn/optim_host.h"
 #include "fastnn/rmsprop_math.h"
 
 namespace fastnn::cuda {
 namespace {
 
 namespace om = fastnn::optim_math;
+namespace oh = fastnn::optim_host;
+
+constexpr const char* kOp = "rmsprop_step_";
 
 struct NoExtra {};
 
@@ -74,9 +79,8 @@ __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
   using M = std::conditional_t<std::is_same_v<P, double>, double, float>;
   constexpr int kVec = sizeof(P) == 8 ? 2 : 16 / int(sizeof(P));  // 16 bytes of params
 
-  int t;
-  int64_t chunk;
-  mta::locate(chunks, int64_t(blockIdx.x), &t, &chunk);
+  const mta::ChunkSpan span = mta::chunk_span(chunks);
+  const int t = span.t;
 
   __shared__ om::RmspropCoeffs<M> coeffs;
   __shared__ bool skip;
@@ -88,9 +92,7 @@ __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
   if (skip) return;  // GradScaler found an inf / NaN: nothing is written
   const om::RmspropCoeffs<M> c = coeffs;
 
-  const int64_t start = chunk * mta::kChunkSize;
-  const int64_t left = chunks.numel[t] - start;
-  const int64_t n = left < mta::kChunkSize ? left : mta::kChunkSize;
+  const int64_t start = span.start;
   P* param = static_cast<P*>(chunks.ptr[0][t]) + start;
   const P* grad = static_cast<const P*>(chunks.ptr[1][t]) + start;
   S* sq = static_cast<S*>(chunks.ptr[2][t]) + start;
@@ -102,36 +104,13 @@ __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
                    mta::aligned<kVec>(sq) && (!a.centered || mta::aligned<kVec>(grad_avg)) &&
                    (!a.momentum || mta::aligned<kVec>(buf)) &&
                    (!kMaster || mta::aligned<kVec>(master));
-  const int64_t n_vec = vec ? n / kVec * kVec : 0;
-  for (int64_t i = int64_t(threadIdx.x) * kVec; i < n_vec; i += int64_t(blockDim.x) * kVec) {
-    update_elements<kVec, P, S, M, kMaster>(i, param, grad, sq, grad_avg, buf, master, c, a.l2,
-                                            a.centered, a.momentum);
-  }
-  for (int64_t i = n_vec + threadIdx.x; i < n; i += blockDim.x) {
-    update_elements<1, P, S, M, kMaster>(i, param, grad, sq, grad_avg, buf, master, c, a.l2,
+  mta::for_each_element<kVec>(span.n, vec, [&]<int K>(int64_t i) {
+    update_elements<K, P, S, M, kMaster>(i, param, grad, sq, grad_avg, buf, master, c, a.l2,
                                          a.centered, a.momentum);
-  }
+  });
 }
 
 // ---- Op entry point -----------------------------------------------------------------------------
-
-bool same_layout(const at::Tensor& a, const at::Tensor& ref) {
-  if (a.is_contiguous() && ref.is_contiguous()) return true;
-  return a.is_non_overlapping_and_dense() && a.strides() == ref.strides();
-}
-
-void check_like(const at::Tensor& t, const char* list, size_t i, const at::Tensor& param,
-                c10::ScalarType dtype) {
-  TORCH_CHECK(t.device() == param.device(), "fastnn: rmsprop_step_: ", list, "[", i, "] is on ",
-              t.device(), " but params[", i, "] is on ", param.device());
-  TORCH_CHECK(t.sizes() == param.sizes(), "fastnn: rmsprop_step_: ", list, "[", i, "] has shape ",
-              t.sizes(), " but params[", i, "] has shape ", param.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "fastnn: rmsprop_step_: ", list, "[", i, "] is ",
-              t.scalar_type(), ", expected ", dtype);
-  TORCH_CHECK(same_layout(t, param), "fastnn: rmsprop_step_: ", list, "[", i, "] has strides ",
-              t.strides(), " but params[", i, "] has strides ", param.strides(),
-              "; optimizer state must have its parameter's memory layout");
-}
 
 void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                        at::TensorList grad_avgs, at::TensorList momentum_buffers,
@@ -141,88 +120,55 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        double eps, double weight_decay, double momentum, bool centered,
                        bool maximize) {
   const size_t n = params.size();
-  auto check_len = [&](at::TensorList list, const char* name) {
-    TORCH_CHECK(list.size() == n, "fastnn: rmsprop_step_: ", name, " has ", list.size(),
-                " tensors but params has ", n);
-  };
   const bool use_momentum = momentum > 0.0;
-  check_len(grads, "grads");
-  check_len(square_avgs, "square_avgs");
-  if (centered) check_len(grad_avgs, "grad_avgs (centered=True)");
-  if (use_momentum) check_len(momentum_buffers, "momentum_buffers (momentum > 0)");
+  oh::check_rmsprop_lists(n, grads, square_avgs, grad_avgs, momentum_buffers, master_params,
+                          centered, use_momentum);
   const bool has_master = !master_params.empty();
-  if (has_master) check_len(master_params, "master_params");
   if (n == 0) return;
 
   const at::Device device = params[0].device();
   c10::cuda::CUDAGuard guard(device);
   std::vector<at::Tensor> keep;
   RmspropLaunch a;
-  a.found_inf = mta::scalar_arg(found_inf, 0.0, device, "rmsprop_step_", "found_inf", keep);
-  if (a.found_inf.ptr == nullptr && a.found_inf.value != 0.0) return;  // host inf: no change
-  a.grad_scale = mta::scalar_arg(grad_scale, 1.0, device, "rmsprop_step_", "grad_scale", keep);
-  a.lr = mta::scalar_arg(lr_tensor, lr, device, "rmsprop_step_", "lr_tensor", keep);
+  if (!mta::set_scalar_args(a, lr_tensor, lr, grad_scale, found_inf, device, kOp, keep)) return;
   a.hyper = om::RmspropHyper{alpha, eps, weight_decay, momentum, maximize};
   a.l2 = weight_decay != 0.0;
   a.centered = centered;
   a.momentum = use_momentum;
 
   std::vector<at::Tensor> grads_used(grads.begin(), grads.end());
-  std::vector<std::tuple<int, int, bool>> keys(n);
+  std::vector<mta::DtypeKey> keys(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     check_same_device(p, "params[i]", params[0], "params[0]");
     TORCH_CHECK(p.is_cuda(), "fastnn: rmsprop_step_ (CUDA): params[", i, "] is on ", p.device());
-    check_float(p, "params");
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), "fastnn: rmsprop_step_: params[", i,
-                "] must be dense (no gaps or overlaps), got strides ", p.strides());
     const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.layout() == at::kStrided, "fastnn: rmsprop_step_: grads[", i,
-                "] is sparse; RMSprop does not support sparse gradients");
-    TORCH_CHECK(g.scalar_type() == p.scalar_type(), "fastnn: rmsprop_step_: grads[", i, "] is ",
-                g.scalar_type(), " but params[", i, "] is ", p.scalar_type());
-    TORCH_CHECK(g.device() == p.device() && g.sizes() == p.sizes(), "fastnn: rmsprop_step_: grads[",
-                i, "] (", g.sizes(), " on ", g.device(), ") does not match params[", i, "] (",
-                p.sizes(), " on ", p.device(), ")");
-    if (!same_layout(g, p)) grads_used[i] = at::empty_like(p).copy_(g);  // read-only: relay out
-    const c10::ScalarType st = square_avgs[i].scalar_type();
-    TORCH_CHECK(st == p.scalar_type() || st == at::kFloat, "fastnn: rmsprop_step_: square_avgs[", i,
-                "] is ", st, "; optimizer state must be float32 or its param's dtype (",
-                p.scalar_type(), ")");
-    check_like(square_avgs[i], "square_avgs", i, p, st);
-    if (centered) check_like(grad_avgs[i], "grad_avgs", i, p, st);
-    if (use_momentum) check_like(momentum_buffers[i], "momentum_buffers", i, p, st);
-    if (has_master) {
-      TORCH_CHECK(p.scalar_type() == at::kHalf || p.scalar_type() == at::kBFloat16,
-                  "fastnn: rmsprop_step_: master_params are fp32 copies of float16 / bfloat16 "
-                  "params, but params[",
-                  i, "] is ", p.scalar_type());
-      check_like(master_params[i], "master_params", i, p, at::kFloat);
-    }
+    oh::check_param_and_grad(kOp, i, p, g, "RMSprop does not support sparse gradients");
+    if (!oh::same_layout(g, p)) grads_used[i] = at::empty_like(p).copy_(g);  // read-only: relay out
+    const c10::ScalarType st = oh::check_rmsprop_state(
+        i, p, square_avgs, grad_avgs, momentum_buffers, master_params, centered, use_momentum);
     keys[i] = {int(p.scalar_type()), int(st), has_master};
   }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (const auto& [key, indices] : mta::group_by<std::tuple<int, int, bool>>(int64_t(n), keys)) {
-    const auto pt = c10::ScalarType(std::get<0>(key));
-    const auto st = c10::ScalarType(std::get<1>(key));
-    mta::dispatch_dtypes(pt, st, has_master, [&]<typename P, typename S, bool kMaster>() {
-      auto fill = [&](RmspropChunks& c, int slot, int64_t i) -> int64_t {
-        c.ptr[0][slot] = params[i].data_ptr();
-        c.ptr[1][slot] = const_cast<void*>(grads_used[i].const_data_ptr());
-        c.ptr[2][slot] = square_avgs[i].data_ptr();
-        c.ptr[3][slot] = centered ? grad_avgs[i].data_ptr() : nullptr;
-        c.ptr[4][slot] = use_momentum ? momentum_buffers[i].data_ptr() : nullptr;
-        c.ptr[5][slot] = kMaster ? master_params[i].data_ptr() : nullptr;
-        return params[i].numel();
-      };
-      auto launch = [&](const RmspropChunks& c, int64_t blocks) {
-        rmsprop_kernel<P, S, kMaster><<<unsigned(blocks), mta::kThreads, 0, stream>>>(c, a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      mta::pack_and_launch<RmspropChunks>(indices, fill, launch);
-    });
-  }
+  mta::for_each_dtype_group(
+      keys, has_master,
+      [&]<typename P, typename S, bool kMaster>(const std::vector<int64_t>& indices) {
+        auto fill = [&](RmspropChunks& c, int slot, int64_t i) -> int64_t {
+          c.ptr[0][slot] = params[i].data_ptr();
+          c.ptr[1][slot] = const_cast<void*>(grads_used[i].const_data_ptr());
+          c.ptr[2][slot] = square_avgs[i].data_ptr();
+          c.ptr[3][slot] = centered ? grad_avgs[i].data_ptr() : nullptr;
+          c.ptr[4][slot] = use_momentum ? momentum_buffers[i].data_ptr() : nullptr;
+          c.ptr[5][slot] = kMaster ? master_params[i].data_ptr() : nullptr;
+          return params[i].numel();
+        };
+        auto launch = [&](const RmspropChunks& c, int64_t blocks) {
+          rmsprop_kernel<P, S, kMaster><<<unsigned(blocks), mta::kThreads, 0, stream>>>(c, a);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        mta::pack_and_launch<RmspropChunks>(indices, fill, launch);
+      });
 }
 
 }  // namespace

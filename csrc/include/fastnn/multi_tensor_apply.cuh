@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -73,6 +74,35 @@ __device__ __forceinline__ void locate(const Chunks& c, int64_t block, int* tens
   }
   *tensor = lo;
   *chunk = block - (lo == 0 ? 0 : c.chunk_end[lo - 1]);
+}
+
+// The elements of block `blockIdx.x`: tensor `t`, its elements [start, start + n).
+struct ChunkSpan {
+  int t;
+  int64_t start;
+  int64_t n;
+};
+
+template <typename Chunks>
+__device__ __forceinline__ ChunkSpan chunk_span(const Chunks& c) {
+  int t;
+  int64_t chunk;
+  locate(c, int64_t(blockIdx.x), &t, &chunk);
+  const int64_t start = chunk * kChunkSize;
+  const int64_t left = c.numel[t] - start;
+  return {t, start, left < kChunkSize ? left : kChunkSize};
+}
+
+// The block's threads over elements [0, n): f.template operator()<kVec>(i) on kVec consecutive
+// elements from i while whole vectors remain (only when `vec`: every pointer aligned), then
+// f.template operator()<1>(i) on the rest.
+template <int kVec, typename F>
+__device__ __forceinline__ void for_each_element(int64_t n, bool vec, F&& f) {
+  const int64_t n_vec = vec ? n / kVec * kVec : 0;
+  for (int64_t i = int64_t(threadIdx.x) * kVec; i < n_vec; i += int64_t(blockDim.x) * kVec) {
+    f.template operator()<kVec>(i);
+  }
+  for (int64_t i = n_vec + threadIdx.x; i < n; i += blockDim.x) f.template operator()<1>(i);
 }
 
 // Packs the tensors `indices` (in order, zero-size ones skipped) into as few launches as the
@@ -135,6 +165,20 @@ inline ScalarArg scalar_arg(const std::optional<at::Tensor>& t, double fallback,
     keep.push_back(x);
   }
   return {x.const_data_ptr(), 0.0, x.scalar_type() == at::kDouble};
+}
+
+// The scalar arguments every optimizer launch takes (found_inf, grad_scale, lr) set in `a`.
+// Returns false when found_inf is a host value != 0 (GradScaler saw an inf / NaN): nothing to do.
+template <typename Launch>
+bool set_scalar_args(Launch& a, const std::optional<at::Tensor>& lr_tensor, double lr,
+                     const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf, const at::Device& device,
+                     const char* op, std::vector<at::Tensor>& keep) {
+  a.found_inf = scalar_arg(found_inf, 0.0, device, op, "found_inf", keep);
+  if (a.found_inf.ptr == nullptr && a.found_inf.value != 0.0) return false;
+  a.grad_scale = scalar_arg(grad_scale, 1.0, device, op, "grad_scale", keep);
+  a.lr = scalar_arg(lr_tensor, lr, device, op, "lr_tensor", keep);
+  return true;
 }
 
 // ---- Vector loads and stores --------------------------------------------------------------------
@@ -235,6 +279,21 @@ std::vector<std::pair<Key, std::vector<int64_t>>> group_by(int64_t n,
     it->second.push_back(i);
   }
   return groups;
+}
+
+// The tensors grouped by key (param dtype, state dtype, master weights), in first-seen order;
+// per group, f.template operator()<P, S, kMaster>(indices) with the group's tensor indices.
+using DtypeKey = std::tuple<int, int, bool>;
+
+template <typename F>
+void for_each_dtype_group(const std::vector<DtypeKey>& keys, bool has_master, F&& f) {
+  for (const auto& [key, indices] : group_by<DtypeKey>(int64_t(keys.size()), keys)) {
+    const auto pt = c10::ScalarType(std::get<0>(key));
+    const auto st = c10::ScalarType(std::get<1>(key));
+    dispatch_dtypes(pt, st, has_master, [&]<typename P, typename S, bool kMaster>() {
+      f.template operator()<P, S, kMaster>(indices);
+    });
+  }
 }
 
 }  // namespace mta

@@ -1,0 +1,143 @@
+// Host-side argument checks of the optimizer entry points (adam_step_, rmsprop_step_), shared by
+// the CPU (csrc/cpu/*.cpp) and CUDA (csrc/cuda/*.cu) implementations so both reject the same
+// inputs with the same messages. `op` is the schema name ("adam_step_"), printed as
+// "fastnn: <op>: ...".
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstddef>
+#include <optional>
+
+#include "fastnn/checks.h"
+
+namespace fastnn::optim_host {
+
+// Same elements in the same order: both contiguous, or both dense with equal strides.
+inline bool same_layout(const at::Tensor& a, const at::Tensor& ref) {
+  if (a.is_contiguous() && ref.is_contiguous()) return true;
+  return a.is_non_overlapping_and_dense() && a.strides() == ref.strides();
+}
+
+// A tensor list that must hold one tensor per param.
+inline void check_len(const char* op, at::TensorList list, const char* name, size_t n) {
+  TORCH_CHECK(list.size() == n, "fastnn: ", op, ": ", name, " has ", list.size(),
+              " tensors but params has ", n);
+}
+
+// list[i] (optimizer state or master weights) against params[i]: device, shape, dtype (when
+// `dtype` is given) and memory layout.
+inline void check_like(const char* op, const at::Tensor& t, const char* list, size_t i,
+                       const at::Tensor& param, std::optional<c10::ScalarType> dtype) {
+  TORCH_CHECK(t.device() == param.device(), "fastnn: ", op, ": ", list, "[", i, "] is on ",
+              t.device(), " but params[", i, "] is on ", param.device());
+  TORCH_CHECK(t.sizes() == param.sizes(), "fastnn: ", op, ": ", list, "[", i, "] has shape ",
+              t.sizes(), " but params[", i, "] has shape ", param.sizes());
+  if (dtype.has_value()) {
+    TORCH_CHECK(t.scalar_type() == *dtype, "fastnn: ", op, ": ", list, "[", i, "] is ",
+                t.scalar_type(), ", expected ", *dtype);
+  }
+  TORCH_CHECK(same_layout(t, param), "fastnn: ", op, ": ", list, "[", i, "] has strides ",
+              t.strides(), " but params[", i, "] has strides ", param.strides(),
+              "; optimizer state must have its parameter's memory layout");
+}
+
+// params[i] (already checked to be on the right device) and grads[i]: a dense float param, a
+// strided grad of its dtype, device and shape. `sparse_hint` ends the sparse-gradient message.
+inline void check_param_and_grad(const char* op, size_t i, const at::Tensor& p, const at::Tensor& g,
+                                 const char* sparse_hint) {
+  check_float(p, "params");
+  TORCH_CHECK(p.is_non_overlapping_and_dense(), "fastnn: ", op, ": params[", i,
+              "] must be dense (no gaps or overlaps), got strides ", p.strides());
+  TORCH_CHECK(g.layout() == at::kStrided, "fastnn: ", op, ": grads[", i, "] is sparse; ",
+              sparse_hint);
+  TORCH_CHECK(g.scalar_type() == p.scalar_type(), "fastnn: ", op, ": grads[", i, "] is ",
+              g.scalar_type(), " but params[", i, "] is ", p.scalar_type());
+  TORCH_CHECK(g.device() == p.device() && g.sizes() == p.sizes(), "fastnn: ", op, ": grads[", i,
+              "] (", g.sizes(), " on ", g.device(), ") does not match params[", i, "] (", p.sizes(),
+              " on ", p.device(), ")");
+}
+
+// The state dtype `st` of list[i]: float32, or the param's own dtype.
+inline void check_state_dtype(const char* op, const char* list, size_t i, c10::ScalarType st,
+                              const at::Tensor& p) {
+  TORCH_CHECK(st == p.scalar_type() || st == at::kFloat, "fastnn: ", op, ": ", list, "[", i,
+              "] is ", st, "; optimizer state must be float32 or its param's dtype (",
+              p.scalar_type(), ")");
+}
+
+// Master weights are only for float16 / bfloat16 params.
+inline void check_master_param(const char* op, size_t i, const at::Tensor& p) {
+  TORCH_CHECK(p.scalar_type() == at::kHalf || p.scalar_type() == at::kBFloat16, "fastnn: ", op,
+              ": master_params are fp32 copies of float16 / bfloat16 params, but params[", i,
+              "] is ", p.scalar_type());
+}
+
+// ---- Per op: the checks the CPU and CUDA entry points share
+// ---------------------------------------
+
+// adam_step_: one tensor per param in every list the options use.
+inline void check_adam_lists(size_t n, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                             at::TensorList steps, at::TensorList master_params, bool amsgrad) {
+  const char* op = "adam_step_";
+  check_len(op, grads, "grads", n);
+  check_len(op, exp_avgs, "exp_avgs", n);
+  check_len(op, exp_avg_sqs, "exp_avg_sqs", n);
+  check_len(op, steps, "steps", n);
+  if (amsgrad) check_len(op, max_exp_avg_sqs, "max_exp_avg_sqs (amsgrad=True)", n);
+  if (!master_params.empty()) check_len(op, master_params, "master_params", n);
+}
+
+// rmsprop_step_: one tensor per param in every list the options use.
+inline void check_rmsprop_lists(size_t n, at::TensorList grads, at::TensorList square_avgs,
+                                at::TensorList grad_avgs, at::TensorList momentum_buffers,
+                                at::TensorList master_params, bool centered, bool use_momentum) {
+  const char* op = "rmsprop_step_";
+  check_len(op, grads, "grads", n);
+  check_len(op, square_avgs, "square_avgs", n);
+  if (centered) check_len(op, grad_avgs, "grad_avgs (centered=True)", n);
+  if (use_momentum) check_len(op, momentum_buffers, "momentum_buffers (momentum > 0)", n);
+  if (!master_params.empty()) check_len(op, master_params, "master_params", n);
+}
+
+// rmsprop_step_: the state and master weights of params[i] (p); returns the state dtype.
+inline c10::ScalarType check_rmsprop_state(size_t i, const at::Tensor& p,
+                                           at::TensorList square_avgs, at::TensorList grad_avgs,
+                                           at::TensorList momentum_buffers,
+                                           at::TensorList master_params, bool centered,
+                                           bool use_momentum) {
+  const char* op = "rmsprop_step_";
+  const c10::ScalarType st = square_avgs[i].scalar_type();
+  check_state_dtype(op, "square_avgs", i, st, p);
+  check_like(op, square_avgs[i], "square_avgs", i, p, st);
+  if (centered) check_like(op, grad_avgs[i], "grad_avgs", i, p, st);
+  if (use_momentum) check_like(op, momentum_buffers[i], "momentum_buffers", i, p, st);
+  if (!master_params.empty()) {
+    check_master_param(op, i, p);
+    check_like(op, master_params[i], "master_params", i, p, at::kFloat);
+  }
+  return st;
+}
+
+// ---- Host scalars -------------------------------------------------------------------------------
+
+// An optional one-element CPU tensor read on the host (CPU params); `fallback` when absent.
+inline double host_scalar(const char* op, const std::optional<at::Tensor>& t, const char* name,
+                          double fallback) {
+  if (!t.has_value() || !t->defined()) return fallback;
+  TORCH_CHECK(t->numel() == 1, "fastnn: ", op, ": ", name, " must have one element, got shape ",
+              t->sizes());
+  TORCH_CHECK(t->device().is_cpu(), "fastnn: ", op, ": ", name,
+              " must be a CPU tensor for CPU params, got ", t->device());
+  return t->item<double>();
+}
+
+// A host step counter (one-element float32 / float64 CPU tensor, already checked) as a double.
+inline double host_step(const at::Tensor& s) {
+  return s.scalar_type() == at::kFloat ? double(*s.const_data_ptr<float>())
+                                       : *s.const_data_ptr<double>();
+}
+
+}  // namespace fastnn::optim_host

@@ -3,8 +3,9 @@ virtual environment outside the source tree that reuses this torch, imported fro
 op run on the native CPU backend against the fp64 reference, and, for a CUDA build, its CUDA
 kernels found registered.
 
-Variant (FASTNN_WHEEL_TEST_VARIANT): `cpu` by default (FASTNN_BUILD_CUDA=0), because CI runs this
-on 2 cores. Measured from scratch on this 2-core machine (shared: load average 7-15), MAX_JOBS=2,
+Variant (FASTNN_WHEEL_TEST_VARIANT): `cuda` by default when torch is a CUDA build and nvcc is on
+PATH (as in CI), so the CUDA registration check runs there; else `cpu` (FASTNN_BUILD_CUDA=0).
+Measured from scratch on this 2-core machine (shared: load average 7-15), MAX_JOBS=2,
 6 C++ sources and 3 .cu files: the CPU-only wheel took 124 s CPU (392 s wall); the CUDA wheel for
 the one arch 9.0 took 279 s CPU (1185 s wall), nvcc costing about 50 s CPU per .cu file. The whole
 test (build, venv, install, run) took 94-145 s CPU: 11-13 min wall at that load, 139 s wall at
@@ -16,6 +17,7 @@ are kept in build/wheel-test-<variant>, so a rerun recompiles only changed sourc
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -31,7 +33,9 @@ from fastnn import _extension, ops
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANT = os.environ.get("FASTNN_WHEEL_TEST_VARIANT", "cpu")
+VARIANT = os.environ.get(
+    "FASTNN_WHEEL_TEST_VARIANT", "cuda" if torch.version.cuda and shutil.which("nvcc") else "cpu"
+)
 ARCH = os.environ.get("FASTNN_WHEEL_TEST_ARCH", "9.0")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "sigmoid")
 

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnn.reference.glu import ACTIVATIONS
+# The argument checks are the reference's own, so both backends reject the same inputs alike.
+from fastnn.reference.glu import ACTIVATIONS, _check_grad, _check_packed, _check_pair
 
 # Activation codes (tl.constexpr), in ACTIVATIONS order: silu, gelu, gelu_tanh, relu, sigmoid.
 _CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -26,7 +27,6 @@ _CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 # thread per tensor in bf16 (two in fp32).
 BLOCK = 1024
 NUM_WARPS = 4
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
@@ -163,45 +163,9 @@ def _code(activation):
     return _CODE[activation]
 
 
-def _check_float(t, name):
-    if t.dtype not in _FLOATS:
-        raise RuntimeError(
-            f"fastnn: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}"
-        )
-
-
-def _check_pair(gate, up):
-    _check_float(gate, "gate")
-    _check_float(up, "up")
-    if up.device != gate.device:
-        raise RuntimeError(f"fastnn: up is on {up.device} but gate is on {gate.device}")
-    if gate.shape != up.shape:
-        raise RuntimeError(
-            f"fastnn: gate of shape {list(gate.shape)} and up of shape {list(up.shape)} differ"
-        )
-    if gate.dtype != up.dtype:
-        raise RuntimeError(f"fastnn: gate has dtype {gate.dtype} but up has {up.dtype}")
-
-
-def _check_packed(gate_up):
-    _check_float(gate_up, "gate_up")
-    if gate_up.dim() == 0 or gate_up.shape[-1] % 2 != 0:
-        raise RuntimeError(
-            f"fastnn: packed gate_up of shape {list(gate_up.shape)} needs an even last dim "
-            "holding [gate | up]"
-        )
-
-
 def _prepare_grad(grad_out, like, shape):
     """grad_out in `like`'s dtype, contiguous, checked against the output shape."""
-    _check_float(grad_out, "grad_out")
-    if grad_out.device != like.device:
-        raise RuntimeError(f"fastnn: grad_out is on {grad_out.device} but gate is on {like.device}")
-    if tuple(grad_out.shape) != tuple(shape):
-        raise RuntimeError(
-            f"fastnn: grad_out of shape {list(grad_out.shape)} does not match the output shape "
-            f"{list(shape)}"
-        )
+    _check_grad(grad_out, like, shape)
     return grad_out.to(like.dtype).contiguous()
 
 

@@ -31,6 +31,7 @@ run follows the uninterrupted trajectory exactly. --stop-after N ends this invoc
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -447,7 +448,14 @@ def main(argv=None):
     args = parse_args(argv)
     device, rank, world = setup_distributed(args)
     try:
-        return train(args, device, rank, world)
+        result = train(args, device, rank, world)
+        # Tear down together: a rank whose peer has already closed its gloo pairs can abort at
+        # exit ("terminate called without an active exception", seen once in a CI run). The
+        # barrier lines the ranks up; gc.collect() frees the DDP reducers, which hold the group,
+        # before the group is destroyed rather than during interpreter shutdown.
+        dist.barrier()
+        gc.collect()
+        return result
     finally:
         dist.destroy_process_group()
 

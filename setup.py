@@ -89,6 +89,39 @@ def _toolkit_version(cuda_home):
     return match.group(1) if match else None
 
 
+def _links_shared_libstdcxx(cxx):
+    """Whether the gcc-style driver `cxx` finds libstdc++.so (it prints the bare name when not)."""
+    try:
+        found = subprocess.run(
+            [cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return True  # cannot ask: let the build report its own errors
+    return os.path.isabs(found)
+
+
+def _use_a_shared_libstdcxx_compiler():
+    """torch's cpp_extension compiles and links with $CXX (else `c++`). A compiler that can only
+    link libstdc++ statically gives the extension a private, uninitialised copy of the C++ runtime:
+    every error message it formats then segfaults (seen 2026-11-25 on a GPU machine whose image
+    sets CXX=/opt/gcc/bin/g++, a GCC 13.3 without libstdc++.so). Such a CXX is swapped for `c++`
+    on PATH (and CC for `cc`) when that one links the shared runtime torch uses; else we stop."""
+    cxx = os.environ.get("CXX")
+    if not cxx or _links_shared_libstdcxx(cxx):
+        return
+    fallback = shutil.which("c++")
+    if not fallback or not _links_shared_libstdcxx(fallback):
+        sys.exit(
+            f"fastnn: CXX={cxx} has no shared libstdc++ (libstdc++.so), so the extension would "
+            "carry its own C++ runtime and crash on its first error message; set CXX to a "
+            "compiler that links the shared libstdc++ (e.g. the system g++)"
+        )
+    print(f"fastnn: CXX={cxx} has no shared libstdc++; building with {fallback}", file=sys.stderr)
+    os.environ["CXX"] = fallback
+    if os.environ.get("CC") and shutil.which("cc"):
+        os.environ["CC"] = shutil.which("cc")
+
+
 def _flag(name, default):
     return os.environ.get(name, default).strip().lower()
 
@@ -144,6 +177,7 @@ def _extensions():
     if cuda_home:
         # cpp_extension reads CUDA_HOME when it is imported: set it first.
         os.environ["CUDA_HOME"] = cuda_home
+    _use_a_shared_libstdcxx_compiler()
     import torch
     from torch.utils import cpp_extension
 

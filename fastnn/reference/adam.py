@@ -1,7 +1,9 @@
 """Reference Adam / AdamW step over lists of tensors: torch.optim.Adam's for-loop algorithm, fp32
 math for low-precision tensors. Schema: `fastnn::adam_step_` (csrc/library.cpp).
 
-It may synchronise the host (found_inf is read with .item()); the kernels do not.
+Graph-safe on a GPU: lr_tensor, found_inf and the step counters are read on the host only when
+they are CPU tensors; device tensors stay in tensor arithmetic (no sync), so a capturable
+optimizer's step() can be captured in a CUDA graph on this backend too.
 """
 
 import torch
@@ -12,6 +14,17 @@ def _unscaled_grad(grad, grad_scale, maximize):
     if grad_scale is not None:
         g = g / grad_scale.to(g)
     return -g if maximize else g
+
+
+def host_or_device(t):
+    """A CPU scalar tensor as a Python number, a device one as itself: reading a GPU tensor on
+    the host would synchronise (and is not allowed inside a CUDA graph capture)."""
+    return t.item() if t.device.type == "cpu" else t
+
+
+def skip_if_inf(found_inf, new, old):
+    """`new`, or `old` where found_inf (a device tensor) is non-zero."""
+    return new if found_inf is None else torch.where(found_inf != 0, old, new)
 
 
 def adam_step_(
@@ -37,17 +50,19 @@ def adam_step_(
 ):
     """Updates params, exp_avgs, exp_avg_sqs (and max_exp_avg_sqs when amsgrad, master_params
     when given) in place. steps[i] is the step count after this step (already incremented)."""
-    if found_inf is not None and found_inf.item() != 0:
-        return
+    if found_inf is not None and found_inf.device.type == "cpu":
+        if found_inf.item() != 0:
+            return
+        found_inf = None
     if lr_tensor is not None:
-        lr = lr_tensor.item()
+        lr = host_or_device(lr_tensor)
     for i, param in enumerate(params):
         weights = master_params[i] if master_params else param
         p = weights.double() if weights.dtype == torch.float64 else weights.float()
         g = _unscaled_grad(grads[i], grad_scale, maximize).to(p.dtype)
         m = exp_avgs[i].to(p.dtype)
         v = exp_avg_sqs[i].to(p.dtype)
-        step = float(steps[i])
+        step = host_or_device(steps[i])
         if weight_decay != 0:
             if decoupled_weight_decay:
                 p = p * (1 - lr * weight_decay)
@@ -59,13 +74,13 @@ def adam_step_(
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         if amsgrad:
             v_max = torch.maximum(max_exp_avg_sqs[i].to(p.dtype), v)
-            max_exp_avg_sqs[i].copy_(v_max)
+            max_exp_avg_sqs[i].copy_(skip_if_inf(found_inf, v_max, max_exp_avg_sqs[i]))
             denom = v_max.sqrt() / bias_correction2_sqrt + eps
         else:
             denom = v.sqrt() / bias_correction2_sqrt + eps
         p = p - (lr / bias_correction1) * m / denom
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
-        weights.copy_(p)
+        exp_avgs[i].copy_(skip_if_inf(found_inf, m, exp_avgs[i]))
+        exp_avg_sqs[i].copy_(skip_if_inf(found_inf, v, exp_avg_sqs[i]))
+        weights.copy_(skip_if_inf(found_inf, p, weights))
         if master_params:
-            param.copy_(p)
+            param.copy_(skip_if_inf(found_inf, p, param))

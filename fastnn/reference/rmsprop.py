@@ -1,9 +1,9 @@
 """Reference RMSprop step over lists of tensors: torch.optim.RMSprop's for-loop algorithm, fp32
-math for low-precision tensors. Schema: `fastnn::rmsprop_step_` (csrc/library.cpp)."""
+math for low-precision tensors; graph-safe on a GPU as fastnn/reference/adam.py is. Schema: `fastnn::rmsprop_step_` (csrc/library.cpp)."""
 
 import torch
 
-from fastnn.reference.adam import _unscaled_grad
+from fastnn.reference.adam import _unscaled_grad, host_or_device, skip_if_inf
 
 
 def rmsprop_step_(
@@ -27,10 +27,12 @@ def rmsprop_step_(
 ):
     """Updates params and square_avgs (grad_avgs when centered, momentum_buffers when
     momentum > 0, master_params when given) in place."""
-    if found_inf is not None and found_inf.item() != 0:
-        return
+    if found_inf is not None and found_inf.device.type == "cpu":
+        if found_inf.item() != 0:
+            return
+        found_inf = None
     if lr_tensor is not None:
-        lr = lr_tensor.item()
+        lr = host_or_device(lr_tensor)
     for i, param in enumerate(params):
         weights = master_params[i] if master_params else param
         p = weights.double() if weights.dtype == torch.float64 else weights.float()
@@ -38,20 +40,20 @@ def rmsprop_step_(
         if weight_decay != 0:
             g = g + weight_decay * p
         sq = square_avgs[i].to(p.dtype) * alpha + (1 - alpha) * g * g
-        square_avgs[i].copy_(sq)
+        square_avgs[i].copy_(skip_if_inf(found_inf, sq, square_avgs[i]))
         if centered:
             ga = grad_avgs[i].to(p.dtype)
             ga = ga + (1 - alpha) * (g - ga)
-            grad_avgs[i].copy_(ga)
+            grad_avgs[i].copy_(skip_if_inf(found_inf, ga, grad_avgs[i]))
             avg = (sq - ga * ga).sqrt() + eps
         else:
             avg = sq.sqrt() + eps
         if momentum > 0:
             buf = momentum_buffers[i].to(p.dtype) * momentum + g / avg
-            momentum_buffers[i].copy_(buf)
+            momentum_buffers[i].copy_(skip_if_inf(found_inf, buf, momentum_buffers[i]))
             p = p - lr * buf
         else:
             p = p - lr * g / avg
-        weights.copy_(p)
+        weights.copy_(skip_if_inf(found_inf, p, weights))
         if master_params:
-            param.copy_(p)
+            param.copy_(skip_if_inf(found_inf, p, param))

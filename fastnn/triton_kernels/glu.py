@@ -28,10 +28,8 @@ _CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 BLOCK = 1024
 NUM_WARPS = 4
 
-_SQRT_HALF = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
-_GELU_TANH_CUBIC = 0.044715
+# The GELU constants are literals in the kernels below: compiled Triton reads a module global only
+# as tl.constexpr, and the interpreter (triton 3.8) cannot multiply a tensor by one.
 
 
 @triton.jit
@@ -50,7 +48,7 @@ def _gelu_tanh_arg(x):
     # underflows to 0 even in fp64, so sigmoid(2y) is exactly 0 or 1 either way, and the clamp
     # keeps x^3 from overflowing into inf * 0 (see activations.h).
     xc = tl.minimum(tl.maximum(x, -22.0), 22.0)
-    return xc, 2.0 * _SQRT_2_OVER_PI * xc * (1.0 + _GELU_TANH_CUBIC * xc * xc)
+    return xc, 2.0 * 0.7978845608028654 * xc * (1.0 + 0.044715 * xc * xc)  # sqrt(2/pi)
 
 
 @triton.jit
@@ -59,7 +57,7 @@ def _act(x, ACT: tl.constexpr):
         s, _ = _sigmoid_pair(x)
         a = x * s
     elif ACT == 1:  # gelu (erf)
-        a = x * (0.5 + 0.5 * tl.erf(x * _SQRT_HALF))
+        a = x * (0.5 + 0.5 * tl.erf(x * 0.7071067811865476))  # 1/sqrt(2)
     elif ACT == 2:  # gelu_tanh: x sigmoid(2y)
         _, y2 = _gelu_tanh_arg(x)
         s, _ = _sigmoid_pair(y2)
@@ -78,14 +76,14 @@ def _act_grad(x, ACT: tl.constexpr):
         a = x * s
         da = s * (1.0 + x * sm)
     elif ACT == 1:
-        cdf = 0.5 + 0.5 * tl.erf(x * _SQRT_HALF)
+        cdf = 0.5 + 0.5 * tl.erf(x * 0.7071067811865476)  # 1/sqrt(2)
         a = x * cdf
-        da = cdf + x * (_INV_SQRT_2PI * tl.exp(-0.5 * x * x))
+        da = cdf + x * (0.3989422804014327 * tl.exp(-0.5 * x * x))  # 1/sqrt(2 pi)
     elif ACT == 2:
         xc, y2 = _gelu_tanh_arg(x)
         s, sm = _sigmoid_pair(y2)
         a = x * s
-        dy = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * xc * xc)
+        dy = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * xc * xc)
         da = s + 2.0 * xc * s * sm * dy
     elif ACT == 3:
         a = tl.where(x <= 0, 0.0, x)

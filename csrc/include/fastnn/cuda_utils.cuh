@@ -178,7 +178,9 @@ inline unsigned grid_size(int64_t blocks) {
 
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024)  // above the default limit a kernel must opt in
+  // Above 48 KB of static + dynamic shared memory a kernel must opt in; our kernels' static
+  // scratch stays under kSmemReserve (a 48 KB row plus 1 KB of scratch failed to launch).
+  if (bytes + kSmemReserve > 48 * 1024)
     C10_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }

@@ -16,6 +16,7 @@
 # still written when the build succeeded). Exit 0: built, every test passed, report written.
 #
 # Knobs: GPU_CHECK_PYTHON (python3), GPU_CHECK_BUDGET_S (480), GPU_CHECK_TEST_TIMEOUT_S (240),
+# GPU_CHECK_TESTS (cuda: the GPU cases; all: the CPU cases too),
 # GPU_CHECK_OUT (the results folder),
 # GPU_CHECK_PYTEST_ARGS (extra pytest args for tests/, e.g. "-n 4" or "-k rms"), MAX_JOBS.
 # Peers that are not installed there (Liger-Kernel is pure Python) can be carried as wheels in
@@ -42,6 +43,10 @@ if not torch.cuda.is_available():
   echo "gpu-check: run it on a machine with an NVIDIA GPU; on this one use 'make test' and 'make bench'." >&2
   exit 2
 fi
+
+# fastnn is built in place, not installed: subprocesses (torchrun in the example's tests) find it
+# through PYTHONPATH.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/fastnn-gpu-check-site .whl/*.whl &&
@@ -108,15 +113,20 @@ if [ $build_rc -ne 0 ]; then
 fi
 tail -n 10 "$out/build.log"
 
-# 2. The test suite on CUDA, compiled Triton. `timeout` bounds it so the benchmarks still run;
-# with pytest-timeout, a hanging case fails alone instead of using up the whole budget.
+# 2. The test suite on CUDA, compiled Triton: the cases that touch the GPU (`-k "cuda or gpu"`:
+# every test_*_gpu.py module and every case parametrised on cuda). CI runs the CPU cases; with
+# GPU_CHECK_TESTS=all they run here too (a few minutes more on 16 cores). `timeout` bounds it so
+# the benchmarks still run; with pytest-timeout, a hanging case fails alone.
 echo "gpu-check: tests (log: tests.log, at most ${TEST_TIMEOUT} s)"
 t=$SECONDS
 per_test=()
 "$PY" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 120)
 # shellcheck disable=SC2086  # GPU_CHECK_PYTEST_ARGS is a list of words
+select=(-k "cuda or gpu")
+[ "${GPU_CHECK_TESTS:-cuda}" = all ] && select=()
 TRITON_INTERPRET=0 timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -ra -p no:cacheprovider \
-  -m "not slow" ${per_test[@]+"${per_test[@]}"} tests ${GPU_CHECK_PYTEST_ARGS:-} 2>&1 | tee "$out/tests.log"
+  -m "not slow" ${select[@]+"${select[@]}"} ${per_test[@]+"${per_test[@]}"} tests \
+  ${GPU_CHECK_PYTEST_ARGS:-} 2>&1 | tee "$out/tests.log"
 test_rc=${PIPESTATUS[0]}
 case $test_rc in
   0) tests="all passed" ;;

@@ -4,8 +4,9 @@
 - Profile: `smoke` under `--benchmark-disable` (every case runs once on tiny tensors: CI's check
   that each benchmark still runs), else the device's own sizes (`cuda` or `cpu`).
 - Timing: on a GPU, pytest-benchmark's timer is replaced by CUDA events (`CudaEventTimer`), so a
-  round is GPU time between two events around `iterations` back-to-back calls (the launches queue
-  up, so Python overhead is hidden once a call's GPU time exceeds it, as in a training step).
+  round is GPU time between two events around `iterations` back-to-back calls, started behind a
+  GPU sleep so that host overhead never shows in it: the kernels' time, as in a training step
+  whose host runs ahead of the GPU.
   On the CPU it is pytest-benchmark's wall clock; the report uses the median round.
 - Bytes: every entry records `bytes` (the fixed formula of shared/performance.md, computed by the
   test) in extra_info, with op / mode / impl / dtype / shape, so report.py derives GB/s.
@@ -91,29 +92,65 @@ def device_name():
     return platform.processor() or "cpu"
 
 
+_sleep_cycles_per_s = None
+
+
+def gpu_sleep(seconds):
+    """Queue a spin of about `seconds` on the current stream (torch.cuda._sleep counts cycles:
+    its rate is measured once)."""
+    global _sleep_cycles_per_s
+    if _sleep_cycles_per_s is None:
+        torch.cuda._sleep(1000)  # loads the kernel
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        torch.cuda._sleep(10_000_000)
+        end.record()
+        end.synchronize()
+        _sleep_cycles_per_s = 10_000_000 / (begin.elapsed_time(end) / 1e3)
+    torch.cuda._sleep(max(1, int(seconds * _sleep_cycles_per_s)))
+
+
 class CudaEventTimer:
     """A pytest-benchmark timer read from CUDA events.
 
-    pytest-benchmark computes a round's time as timer() after minus timer() before. Each call
-    records an event on the current stream, waits for it, and returns the running sum of the
-    event-to-event intervals, so the difference of two calls is exactly the GPU time between the
-    two records (one float32 interval, ~0.5 us resolution; a single base event would lose
-    resolution after minutes). Waiting at the first call also keeps earlier work out of a round.
+    pytest-benchmark calls the timer before and after each round (start, end, start, end, ...)
+    and takes the difference. Each call records an event, waits for it, and adds the interval
+    since the previous call's start event to a running sum (one float32 interval, ~0.5 us
+    resolution; a single base event would lose resolution after minutes). At a round's start it
+    then queues a GPU sleep and records the start event behind it. The sleep outlasts the host
+    time the last round took to queue its calls (1.5x, at most 50 ms), so the GPU starts a round
+    once it is queued: a round measures GPU time even when a call's host overhead (Python,
+    autograd, dispatch) exceeds its GPU time. Before this, ~100 us norm cases moved by 0.5-4x
+    between two runs on one H100 (2026-11-25, runs started while test processes wound down);
+    host overhead is the suspected cause, not yet confirmed on a GPU.
     """
 
     __name__ = "cuda_event_timer"
+    MAX_SLEEP_S = 0.05
 
-    def __init__(self):
-        self._last = None
+    def __init__(self, host_clock=time.perf_counter):
+        self._clock = host_clock
+        self._start = None  # the event after the sleep: where the GPU starts the next round
         self._seconds = 0.0
+        self._calls = 0
+        self._queued_s = 0.0  # host time to queue the last round's calls
+        self._returned = None
 
     def __call__(self):
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        event.synchronize()
-        if self._last is not None:
-            self._seconds += self._last.elapsed_time(event) / 1e3
-        self._last = event
+        entered = self._clock()
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        if self._start is not None:
+            self._seconds += self._start.elapsed_time(end) / 1e3
+        if self._calls % 2 == 1:  # a round's end: the host queued its calls since the start
+            self._queued_s = entered - self._returned
+        else:  # a round's start
+            gpu_sleep(min(self.MAX_SLEEP_S, 1.5 * self._queued_s + 1e-4))
+        self._calls += 1
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._start.record()
+        self._returned = self._clock()
         return self._seconds
 
 
@@ -139,6 +176,13 @@ def randn(shape, dtype, requires_grad=False, scale=1.0):
 def rows_for(n, elements):
     """Rows of an [rows, n] tensor of about `elements` elements (at least one row)."""
     return max(1, elements // n)
+
+
+def case_rows(dtype_name, width, elements, target_rows):
+    """Rows for a [rows, width] case: target_rows[profile][(dtype_name, width)] when the issue
+    states its target at that shape, else about elements[profile] elements."""
+    target = target_rows.get(profile(), {}).get((dtype_name, width))
+    return target or rows_for(width, elements[profile()])
 
 
 def sync():

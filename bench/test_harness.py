@@ -30,16 +30,34 @@ class _FakeEvent:
 
 def test_cuda_event_timer_differences_are_event_intervals(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
-    timer = harness.CudaEventTimer()
+    sleeps = []
+
+    def fake_sleep(seconds):  # the GPU spins: its clock moves, the round must not count it
+        sleeps.append(seconds)
+        _FakeEvent.now_ms += seconds * 1e3
+
+    monkeypatch.setattr(harness, "gpu_sleep", fake_sleep)
+    host = [0.0]
+    timer = harness.CudaEventTimer(host_clock=lambda: host[0])
     _FakeEvent.now_ms = 1.0e7  # hours into a session: a single base event would be coarse here
     start = timer()
-    _FakeEvent.now_ms += 0.123
+    host[0] += 0.004  # the host takes 4 ms to queue the round's calls ...
+    _FakeEvent.now_ms += 0.123  # ... which take 0.123 ms of GPU time after the sleep
     end = timer()
     assert end - start == pytest.approx(0.123e-3, rel=1e-4)
+    host[0] += 5.0
     _FakeEvent.now_ms += 5000.0  # time between rounds counts in neither round
     start = timer()
+    # This round starts behind a sleep longer than the last round took to queue.
+    assert sleeps[-1] == pytest.approx(1.5 * 0.004 + 1e-4)
     _FakeEvent.now_ms += 0.0015
     assert timer() - start == pytest.approx(1.5e-6, rel=1e-3)
+    timer()
+    host[0] += 1.0  # a compile in this round: the sleep before the next one is capped
+    timer()
+    timer()
+    assert sleeps[-1] == harness.CudaEventTimer.MAX_SLEEP_S
+    assert len(sleeps) == 4  # one per round start, none at a round's end
 
 
 def test_bytes_match_speed_of_light_table():

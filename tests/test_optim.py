@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import BACKENDS, skip_unless_available
+from conftest import BACKENDS, DEVICES, skip_unless_available
 from tolerances import FORWARD, RTOL, assert_rel_close, rel_error
 
 import fastnn
@@ -564,6 +564,48 @@ def test_grad_scaler(backend, cls, unscale_first):
                 run(ref_opt, ref, [gs])
     assert float(opt.state[ours[0]]["step"]) == 5
     assert_params_close(ours, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_protocol_leaves_grads_unscaled(backend, cls, dtype, device):
+    # torch's fused Adam writes grad / grad_scale back into .grad (its sign kept under maximize)
+    # and leaves .grad alone when found_inf is set. So does every fastnn backend, also for a grad
+    # the kernels read through a copy (a transposed param with a contiguous grad) and for a
+    # length that ends in the kernels' scalar tail (7).
+    skip_unless_available(backend, "rmsprop" if cls == "RMSprop" else "adam", device)
+    torch.manual_seed(0)
+    base = [torch.randn(9, 6, dtype=dtype), torch.randn(7, dtype=dtype)]
+    base = [b.to(device) for b in base]
+    ours = [torch.nn.Parameter(base[0].t()), torch.nn.Parameter(base[1].clone())]
+    scaled = [torch.randn(p.shape, dtype=dtype).mul_(1024.0).to(device) for p in ours]
+    # On a GPU the fused protocol needs the step counts on the device (capturable).
+    kw = dict(lr=0.01, weight_decay=0.1, maximize=True, capturable=device != "cpu")
+    opt = getattr(fastnn.optim, cls)(ours, **kw)
+    for found_inf in (1.0, 0.0):
+        for p, g in zip(ours, scaled, strict=True):
+            p.grad = g.clone()
+        opt.grad_scale = torch.tensor(1024.0, device=device)
+        opt.found_inf = torch.tensor(found_inf, device=device)
+        with fastnn.use_backend(backend):
+            opt.step()
+        for p, g in zip(ours, scaled, strict=True):
+            want = g if found_inf else (g.float() / 1024.0).to(dtype)
+            assert torch.equal(p.grad, want), f"found_inf={found_inf}"
+    if cls == "RMSprop":
+        return  # torch has no fused RMSprop to compare with
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in base]
+    theirs[0] = torch.nn.Parameter(base[0].t().clone())
+    fused = getattr(torch.optim, cls)(theirs, lr=0.01, weight_decay=0.1, maximize=True, fused=True)
+    for p, g in zip(theirs, scaled, strict=True):
+        p.grad = g.clone()
+    fused.grad_scale = torch.tensor(1024.0, device=device)
+    fused.found_inf = torch.tensor(0.0, device=device)
+    fused.step()
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.grad, b.grad)
 
 
 # ---- Errors: torch's own, and nothing changed ------------------------------------------------

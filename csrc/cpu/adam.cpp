@@ -11,7 +11,6 @@
 // fastnn/cpu_convert.h, the argument checks shared with csrc/cuda/adam.cu in fastnn/optim_host.h.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -42,12 +41,13 @@ constexpr int kVecBytes = 16;
 // One tensor's pointers (all at element 0, same dense layout) and coefficients.
 struct AdamWork {
   void* param;
-  const void* grad;
+  void* grad;  // written back unscaled when store_grad
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;  // nullptr without amsgrad
   float* master;         // nullptr without master weights
   c10::ScalarType param_dtype, state_dtype;
+  bool store_grad;  // a grad_scale was given: .grad becomes grad / grad_scale, as in torch's fused
   om::AdamCoeffs<float> cf;
   om::AdamCoeffs<double> cd;
 };
@@ -55,8 +55,8 @@ struct AdamWork {
 // ---- The update over arrays ---------------------------------------------------------------------
 
 template <bool kL2, bool kDecoupled, bool kAmsgrad, typename M>
-void update_arrays(M* __restrict p, const M* __restrict g, M* __restrict m, M* __restrict v,
-                   M* __restrict v_max, int64_t n, const om::AdamCoeffs<M>& c) {
+void update_arrays(M* __restrict p, M* __restrict g, M* __restrict m, M* __restrict v,
+                   M* __restrict v_max, int64_t n, const om::AdamCoeffs<M>& c, bool store_grad) {
   using V = typename om::host_vec<M, kVecBytes>::type;
   constexpr int64_t kLanes = kVecBytes / sizeof(M);
   int64_t i = 0;
@@ -69,14 +69,17 @@ void update_arrays(M* __restrict p, const M* __restrict g, M* __restrict m, M* _
     if (kAmsgrad) std::memcpy(&xv, v_max + i, kVecBytes);
     om::adam_update(pv, gv, mv, vv, xv, c, kL2, kDecoupled, kAmsgrad);
     std::memcpy(p + i, &pv, kVecBytes);
+    if (store_grad) std::memcpy(g + i, &gv, kVecBytes);
     std::memcpy(m + i, &mv, kVecBytes);
     std::memcpy(v + i, &vv, kVecBytes);
     if (kAmsgrad) std::memcpy(v_max + i, &xv, kVecBytes);
   }
   for (; i < n; ++i) {
     M x = kAmsgrad ? v_max[i] : M(0);
-    om::adam_update(p[i], g[i], m[i], v[i], x, c, kL2, kDecoupled, kAmsgrad);
+    M gi = g[i];
+    om::adam_update(p[i], gi, m[i], v[i], x, c, kL2, kDecoupled, kAmsgrad);
     if (kAmsgrad) v_max[i] = x;
+    if (store_grad) g[i] = gi;
   }
 }
 
@@ -89,11 +92,12 @@ void update_range(const AdamWork& w, const om::AdamCoeffs<M>& c, int64_t lo, int
     const int64_t n = std::min(kTile, hi - off);
     M* p = w.master ? load_tile<M>(w.master, at::kFloat, off, n, pb, kOp)
                     : load_tile<M>(w.param, pt, off, n, pb, kOp);
-    const M* g = load_tile<M>(w.grad, pt, off, n, gb, kOp);
+    M* g = load_tile<M>(w.grad, pt, off, n, gb, kOp);
     M* m = load_tile<M>(w.exp_avg, st, off, n, mb, kOp);
     M* v = load_tile<M>(w.exp_avg_sq, st, off, n, vb, kOp);
     M* x = kAmsgrad ? load_tile<M>(w.max_exp_avg_sq, st, off, n, xb, kOp) : nullptr;
-    update_arrays<kL2, kDecoupled, kAmsgrad>(p, g, m, v, x, n, c);
+    update_arrays<kL2, kDecoupled, kAmsgrad>(p, g, m, v, x, n, c, w.store_grad);
+    if (w.store_grad) store_tile<M>(g, w.grad, pt, off, n, kOp);
     if (w.master) store_tile<M>(p, w.master, at::kFloat, off, n, kOp);
     store_tile<M>(p, w.param, pt, off, n, kOp);
     store_tile<M>(m, w.exp_avg, st, off, n, kOp);
@@ -135,13 +139,14 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   // found_inf != 0 (GradScaler saw an inf or NaN): nothing is written at all.
   if (oh::host_scalar(kOp, found_inf, "found_inf", 0.0) != 0.0) return;
   const double scale = oh::host_scalar(kOp, grad_scale, "grad_scale", 1.0);
+  const bool store_grads = grad_scale.has_value() && grad_scale->defined();
   if (lr_tensor.has_value() && lr_tensor->defined())
     lr = oh::host_scalar(kOp, lr_tensor, "lr_tensor", lr);
 
   const om::AdamHyper hyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize};
   std::vector<AdamWork> work;
   std::vector<int64_t> ends;  // cumulative element counts: tensor t covers [ends[t-1], ends[t])
-  std::vector<at::Tensor> relaid;  // grads copied into their param's layout (kept alive)
+  std::vector<at::Tensor> grads_used(grads.begin(), grads.end());
   work.reserve(n);
   ends.reserve(n);
   int64_t total = 0;
@@ -151,12 +156,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                 p.device());
     const at::Tensor& g_in = grads[i];
     oh::check_param_and_grad(kOp, i, p, g_in, "use torch.optim.SparseAdam for sparse gradients");
-    at::Tensor g = g_in;
-    if (!oh::same_layout(g, p)) {
-      // A read-only input: copy it into the param's layout rather than refuse it.
-      relaid.push_back(at::empty_like(p).copy_(g));
-      g = relaid.back();
-    }
+    grads_used[i] = oh::grad_in_param_layout(g_in, p);
+    const at::Tensor& g = grads_used[i];
     const c10::ScalarType st = exp_avgs[i].scalar_type();
     oh::check_state_dtype(kOp, "exp_avgs", i, st, p);
     oh::check_like(kOp, exp_avgs[i], "exp_avgs", i, p, std::nullopt);
@@ -188,7 +189,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     om::adam_bias_corrections(beta1, beta2, step, &bc1, &bc2_sqrt);
     AdamWork w;
     w.param = p.data_ptr();
-    w.grad = g.const_data_ptr();
+    w.grad = g.data_ptr();
+    w.store_grad = store_grads;
     w.exp_avg = exp_avgs[i].data_ptr();
     w.exp_avg_sq = exp_avg_sqs[i].data_ptr();
     w.max_exp_avg_sq = amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
@@ -209,6 +211,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                                                : pick<true, false>(amsgrad);
   for_each_range(ends, total, kGrain,
                  [&](size_t t, int64_t lo, int64_t hi) { fn(work[t], lo, hi); });
+  if (store_grads) oh::write_back_grads(grads, grads_used);
 }
 
 }  // namespace

@@ -7,7 +7,6 @@
 // Tiles and the thread split: fastnn/cpu_convert.h; argument checks: fastnn/optim_host.h.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,19 +34,20 @@ constexpr int kVecBytes = 16;
 
 struct RmspropWork {
   void* param;
-  const void* grad;
+  void* grad;  // written back unscaled when store_grad
   void* square_avg;
   void* grad_avg;  // nullptr unless centered
   void* buf;       // nullptr unless momentum > 0
   float* master;   // nullptr without master weights
   c10::ScalarType param_dtype, state_dtype;
+  bool store_grad;  // a grad_scale was given: .grad becomes grad / grad_scale
 };
 
 // ---- The update over arrays ---------------------------------------------------------------------
 
 template <bool kL2, bool kCentered, bool kMomentum, typename M>
-void update_arrays(M* __restrict p, const M* __restrict g, M* __restrict sq, M* __restrict ga,
-                   M* __restrict buf, int64_t n, const om::RmspropCoeffs<M>& c) {
+void update_arrays(M* __restrict p, M* __restrict g, M* __restrict sq, M* __restrict ga,
+                   M* __restrict buf, int64_t n, const om::RmspropCoeffs<M>& c, bool store_grad) {
   using V = typename om::host_vec<M, kVecBytes>::type;
   constexpr int64_t kLanes = kVecBytes / sizeof(M);
   int64_t i = 0;
@@ -60,6 +60,7 @@ void update_arrays(M* __restrict p, const M* __restrict g, M* __restrict sq, M* 
     if (kMomentum) std::memcpy(&bv, buf + i, kVecBytes);
     om::rmsprop_update(pv, gv, sv, av, bv, c, kL2, kCentered, kMomentum);
     std::memcpy(p + i, &pv, kVecBytes);
+    if (store_grad) std::memcpy(g + i, &gv, kVecBytes);
     std::memcpy(sq + i, &sv, kVecBytes);
     if (kCentered) std::memcpy(ga + i, &av, kVecBytes);
     if (kMomentum) std::memcpy(buf + i, &bv, kVecBytes);
@@ -67,9 +68,11 @@ void update_arrays(M* __restrict p, const M* __restrict g, M* __restrict sq, M* 
   for (; i < n; ++i) {
     M a = kCentered ? ga[i] : M(0);
     M b = kMomentum ? buf[i] : M(0);
-    om::rmsprop_update(p[i], g[i], sq[i], a, b, c, kL2, kCentered, kMomentum);
+    M gi = g[i];
+    om::rmsprop_update(p[i], gi, sq[i], a, b, c, kL2, kCentered, kMomentum);
     if (kCentered) ga[i] = a;
     if (kMomentum) buf[i] = b;
+    if (store_grad) g[i] = gi;
   }
 }
 
@@ -82,11 +85,12 @@ void update_range(const RmspropWork& w, const om::RmspropCoeffs<M>& c, int64_t l
     const int64_t n = std::min(kTile, hi - off);
     M* p = w.master ? load_tile<M>(w.master, at::kFloat, off, n, pb, kOp)
                     : load_tile<M>(w.param, pt, off, n, pb, kOp);
-    const M* g = load_tile<M>(w.grad, pt, off, n, gb, kOp);
+    M* g = load_tile<M>(w.grad, pt, off, n, gb, kOp);
     M* sq = load_tile<M>(w.square_avg, st, off, n, sb, kOp);
     M* ga = kCentered ? load_tile<M>(w.grad_avg, st, off, n, ab, kOp) : nullptr;
     M* buf = kMomentum ? load_tile<M>(w.buf, st, off, n, bb, kOp) : nullptr;
-    update_arrays<kL2, kCentered, kMomentum>(p, g, sq, ga, buf, n, c);
+    update_arrays<kL2, kCentered, kMomentum>(p, g, sq, ga, buf, n, c, w.store_grad);
+    if (w.store_grad) store_tile<M>(g, w.grad, pt, off, n, kOp);
     if (w.master) store_tile<M>(p, w.master, at::kFloat, off, n, kOp);
     store_tile<M>(p, w.param, pt, off, n, kOp);
     store_tile<M>(sq, w.square_avg, st, off, n, kOp);
@@ -136,6 +140,7 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 
   if (oh::host_scalar(kOp, found_inf, "found_inf", 0.0) != 0.0) return;  // nothing is written
   const double scale = oh::host_scalar(kOp, grad_scale, "grad_scale", 1.0);
+  const bool store_grads = grad_scale.has_value() && grad_scale->defined();
   if (lr_tensor.has_value() && lr_tensor->defined())
     lr = oh::host_scalar(kOp, lr_tensor, "lr_tensor", lr);
 
@@ -144,7 +149,7 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       om::rmsprop_coeffs<double>(hyper, lr, scale)};
   std::vector<RmspropWork> work;
   std::vector<int64_t> ends;  // cumulative element counts
-  std::vector<at::Tensor> relaid;
+  std::vector<at::Tensor> grads_used(grads.begin(), grads.end());
   work.reserve(n);
   ends.reserve(n);
   int64_t total = 0;
@@ -154,17 +159,15 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                 p.device());
     const at::Tensor& g_in = grads[i];
     oh::check_param_and_grad(kOp, i, p, g_in, "RMSprop does not support sparse gradients");
-    at::Tensor g = g_in;
-    if (!oh::same_layout(g, p)) {
-      relaid.push_back(at::empty_like(p).copy_(g));  // read-only: copy into the param's layout
-      g = relaid.back();
-    }
+    grads_used[i] = oh::grad_in_param_layout(g_in, p);
+    const at::Tensor& g = grads_used[i];
     const c10::ScalarType st = oh::check_rmsprop_state(
         i, p, square_avgs, grad_avgs, momentum_buffers, master_params, centered, use_momentum);
     if (p.numel() == 0) continue;
     RmspropWork w;
     w.param = p.data_ptr();
-    w.grad = g.const_data_ptr();
+    w.grad = g.data_ptr();
+    w.store_grad = store_grads;
     w.square_avg = square_avgs[i].data_ptr();
     w.grad_avg = centered ? grad_avgs[i].data_ptr() : nullptr;
     w.buf = use_momentum ? momentum_buffers[i].data_ptr() : nullptr;
@@ -181,6 +184,7 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                                           : pick<false>(centered, use_momentum);
   for_each_range(ends, total, kGrain,
                  [&](size_t t, int64_t lo, int64_t hi) { fn(work[t], coeffs, lo, hi); });
+  if (store_grads) oh::write_back_grads(grads, grads_used);
 }
 
 }  // namespace

@@ -9,7 +9,6 @@
 // device tensors: capturable, no host synchronisation) into shared memory; then every thread
 // updates 16-byte vectors of the chunk (scalar fallback for misaligned pointers and the tail).
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -47,6 +46,7 @@ struct AdamLaunch {
   om::AdamHyper hyper;
   mta::ScalarArg lr, grad_scale, found_inf;
   bool l2, decoupled, amsgrad;
+  bool store_grads;  // a grad_scale was given: grads are written back as grad / grad_scale
   bool steps_on_device, step_is_double;
 };
 static_assert(sizeof(AdamChunks) + sizeof(AdamLaunch) <= mta::kParamBytes,
@@ -54,9 +54,9 @@ static_assert(sizeof(AdamChunks) + sizeof(AdamLaunch) <= mta::kParamBytes,
 
 // K consecutive elements from offset i (K > 1: vector loads, pointers aligned).
 template <int K, typename P, typename S, typename M, bool kMaster>
-__device__ __forceinline__ void update_elements(int64_t i, P* param, const P* grad, S* m, S* v,
-                                                S* v_max, float* master, const om::AdamCoeffs<M>& c,
-                                                bool l2, bool decoupled, bool amsgrad) {
+__device__ __forceinline__ void update_elements(int64_t i, P* param, P* grad, S* m, S* v, S* v_max,
+                                                float* master, const om::AdamCoeffs<M>& c, bool l2,
+                                                bool decoupled, bool amsgrad, bool store_grads) {
   M pr[K], gr[K], mr[K], vr[K], xr[K];
   if constexpr (kMaster) {
     mta::load<K>(master + i, pr);
@@ -81,6 +81,7 @@ __device__ __forceinline__ void update_elements(int64_t i, P* param, const P* gr
   mta::store<K>(m + i, mr);
   mta::store<K>(v + i, vr);
   if (amsgrad) mta::store<K>(v_max + i, xr);
+  if (store_grads) mta::store<K>(grad + i, gr);  // adam_update left gr = grad / grad_scale
 }
 
 template <typename P, typename S, bool kMaster>
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
 
   const int64_t start = span.start;
   P* param = static_cast<P*>(chunks.ptr[0][t]) + start;
-  const P* grad = static_cast<const P*>(chunks.ptr[1][t]) + start;
+  P* grad = static_cast<P*>(chunks.ptr[1][t]) + start;
   S* m = static_cast<S*>(chunks.ptr[2][t]) + start;
   S* v = static_cast<S*>(chunks.ptr[3][t]) + start;
   S* v_max = a.amsgrad ? static_cast<S*>(chunks.ptr[4][t]) + start : nullptr;
@@ -125,7 +126,7 @@ __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
                    (!kMaster || mta::aligned<kVec>(master));
   mta::for_each_element<kVec>(span.n, vec, [&]<int K>(int64_t i) {
     update_elements<K, P, S, M, kMaster>(i, param, grad, m, v, v_max, master, c, a.l2, a.decoupled,
-                                         a.amsgrad);
+                                         a.amsgrad, a.store_grads);
   });
 }
 
@@ -154,6 +155,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   a.l2 = weight_decay != 0.0 && !decoupled_weight_decay;
   a.decoupled = weight_decay != 0.0 && decoupled_weight_decay;
   a.amsgrad = amsgrad;
+  a.store_grads = grad_scale.has_value() && grad_scale->defined();
   a.steps_on_device = !steps[0].device().is_cpu();
   a.step_is_double = steps[0].scalar_type() == at::kDouble;
 
@@ -165,7 +167,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     TORCH_CHECK(p.is_cuda(), "fastnn: adam_step_ (CUDA): params[", i, "] is on ", p.device());
     const at::Tensor& g = grads[i];
     oh::check_param_and_grad(kOp, i, p, g, "use torch.optim.SparseAdam for sparse gradients");
-    if (!oh::same_layout(g, p)) grads_used[i] = at::empty_like(p).copy_(g);  // read-only: relay out
+    grads_used[i] = oh::grad_in_param_layout(g, p);
     const c10::ScalarType st = exp_avgs[i].scalar_type();
     oh::check_state_dtype(kOp, "exp_avgs", i, st, p);
     oh::check_like(kOp, exp_avgs[i], "exp_avgs", i, p, st);
@@ -198,7 +200,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
       [&]<typename P, typename S, bool kMaster>(const std::vector<int64_t>& indices) {
         auto fill = [&](AdamChunks& c, int slot, int64_t i) -> int64_t {
           c.ptr[0][slot] = params[i].data_ptr();
-          c.ptr[1][slot] = const_cast<void*>(grads_used[i].const_data_ptr());
+          c.ptr[1][slot] = grads_used[i].data_ptr();
           c.ptr[2][slot] = exp_avgs[i].data_ptr();
           c.ptr[3][slot] = exp_avg_sqs[i].data_ptr();
           c.ptr[4][slot] = amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
@@ -219,6 +221,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
         };
         mta::pack_and_launch<AdamChunks>(indices, fill, launch);
       });
+  if (a.store_grads) oh::write_back_grads(grads, grads_used);
 }
 
 }  // namespace

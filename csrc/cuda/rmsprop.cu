@@ -8,7 +8,6 @@
 // grad_scale from device memory when they are device tensors) into shared memory; 16-byte vector
 // updates with a scalar fallback.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -40,15 +39,16 @@ struct RmspropLaunch {
   om::RmspropHyper hyper;
   mta::ScalarArg lr, grad_scale, found_inf;
   bool l2, centered, momentum;
+  bool store_grads;  // a grad_scale was given: grads are written back as grad / grad_scale
 };
 static_assert(sizeof(RmspropChunks) + sizeof(RmspropLaunch) <= mta::kParamBytes,
               "rmsprop kernel parameters exceed the 32764-byte limit");
 
 template <int K, typename P, typename S, typename M, bool kMaster>
-__device__ __forceinline__ void update_elements(int64_t i, P* param, const P* grad, S* sq,
-                                                S* grad_avg, S* buf, float* master,
+__device__ __forceinline__ void update_elements(int64_t i, P* param, P* grad, S* sq, S* grad_avg,
+                                                S* buf, float* master,
                                                 const om::RmspropCoeffs<M>& c, bool l2,
-                                                bool centered, bool momentum) {
+                                                bool centered, bool momentum, bool store_grads) {
   M pr[K], gr[K], sr[K], ar[K], br[K];
   if constexpr (kMaster) {
     mta::load<K>(master + i, pr);
@@ -70,6 +70,7 @@ __device__ __forceinline__ void update_elements(int64_t i, P* param, const P* gr
   mta::store<K>(sq + i, sr);
   if (centered) mta::store<K>(grad_avg + i, ar);
   if (momentum) mta::store<K>(buf + i, br);
+  if (store_grads) mta::store<K>(grad + i, gr);  // rmsprop_update left gr = grad / grad_scale
 }
 
 template <typename P, typename S, bool kMaster>
@@ -94,7 +95,7 @@ __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
 
   const int64_t start = span.start;
   P* param = static_cast<P*>(chunks.ptr[0][t]) + start;
-  const P* grad = static_cast<const P*>(chunks.ptr[1][t]) + start;
+  P* grad = static_cast<P*>(chunks.ptr[1][t]) + start;
   S* sq = static_cast<S*>(chunks.ptr[2][t]) + start;
   S* grad_avg = a.centered ? static_cast<S*>(chunks.ptr[3][t]) + start : nullptr;
   S* buf = a.momentum ? static_cast<S*>(chunks.ptr[4][t]) + start : nullptr;
@@ -106,7 +107,7 @@ __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
                    (!kMaster || mta::aligned<kVec>(master));
   mta::for_each_element<kVec>(span.n, vec, [&]<int K>(int64_t i) {
     update_elements<K, P, S, M, kMaster>(i, param, grad, sq, grad_avg, buf, master, c, a.l2,
-                                         a.centered, a.momentum);
+                                         a.centered, a.momentum, a.store_grads);
   });
 }
 
@@ -135,6 +136,7 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   a.l2 = weight_decay != 0.0;
   a.centered = centered;
   a.momentum = use_momentum;
+  a.store_grads = grad_scale.has_value() && grad_scale->defined();
 
   std::vector<at::Tensor> grads_used(grads.begin(), grads.end());
   std::vector<mta::DtypeKey> keys(n);
@@ -144,7 +146,7 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     TORCH_CHECK(p.is_cuda(), "fastnn: rmsprop_step_ (CUDA): params[", i, "] is on ", p.device());
     const at::Tensor& g = grads[i];
     oh::check_param_and_grad(kOp, i, p, g, "RMSprop does not support sparse gradients");
-    if (!oh::same_layout(g, p)) grads_used[i] = at::empty_like(p).copy_(g);  // read-only: relay out
+    grads_used[i] = oh::grad_in_param_layout(g, p);
     const c10::ScalarType st = oh::check_rmsprop_state(
         i, p, square_avgs, grad_avgs, momentum_buffers, master_params, centered, use_momentum);
     keys[i] = {int(p.scalar_type()), int(st), has_master};
@@ -156,7 +158,7 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
       [&]<typename P, typename S, bool kMaster>(const std::vector<int64_t>& indices) {
         auto fill = [&](RmspropChunks& c, int slot, int64_t i) -> int64_t {
           c.ptr[0][slot] = params[i].data_ptr();
-          c.ptr[1][slot] = const_cast<void*>(grads_used[i].const_data_ptr());
+          c.ptr[1][slot] = grads_used[i].data_ptr();
           c.ptr[2][slot] = square_avgs[i].data_ptr();
           c.ptr[3][slot] = centered ? grad_avgs[i].data_ptr() : nullptr;
           c.ptr[4][slot] = use_momentum ? momentum_buffers[i].data_ptr() : nullptr;
@@ -169,6 +171,7 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
         };
         mta::pack_and_launch<RmspropChunks>(indices, fill, launch);
       });
+  if (a.store_grads) oh::write_back_grads(grads, grads_used);
 }
 
 }  // namespace

@@ -7,7 +7,8 @@ backend (`fastnn.use_backend`), and never synchronises the host with the device.
   CUDA-graph capturable), foreach / fused accepted (the update is always fused; fused=True keeps
   the step on the device as torch's fused Adam does); differentiable=True is refused.
 - GradScaler: plain (unscale_, then step) and the fused protocol (grad_scale / found_inf read in
-  the kernel; a step with an inf found changes nothing, step counts included). The fused protocol
+  the kernel, which leaves .grad unscaled as torch's fused Adam does; a step with an inf found
+  changes nothing, grads and step counts included). The fused protocol
   is offered when every step count lives on its params' device (capturable or fused groups, or
   CPU params), so that undoing a skipped step needs no host sync.
 - master_weights=True (keyword-only, fastnn's): fp32 copies of fp16 / bf16 params and fp32

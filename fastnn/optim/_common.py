@@ -205,11 +205,13 @@ class FusedStepMixin:
         view = kernel_view if special else _same
         states = [self.state[p] for p in params]
         pk = [view(p) for p in params]
-        gk = []
+        gk, relaid = [], []
         for p, q in zip(pk, params, strict=True):
             g = view(q.grad)
             if g.stride() != p.stride() and not (g.is_contiguous() and p.is_contiguous()):
-                g = torch.empty_like(p).copy_(g)  # e.g. a DDP bucket view of a transposed param
+                # e.g. a DDP bucket view of a transposed param: the kernels read a copy
+                relaid.append((g, torch.empty_like(p).copy_(g)))
+                g = relaid[-1][1]
             gk.append(g)
         master = [view(s[MASTER]) for s in states] if MASTER in states[0] else []
         lists, use_steps, kwargs = self._op_arguments(group, states)
@@ -223,6 +225,9 @@ class FusedStepMixin:
         op = ops.get(_backend.resolve(self.FAMILY, device.type), self.OP)
         step_args = [steps] if use_steps else []
         op(pk, gk, *lists, *step_args, master, lr_tensor, scale, inf, lr=lr, **kwargs)
+        if scale is not None:  # the op left grad / grad_scale in the grads it read
+            for g, copy in relaid:
+                g.copy_(copy)
         if inf is not None:
             # The kernel wrote nothing; undo the step count too, on the device (no sync).
             # GradScaler sums found_inf over devices, so it may be 2: subtract (found_inf != 0).

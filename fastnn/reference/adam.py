@@ -9,13 +9,6 @@ optimizer's step() can be captured in a CUDA graph on this backend too.
 import torch
 
 
-def _unscaled_grad(grad, grad_scale, maximize):
-    g = grad.float() if grad.dtype != torch.float64 else grad.clone()
-    if grad_scale is not None:
-        g = g / grad_scale.to(g)
-    return -g if maximize else g
-
-
 def host_or_device(t):
     """A CPU scalar tensor as a Python number, a device one as itself: reading a GPU tensor on
     the host would synchronise (and is not allowed inside a CUDA graph capture)."""
@@ -25,6 +18,18 @@ def host_or_device(t):
 def skip_if_inf(found_inf, new, old):
     """`new`, or `old` where found_inf (a device tensor) is non-zero."""
     return new if found_inf is None else torch.where(found_inf != 0, old, new)
+
+
+def update_grad(grads, i, grad_scale, found_inf, maximize):
+    """grads[i] unscaled (fp32 math, fp64 stays fp64) and negated for maximize: the gradient the
+    update uses. With a grad_scale, grads[i] itself becomes grad / grad_scale, as torch's fused
+    Adam leaves .grad (left as it was where found_inf is set)."""
+    grad = grads[i]
+    g = grad.float() if grad.dtype != torch.float64 else grad.clone()
+    if grad_scale is not None:
+        g = g / grad_scale.to(g)
+        grad.copy_(skip_if_inf(found_inf, g, grad))
+    return -g if maximize else g
 
 
 def adam_step_(
@@ -59,7 +64,7 @@ def adam_step_(
     for i, param in enumerate(params):
         weights = master_params[i] if master_params else param
         p = weights.double() if weights.dtype == torch.float64 else weights.float()
-        g = _unscaled_grad(grads[i], grad_scale, maximize).to(p.dtype)
+        g = update_grad(grads, i, grad_scale, found_inf, maximize).to(p.dtype)
         m = exp_avgs[i].to(p.dtype)
         v = exp_avg_sqs[i].to(p.dtype)
         step = host_or_device(steps[i])

@@ -3,7 +3,7 @@ math for low-precision tensors; graph-safe on a GPU as fastnn/reference/adam.py 
 
 import torch
 
-from fastnn.reference.adam import _unscaled_grad, host_or_device, skip_if_inf
+from fastnn.reference.adam import host_or_device, skip_if_inf, update_grad
 
 
 def rmsprop_step_(
@@ -36,7 +36,7 @@ def rmsprop_step_(
     for i, param in enumerate(params):
         weights = master_params[i] if master_params else param
         p = weights.double() if weights.dtype == torch.float64 else weights.float()
-        g = _unscaled_grad(grads[i], grad_scale, maximize).to(p.dtype)
+        g = update_grad(grads, i, grad_scale, found_inf, maximize).to(p.dtype)
         if weight_decay != 0:
             g = g + weight_decay * p
         sq = square_avgs[i].to(p.dtype) * alpha + (1 - alpha) * g * g

@@ -43,7 +43,7 @@ def _adam_tile(
 ):  # fmt: skip
     """One tile of BLOCK elements: weights from the master copy when there is one."""
     w, g = load_weight_grad(
-        offs, mask, p_ptr, g_ptr, w_ptr, scale, CDT, HAS_SCALE, HAS_MASTER, MAXIMIZE
+        offs, mask, p_ptr, g_ptr, w_ptr, scale, G_T, CDT, HAS_SCALE, HAS_MASTER, MAXIMIZE
     )
     m = tl.load(m_ptr + offs, mask=mask).to(CDT)
     v = tl.load(v_ptr + offs, mask=mask).to(CDT)
@@ -180,7 +180,7 @@ def adam_step_(
         _adam,
         plan,
         [params, grads, exp_avgs, exp_avg_sqs, vmaxs, master_params],
-        [True, False, True, True, True, True],
+        [True, grad_scale is not None, True, True, True, True],  # grads: written unscaled
         lr_tensor,
         grad_scale,
         found_inf,

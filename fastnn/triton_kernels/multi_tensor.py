@@ -187,11 +187,12 @@ def sqrt_ieee(x, CDT: tl.constexpr):
 
 @triton.jit
 def load_weight_grad(
-    offs, mask, p_ptr, g_ptr, w_ptr, scale, CDT: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_MASTER: tl.constexpr, MAXIMIZE: tl.constexpr,
+    offs, mask, p_ptr, g_ptr, w_ptr, scale, G_T: tl.constexpr, CDT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_MASTER: tl.constexpr, MAXIMIZE: tl.constexpr,
 ):  # fmt: skip
     """A tile's weights (from the master copy when there is one) and its gradient, unscaled
-    and negated for maximize, in CDT."""
+    and negated for maximize, in CDT. With a grad_scale the unscaled gradient is also written
+    back (as torch's fused Adam leaves .grad; `mask` is off when found_inf is set)."""
     if HAS_MASTER:
         w = tl.load(w_ptr + offs, mask=mask).to(CDT)
     else:
@@ -199,6 +200,7 @@ def load_weight_grad(
     g = tl.load(g_ptr + offs, mask=mask).to(CDT)
     if HAS_SCALE:
         g = div_ieee(g, scale, CDT)
+        tl.store(g_ptr + offs, g.to(G_T), mask=mask)
     if MAXIMIZE:
         g = -g
     return w, g

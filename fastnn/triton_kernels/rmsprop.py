@@ -32,7 +32,7 @@ def _rmsprop_tile(
 ):  # fmt: skip
     """One tile of BLOCK elements, in torch.optim.RMSprop's for-loop order."""
     w, g = load_weight_grad(
-        offs, mask, p_ptr, g_ptr, w_ptr, scale, CDT, HAS_SCALE, HAS_MASTER, MAXIMIZE
+        offs, mask, p_ptr, g_ptr, w_ptr, scale, G_T, CDT, HAS_SCALE, HAS_MASTER, MAXIMIZE
     )
     sq = tl.load(sq_ptr + offs, mask=mask).to(CDT)
     if HAS_WD:
@@ -148,7 +148,7 @@ def rmsprop_step_(
         _rmsprop,
         plan,
         [params, grads, square_avgs, gas, bufs, master_params],
-        [True, False, True, True, True, True],
+        [True, grad_scale is not None, True, True, True, True],  # grads: written unscaled
         lr_tensor,
         grad_scale,
         found_inf,

@@ -107,22 +107,29 @@ struct GradUnscale {
   M divisor;
   M reciprocal;
   bool by_reciprocal;
+  bool negated;  // d is -grad_scale (maximize)
 };
 
 template <typename M>
-FASTNN_OPT_HD GradUnscale<M> grad_unscale(double d) {
+FASTNN_OPT_HD GradUnscale<M> grad_unscale(double grad_scale, bool maximize) {
+  const double d = maximize ? -grad_scale : grad_scale;
   GradUnscale<M> u;
   int e = 0;
   const double mant = ::frexp(d, &e);
   u.divisor = static_cast<M>(d);
   u.reciprocal = static_cast<M>(1.0 / d);
   u.by_reciprocal = (mant == 0.5 || mant == -0.5) && e > -60 && e < 60;
+  u.negated = maximize;
   return u;
 }
 
+// Returns g / d, the gradient the update uses, and sets g to g / grad_scale (the sign put back:
+// g / -s == -(g / s) exactly), the unscaled gradient torch's fused optimizers write back to .grad.
 template <typename V, typename M>
-FASTNN_OPT_HD V unscale_(V g, const GradUnscale<M>& u) {
-  return u.by_reciprocal ? g * u.reciprocal : g / u.divisor;
+FASTNN_OPT_HD V unscale_(V& g, const GradUnscale<M>& u) {
+  const V update_grad = u.by_reciprocal ? g * u.reciprocal : g / u.divisor;
+  g = u.negated ? -update_grad : update_grad;
+  return update_grad;
 }
 
 // ---- Adam ---------------------------------------------------------------------------------------
@@ -160,7 +167,7 @@ template <typename M>
 FASTNN_OPT_HD AdamCoeffs<M> adam_coeffs(const AdamHyper& h, double lr, double bc1, double bc2_sqrt,
                                         double grad_scale) {
   AdamCoeffs<M> c;
-  c.grad = grad_unscale<M>(h.maximize ? -grad_scale : grad_scale);
+  c.grad = grad_unscale<M>(grad_scale, h.maximize);
   c.weight_decay = static_cast<M>(h.weight_decay);
   c.decay = static_cast<M>(1.0 - lr * h.weight_decay);
   c.beta1_lerp = lerp_weight<M>(1.0 - h.beta1);
@@ -173,13 +180,14 @@ FASTNN_OPT_HD AdamCoeffs<M> adam_coeffs(const AdamHyper& h, double lr, double bc
 }
 
 // One Adam step on one element (or one host vector of elements). p holds the weights (the fp32
-// master copy when there is one), g the raw gradient (still scaled); m, v, v_max the state.
-// Flags: l2 = coupled weight decay (Adam with weight_decay != 0), decoupled = AdamW's decay
-// with weight_decay != 0, amsgrad. v_max is read and written only with amsgrad.
+// master copy when there is one), g the raw gradient (still scaled), left unscaled (see unscale_)
+// for callers that write it back; m, v, v_max the state. Flags: l2 = coupled weight decay (Adam
+// with weight_decay != 0), decoupled = AdamW's decay with weight_decay != 0, amsgrad. v_max is
+// read and written only with amsgrad.
 template <typename V, typename M>
-FASTNN_OPT_HD void adam_update(V& p, V g, V& m, V& v, V& v_max, const AdamCoeffs<M>& c, bool l2,
+FASTNN_OPT_HD void adam_update(V& p, V& grad, V& m, V& v, V& v_max, const AdamCoeffs<M>& c, bool l2,
                                bool decoupled, bool amsgrad) {
-  g = unscale_(g, c.grad);
+  V g = unscale_(grad, c.grad);
   if (decoupled) p = p * c.decay;
   if (l2) g = g + c.weight_decay * p;
   m = lerp_(m, g, c.beta1_lerp);

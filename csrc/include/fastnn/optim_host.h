@@ -5,10 +5,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <cstddef>
 #include <optional>
+#include <vector>
 
 #include "fastnn/checks.h"
 
@@ -18,6 +20,18 @@ namespace fastnn::optim_host {
 inline bool same_layout(const at::Tensor& a, const at::Tensor& ref) {
   if (a.is_contiguous() && ref.is_contiguous()) return true;
   return a.is_non_overlapping_and_dense() && a.strides() == ref.strides();
+}
+
+// The grad as the kernels read it: itself, or a copy in its param's layout (a DDP bucket view of
+// a transposed param, say). With a grad_scale the kernels write the unscaled grad into what they
+// read, and write_back_grads then copies those copies back.
+inline at::Tensor grad_in_param_layout(const at::Tensor& g, const at::Tensor& p) {
+  return same_layout(g, p) ? g : at::empty_like(p).copy_(g);
+}
+
+inline void write_back_grads(at::TensorList grads, const std::vector<at::Tensor>& used) {
+  for (size_t i = 0; i < grads.size(); ++i)
+    if (!used[i].is_same(grads[i])) grads[i].copy_(used[i]);
 }
 
 // A tensor list that must hold one tensor per param.

@@ -29,7 +29,7 @@ struct RmspropCoeffs {
 template <typename M>
 FASTNN_OPT_HD RmspropCoeffs<M> rmsprop_coeffs(const RmspropHyper& h, double lr, double grad_scale) {
   RmspropCoeffs<M> c;
-  c.grad = grad_unscale<M>(h.maximize ? -grad_scale : grad_scale);
+  c.grad = grad_unscale<M>(grad_scale, h.maximize);
   c.weight_decay = static_cast<M>(h.weight_decay);
   c.alpha = static_cast<M>(h.alpha);
   c.one_minus_alpha = static_cast<M>(1.0 - h.alpha);
@@ -41,12 +41,14 @@ FASTNN_OPT_HD RmspropCoeffs<M> rmsprop_coeffs(const RmspropHyper& h, double lr, 
 }
 
 // One RMSprop step on one element (or host vector). p holds the weights (fp32 master copy when
-// there is one), g the raw gradient; sq, grad_avg, buf the state. Flags: l2 = weight_decay != 0,
-// centered (grad_avg read and written), momentum = momentum > 0 (buf read and written).
+// there is one), g the raw gradient, left unscaled (see unscale_); sq, grad_avg, buf the state.
+// Flags: l2 = weight_decay != 0, centered (grad_avg read and written), momentum = momentum > 0
+// (buf read and written).
 template <typename V, typename M>
-FASTNN_OPT_HD void rmsprop_update(V& p, V g, V& sq, V& grad_avg, V& buf, const RmspropCoeffs<M>& c,
-                                  bool l2, bool centered, bool momentum) {
-  g = unscale_(g, c.grad);
+FASTNN_OPT_HD void rmsprop_update(V& p, V& grad, V& sq, V& grad_avg, V& buf,
+                                  const RmspropCoeffs<M>& c, bool l2, bool centered,
+                                  bool momentum) {
+  V g = unscale_(grad, c.grad);
   if (l2) g = g + c.weight_decay * p;
   sq = sq * c.alpha + c.one_minus_alpha * g * g;  // addcmul: self + (value * t1) * t2
   V avg;

@@ -44,6 +44,9 @@ TORCH_LIBRARY(fastnn, m) {
   m.def("glu_bwd(Tensor grad_out, Tensor gate, Tensor up, str activation) -> (Tensor, Tensor)");
   m.def("glu_packed_fwd(Tensor gate_up, str activation) -> Tensor");
   m.def("glu_packed_bwd(Tensor grad_out, Tensor gate_up, str activation) -> Tensor");
+  // The opt-in in-place backward (memory saving): grad_gate / grad_up written over gate / up.
+  m.def("glu_bwd_(Tensor grad_out, Tensor(a!) gate, Tensor(b!) up, str activation) -> ()");
+  m.def("glu_packed_bwd_(Tensor grad_out, Tensor(a!) gate_up, str activation) -> ()");
 
   // ---- Optimizer updates over lists of tensors (one multi-tensor pass). -------------------------
   // steps: per-parameter step counts, already incremented by the caller (fp32 scalars, on the

@@ -182,8 +182,7 @@ def _glu_inplace_backward(gate, up, activation, backend):
     # is ours to overwrite).
     gate = gate.contiguous()
     up = None if up is None else up.contiguous()
-    bwd_backend = glu_ops.inplace_backward_backend(gate.device.type)
-    return glu_ops.InplaceBackwardGLU.apply(gate, up, activation, backend, bwd_backend)
+    return glu_ops.InplaceBackwardGLU.apply(gate, up, activation, backend)
 
 
 def swiglu(gate, up=None, *, inplace_backward=False):

@@ -366,8 +366,6 @@ def test_inplace_backward_matches_and_overwrites(backend, packed):
         gate = x @ w  # a computed tensor, as a Linear output
         up = None if packed else (x * 2) @ w
         with fastnn.use_backend(backend):
-            if backend == "native" and inplace:
-                fastnn.set_backend("auto")  # native has no in-place op yet: auto picks another
             out = FF.glu_family(gate, up, "gelu_tanh", inplace_backward=inplace)
         out.backward(dh)
         return out.detach(), x.grad.clone(), gate.detach()
@@ -380,7 +378,7 @@ def test_inplace_backward_matches_and_overwrites(backend, packed):
     assert not torch.equal(gate_after, gate_before)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_backward_refuses_second_backward_and_leaves(backend):
     skip_unless_available(backend, "glu", "cpu")
     x = torch.randn(3, 4, requires_grad=True)
@@ -393,12 +391,31 @@ def test_inplace_backward_refuses_second_backward_and_leaves(backend):
             FF.swiglu(x, x * 2.0, inplace_backward=True)
 
 
-def test_inplace_backward_forced_native_says_why():
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_inplace_ops_write_the_out_of_place_results(packed, dtype):
+    """glu_bwd_ / glu_packed_bwd_ leave exactly what glu_bwd / glu_packed_bwd return, over
+    contiguous inputs (the kernel writes over what it reads), non-contiguous ones (through a
+    copy) and a length with a vector tail (H = 37); overlapping gate / up are refused."""
     skip_unless_available("native", "glu", "cpu")
-    x = torch.randn(3, 4, requires_grad=True)
-    with fastnn.use_backend("native"):
-        with pytest.raises(fastnn.BackendUnavailableError, match="in-place GLU backward"):
-            FF.swiglu(x * 1.0, x * 2.0, inplace_backward=True)
+    gen = torch.Generator().manual_seed(11)
+    for contiguous in (True, False):
+        shape = (5, 74 if packed else 37)
+        gate = torch.randn(shape[::-1] if not contiguous else shape, generator=gen).to(dtype)
+        gate = gate if contiguous else gate.t()
+        up = None if packed else torch.randn(shape, generator=gen).to(dtype)
+        dh = torch.randn(5, 37, generator=gen).to(dtype)
+        if packed:
+            want = ops.get("native", "glu_packed_bwd")(dh, gate, "silu")
+            ops.get("native", "glu_packed_bwd_")(dh, gate, "silu")
+            assert torch.equal(gate, want)
+        else:
+            want = ops.get("native", "glu_bwd")(dh, gate, up, "silu")
+            ops.get("native", "glu_bwd_")(dh, gate, up, "silu")
+            assert torch.equal(gate, want[0]) and torch.equal(up, want[1])
+    x = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="overlap|same memory|single memory location"):
+        ops.get("native", "glu_bwd_")(torch.randn(4, 6), x, x, "silu")
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -421,7 +438,7 @@ def test_inplace_backward_under_compile_is_a_clear_error():
         torch.compile(mlp, fullgraph=True, backend="aot_eager")(torch.randn(2, 8))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["glu_bwd_", "glu_packed_bwd_"])
 def test_opcheck_inplace_ops(backend, op):
     skip_unless_available(backend, "glu", "cpu")

@@ -130,3 +130,22 @@ def test_cuda_mlp_inductor_fullgraph(backend, fused):
         torch.testing.assert_close(compiled, eager)
         compiled.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("offset", [0, 1])  # vector and scalar paths of the in-place kernel
+@pytest.mark.parametrize("packed", [False, True])
+def test_cuda_inplace_backward_writes_the_out_of_place_results(backend, dtype, offset, packed):
+    skip_unless_available(backend, "glu", "cuda")
+    if packed:
+        (gate_up,) = make((64, 2 * 1000), dtype, offset)[:1]
+        dh = make((64, 1000), dtype, seed=1)[2]
+        want = ops.get(backend, "glu_packed_bwd")(dh, gate_up, "silu")
+        ops.get(backend, "glu_packed_bwd_")(dh, gate_up, "silu")
+        assert torch.equal(gate_up, want)
+    else:
+        g, u, dh = make((64, 1001), dtype, offset)
+        want = ops.get(backend, "glu_bwd")(dh, g, u, "silu")
+        ops.get(backend, "glu_bwd_")(dh, g, u, "silu")
+        assert torch.equal(g, want[0]) and torch.equal(u, want[1])

@@ -13,6 +13,7 @@
 // up, 2H for packed [gate | up] rows, where up starts H after gate). Nothing is copied to split
 // a packed input.
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -309,6 +310,45 @@ at::Tensor glu_packed_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& gate
   return dgu;
 }
 
+// The in-place backward: each element's gradients are written over its own gate / up values
+// after they are read (the loops index inputs and outputs alike), so the aliasing is safe.
+// Non-contiguous inputs go through the out-of-place op and a copy.
+void glu_bwd_inplace_cpu(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& up,
+                         c10::string_view activation) {
+  const Activation act = parse_activation(activation);
+  check_pair(gate, up);
+  at::assert_no_overlap(gate, up);
+  const at::Tensor dh = prepare_grad(grad_out, gate, gate.sizes());
+  at::assert_no_overlap(dh, gate);
+  at::assert_no_overlap(dh, up);
+  const int64_t n = gate.numel();
+  if (n == 0) return;
+  if (!gate.is_contiguous() || !up.is_contiguous()) {
+    const auto [dg, du] = glu_bwd_cpu(dh, gate, up, activation);
+    gate.copy_(dg);
+    up.copy_(du);
+    return;
+  }
+  at::Tensor g = gate, u = up;
+  launch_bwd(dh, g, 0, u, g, u, 1, n, n, act);
+}
+
+void glu_packed_bwd_inplace_cpu(const at::Tensor& grad_out, const at::Tensor& gate_up,
+                                c10::string_view activation) {
+  const Activation act = parse_activation(activation);
+  check_packed(gate_up);
+  const at::Tensor dh = prepare_grad(grad_out, gate_up, packed_out_shape(gate_up));
+  at::assert_no_overlap(dh, gate_up);
+  if (dh.numel() == 0) return;
+  if (!gate_up.is_contiguous()) {
+    gate_up.copy_(glu_packed_bwd_cpu(dh, gate_up, activation));
+    return;
+  }
+  at::Tensor gu = gate_up;
+  const int64_t H = gu.size(-1) / 2, rows = dh.numel() / H;
+  launch_bwd(dh, gu, H, gu, gu, gu, rows, H, 2 * H, act);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
@@ -316,6 +356,8 @@ TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
   m.impl("glu_bwd", &glu_bwd_cpu);
   m.impl("glu_packed_fwd", &glu_packed_fwd_cpu);
   m.impl("glu_packed_bwd", &glu_packed_bwd_cpu);
+  m.impl("glu_bwd_", &glu_bwd_inplace_cpu);
+  m.impl("glu_packed_bwd_", &glu_packed_bwd_inplace_cpu);
 }
 
 }  // namespace fastnn

@@ -15,6 +15,7 @@
 // Bytes moved are the minimum: forward reads g, u and writes h; backward reads dh, g, u and
 // writes dg, du (act(g) is recomputed, never saved).
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -81,11 +82,13 @@ __global__ void glu_fwd_kernel(const scalar_t* __restrict__ g, const scalar_t* _
   }
 }
 
-// dh is laid out as the output; dg, du as g, u (for packed: one [rows, 2H] gradient).
+// dh is laid out as the output; dg, du as g, u (for packed: one [rows, 2H] gradient). Each
+// element's g, u are read before its dg, du are written, so dg, du may be g, u themselves (the
+// in-place kernel below, whose pointers carry no __restrict__).
 template <Activation A, typename scalar_t, int VEC, bool PACKED>
-__global__ void glu_bwd_kernel(const scalar_t* __restrict__ dh, const scalar_t* __restrict__ g,
-                               const scalar_t* __restrict__ u, scalar_t* __restrict__ dg,
-                               scalar_t* __restrict__ du, int64_t n, int64_t H, int64_t in_stride) {
+__device__ __forceinline__ void glu_bwd_body(const scalar_t* dh, const scalar_t* g,
+                                             const scalar_t* u, scalar_t* dg, scalar_t* du,
+                                             int64_t n, int64_t H, int64_t in_stride) {
   using opmath_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
   const int64_t o = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
@@ -115,6 +118,19 @@ __global__ void glu_bwd_kernel(const scalar_t* __restrict__ dh, const scalar_t* 
       du[i + k] = static_cast<scalar_t>(b);
     }
   }
+}
+
+template <Activation A, typename scalar_t, int VEC, bool PACKED>
+__global__ void glu_bwd_kernel(const scalar_t* __restrict__ dh, const scalar_t* __restrict__ g,
+                               const scalar_t* __restrict__ u, scalar_t* __restrict__ dg,
+                               scalar_t* __restrict__ du, int64_t n, int64_t H, int64_t in_stride) {
+  glu_bwd_body<A, scalar_t, VEC, PACKED>(dh, g, u, dg, du, n, H, in_stride);
+}
+
+template <Activation A, typename scalar_t, int VEC, bool PACKED>
+__global__ void glu_bwd_inplace_kernel(const scalar_t* __restrict__ dh, scalar_t* g, scalar_t* u,
+                                       int64_t n, int64_t H, int64_t in_stride) {
+  glu_bwd_body<A, scalar_t, VEC, PACKED>(dh, g, u, g, u, n, H, in_stride);
 }
 
 // ---- tier 2: launchers (vector width, grid) -----------------------------------------------------
@@ -152,11 +168,21 @@ void launch_fwd(const scalar_t* g, const scalar_t* u, scalar_t* h, int64_t n, in
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// dg == g and du == u: the in-place backward.
 template <Activation A, typename scalar_t, bool PACKED>
 void launch_bwd(const scalar_t* dh, const scalar_t* g, const scalar_t* u, scalar_t* dg,
                 scalar_t* du, int64_t n, int64_t H, int64_t in_stride, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(scalar_t);
-  if (can_vectorize<scalar_t>({dh, g, u, dg, du}, H, PACKED)) {
+  const bool vec = can_vectorize<scalar_t>({dh, g, u, dg, du}, H, PACKED);
+  if (dg == g && du == u) {
+    if (vec) {
+      glu_bwd_inplace_kernel<A, scalar_t, kVec, PACKED>
+          <<<grid_for(n, kVec), kThreads, 0, stream>>>(dh, dg, du, n, H, in_stride);
+    } else {
+      glu_bwd_inplace_kernel<A, scalar_t, 1, PACKED>
+          <<<grid_for(n, 1), kThreads, 0, stream>>>(dh, dg, du, n, H, in_stride);
+    }
+  } else if (vec) {
     glu_bwd_kernel<A, scalar_t, kVec, PACKED>
         <<<grid_for(n, kVec), kThreads, 0, stream>>>(dh, g, u, dg, du, n, H, in_stride);
   } else {
@@ -288,6 +314,46 @@ at::Tensor glu_packed_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& gat
   return dgu;
 }
 
+// The in-place backward (opt-in memory saving): grad_gate / grad_up over gate / up.
+// Non-contiguous inputs go through the out-of-place op and a copy.
+void glu_bwd_inplace_cuda(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& up,
+                          c10::string_view activation) {
+  const Activation act = parse_activation(activation);
+  check_pair(gate, up);
+  const c10::cuda::CUDAGuard guard(gate.device());
+  at::assert_no_overlap(gate, up);
+  const at::Tensor dh = prepare_grad(grad_out, gate, gate.sizes());
+  at::assert_no_overlap(dh, gate);
+  at::assert_no_overlap(dh, up);
+  const int64_t n = gate.numel();
+  if (n == 0) return;
+  if (!gate.is_contiguous() || !up.is_contiguous()) {
+    const auto [dg, du] = glu_bwd_cuda(dh, gate, up, activation);
+    gate.copy_(dg);
+    up.copy_(du);
+    return;
+  }
+  at::Tensor g = gate, u = up;
+  dispatch_bwd<false>(dh, g, u, 0, g, u, n, n, act);
+}
+
+void glu_packed_bwd_inplace_cuda(const at::Tensor& grad_out, const at::Tensor& gate_up,
+                                 c10::string_view activation) {
+  const Activation act = parse_activation(activation);
+  check_packed(gate_up);
+  const c10::cuda::CUDAGuard guard(gate_up.device());
+  const at::Tensor dh = prepare_grad(grad_out, gate_up, packed_out_shape(gate_up));
+  at::assert_no_overlap(dh, gate_up);
+  if (dh.numel() == 0) return;
+  if (!gate_up.is_contiguous()) {
+    gate_up.copy_(glu_packed_bwd_cuda(dh, gate_up, activation));
+    return;
+  }
+  at::Tensor gu = gate_up;
+  const int64_t H = gu.size(-1) / 2;
+  dispatch_bwd<true>(dh, gu, gu, H, gu, gu, H, 2 * H, act);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastnn, CUDA, m) {
@@ -295,6 +361,8 @@ TORCH_LIBRARY_IMPL(fastnn, CUDA, m) {
   m.impl("glu_bwd", &glu_bwd_cuda);
   m.impl("glu_packed_fwd", &glu_packed_fwd_cuda);
   m.impl("glu_packed_bwd", &glu_packed_bwd_cuda);
+  m.impl("glu_bwd_", &glu_bwd_inplace_cuda);
+  m.impl("glu_packed_bwd_", &glu_packed_bwd_inplace_cuda);
 }
 
 }  // namespace fastnn

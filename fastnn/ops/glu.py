@@ -2,7 +2,7 @@
 
 import torch
 
-from fastnn import _backend, ops
+from fastnn import ops
 from fastnn.reference import glu as ref
 
 TRITON_MODULE = "fastnn.triton_kernels.glu"
@@ -74,12 +74,10 @@ ops.define_autograd(
 
 # ---- opt-in in-place backward (memory saving) ----------------------------------------------------
 # glu_bwd_ / glu_packed_bwd_ write grad_gate / grad_up over the saved gate / up (or gate_up), so
-# the backward allocates no new [.., H] tensors. The native schemas are pending in
-# csrc/library.cpp (see INPLACE_*_SCHEMA); until they exist, `auto` runs these with the Triton
-# kernel on CUDA and the reference on the CPU, and a forced `native` says why it cannot.
+# the backward allocates no new [.., H] tensors. Every backend has them (native: csrc/cpu/glu.cpp,
+# csrc/cuda/glu.cu; triton: fastnn/triton_kernels/glu.py; torch: below).
 INPLACE_BWD_SCHEMA = "(Tensor grad_out, Tensor(a!) gate, Tensor(b!) up, str activation) -> ()"
 INPLACE_PACKED_BWD_SCHEMA = "(Tensor grad_out, Tensor(a!) gate_up, str activation) -> ()"
-INPLACE_ORDER = {"cpu": ("native", "torch"), "cuda": ("native", "triton", "torch")}
 
 
 def _ref_bwd_(grad_out, gate, up, activation):
@@ -97,54 +95,22 @@ def _no_output(*args):
     return None
 
 
-for _backend_name, _impls in (
-    ("torch", (_ref_bwd_, _ref_packed_bwd_)),
-    (
-        "triton",
-        (
-            ops._lazy_triton(TRITON_MODULE, "glu_bwd_"),
-            ops._lazy_triton(TRITON_MODULE, "glu_packed_bwd_"),
-        ),
-    ),
-):
-    for _name, _impl, _schema, _mut in (
-        ("glu_bwd_", _impls[0], INPLACE_BWD_SCHEMA, ("gate", "up")),
-        ("glu_packed_bwd_", _impls[1], INPLACE_PACKED_BWD_SCHEMA, ("gate_up",)),
-    ):
-        torch.library.custom_op(
-            f"fastnn::{ops.PREFIX[_backend_name]}{_name}", _impl, mutates_args=_mut, schema=_schema
-        ).register_fake(_no_output)
-
-
-def _inplace_unavailable(backend, device_type):
-    if backend == "native":
-        if not hasattr(torch.ops.fastnn, "glu_bwd_"):
-            return (
-                "the native in-place GLU backward (fastnn::glu_bwd_) is not in this build yet; "
-                "use backend 'triton' (CUDA) or 'torch'"
-            )
-        return None
-    return _backend.unavailable_reason(backend, "glu", device_type)
-
-
-def inplace_backward_backend(device_type):
-    """The backend that runs glu_bwd_ / glu_packed_bwd_ on `device_type`, by the rules of
-    fastnn._backend (auto: the first available in INPLACE_ORDER; forced: that one or an error)."""
-    forced = _backend.get_backend()
-    if forced != "auto":
-        why = _inplace_unavailable(forced, device_type)
-        if why is not None:
-            raise _backend.BackendUnavailableError(
-                f"fastnn: backend {forced!r} cannot run the in-place GLU backward on "
-                f"{device_type}: {why}"
-            )
-        return forced
-    order = INPLACE_ORDER.get(device_type, ("torch",))
-    return next(b for b in order if _inplace_unavailable(b, device_type) is None)
-
-
-def _get_inplace(backend, name):
-    return getattr(torch.ops.fastnn, ops.PREFIX[backend] + name).default
+ops.define(
+    "glu_bwd_",
+    INPLACE_BWD_SCHEMA,
+    _ref_bwd_,
+    TRITON_MODULE,
+    _no_output,
+    mutates_args=("gate", "up"),
+)
+ops.define(
+    "glu_packed_bwd_",
+    INPLACE_PACKED_BWD_SCHEMA,
+    _ref_packed_bwd_,
+    TRITON_MODULE,
+    _no_output,
+    mutates_args=("gate_up",),
+)
 
 
 class InplaceBackwardGLU(torch.autograd.Function):
@@ -153,14 +119,14 @@ class InplaceBackwardGLU(torch.autograd.Function):
     any second backward, which raises."""
 
     @staticmethod
-    def forward(ctx, gate, up, activation, fwd_backend, bwd_backend):
+    def forward(ctx, gate, up, activation, backend):
         if up is None:
-            out = ops.get(fwd_backend, "glu_packed_fwd")(gate, activation)
+            out = ops.get(backend, "glu_packed_fwd")(gate, activation)
             ctx.save_for_backward(gate)
         else:
-            out = ops.get(fwd_backend, "glu_fwd")(gate, up, activation)
+            out = ops.get(backend, "glu_fwd")(gate, up, activation)
             ctx.save_for_backward(gate, up)
-        ctx.activation, ctx.bwd_backend, ctx.consumed = activation, bwd_backend, False
+        ctx.activation, ctx.backend, ctx.consumed = activation, backend, False
         return out
 
     @staticmethod
@@ -176,8 +142,8 @@ class InplaceBackwardGLU(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         if len(saved) == 1:
             (gate_up,) = saved
-            _get_inplace(ctx.bwd_backend, "glu_packed_bwd_")(grad_out, gate_up, ctx.activation)
-            return gate_up, None, None, None, None
+            ops.get(ctx.backend, "glu_packed_bwd_")(grad_out, gate_up, ctx.activation)
+            return gate_up, None, None, None
         gate, up = saved
-        _get_inplace(ctx.bwd_backend, "glu_bwd_")(grad_out, gate, up, ctx.activation)
-        return gate, up, None, None, None
+        ops.get(ctx.backend, "glu_bwd_")(grad_out, gate, up, ctx.activation)
+        return gate, up, None, None

@@ -13,7 +13,6 @@
 // up, 2H for packed [gate | up] rows, where up starts H after gate). Nothing is copied to split
 // a packed input.
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -36,9 +35,16 @@
 
 #include "fastnn/activations.h"
 #include "fastnn/checks.h"
+#include "fastnn/glu_host.h"
 
 namespace fastnn {
 namespace {
+
+namespace gh = fastnn::glu_host;
+using gh::check_packed;
+using gh::check_pair;
+using gh::packed_out_shape;
+using gh::prepare_grad;
 
 // About 32K elements (128 KB of fp32 per tensor) per task: big enough to amortise a task,
 // small enough to split a [4096, 4096] problem over every core.
@@ -229,38 +235,6 @@ void launch_bwd(const at::Tensor& grad_out, const at::Tensor& gate_base, int64_t
       });
 }
 
-void check_pair(const at::Tensor& gate, const at::Tensor& up) {
-  check_float(gate, "gate");
-  check_float(up, "up");
-  check_same_device(up, "up", gate, "gate");
-  TORCH_CHECK(gate.sizes() == up.sizes(), "fastnn: gate of shape ", gate.sizes(),
-              " and up of shape ", up.sizes(), " differ");
-  TORCH_CHECK(gate.scalar_type() == up.scalar_type(), "fastnn: gate has dtype ", gate.scalar_type(),
-              " but up has ", up.scalar_type());
-}
-
-// grad_out: the output's shape, any float dtype (cast to `like`'s dtype), made contiguous.
-at::Tensor prepare_grad(const at::Tensor& grad_out, const at::Tensor& like,
-                        at::IntArrayRef out_shape) {
-  check_float(grad_out, "grad_out");
-  check_same_device(grad_out, "grad_out", like, "gate");
-  TORCH_CHECK(grad_out.sizes() == out_shape, "fastnn: grad_out of shape ", grad_out.sizes(),
-              " does not match the output shape ", out_shape);
-  return grad_out.to(like.scalar_type()).contiguous();
-}
-
-void check_packed(const at::Tensor& gate_up) {
-  check_float(gate_up, "gate_up");
-  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, "fastnn: packed gate_up of shape ",
-              gate_up.sizes(), " needs an even last dim holding [gate | up]");
-}
-
-std::vector<int64_t> packed_out_shape(const at::Tensor& gate_up) {
-  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
-  shape.back() /= 2;
-  return shape;
-}
-
 at::Tensor glu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up, c10::string_view activation) {
   const Activation act = parse_activation(activation);
   check_pair(gate, up);
@@ -310,43 +284,33 @@ at::Tensor glu_packed_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& gate
   return dgu;
 }
 
-// The in-place backward: each element's gradients are written over its own gate / up values
-// after they are read (the loops index inputs and outputs alike), so the aliasing is safe.
-// Non-contiguous inputs go through the out-of-place op and a copy.
+// The in-place backward: the kernels index inputs and outputs alike, so writing each element's
+// gradients over its own gate / up values after reading them is safe (fastnn/glu_host.h).
 void glu_bwd_inplace_cpu(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& up,
                          c10::string_view activation) {
   const Activation act = parse_activation(activation);
-  check_pair(gate, up);
-  at::assert_no_overlap(gate, up);
-  const at::Tensor dh = prepare_grad(grad_out, gate, gate.sizes());
-  at::assert_no_overlap(dh, gate);
-  at::assert_no_overlap(dh, up);
-  const int64_t n = gate.numel();
-  if (n == 0) return;
-  if (!gate.is_contiguous() || !up.is_contiguous()) {
-    const auto [dg, du] = glu_bwd_cpu(dh, gate, up, activation);
-    gate.copy_(dg);
-    up.copy_(du);
-    return;
-  }
-  at::Tensor g = gate, u = up;
-  launch_bwd(dh, g, 0, u, g, u, 1, n, n, act);
+  gh::bwd_inplace(
+      grad_out, gate, up,
+      [&](const at::Tensor& dh, const at::Tensor& g, const at::Tensor& u) {
+        return glu_bwd_cpu(dh, g, u, activation);
+      },
+      [&](const at::Tensor& dh, at::Tensor g, at::Tensor u) {
+        launch_bwd(dh, g, 0, u, g, u, 1, g.numel(), g.numel(), act);
+      });
 }
 
 void glu_packed_bwd_inplace_cpu(const at::Tensor& grad_out, const at::Tensor& gate_up,
                                 c10::string_view activation) {
   const Activation act = parse_activation(activation);
-  check_packed(gate_up);
-  const at::Tensor dh = prepare_grad(grad_out, gate_up, packed_out_shape(gate_up));
-  at::assert_no_overlap(dh, gate_up);
-  if (dh.numel() == 0) return;
-  if (!gate_up.is_contiguous()) {
-    gate_up.copy_(glu_packed_bwd_cpu(dh, gate_up, activation));
-    return;
-  }
-  at::Tensor gu = gate_up;
-  const int64_t H = gu.size(-1) / 2, rows = dh.numel() / H;
-  launch_bwd(dh, gu, H, gu, gu, gu, rows, H, 2 * H, act);
+  gh::packed_bwd_inplace(
+      grad_out, gate_up,
+      [&](const at::Tensor& dh, const at::Tensor& gu) {
+        return glu_packed_bwd_cpu(dh, gu, activation);
+      },
+      [&](const at::Tensor& dh, at::Tensor gu) {
+        const int64_t H = gu.size(-1) / 2;
+        launch_bwd(dh, gu, H, gu, gu, gu, dh.numel() / H, H, 2 * H, act);
+      });
 }
 
 }  // namespace

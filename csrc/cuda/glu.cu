@@ -15,7 +15,6 @@
 // Bytes moved are the minimum: forward reads g, u and writes h; backward reads dh, g, u and
 // writes dg, du (act(g) is recomputed, never saved).
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -30,9 +29,16 @@
 
 #include "fastnn/activations.h"
 #include "fastnn/checks.h"
+#include "fastnn/glu_host.h"
 
 namespace fastnn {
 namespace {
+
+namespace gh = fastnn::glu_host;
+using gh::check_packed;
+using gh::check_pair;
+using gh::packed_out_shape;
+using gh::prepare_grad;
 
 constexpr int kThreads = 256;
 
@@ -231,37 +237,6 @@ void dispatch_bwd(const at::Tensor& grad_out, const at::Tensor& gate_base,
 
 // ---- tier 4: op entry points --------------------------------------------------------------------
 
-void check_pair(const at::Tensor& gate, const at::Tensor& up) {
-  check_float(gate, "gate");
-  check_float(up, "up");
-  check_same_device(up, "up", gate, "gate");
-  TORCH_CHECK(gate.sizes() == up.sizes(), "fastnn: gate of shape ", gate.sizes(),
-              " and up of shape ", up.sizes(), " differ");
-  TORCH_CHECK(gate.scalar_type() == up.scalar_type(), "fastnn: gate has dtype ", gate.scalar_type(),
-              " but up has ", up.scalar_type());
-}
-
-void check_packed(const at::Tensor& gate_up) {
-  check_float(gate_up, "gate_up");
-  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, "fastnn: packed gate_up of shape ",
-              gate_up.sizes(), " needs an even last dim holding [gate | up]");
-}
-
-at::Tensor prepare_grad(const at::Tensor& grad_out, const at::Tensor& like,
-                        at::IntArrayRef out_shape) {
-  check_float(grad_out, "grad_out");
-  check_same_device(grad_out, "grad_out", like, "gate");
-  TORCH_CHECK(grad_out.sizes() == out_shape, "fastnn: grad_out of shape ", grad_out.sizes(),
-              " does not match the output shape ", out_shape);
-  return grad_out.to(like.scalar_type()).contiguous();
-}
-
-std::vector<int64_t> packed_out_shape(const at::Tensor& gate_up) {
-  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
-  shape.back() /= 2;
-  return shape;
-}
-
 at::Tensor glu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up, c10::string_view activation) {
   const Activation act = parse_activation(activation);
   check_pair(gate, up);
@@ -314,44 +289,35 @@ at::Tensor glu_packed_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& gat
   return dgu;
 }
 
-// The in-place backward (opt-in memory saving): grad_gate / grad_up over gate / up.
-// Non-contiguous inputs go through the out-of-place op and a copy.
+// The in-place backward (fastnn/glu_host.h): the aliasing kernel writes each element's
+// gradients over its own gate / up values after reading them.
 void glu_bwd_inplace_cuda(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& up,
                           c10::string_view activation) {
   const Activation act = parse_activation(activation);
-  check_pair(gate, up);
   const c10::cuda::CUDAGuard guard(gate.device());
-  at::assert_no_overlap(gate, up);
-  const at::Tensor dh = prepare_grad(grad_out, gate, gate.sizes());
-  at::assert_no_overlap(dh, gate);
-  at::assert_no_overlap(dh, up);
-  const int64_t n = gate.numel();
-  if (n == 0) return;
-  if (!gate.is_contiguous() || !up.is_contiguous()) {
-    const auto [dg, du] = glu_bwd_cuda(dh, gate, up, activation);
-    gate.copy_(dg);
-    up.copy_(du);
-    return;
-  }
-  at::Tensor g = gate, u = up;
-  dispatch_bwd<false>(dh, g, u, 0, g, u, n, n, act);
+  gh::bwd_inplace(
+      grad_out, gate, up,
+      [&](const at::Tensor& dh, const at::Tensor& g, const at::Tensor& u) {
+        return glu_bwd_cuda(dh, g, u, activation);
+      },
+      [&](const at::Tensor& dh, at::Tensor g, at::Tensor u) {
+        dispatch_bwd<false>(dh, g, u, 0, g, u, g.numel(), g.numel(), act);
+      });
 }
 
 void glu_packed_bwd_inplace_cuda(const at::Tensor& grad_out, const at::Tensor& gate_up,
                                  c10::string_view activation) {
   const Activation act = parse_activation(activation);
-  check_packed(gate_up);
   const c10::cuda::CUDAGuard guard(gate_up.device());
-  const at::Tensor dh = prepare_grad(grad_out, gate_up, packed_out_shape(gate_up));
-  at::assert_no_overlap(dh, gate_up);
-  if (dh.numel() == 0) return;
-  if (!gate_up.is_contiguous()) {
-    gate_up.copy_(glu_packed_bwd_cuda(dh, gate_up, activation));
-    return;
-  }
-  at::Tensor gu = gate_up;
-  const int64_t H = gu.size(-1) / 2;
-  dispatch_bwd<true>(dh, gu, gu, H, gu, gu, H, 2 * H, act);
+  gh::packed_bwd_inplace(
+      grad_out, gate_up,
+      [&](const at::Tensor& dh, const at::Tensor& gu) {
+        return glu_packed_bwd_cuda(dh, gu, activation);
+      },
+      [&](const at::Tensor& dh, at::Tensor gu) {
+        const int64_t H = gu.size(-1) / 2;
+        dispatch_bwd<true>(dh, gu, gu, H, gu, gu, H, 2 * H, act);
+      });
 }
 
 }  // namespace

@@ -140,6 +140,9 @@ def _cases():
             ("glu_bwd", (dy, gate, up, act), {}),
             ("glu_packed_fwd", (gate_up, act), {}),
             ("glu_packed_bwd", (dy, gate_up, act), {}),
+            # The in-place backward writes over its own copies (the cases share gate / up).
+            ("glu_bwd_", (dy, gate.clone(), up.clone(), act), {}),
+            ("glu_packed_bwd_", (dy, gate_up.clone(), act), {}),
         ]
     shapes = [(n,), (rows, 7)]
     params = [rand(*s) for s in shapes]

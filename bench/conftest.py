@@ -4,6 +4,7 @@ Adds to pytest-benchmark's JSON what report.py needs: the device and software ve
 machine_info, and the skipped cases with their reasons under "skipped"."""
 
 import collections
+import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -81,10 +82,14 @@ def pytest_runtest_logreport(report):
         _skipped.append({"name": report.nodeid.split("::")[-1], "reason": reason})
 
 
-def _version(module):
+def _version(module, distribution):
+    """The installed version (from the package metadata: liger_kernel has no __version__)."""
     if importlib.util.find_spec(module) is None:
         return None
-    return getattr(importlib.import_module(module), "__version__", "unknown")
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(importlib.import_module(module), "__version__", "unknown")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -93,8 +98,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "device_name": harness.device_name(),
         "profile": harness.profile(),
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "liger_kernel": _version("liger_kernel"),
+        "triton": _version("triton", "triton"),
+        "liger_kernel": _version("liger_kernel", "liger-kernel"),
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

@@ -139,9 +139,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   // found_inf != 0 (GradScaler saw an inf or NaN): nothing is written at all.
   if (oh::host_scalar(kOp, found_inf, "found_inf", 0.0) != 0.0) return;
   const double scale = oh::host_scalar(kOp, grad_scale, "grad_scale", 1.0);
-  const bool store_grads = grad_scale.has_value() && grad_scale->defined();
-  if (lr_tensor.has_value() && lr_tensor->defined())
-    lr = oh::host_scalar(kOp, lr_tensor, "lr_tensor", lr);
+  const bool store_grads = has(grad_scale);
+  if (has(lr_tensor)) lr = oh::host_scalar(kOp, lr_tensor, "lr_tensor", lr);
 
   const om::AdamHyper hyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize};
   std::vector<AdamWork> work;

@@ -140,9 +140,8 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 
   if (oh::host_scalar(kOp, found_inf, "found_inf", 0.0) != 0.0) return;  // nothing is written
   const double scale = oh::host_scalar(kOp, grad_scale, "grad_scale", 1.0);
-  const bool store_grads = grad_scale.has_value() && grad_scale->defined();
-  if (lr_tensor.has_value() && lr_tensor->defined())
-    lr = oh::host_scalar(kOp, lr_tensor, "lr_tensor", lr);
+  const bool store_grads = has(grad_scale);
+  if (has(lr_tensor)) lr = oh::host_scalar(kOp, lr_tensor, "lr_tensor", lr);
 
   const om::RmspropHyper hyper{alpha, eps, weight_decay, momentum, maximize};
   const Coeffs coeffs{om::rmsprop_coeffs<float>(hyper, lr, scale),

@@ -155,7 +155,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   a.l2 = weight_decay != 0.0 && !decoupled_weight_decay;
   a.decoupled = weight_decay != 0.0 && decoupled_weight_decay;
   a.amsgrad = amsgrad;
-  a.store_grads = grad_scale.has_value() && grad_scale->defined();
+  a.store_grads = has(grad_scale);
   a.steps_on_device = !steps[0].device().is_cpu();
   a.step_is_double = steps[0].scalar_type() == at::kDouble;
 

@@ -136,7 +136,7 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   a.l2 = weight_decay != 0.0;
   a.centered = centered;
   a.momentum = use_momentum;
-  a.store_grads = grad_scale.has_value() && grad_scale->defined();
+  a.store_grads = has(grad_scale);
 
   std::vector<at::Tensor> grads_used(grads.begin(), grads.end());
   std::vector<mta::DtypeKey> keys(n);

@@ -15,6 +15,14 @@ def host_or_device(t):
     return t.item() if t.device.type == "cpu" else t
 
 
+def device_found_inf(found_inf):
+    """(skip, found_inf): a CPU found_inf is read now (skip the whole step when non-zero); a
+    device one is returned for skip_if_inf, which masks each write without a sync."""
+    if found_inf is not None and found_inf.device.type == "cpu":
+        return found_inf.item() != 0, None
+    return False, found_inf
+
+
 def skip_if_inf(found_inf, new, old):
     """`new`, or `old` where found_inf (a device tensor) is non-zero."""
     return new if found_inf is None else torch.where(found_inf != 0, old, new)
@@ -55,10 +63,9 @@ def adam_step_(
 ):
     """Updates params, exp_avgs, exp_avg_sqs (and max_exp_avg_sqs when amsgrad, master_params
     when given) in place. steps[i] is the step count after this step (already incremented)."""
-    if found_inf is not None and found_inf.device.type == "cpu":
-        if found_inf.item() != 0:
-            return
-        found_inf = None
+    skip, found_inf = device_found_inf(found_inf)
+    if skip:
+        return
     if lr_tensor is not None:
         lr = host_or_device(lr_tensor)
     for i, param in enumerate(params):

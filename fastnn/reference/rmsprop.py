@@ -1,9 +1,10 @@
 """Reference RMSprop step over lists of tensors: torch.optim.RMSprop's for-loop algorithm, fp32
-math for low-precision tensors; graph-safe on a GPU as fastnn/reference/adam.py is. Schema: `fastnn::rmsprop_step_` (csrc/library.cpp)."""
+math for low-precision tensors; graph-safe on a GPU as fastnn/reference/adam.py is. Schema:
+`fastnn::rmsprop_step_` (csrc/library.cpp)."""
 
 import torch
 
-from fastnn.reference.adam import host_or_device, skip_if_inf, update_grad
+from fastnn.reference.adam import device_found_inf, host_or_device, skip_if_inf, update_grad
 
 
 def rmsprop_step_(
@@ -27,10 +28,9 @@ def rmsprop_step_(
 ):
     """Updates params and square_avgs (grad_avgs when centered, momentum_buffers when
     momentum > 0, master_params when given) in place."""
-    if found_inf is not None and found_inf.device.type == "cpu":
-        if found_inf.item() != 0:
-            return
-        found_inf = None
+    skip, found_inf = device_found_inf(found_inf)
+    if skip:
+        return
     if lr_tensor is not None:
         lr = host_or_device(lr_tensor)
     for i, param in enumerate(params):

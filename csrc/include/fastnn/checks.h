@@ -8,6 +8,9 @@
 
 namespace fastnn {
 
+// An optional tensor argument that was given (Python None arrives as nullopt or undefined).
+inline bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
 inline bool is_float_type(c10::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
@@ -26,7 +29,7 @@ inline void check_same_device(const at::Tensor& a, const char* a_name, const at:
 // An optional tensor, checked against `ref` for device, and for 1-D length `n` when n >= 0.
 inline void check_vector(const c10::optional<at::Tensor>& t, const char* name,
                          const at::Tensor& ref, int64_t n) {
-  if (!t.has_value() || !t->defined()) return;
+  if (!has(t)) return;
   check_float(*t, name);
   check_same_device(*t, name, ref, "input");
   TORCH_CHECK(t->dim() == 1 && t->size(0) == n, "fastnn: ", name, " must have shape [", n,

@@ -210,8 +210,6 @@ int64_t persistent_grid(Kernel kernel, dim3 block, size_t smem, int64_t rows, in
 
 // ---- Op entry helpers ---------------------------------------------------------------------------
 
-inline bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 inline at::ScalarType acc_scalar_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -22,6 +22,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "fastnn/checks.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define FASTNN_X86_AVX2 1
@@ -296,11 +298,9 @@ inline at::ScalarType acc_type(at::ScalarType t) {
 // for a bias) when absent, so the row loops have no branch: x * 1 and x + 0 are exact.
 inline at::Tensor param_as_acc(const c10::optional<at::Tensor>& p, at::ScalarType acc, int64_t n,
                                double fill) {
-  if (p.has_value() && p->defined()) return p->to(acc).contiguous();
+  if (has(p)) return p->to(acc).contiguous();
   return at::full({n}, fill, at::TensorOptions().dtype(acc));
 }
-
-inline bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // A per-row statistic (rstd / mean) saved by the forward: [rows], accumulation dtype.
 inline void check_stat(const at::Tensor& s, const char* name, const at::Tensor& x) {

@@ -7,7 +7,10 @@
   round is GPU time between two events around `iterations` back-to-back calls, started behind a
   GPU sleep so that host overhead never shows in it: the kernels' time, as in a training step
   whose host runs ahead of the GPU.
-  On the CPU it is pytest-benchmark's wall clock; the report uses the median round.
+  On the CPU (and in the smoke run) every implementation of one case is timed in alternating
+  rounds when that case's first test runs (`run_case`), and each test then reports its own rounds
+  to pytest-benchmark: a burst of load on the 2 shared cores slows every implementation of the
+  case alike instead of whichever happened to run then, so the ratios of medians hold.
 - Bytes: every entry records `bytes` (the fixed formula of shared/performance.md, computed by the
   test) in extra_info, with op / mode / impl / dtype / shape, so report.py derives GB/s.
 - Budget: FASTNN_BENCH_BUDGET_S (seconds from session start) skips the cases that would start
@@ -165,6 +168,91 @@ def run(benchmark, fn, *, nbytes, info, timing=None):
     benchmark.extra_info.update(info, bytes=int(nbytes), device=DEVICE, profile=profile())
     warmup, rounds, iterations = timing or ROUNDS[profile()]
     return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=iterations)
+
+
+class ReplayTimer:
+    """A pytest-benchmark timer that returns rounds measured beforehand: pytest-benchmark calls
+    it at each round's start and end and records the difference, which is the next round."""
+
+    __name__ = "interleaved_wall_clock"
+
+    def __init__(self, round_seconds):
+        self._rounds = list(round_seconds)
+        self._now = 0.0
+        self._calls = 0
+
+    def __call__(self):
+        if self._calls % 2 == 1:  # a round's end
+            self._now += self._rounds[self._calls // 2]
+        self._calls += 1
+        return self._now
+
+
+_interleaved = {}  # case key -> {impl: round seconds, or the exception its setup or call raised}
+
+
+def time_interleaved(builds, timing):
+    """Wall-clock rounds of every implementation of one case, alternating between them.
+
+    builds: {impl: setup()} where setup() returns (fn, nbytes, info) or raises (a pytest.skip
+    included). Round r runs the implementations in turn starting from the r-th, so none always
+    follows the same one; warm-up rounds likewise. Returns {impl: (rounds, nbytes, info)} or
+    {impl: exception}: one implementation failing does not stop the others.
+    """
+    warmup, rounds, iterations = timing
+    results, cases = {}, {}
+    for impl, setup in builds.items():
+        try:
+            cases[impl] = setup()
+        except (Exception, pytest.skip.Exception) as e:  # noqa: BLE001 - re-raised by its test
+            results[impl] = e
+    times = {impl: [] for impl in cases}
+    for r in range(warmup + rounds):
+        live = [impl for impl in cases if impl not in results]
+        for impl in live[r % len(live) :] + live[: r % len(live)] if live else []:
+            fn = cases[impl][0]
+            try:
+                begin = time.perf_counter()
+                for _ in range(iterations):
+                    fn()
+                sync()
+                elapsed = time.perf_counter() - begin
+            except Exception as e:  # noqa: BLE001 - re-raised by its test
+                results[impl] = e
+                continue
+            if r >= warmup:
+                times[impl].append(elapsed)
+    for impl, (_, nbytes, info) in cases.items():
+        results.setdefault(impl, (times[impl], nbytes, info))
+    return results
+
+
+def run_case(benchmark, impl, impls, setup, *, case, timing=None):
+    """Time implementation `impl` of one case (`case`: a hashable key naming it without impl).
+
+    setup(impl) prepares one implementation: returns (fn, nbytes, info) for `run`, or raises
+    pytest.skip. On a GPU it is called for `impl` alone (CUDA events time each test by itself);
+    elsewhere the case's first test times all of `impls` in alternating rounds
+    (`time_interleaved`) and every test of the case reports its own.
+    """
+    timing = timing or ROUNDS[profile()]
+    if DEVICE == "cuda":
+        fn, nbytes, info = setup(impl)
+        return run(benchmark, fn, nbytes=nbytes, info=info, timing=timing)
+    if case not in _interleaved:
+        names = [getattr(i, "values", (i,))[0] for i in impls]  # pytest.param entries too
+        _interleaved[case] = time_interleaved(
+            {name: (lambda name=name: setup(name)) for name in names}, timing
+        )
+    result = _interleaved[case][impl]
+    if isinstance(result, BaseException):
+        raise result
+    round_seconds, nbytes, info = result
+    benchmark.extra_info.update(info, bytes=int(nbytes), device=DEVICE, profile=profile())
+    benchmark.extra_info["interleaved"] = True
+    benchmark._timer = ReplayTimer(round_seconds)  # (the smoke run ran each call above)
+    _, rounds, iterations = timing
+    return benchmark.pedantic(lambda: None, rounds=rounds, iterations=iterations)
 
 
 def randn(shape, dtype, requires_grad=False, scale=1.0):

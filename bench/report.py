@@ -199,10 +199,14 @@ def header(data, rows, copy):
             f"- measured copy bandwidth: **{copy:,.0f} GB/s** (`dst.copy_(src)`, "
             f"{c['shape'][0]:,} fp32 elements, bytes read + written; median of {c['rounds']} rounds)"
         )
-    timer = "CUDA events around each round" if fx.get("device") == "cuda" else "wall clock"
+    if fx.get("device") == "cuda":
+        timer = "CUDA events around each round, started behind a GPU sleep"
+    else:
+        timer = ("wall clock, the implementations of each case timed in alternating rounds (a "
+                 "burst of load slows them alike)")  # fmt: skip
     lines += [
-        f"- timing: {timer}; a round is several back-to-back calls, the table shows the median "
-        "round divided by its calls",
+        f"- timing: {timer}; a round is one or more back-to-back calls, the table shows the "
+        "median round divided by its calls",
         "- GB/s: the fixed byte formula of shared/performance.md (documented in each "
         "bench/test_*.py; fp32 partial sums of dW / dB not counted) over the median time",
         "- vs eager / vs compile: that implementation's median time over this one's (above 1: "

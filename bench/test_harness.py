@@ -76,3 +76,44 @@ def test_bytes_match_speed_of_light_table():
     # LayerNorm: one more parameter vector and one more fp32 statistic per row than RMSNorm.
     extra = norm_bytes("layer_norm", "bwd", 8, 64, 2) - norm_bytes("rms_norm", "bwd", 8, 64, 2)
     assert extra == 64 * 2 + 8 * 4
+
+
+def test_interleaved_rounds_alternate_and_failures_stay_with_their_impl(monkeypatch):
+    calls = []
+    clock = [0.0]
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock[0])
+
+    def setup(name, seconds):
+        def fn():
+            calls.append(name)
+            clock[0] += seconds
+
+        return lambda: (fn, 100, {"impl": name})
+
+    def broken_setup():
+        pytest.skip("not here")
+
+    def failing_call():
+        raise RuntimeError("kernel failed")
+
+    builds = {
+        "a": setup("a", 1.0),
+        "skipped": broken_setup,
+        "b": setup("b", 2.0),
+        "fails": lambda: (failing_call, 1, {}),
+    }
+    results = harness.time_interleaved(builds, timing=(1, 3, 2))  # 1 warm-up + 3 rounds of 2
+    # Each round starts one implementation later; a failed one drops out of later rounds.
+    assert calls == ["a", "a", "b", "b", "b", "b", "a", "a"] * 2
+    assert results["a"] == ([2.0, 2.0, 2.0], 100, {"impl": "a"})
+    assert results["b"][0] == [4.0, 4.0, 4.0]
+    assert isinstance(results["skipped"], pytest.skip.Exception)
+    assert isinstance(results["fails"], RuntimeError)
+
+
+def test_replay_timer_gives_pytest_benchmark_the_measured_rounds():
+    timer = harness.ReplayTimer([0.5, 0.25])
+    start = timer()
+    first = timer() - start
+    start = timer()
+    assert (first, timer() - start) == (0.5, 0.25)

@@ -85,44 +85,49 @@ def unavailable(impl, variant, dtype_name):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("variant,dtype_name", CASES[harness.profile()])
 def test_step(benchmark, variant, dtype_name, impl):
-    why = unavailable(impl, variant, dtype_name)
-    if why is not None:
-        pytest.skip(why)
-    dtype = harness.DTYPES[dtype_name]
-    torch_cls, fastnn_cls, options = VARIANTS[variant]
-    params = []
-    for shape in llama_shapes(*MODELS[harness.profile()]):
-        p = harness.randn(shape, dtype, scale=0.02).requires_grad_(True)
-        p.grad = harness.randn(shape, dtype, scale=1e-3)
-        params.append(p)
-    kwargs = dict(options, lr=1e-4)
+    def setup(impl):
+        why = unavailable(impl, variant, dtype_name)
+        if why is not None:
+            pytest.skip(why)
+        dtype = harness.DTYPES[dtype_name]
+        torch_cls, fastnn_cls, options = VARIANTS[variant]
+        params = []
+        for shape in llama_shapes(*MODELS[harness.profile()]):
+            p = harness.randn(shape, dtype, scale=0.02).requires_grad_(True)
+            p.grad = harness.randn(shape, dtype, scale=1e-3)
+            params.append(p)
+        kwargs = dict(options, lr=1e-4)
 
-    if impl.startswith("fastnn-"):
-        opt = fastnn_cls(params, **kwargs)
-        backend = impl.split("-", 1)[1]
+        if impl.startswith("fastnn-"):
+            opt = fastnn_cls(params, **kwargs)
+            backend = impl.split("-", 1)[1]
 
-        def step():
-            with fastnn.use_backend(backend):
-                opt.step()
+            def step():
+                with fastnn.use_backend(backend):
+                    opt.step()
 
-    else:
-        mode = {"eager-forloop": {"foreach": False}, "eager-fused": {"fused": True}}
-        opt = torch_cls(params, **kwargs, **mode.get(impl, {"foreach": True}))
-        step = torch.compile(opt.step) if impl == "compile" else opt.step
+        else:
+            mode = {"eager-forloop": {"foreach": False}, "eager-fused": {"fused": True}}
+            opt = torch_cls(params, **kwargs, **mode.get(impl, {"foreach": True}))
+            step = torch.compile(opt.step) if impl == "compile" else opt.step
 
-    step()  # creates the state (and compiles): keep that out of the timing, even in smoke runs
-    harness.run(
-        benchmark,
-        step,
-        nbytes=optim_bytes(params, variant),
-        info={
+        step()  # creates the state (and compiles): out of the timing, even in smoke runs
+        assert all(torch.isfinite(p).all() for p in params[:3]), f"{impl}: non-finite params"
+        info = {
             "op": variant,
             "mode": "step",
             "impl": impl,
             "dtype": dtype_name,
             "shape": [sum(p.numel() for p in params)],
             "tensors": len(params),
-        },
+        }
+        return step, optim_bytes(params, variant), info
+
+    harness.run_case(
+        benchmark,
+        impl,
+        IMPLS,
+        setup,
+        case=("step", variant, dtype_name),
         timing=TIMING[harness.profile()],
     )
-    assert all(torch.isfinite(p).all() for p in params[:3])

@@ -2,11 +2,10 @@
 // csrc/library.cpp, semantics in fastnn/reference/glu.py): out = act(gate) * up, elementwise.
 //
 // The per-element math is csrc/include/fastnn/activations.h, the same code the CUDA kernels run.
-// The extension is compiled for baseline x86-64 (no -mavx2), so each inner loop is also compiled
-// as an AVX2+FMA+F16C clone (GCC target attribute) chosen at run time: GCC vectorises the
-// header's branch-free math 8 floats wide there. Measured on a shared 2-core AMD EPYC, [4096,
-// 4096] fp32 SwiGLU forward, medians of interleaved runs: 1.7-1.9x eager F.silu(g) * u and
-// 0.98-1.06x its torch.compile; forward + backward 1.7x eager.
+// Each inner loop is also compiled as an AVX2+FMA+F16C clone chosen at run time
+// (fastnn/cpu_isa.h): GCC vectorises the header's branch-free math 8 floats wide there. Measured on
+// a shared 2-core AMD EPYC, [4096, 4096] fp32 SwiGLU forward, medians of interleaved runs: 1.7-1.9x
+// eager F.silu(g) * u and 0.98-1.06x its torch.compile; forward + backward 1.7x eager.
 //
 // Layout: every op works on "runs": [rows, H] outputs (h, or dh for the backward) stored
 // contiguously, and inputs whose row r starts at r * in_stride (in_stride = H for separate gate /
@@ -35,6 +34,8 @@
 
 #include "fastnn/activations.h"
 #include "fastnn/checks.h"
+#include "fastnn/cpu_alloc.h"
+#include "fastnn/cpu_isa.h"
 #include "fastnn/glu_host.h"
 
 namespace fastnn {
@@ -56,13 +57,12 @@ constexpr int64_t kGrain = 32768;
 constexpr int64_t kChunk = 256;
 
 template <Activation A, typename T>
-inline __attribute__((always_inline)) void fwd_math(const T* g, const T* u, T* h, int64_t n) {
+FASTNN_ALWAYS_INLINE void fwd_math(const T* g, const T* u, T* h, int64_t n) {
   for (int64_t i = 0; i < n; ++i) h[i] = glu_fwd_elem<A>(g[i], u[i]);
 }
 
 template <Activation A, typename T>
-inline __attribute__((always_inline)) void bwd_math(const T* dh, const T* g, const T* u, T* dg,
-                                                    T* du, int64_t n) {
+FASTNN_ALWAYS_INLINE void bwd_math(const T* dh, const T* g, const T* u, T* dg, T* du, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     T a, b;
     glu_bwd_elem<A>(dh[i], g[i], u[i], a, b);
@@ -74,25 +74,25 @@ inline __attribute__((always_inline)) void bwd_math(const T* dh, const T* g, con
 // Conversions GCC can vectorise (c10's operators are out-of-line calls in this loop). Both round
 // to nearest even, as c10's: bf16 by bit arithmetic, fp16 through the compiler's _Float16
 // (vcvtps2ph / vcvtph2ps in the F16C clone).
-inline __attribute__((always_inline)) float to_float(c10::BFloat16 x) {
+FASTNN_ALWAYS_INLINE float to_float(c10::BFloat16 x) {
   const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
-inline __attribute__((always_inline)) void from_float(float f, c10::BFloat16& y) {
+FASTNN_ALWAYS_INLINE void from_float(float f, c10::BFloat16& y) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof(bits));
   const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   y.x = static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);  // NaN stays a quiet NaN
 }
 #if defined(__FLT16_MAX__)
-inline __attribute__((always_inline)) float to_float(c10::Half x) {
+FASTNN_ALWAYS_INLINE float to_float(c10::Half x) {
   _Float16 h;
   std::memcpy(&h, &x.x, sizeof(h));
   return static_cast<float>(h);
 }
-inline __attribute__((always_inline)) void from_float(float f, c10::Half& y) {
+FASTNN_ALWAYS_INLINE void from_float(float f, c10::Half& y) {
   const _Float16 h = static_cast<_Float16>(f);
   std::memcpy(&y.x, &h, sizeof(h));
 }
@@ -102,18 +102,17 @@ inline void from_float(float f, c10::Half& y) { y = static_cast<c10::Half>(f); }
 #endif
 
 template <typename scalar_t>
-inline __attribute__((always_inline)) void widen(const scalar_t* x, float* y, int64_t n) {
+FASTNN_ALWAYS_INLINE void widen(const scalar_t* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = to_float(x[i]);
 }
 
 template <typename scalar_t>
-inline __attribute__((always_inline)) void narrow(const float* x, scalar_t* y, int64_t n) {
+FASTNN_ALWAYS_INLINE void narrow(const float* x, scalar_t* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) from_float(x[i], y[i]);
 }
 
 template <Activation A, typename scalar_t>
-inline __attribute__((always_inline)) void fwd_run(const scalar_t* g, const scalar_t* u,
-                                                   scalar_t* h, int64_t n) {
+FASTNN_ALWAYS_INLINE void fwd_run(const scalar_t* g, const scalar_t* u, scalar_t* h, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
     fwd_math<A>(g, u, h, n);
   } else {
@@ -129,9 +128,8 @@ inline __attribute__((always_inline)) void fwd_run(const scalar_t* g, const scal
 }
 
 template <Activation A, typename scalar_t>
-inline __attribute__((always_inline)) void bwd_run(const scalar_t* dh, const scalar_t* g,
-                                                   const scalar_t* u, scalar_t* dg, scalar_t* du,
-                                                   int64_t n) {
+FASTNN_ALWAYS_INLINE void bwd_run(const scalar_t* dh, const scalar_t* g, const scalar_t* u,
+                                  scalar_t* dg, scalar_t* du, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
     bwd_math<A>(dh, g, u, dg, du, n);
   } else {
@@ -148,40 +146,26 @@ inline __attribute__((always_inline)) void bwd_run(const scalar_t* dh, const sca
   }
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define FASTNN_GLU_AVX2 1
-#define FASTNN_AVX2_CLONE __attribute__((target("avx2,fma,f16c")))
 template <Activation A, typename scalar_t>
-FASTNN_AVX2_CLONE void fwd_run_avx2(const scalar_t* g, const scalar_t* u, scalar_t* h, int64_t n) {
+FASTNN_TARGET_AVX2 void fwd_run_avx2(const scalar_t* g, const scalar_t* u, scalar_t* h, int64_t n) {
   fwd_run<A>(g, u, h, n);
 }
 template <Activation A, typename scalar_t>
-FASTNN_AVX2_CLONE void bwd_run_avx2(const scalar_t* dh, const scalar_t* g, const scalar_t* u,
-                                    scalar_t* dg, scalar_t* du, int64_t n) {
+FASTNN_TARGET_AVX2 void bwd_run_avx2(const scalar_t* dh, const scalar_t* g, const scalar_t* u,
+                                     scalar_t* dg, scalar_t* du, int64_t n) {
   bwd_run<A>(dh, g, u, dg, du, n);
 }
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-}
-#endif
-
 template <Activation A, typename scalar_t>
 void fwd_run_dispatch(const scalar_t* g, const scalar_t* u, scalar_t* h, int64_t n) {
-#ifdef FASTNN_GLU_AVX2
-  if (cpu_has_avx2()) return fwd_run_avx2<A>(g, u, h, n);
-#endif
+  if (cpu::has_avx2()) return fwd_run_avx2<A>(g, u, h, n);
   fwd_run<A>(g, u, h, n);
 }
 
 template <Activation A, typename scalar_t>
 void bwd_run_dispatch(const scalar_t* dh, const scalar_t* g, const scalar_t* u, scalar_t* dg,
                       scalar_t* du, int64_t n) {
-#ifdef FASTNN_GLU_AVX2
-  if (cpu_has_avx2()) return bwd_run_avx2<A>(dh, g, u, dg, du, n);
-#endif
+  if (cpu::has_avx2()) return bwd_run_avx2<A>(dh, g, u, dg, du, n);
   bwd_run<A>(dh, g, u, dg, du, n);
 }
 
@@ -239,7 +223,7 @@ at::Tensor glu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up, c10::string
   const Activation act = parse_activation(activation);
   check_pair(gate, up);
   const at::Tensor g = gate.contiguous(), u = up.contiguous();
-  at::Tensor out = at::empty(g.sizes(), g.options());
+  at::Tensor out = cpu::empty_output(g.sizes(), g.options());
   const int64_t n = g.numel();
   if (n == 0) return out;
   launch_fwd(g, 0, u, out, 1, n, n, act);
@@ -252,7 +236,8 @@ std::tuple<at::Tensor, at::Tensor> glu_bwd_cpu(const at::Tensor& grad_out, const
   check_pair(gate, up);
   const at::Tensor g = gate.contiguous(), u = up.contiguous();
   const at::Tensor dh = prepare_grad(grad_out, g, g.sizes());
-  at::Tensor dg = at::empty(g.sizes(), g.options()), du = at::empty(u.sizes(), u.options());
+  at::Tensor dg = cpu::empty_output(g.sizes(), g.options()),
+             du = cpu::empty_output(u.sizes(), u.options());
   const int64_t n = g.numel();
   if (n == 0) return {dg, du};
   launch_bwd(dh, g, 0, u, dg, du, 1, n, n, act);
@@ -263,7 +248,7 @@ at::Tensor glu_packed_fwd_cpu(const at::Tensor& gate_up, c10::string_view activa
   const Activation act = parse_activation(activation);
   check_packed(gate_up);
   const at::Tensor gu = gate_up.contiguous();
-  at::Tensor out = at::empty(packed_out_shape(gu), gu.options());
+  at::Tensor out = cpu::empty_output(packed_out_shape(gu), gu.options());
   const int64_t H = gu.size(-1) / 2, rows = H == 0 ? 0 : out.numel() / H;
   if (out.numel() == 0) return out;
   launch_fwd(gu, H, gu, out, rows, H, 2 * H, act);
@@ -277,7 +262,7 @@ at::Tensor glu_packed_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& gate
   const at::Tensor gu = gate_up.contiguous();
   const auto out_shape = packed_out_shape(gu);
   const at::Tensor dh = prepare_grad(grad_out, gu, out_shape);
-  at::Tensor dgu = at::empty(gu.sizes(), gu.options());
+  at::Tensor dgu = cpu::empty_output(gu.sizes(), gu.options());
   const int64_t H = gu.size(-1) / 2, rows = H == 0 ? 0 : dh.numel() / H;
   if (dh.numel() == 0) return dgu;
   launch_bwd(dh, gu, H, gu, dgu, dgu, rows, H, 2 * H, act);

@@ -19,6 +19,7 @@
 #include <tuple>
 
 #include "fastnn/checks.h"
+#include "fastnn/cpu_alloc.h"
 #include "fastnn/norm_cpu.h"
 
 namespace fastnn::cpu {
@@ -219,8 +220,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
 
   const at::Tensor x = input.contiguous();
   const at::ScalarType acc = acc_type(x.scalar_type());
-  at::Tensor out = at::empty({rows, n}, x.options());
-  at::Tensor residual_out = has(residual) ? at::empty({rows, n}, x.options()) : x.new_empty({0});
+  at::Tensor out = empty_output({rows, n}, x.options());
+  at::Tensor residual_out = has(residual) ? empty_output({rows, n}, x.options()) : x.new_empty({0});
   at::Tensor mean = at::empty({rows}, x.options().dtype(acc));
   at::Tensor rstd = at::empty({rows}, x.options().dtype(acc));
   if (rows == 0) return {out, residual_out, mean, rstd};
@@ -267,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
 
   const at::ScalarType acc = acc_type(x_in.scalar_type());
   const bool with_w = has(weight), with_b = has(bias);
-  at::Tensor dx = at::empty({rows, n}, x_in.options());
+  at::Tensor dx = empty_output({rows, n}, x_in.options());
   if (rows == 0) {
     // Sums over zero rows are zero, as the reference's .sum(0).
     return {dx, with_w ? at::zeros({n}, weight->options()) : x_in.new_empty({0}),

@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "fastnn/checks.h"
+#include "fastnn/cpu_alloc.h"
 #include "fastnn/norm_cpu.h"
 
 namespace fastnn::cpu {
@@ -190,8 +191,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(
 
   const at::Tensor x = input.contiguous();
   const at::ScalarType acc = acc_type(x.scalar_type());
-  at::Tensor out = at::empty({rows, n}, x.options());
-  at::Tensor residual_out = has(residual) ? at::empty({rows, n}, x.options()) : x.new_empty({0});
+  at::Tensor out = empty_output({rows, n}, x.options());
+  at::Tensor residual_out = has(residual) ? empty_output({rows, n}, x.options()) : x.new_empty({0});
   at::Tensor rstd = at::empty({rows}, x.options().dtype(acc));
   if (rows == 0) return {out, residual_out, rstd};
   const at::Tensor res = has(residual) ? residual->contiguous() : at::Tensor();
@@ -233,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out,
 
   const at::ScalarType acc = acc_type(x_in.scalar_type());
   const bool with_w = has(weight);
-  at::Tensor dx = at::empty({rows, n}, x_in.options());
+  at::Tensor dx = empty_output({rows, n}, x_in.options());
   if (rows == 0) {
     // The sum over zero rows is zero, as the reference's dy.sum(0).
     return {dx, with_w ? at::zeros({n}, weight->options()) : x_in.new_empty({0})};

@@ -3,7 +3,8 @@
 //
 // Same plan as csrc/cpu/adam.cpp: one pass, the tensors laid end to end and the concatenated
 // index space split evenly over the threads; tiles of kTile elements, fp16 / bf16 widened to fp32
-// in a tile buffer (fp32 / fp64 used in place), the shared update over 16-byte host vectors.
+// in a tile buffer (fp32 / fp64 used in place), the shared update over 16-byte host vectors
+// (32-byte in the AVX2 clone).
 // Tiles and the thread split: fastnn/cpu_convert.h; argument checks: fastnn/optim_host.h.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -17,6 +18,7 @@
 
 #include "fastnn/checks.h"
 #include "fastnn/cpu_convert.h"
+#include "fastnn/cpu_isa.h"
 #include "fastnn/optim_host.h"
 #include "fastnn/rmsprop_math.h"
 
@@ -30,7 +32,6 @@ constexpr const char* kOp = "rmsprop_step_";
 
 constexpr int64_t kTile = 512;     // five fp32 tile buffers: 10 KB, inside L1
 constexpr int64_t kGrain = 32768;  // below this a second thread costs more than it saves
-constexpr int kVecBytes = 16;
 
 struct RmspropWork {
   void* param;
@@ -45,9 +46,10 @@ struct RmspropWork {
 
 // ---- The update over arrays ---------------------------------------------------------------------
 
-template <bool kL2, bool kCentered, bool kMomentum, typename M>
-void update_arrays(M* __restrict p, M* __restrict g, M* __restrict sq, M* __restrict ga,
-                   M* __restrict buf, int64_t n, const om::RmspropCoeffs<M>& c, bool store_grad) {
+template <int kVecBytes, bool kL2, bool kCentered, bool kMomentum, typename M>
+FASTNN_ALWAYS_INLINE void update_arrays(M* __restrict p, M* __restrict g, M* __restrict sq,
+                                        M* __restrict ga, M* __restrict buf, int64_t n,
+                                        const om::RmspropCoeffs<M>& c, bool store_grad) {
   using V = typename om::host_vec<M, kVecBytes>::type;
   constexpr int64_t kLanes = kVecBytes / sizeof(M);
   int64_t i = 0;
@@ -76,6 +78,22 @@ void update_arrays(M* __restrict p, M* __restrict g, M* __restrict sq, M* __rest
   }
 }
 
+// 16-byte vectors on any x86-64, 32 in the AVX2 clone (no FMA: fastnn/cpu_isa.h).
+template <bool kL2, bool kCentered, bool kMomentum, typename M>
+void update_arrays_base(M* __restrict p, M* __restrict g, M* __restrict sq, M* __restrict ga,
+                        M* __restrict buf, int64_t n, const om::RmspropCoeffs<M>& c,
+                        bool store_grad) {
+  update_arrays<16, kL2, kCentered, kMomentum>(p, g, sq, ga, buf, n, c, store_grad);
+}
+
+template <bool kL2, bool kCentered, bool kMomentum, typename M>
+FASTNN_TARGET_AVX2_NO_FMA void update_arrays_avx2(M* __restrict p, M* __restrict g,
+                                                  M* __restrict sq, M* __restrict ga,
+                                                  M* __restrict buf, int64_t n,
+                                                  const om::RmspropCoeffs<M>& c, bool store_grad) {
+  update_arrays<32, kL2, kCentered, kMomentum>(p, g, sq, ga, buf, n, c, store_grad);
+}
+
 // Elements [lo, hi) of one tensor.
 template <bool kL2, bool kCentered, bool kMomentum, typename M>
 void update_range(const RmspropWork& w, const om::RmspropCoeffs<M>& c, int64_t lo, int64_t hi) {
@@ -89,7 +107,11 @@ void update_range(const RmspropWork& w, const om::RmspropCoeffs<M>& c, int64_t l
     M* sq = load_tile<M>(w.square_avg, st, off, n, sb, kOp);
     M* ga = kCentered ? load_tile<M>(w.grad_avg, st, off, n, ab, kOp) : nullptr;
     M* buf = kMomentum ? load_tile<M>(w.buf, st, off, n, bb, kOp) : nullptr;
-    update_arrays<kL2, kCentered, kMomentum>(p, g, sq, ga, buf, n, c, w.store_grad);
+    if (has_avx2()) {
+      update_arrays_avx2<kL2, kCentered, kMomentum>(p, g, sq, ga, buf, n, c, w.store_grad);
+    } else {
+      update_arrays_base<kL2, kCentered, kMomentum>(p, g, sq, ga, buf, n, c, w.store_grad);
+    }
     if (w.store_grad) store_tile<M>(g, w.grad, pt, off, n, kOp);
     if (w.master) store_tile<M>(p, w.master, at::kFloat, off, n, kOp);
     store_tile<M>(p, w.param, pt, off, n, kOp);

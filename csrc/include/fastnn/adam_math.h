@@ -48,12 +48,19 @@ using f64x4 = host_vec<double, 32>::type;
 // SSE2 is part of x86-64: no target attribute needed.
 FASTNN_OPT_HD f32x4 sqrt_(f32x4 x) { return __builtin_ia32_sqrtps(x); }
 FASTNN_OPT_HD f64x2 sqrt_(f64x2 x) { return __builtin_ia32_sqrtpd(x); }
-// 32-byte vectors are used only inside the AVX2 clones of the CPU kernels, which inline these.
-__attribute__((target("avx"), always_inline)) inline f32x8 sqrt_(f32x8 x) {
-  return __builtin_ia32_sqrtps256(x);
+// 32-byte vectors exist only inside the AVX2 clones of the CPU updates. The instruction is
+// written as inline asm: an AVX builtin would need a target attribute here, and GCC refuses to
+// inline a target("avx") helper into adam_update (no target attribute) before that reaches the
+// clone. vsqrtps / vsqrtpd are the IEEE square root, lane by lane.
+FASTNN_OPT_HD f32x8 sqrt_(f32x8 x) {
+  f32x8 r;
+  asm("vsqrtps %1, %0" : "=x"(r) : "x"(x));
+  return r;
 }
-__attribute__((target("avx"), always_inline)) inline f64x4 sqrt_(f64x4 x) {
-  return __builtin_ia32_sqrtpd256(x);
+FASTNN_OPT_HD f64x4 sqrt_(f64x4 x) {
+  f64x4 r;
+  asm("vsqrtpd %1, %0" : "=x"(r) : "x"(x));
+  return r;
 }
 #else
 // Other hosts: lane by lane (scalar, still exact).

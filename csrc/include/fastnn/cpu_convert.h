@@ -15,7 +15,9 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__)
+#include "fastnn/cpu_isa.h"
+
+#if FASTNN_X86_AVX2
 #include <immintrin.h>  // F16C conversions
 #endif
 
@@ -56,8 +58,8 @@ inline void narrow(const float* __restrict src, c10::BFloat16* __restrict dst, i
 
 // fp16 <-> fp32: c10::Half's conversions are scalar bit manipulation (about 10x slower than the
 // update itself); x86 CPUs since 2012 convert 8 values per instruction (F16C, round to nearest
-// even, as c10 does), chosen at run time.
-#if defined(__x86_64__) && defined(__GNUC__)
+// even, as c10 does), chosen at run time with the AVX2 clones (fastnn/cpu_isa.h).
+#if FASTNN_X86_AVX2
 inline __attribute__((target("avx,f16c"))) void widen_f16c(const c10::Half* src, float* dst,
                                                            int64_t n) {
   int64_t i = 0;
@@ -77,23 +79,18 @@ inline __attribute__((target("avx,f16c"))) void narrow_f16c(const float* src, c1
   }
   for (; i < n; ++i) dst[i] = c10::Half(src[i]);
 }
-
-inline bool has_f16c() {
-  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-  return has;
-}
 #endif
 
 inline void widen(const c10::Half* __restrict src, float* __restrict dst, int64_t n) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (has_f16c()) return widen_f16c(src, dst, n);
+#if FASTNN_X86_AVX2
+  if (has_avx2()) return widen_f16c(src, dst, n);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 inline void narrow(const float* __restrict src, c10::Half* __restrict dst, int64_t n) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (has_f16c()) return narrow_f16c(src, dst, n);
+#if FASTNN_X86_AVX2
+  if (has_avx2()) return narrow_f16c(src, dst, n);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
 }

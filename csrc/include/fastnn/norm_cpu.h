@@ -3,11 +3,8 @@
 // fixed row blocking that makes weight gradients bitwise reproducible.
 //
 // Vectorisation: the row loops below are plain loops over contiguous arrays that GCC / clang
-// vectorise at -O3. The build compiles for the baseline ISA (SSE2 on x86-64), so every kernel is
-// instantiated twice: once for the baseline and once inside a function with
-// __attribute__((target("avx2,fma,f16c"))), picked at run time by has_avx2(). The always-inline
-// row code is then vectorised with 256-bit registers in the AVX2 copy (checked in the
-// disassembly: ymm loads and FMAs in *_avx2, xmm pairs in *_base).
+// vectorise at -O3, instantiated for the baseline ISA and in an AVX2 clone (fastnn/cpu_isa.h;
+// checked in the disassembly: ymm loads and FMAs in *_avx2, xmm pairs in *_base).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,20 +20,10 @@
 #include <vector>
 
 #include "fastnn/checks.h"
+#include "fastnn/cpu_isa.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if FASTNN_X86_AVX2
 #include <immintrin.h>
-#define FASTNN_X86_AVX2 1
-#define FASTNN_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define FASTNN_X86_AVX2 0
-#define FASTNN_TARGET_AVX2
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define FASTNN_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define FASTNN_ALWAYS_INLINE inline
 #endif
 
 namespace fastnn::cpu {
@@ -44,16 +31,6 @@ namespace fastnn::cpu {
 // Accumulation type: fp64 for fp64 tensors, fp32 for everything else.
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-inline bool has_avx2() {
-#if FASTNN_X86_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 // ---- Conversions (exactly c10's rounding: round to nearest even, NaN stays NaN) ---------------
 

@@ -1,0 +1,51 @@
+// Run-time ISA dispatch of the CPU kernels. The extension is compiled for baseline x86-64 (SSE2),
+// so wheels run on any x86-64 CPU; each hot loop is instantiated a second time inside a function
+// with a GCC target attribute and chosen by has_avx2() at run time. The loop bodies are
+// always-inline, so the clone's copy is compiled with 256-bit registers.
+//
+// Two clone targets: FASTNN_TARGET_AVX2 allows FMA (norms, GLU family: accumulations whose
+// tolerance allows contracted a * b + c), FASTNN_TARGET_AVX2_NO_FMA does not (optimizer updates:
+// without FMA instructions the compiler cannot contract, so every lane rounds exactly as torch's
+// for-loop step does).
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTNN_X86_AVX2 1
+#define FASTNN_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define FASTNN_TARGET_AVX2_NO_FMA __attribute__((target("avx2")))
+#else
+#define FASTNN_X86_AVX2 0
+#define FASTNN_TARGET_AVX2
+#define FASTNN_TARGET_AVX2_NO_FMA
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTNN_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FASTNN_ALWAYS_INLINE inline
+#endif
+
+namespace fastnn::cpu {
+
+inline bool env_flag(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
+}
+
+// AVX2, FMA and F16C (x86-64 CPUs since 2013 have all three). FASTNN_CPU_NO_AVX2=1 in the
+// environment (read at the first kernel call) picks the baseline code instead, so that machines
+// with AVX2 can test it (tests/test_cpu_baseline_isa.py).
+inline bool has_avx2() {
+#if FASTNN_X86_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c") && !env_flag("FASTNN_CPU_NO_AVX2");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+}  // namespace fastnn::cpu

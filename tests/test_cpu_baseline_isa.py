@@ -6,7 +6,8 @@ baseline code; a subprocess computes every native CPU op that way on fixed input
 computes the same with the AVX2 clones, and the two must agree: bit for bit for the optimizer
 updates (the same IEEE operations per lane, no FMA in either), within the fp32 / bf16 tolerance
 of the testing guide for the norms and the GLU family (the AVX2 clones contract into FMAs and
-sum in another order). Sizes are odd so that both vector loops and their scalar tails run.
+sum in another order). Sizes are odd so that both vector loops and their scalar tails run. The
+subprocess also sets FASTNN_CPU_NO_HUGE_PAGES=1, the other CPU knob (fastnn/cpu_alloc.h).
 """
 
 import os
@@ -99,7 +100,7 @@ def test_baseline_isa_matches_the_avx2_clones(tmp_path):
     if not (sys.platform == "linux" and os.uname().machine == "x86_64"):
         pytest.skip("the AVX2 clones exist on x86-64 only")
     path = tmp_path / "baseline.pt"
-    env = dict(os.environ, FASTNN_CPU_NO_AVX2="1")
+    env = dict(os.environ, FASTNN_CPU_NO_AVX2="1", FASTNN_CPU_NO_HUGE_PAGES="1")
     subprocess.run(
         [sys.executable, __file__, str(path)], env=env, check=True, timeout=300,
         cwd=os.path.dirname(__file__),

@@ -6,13 +6,18 @@
 // `madvise`): filling a fresh 64 MB tensor took 26 ms (median of 15) against 3.9 ms for one already
 // touched, and 6.1 ms once its 2 MB-aligned interior was advised MADV_HUGEPAGE, which is what
 // torch's THP_MEM_ALLOC_ENABLE=1 does for every CPU allocation. The advice changes no data; where
-// THP is `never` or the OS is not Linux it does nothing.
+// THP is `never` or the OS is not Linux it does nothing. FASTNN_CPU_NO_HUGE_PAGES=1 turns it off:
+// in a VM that reports free 2 MB blocks to its host (virtio-balloon free page reporting, as on
+// the dev VM), a huge page freed for a second or more comes back only through the host's page
+// faults, and a [4096, 4096] fp32 SwiGLU fwd+bwd round then took 40-460 ms instead of 40 ms.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
 #include <cstdint>
+
+#include "fastnn/cpu_isa.h"  // env_flag
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -23,6 +28,8 @@ namespace fastnn::cpu {
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor out = at::empty(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool advise = !env_flag("FASTNN_CPU_NO_HUGE_PAGES");
+  if (!advise) return out;
   constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
   const uintptr_t lo = (begin + kHugePage - 1) & ~(kHugePage - 1);

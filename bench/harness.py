@@ -10,7 +10,8 @@
   On the CPU (and in the smoke run) every implementation of one case is timed in alternating
   rounds when that case's first test runs (`run_case`), and each test then reports its own rounds
   to pytest-benchmark: a burst of load on the 2 shared cores slows every implementation of the
-  case alike instead of whichever happened to run then, so the ratios of medians hold.
+  case alike instead of whichever happened to run then, so the ratios of medians hold. On the
+  CPU each round follows one untimed call of the same implementation (steady state).
 - Bytes: every entry records `bytes` (the fixed formula of shared/performance.md, computed by the
   test) in extra_info, with op / mode / impl / dtype / shape, so report.py derives GB/s.
 - Budget: FASTNN_BENCH_BUDGET_S (seconds from session start) skips the cases that would start
@@ -32,10 +33,10 @@ _profile = DEVICE  # set to "smoke" by conftest.py under --benchmark-disable
 _session_start = time.monotonic()
 
 # Rounds of `iterations` calls each, after warm-up rounds. On a GPU 10 x 10 calls of 0.1-1 ms keep
-# an entry near 50 ms; on the CPU single calls of a few ms, 7 rounds after 2 warm-ups (the first
-# touches of fresh memory in the dev VM cost up to 10x a round), the median of which is what the
-# report shows (the 2 shared cores are noisy: compare only entries from one run).
-ROUNDS = {"cuda": (3, 10, 10), "cpu": (2, 7, 1), "smoke": (0, 1, 1)}  # (warmup, rounds, iters)
+# an entry near 50 ms; on the CPU single calls of a few ms, 7 rounds after a warm-up, each behind
+# an untimed call (time_interleaved's `primed`), the median of which is what the report shows
+# (the 2 shared cores are noisy: compare only entries from one run).
+ROUNDS = {"cuda": (3, 10, 10), "cpu": (1, 7, 1), "smoke": (0, 1, 1)}  # (warmup, rounds, iters)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -192,13 +193,17 @@ class ReplayTimer:
 _interleaved = {}  # case key -> {impl: round seconds, or the exception its setup or call raised}
 
 
-def time_interleaved(builds, timing):
+def time_interleaved(builds, timing, primed=False):
     """Wall-clock rounds of every implementation of one case, alternating between them.
 
     builds: {impl: setup()} where setup() returns (fn, nbytes, info) or raises (a pytest.skip
     included). Round r runs the implementations in turn starting from the r-th, so none always
-    follows the same one; warm-up rounds likewise. Returns {impl: (rounds, nbytes, info)} or
-    {impl: exception}: one implementation failing does not stop the others.
+    follows the same one; warm-up rounds likewise. primed: each round follows one untimed call
+    of the same implementation, so it measures the steady state of back-to-back calls, as in a
+    training loop, whatever ran in between (in the dev VM, memory a call freed a second earlier
+    may have gone back to the host and costs host page faults: 40-460 ms rounds of a 40 ms
+    case). Returns {impl: (rounds, nbytes, info)} or {impl: exception}: one implementation
+    failing does not stop the others.
     """
     warmup, rounds, iterations = timing
     results, cases = {}, {}
@@ -213,6 +218,8 @@ def time_interleaved(builds, timing):
         for impl in live[r % len(live) :] + live[: r % len(live)] if live else []:
             fn = cases[impl][0]
             try:
+                if primed:
+                    fn()
                 begin = time.perf_counter()
                 for _ in range(iterations):
                     fn()
@@ -243,7 +250,9 @@ def run_case(benchmark, impl, impls, setup, *, case, timing=None):
     if case not in _interleaved:
         names = [getattr(i, "values", (i,))[0] for i in impls]  # pytest.param entries too
         _interleaved[case] = time_interleaved(
-            {name: (lambda name=name: setup(name)) for name in names}, timing
+            {name: (lambda name=name: setup(name)) for name in names},
+            timing,
+            primed=profile() == "cpu",
         )
     result = _interleaved[case][impl]
     if isinstance(result, BaseException):

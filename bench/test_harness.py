@@ -111,6 +111,19 @@ def test_interleaved_rounds_alternate_and_failures_stay_with_their_impl(monkeypa
     assert isinstance(results["fails"], RuntimeError)
 
 
+def test_primed_rounds_follow_an_untimed_call(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    def fn():
+        calls.append(clock[0])
+        clock[0] += 1.0 if len(calls) % 2 else 0.25  # the untimed call is the slow one
+
+    results = harness.time_interleaved({"a": lambda: (fn, 1, {})}, timing=(0, 3, 1), primed=True)
+    assert len(calls) == 6 and results["a"][0] == [0.25, 0.25, 0.25]
+
+
 def test_replay_timer_gives_pytest_benchmark_the_measured_rounds():
     timer = harness.ReplayTimer([0.5, 0.25])
     start = timer()

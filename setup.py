@@ -192,8 +192,8 @@ def _extensions():
     if with_cuda:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").rglob("*.cu"))
     define_macros = [("Py_LIMITED_API", "0x030A0000")]  # one wheel for every CPython >= 3.10
-    # -Wno-psabi: the CPU optimizer math passes 32-byte GCC vectors between always-inline helpers
-    # (inlined into AVX2 clones), which GCC flags as an ABI change that no call ever makes.
+    # -Wno-psabi: the CPU kernels pass 32-byte GCC vectors between always-inline helpers (inlined
+    # into AVX2 clones), which GCC flags as an ABI change that no call ever makes.
     cxx = ["-O3", "-fopenmp", "-Wno-psabi", f"-DFASTNN_WITH_CUDA={int(with_cuda)}"]
     nvcc = ["-O3", "-lineinfo", "-DFASTNN_WITH_CUDA=1"]
     include_dirs = [str(ROOT / "csrc" / "include")]

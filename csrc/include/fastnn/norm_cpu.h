@@ -129,13 +129,8 @@ FASTNN_ALWAYS_INLINE A* out_row(T* dst, A* buf) {
 // accumulators (32 fp32 lanes) hide the add latency without -ffast-math. Lanes are combined per
 // 1024-element chunk and chunks summed in order, which keeps each partial sum short (32 terms per
 // lane): at N = 262144 the fp32 error stays near 1e-7 relative instead of growing with N. The
-// order depends only on n: bitwise reproducible.
-// The vectors never cross a call boundary (everything here is always-inline), so GCC's note that
-// passing them by value changes the ABI without AVX does not apply (to the kernels that include
-// this header either: the ignore stays on for the rest of their translation unit).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
+// order depends only on n: bitwise reproducible. The vectors never cross a call boundary
+// (everything here is always-inline), so GCC's -Wpsabi note is off for the build (setup.py).
 
 template <typename A>
 struct Vec32;  // (an attribute on a dependent type would be ignored: one specialisation each)

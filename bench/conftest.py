@@ -97,6 +97,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "device": harness.DEVICE,
         "device_name": harness.device_name(),
         "profile": harness.profile(),
+        "timing": harness.TIMING[harness.profile()],
         "torch": torch.__version__,
         "triton": _version("triton", "triton"),
         "liger_kernel": _version("liger_kernel", "liger-kernel"),

@@ -2,7 +2,8 @@
 
     python -m bench.report RESULTS/benchmark.json [--out RESULTS]
 
-Writes RESULTS/report.md: per op and mode a table of every measured case (median time, GB/s by
+Writes RESULTS/report.md: the issues' speed targets checked against the run (bench/targets.py),
+per op and mode a table of every measured case (median time, GB/s by
 the fixed byte formula each entry records, % of the copy bandwidth measured in the same run, and
 speedups against eager torch and torch.compile), the skipped cases with their reasons; and
 RESULTS/<op>.png: GB/s against N per implementation (one panel per mode), the measured copy
@@ -13,6 +14,8 @@ import argparse
 import collections
 import json
 import os
+
+from bench import targets
 
 BASELINES = ("eager", "compile")
 IMPL_ORDER = (
@@ -199,11 +202,15 @@ def header(data, rows, copy):
             f"- measured copy bandwidth: **{copy:,.0f} GB/s** (`dst.copy_(src)`, "
             f"{c['shape'][0]:,} fp32 elements, bytes read + written; median of {c['rounds']} rounds)"
         )
-    if fx.get("device") == "cuda":
-        timer = "CUDA events around each round, started behind a GPU sleep"
-    else:
-        timer = ("wall clock, the implementations of each case timed in alternating rounds (a "
-                 "burst of load slows them alike)")  # fmt: skip
+    # Runs say how they were timed (harness.TIMING); older JSON files did not.
+    timer = fx.get("timing")
+    if timer is None and fx.get("device") == "cuda":
+        timer = "CUDA events around each round"
+    elif timer is None:
+        interleaved = any(r.get("interleaved") for r in rows)
+        timer = "wall clock" + (
+            ", the implementations of each case in alternating rounds" * interleaved
+        )
     lines += [
         f"- timing: {timer}; a round is one or more back-to-back calls, the table shows the "
         "median round divided by its calls",
@@ -297,6 +304,7 @@ def write_report(json_path, out_dir):
         )
         lines.append("")
     lines += summary_table(rows, copy)
+    lines += targets.lines(rows, copy, data.get("machine_info", {}).get("fastnn", {}).get("device"))
     lines += op_tables(rows, copy)
     lines += skipped_lines(data)
     path = os.path.join(out_dir, "report.md")

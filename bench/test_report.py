@@ -60,3 +60,40 @@ def test_report_without_copy(tmp_path):
     path = _write(tmp_path, [_bench("swiglu", "bwd", "eager", 2e-6, 1000, [1, 100], "fp32")])
     text = (tmp_path / report.write_report(str(path), str(tmp_path))).read_text()
     assert "| fp32 | [1, 100] | eager | 2.0 | 0.50 | - | 1.00x | - |" in text
+
+
+def test_targets_section(tmp_path):
+    square = [4096, 4096]
+    benchmarks = [
+        _bench("rms_norm", "fwd", "eager", 3e-3, 10**9, square, "fp32"),
+        _bench("rms_norm", "fwd", "fastnn-native", 1e-3, 10**9, square, "fp32"),  # 3x: holds
+        _bench("layer_norm", "fwd", "eager", 1e-3, 10**9, square, "fp32"),
+        _bench("layer_norm", "fwd", "fastnn-native", 1.25e-3, 10**9, square, "fp32"),  # 0.8x
+    ]
+    path = _write(tmp_path, benchmarks)
+    data = json.loads(path.read_text())
+    data["machine_info"]["fastnn"]["device"] = "cpu"
+    path.write_text(json.dumps(data))
+    text = (tmp_path / report.write_report(str(path), str(tmp_path))).read_text()
+    assert "| RMSNorm fwd [4096, 4096] fp32: >= 2x F.rms_norm | 3.00x | yes |" in text
+    assert "| LayerNorm fwd [4096, 4096] fp32: >= F.layer_norm | 0.80x | **no** |" in text
+    # No entries for it in this run: said, not passed.
+    assert "| SwiGLU fwd [4096, 4096] fp32: >= 1.4x F.silu(g) * u | - | not measured |" in text
+
+
+def test_gpu_targets_take_the_worst_target_shape(tmp_path):
+    rows = [
+        _bench("copy", "copy", "torch", 1e-3, 3_000_000_000, [2**28], "fp32"),  # 3000 GB/s
+        # 2,850 and 2,400 GB/s at the target rows; 300 GB/s at N = 512 is outside 1K-64K.
+        _bench("rms_norm", "fwd", "fastnn-native", 1e-3, 2_850_000_000, [32768, 1024]),
+        _bench("rms_norm", "fwd", "fastnn-native", 1e-3, 2_400_000_000, [32768, 65536]),
+        _bench("rms_norm", "fwd", "fastnn-native", 1e-3, 300_000_000, [131072, 512]),
+        _bench("rms_norm", "fwd", "compile", 2e-3, 2_850_000_000, [32768, 1024]),
+        _bench("rms_norm", "bwd", "fastnn-native", 2e-3, 2_850_000_000, [32768, 1024]),
+        _bench("rms_norm", "bwd", "compile", 1e-3, 2_850_000_000, [32768, 1024]),
+    ]
+    text = (tmp_path / report.write_report(str(_write(tmp_path, rows)), str(tmp_path))).read_text()
+    assert "| RMSNorm fwd bf16, N 1K-64K at 32K rows: >= 90% of copy | 80% at worst " in text
+    assert "(fwd [32768, 65536]) | **no** |" in text
+    assert "| RMSNorm bwd bf16, N 1K-64K at 32K rows: >= 80% of copy | 48% at worst" in text
+    assert "| RMSNorm bf16: faster than torch.compile at every N | 0.50x at worst (bwd " in text

@@ -148,4 +148,6 @@ echo "- total: $((SECONDS - start)) s" >>"$summary"
 
 pack
 cat "$summary"
+# The targets table last: where only the tail of the output comes back, it is what one reads.
+[ -f "$out/report.md" ] && awk '/^## Targets/ {p = 1} /^## / && !/^## Targets/ {p = 0} p' "$out/report.md"
 [ $test_rc -eq 0 ] && [ $bench_rc -eq 0 ]

@@ -130,3 +130,35 @@ def test_replay_timer_gives_pytest_benchmark_the_measured_rounds():
     first = timer() - start
     start = timer()
     assert (first, timer() - start) == (0.5, 0.25)
+
+
+def test_gpu_path_times_each_test_alone_and_skips_out_of_memory(monkeypatch):
+    monkeypatch.setattr(harness, "DEVICE", "cuda")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    ran = []
+    monkeypatch.setattr(harness, "run", lambda benchmark, fn, **kw: ran.append((fn, kw)))
+
+    def setup(impl):
+        if impl == "big":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return (lambda: None), 123, {"impl": impl}
+
+    harness.run_case(None, "small", ["small", "big"], setup, case=("gpu", 1), timing=(0, 1, 1))
+    assert len(ran) == 1 and ran[0][1]["nbytes"] == 123  # only this test's implementation
+    with pytest.raises(pytest.skip.Exception, match="big ran out of GPU memory"):
+        harness.run_case(None, "big", ["small", "big"], setup, case=("gpu", 1))
+
+
+def test_big_gpu_cases_take_fewer_calls_per_round(monkeypatch):
+    monkeypatch.setattr(harness, "DEVICE", "cuda")
+    monkeypatch.setattr(harness, "CudaEventTimer", lambda: None)
+
+    class Bench:
+        extra_info = {}
+
+        def pedantic(self, fn, rounds, warmup_rounds, iterations):
+            return iterations
+
+    assert harness.run(Bench(), None, nbytes=10**9, info={}, timing=(3, 10, 10)) == 10
+    assert harness.run(Bench(), None, nbytes=8 * 10**9, info={}, timing=(3, 10, 10)) == 4
+    assert harness.run(Bench(), None, nbytes=10**11, info={}, timing=(3, 10, 10)) == 1

@@ -25,11 +25,16 @@
 
 namespace fastnn::cpu {
 
+// glibc serves an allocation from a fresh mmap for certain only at 32 MB and up (the most its
+// dynamic mmap threshold rises to); smaller ones may come from the heap, already faulted in and
+// reused, where the advice would only invite khugepaged to copy pages in the background.
+constexpr size_t kFreshMapBytes = size_t{32} << 20;
+
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor out = at::empty(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   static const bool advise = !env_flag("FASTNN_CPU_NO_HUGE_PAGES");
-  if (!advise) return out;
+  if (!advise || out.nbytes() < kFreshMapBytes) return out;
   constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
   const uintptr_t lo = (begin + kHugePage - 1) & ~(kHugePage - 1);

@@ -36,7 +36,7 @@ _session_start = time.monotonic()
 # an entry near 50 ms; on the CPU single calls of a few ms, 7 rounds after a warm-up, each behind
 # an untimed call (time_interleaved's `primed`), the median of which is what the report shows
 # (the 2 shared cores are noisy: compare only entries from one run).
-ROUNDS = {"cuda": (3, 10, 10), "cpu": (1, 7, 1), "smoke": (0, 1, 1)}
+ROUNDS = {"cuda": (3, 10, 10), "cpu": (1, 7, 1), "smoke": (0, 1, 1)}  # (warmup, rounds, iters)
 # What the report's header says of the method (bench/conftest.py records it with the run).
 TIMING = {
     "cuda": "CUDA events around each round, started behind a GPU sleep longer than the host's "
@@ -45,7 +45,7 @@ TIMING = {
     "after an untimed call of the same implementation",
     "smoke": "none (smoke run)",
 }
-GPU_BYTES_PER_ROUND = 32e9  # about 10 ms at 3 TB/s: calls per GPU round, at most ROUNDS' count  # (warmup, rounds, iters)
+GPU_BYTES_PER_ROUND = 32e9  # about 10 ms at 3 TB/s: calls per GPU round, at most ROUNDS' count
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}

@@ -206,11 +206,10 @@ def header(data, rows, copy):
     timer = fx.get("timing")
     if timer is None and fx.get("device") == "cuda":
         timer = "CUDA events around each round"
+    elif timer is None and any(r.get("interleaved") for r in rows):
+        timer = "wall clock, the implementations of each case in alternating rounds"
     elif timer is None:
-        interleaved = any(r.get("interleaved") for r in rows)
-        timer = "wall clock" + (
-            ", the implementations of each case in alternating rounds" * interleaved
-        )
+        timer = "wall clock"
     lines += [
         f"- timing: {timer}; a round is one or more back-to-back calls, the table shows the "
         "median round divided by its calls",

@@ -1,8 +1,8 @@
 """RMSNorm and LayerNorm on a CUDA device: the native CUDA kernels and the compiled Triton
 kernels against the fp64 reference in fp32 / fp16 / bf16 (fp64 on native), across every kernel
 tier (register-resident rows, shared-memory staged rows, rows re-read from global memory, the
-scalar fallback for misaligned pointers and N not a multiple of the vector width), N up to
-262144, a tensor over 2^31 elements, bitwise reproducible dW / dB, mixed parameter dtypes, zero
+backward column tier, the scalar fallback for misaligned pointers and N not a multiple of the
+vector width), N up to 262144, a tensor over 2^31 elements, bitwise reproducible dW / dB, mixed parameter dtypes, zero
 rows and opcheck. Skipped without CUDA; the CPU and interpreter cases are in test_rms_norm.py and
 test_layer_norm.py."""
 
@@ -23,9 +23,10 @@ FAMILY = {"rms": "rms_norm", "ln": "layer_norm"}
 
 # N chosen to hit each tier: 7 and 1001 (scalar fallback: N % 8 != 0), 256 (one warp per row,
 # several rows per block), 4096 and 8192 (register rows), 16384 (last register size of the
-# 16-bit LayerNorm forward), 24576 (staged in shared memory; backward staged above 8K), 65536
-# (register forward for bf16 RMSNorm is over: staged), 70000 (scalar, staged in global memory),
-# 262144 (bf16 rows of 512 KB: larger than shared memory, re-read from global memory / L2).
+# 16-bit LayerNorm forward; backward column tier above 8K), 24576 (forward staged in shared memory
+# for LayerNorm, registers for RMSNorm), 65536 (bf16 RMSNorm forward staged), 70000 (scalar,
+# rows in global memory), 262144 (bf16 rows of 512 KB: larger than shared memory, re-read from
+# global memory / L2).
 SHAPES = [
     (33, 7),
     (5, 1001),

@@ -597,7 +597,8 @@ def test_fused_protocol_leaves_grads_unscaled(backend, cls, dtype, device):
     if cls == "RMSprop":
         return  # torch has no fused RMSprop to compare with
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in base]
-    theirs[0] = torch.nn.Parameter(base[0].t().clone())
+    # contiguous: torch's fused CUDA kernel needs a param and its grad in one layout.
+    theirs[0] = torch.nn.Parameter(base[0].t().contiguous())
     fused = getattr(torch.optim, cls)(theirs, lr=0.01, weight_decay=0.1, maximize=True, fused=True)
     for p, g in zip(theirs, scaled, strict=True):
         p.grad = g.clone()

@@ -8,12 +8,13 @@
 // The variance is the mean of squared deviations from the mean, computed over the row already in
 // registers (or shared memory): as stable as the two-pass reference.
 //
-// The same four tiers and kernel layout as csrc/cuda/rms_norm.cu (read that file's header):
-// register-resident rows (fwd up to 16K elements, bwd up to 1024 vectors), staged rows beyond
-// and for the scalar fallback (misaligned, N % VEC != 0, fp64), persistent backward grids with
-// fp32 partial rows of dW and dB, and fixed-order column sums: bitwise reproducible dW / dB.
-// The backward register tier stops at 1024 vectors (8K bf16 / 4K fp32) because it keeps two
-// accumulators (dW and dB) per element, twice the registers of RMSNorm's.
+// The same tiers and kernel layout as csrc/cuda/rms_norm.cu (read that file's header):
+// register-resident rows (fwd up to 16K elements, bwd up to 1024 vectors), staged forward rows
+// beyond and for the scalar fallback (misaligned, N % VEC != 0, fp64), the backward column tier
+// (row-dot kernel, then column blocks summing dW / dB in registers) for longer rows, persistent
+// backward grids with fp32 partial rows of dW and dB, and fixed-order column sums: bitwise
+// reproducible dW / dB. The backward register tier stops at 1024 vectors (8K bf16 / 4K fp32)
+// because it keeps two accumulators (dW and dB) per element, twice the registers of RMSNorm's.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -303,28 +304,21 @@ __global__ void __launch_bounds__(512) ln_bwd_reg_kernel(BwdArgs<T, W> a) {
   }
 }
 
-// Persistent, any N: x and dy staged in shared memory (SMEM) or re-read from global memory; dW
-// and dB accumulated in this row group's partial rows, each thread on its own columns.
-template <typename T, typename W, int VEC, bool SMEM>
-__global__ void __launch_bounds__(1024) ln_bwd_staged_kernel(BwdArgs<T, W> a) {
+// Scalar fallback (misaligned pointers, N % VEC != 0, fp64), any N, persistent: two passes over
+// each row from global memory, dW and dB accumulated in this row group's partial rows (each
+// thread on its own columns, so consecutive threads touch consecutive floats).
+template <typename T, typename W>
+__global__ void __launch_bounds__(1024) ln_bwd_scalar_kernel(BwdArgs<T, W> a) {
   using A = acc_t<T>;
   __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int64_t nvec = a.n / VEC;
-  Vec<T, VEC>* sx = reinterpret_cast<Vec<T, VEC>*>(smem) + threadIdx.y * (SMEM ? 2 * nvec : 0);
-  Vec<T, VEC>* sdy = sx + (SMEM ? nvec : 0);
   const A inv_n = A(1) / static_cast<A>(a.n);
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t groups = static_cast<int64_t>(gridDim.x) * blockDim.y;
   A* pw = a.part_w != nullptr ? a.part_w + group * a.n : nullptr;
   A* pb = a.part_b != nullptr ? a.part_b + group * a.n : nullptr;
-  // Zeroed in the layout the updates below use: each thread its own columns.
-  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      if (pw != nullptr) pw[k * VEC + j] = 0;
-      if (pb != nullptr) pb[k * VEC + j] = 0;
-    }
+  for (int64_t k = threadIdx.x; k < a.n; k += blockDim.x) {
+    if (pw != nullptr) pw[k] = 0;
+    if (pb != nullptr) pb[k] = 0;
   }
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < a.rows;
        base += groups) {
@@ -334,34 +328,85 @@ __global__ void __launch_bounds__(1024) ln_bwd_staged_kernel(BwdArgs<T, W> a) {
     const A mean = valid ? a.mean[row] : A(0);
     const A rstd = valid ? a.rstd[row] : A(0);
     A gx = 0, g_sum = 0;
-    if (valid) {
-      for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
-        const Vec<T, VEC> x = load_vec<T, VEC>(a.x + off + k * VEC);
-        const Vec<T, VEC> dy = load_vec<T, VEC>(a.dy + off + k * VEC);
-        if constexpr (SMEM) {
-          sx[k] = x;
-          sdy[k] = dy;
-        }
-        dots<T, W, VEC>(a, k * VEC, x, dy, mean, rstd, gx, g_sum);
-      }
-    }
+    if (valid)
+      for (int64_t k = threadIdx.x; k < a.n; k += blockDim.x)
+        dots<T, W, 1>(a, k, load_vec<T, 1>(a.x + off + k), load_vec<T, 1>(a.dy + off + k), mean,
+                      rstd, gx, g_sum);
     const A mean_gx = row_sum(gx, scratch) * inv_n;
     const A mean_g = row_sum(g_sum, scratch) * inv_n;
     if (!valid) continue;  // the next iteration's barriers are still reached
-    for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
-      const Vec<T, VEC> x = SMEM ? sx[k] : load_vec<T, VEC>(a.x + off + k * VEC);
-      const Vec<T, VEC> dy = SMEM ? sdy[k] : load_vec<T, VEC>(a.dy + off + k * VEC);
-      A dw[VEC], db[VEC];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) dw[j] = db[j] = 0;
-      store_dx<T, W, VEC>(a, off + k * VEC, k * VEC, x, dy, mean, rstd, mean_gx, mean_g, dw, db);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        if (pw != nullptr) pw[k * VEC + j] += dw[j];
-        if (pb != nullptr) pb[k * VEC + j] += db[j];
-      }
+    for (int64_t k = threadIdx.x; k < a.n; k += blockDim.x) {
+      A dw[1] = {0}, db[1] = {0};
+      store_dx<T, W, 1>(a, off + k, k, load_vec<T, 1>(a.x + off + k),
+                        load_vec<T, 1>(a.dy + off + k), mean, rstd, mean_gx, mean_g, dw, db);
+      if (pw != nullptr) pw[k] += dw[0];
+      if (pb != nullptr) pb[k] += db[0];
     }
   }
+}
+
+// Long rows, kernel 1 of 2: row_means[row] = mean over the row of g * xhat, and
+// row_means[rows + row] = mean of g; one block per row.
+template <typename T, typename W, int VEC>
+__global__ void __launch_bounds__(kRowDotThreads)
+    ln_bwd_rowdot_kernel(BwdArgs<T, W> a, acc_t<T>* row_means) {
+  using A = acc_t<T>;
+  __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
+  const int64_t row = blockIdx.x;
+  const int64_t off = row * a.n, nvec = a.n / VEC;
+  const A mean = a.mean[row], rstd = a.rstd[row];
+  A gx = 0, g_sum = 0;
+#pragma unroll 4
+  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x)
+    dots<T, W, VEC>(a, k * VEC, load_vec<T, VEC>(a.x + off + k * VEC),
+                    load_vec<T, VEC>(a.dy + off + k * VEC), mean, rstd, gx, g_sum);
+  gx = row_sum(gx, scratch);
+  g_sum = row_sum(g_sum, scratch);
+  if (threadIdx.x == 0) {
+    row_means[row] = gx / static_cast<A>(a.n);
+    row_means[a.rows + row] = g_sum / static_cast<A>(a.n);
+  }
+}
+
+// Long rows, kernel 2 of 2: block (j, g) owns column block j (one vector per thread) of rows
+// g, g + G, ... (G = gridDim.y): dx, and dW / dB of those rows summed in registers into partial
+// row g. kColRows rows are loaded before any is used, so that many loads are in flight per thread.
+template <typename T, typename W, int VEC>
+__global__ void __launch_bounds__(kColThreads)
+    ln_bwd_cols_kernel(BwdArgs<T, W> a, const acc_t<T>* row_means) {
+  using A = acc_t<T>;
+  const int64_t col = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (col >= a.n) return;  // no barriers in this kernel
+  const int64_t groups = gridDim.y;
+  A dw[VEC], db[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) dw[j] = db[j] = 0;
+  for (int64_t base = blockIdx.y; base < a.rows; base += kColRows * groups) {
+    Vec<T, VEC> x[kColRows], dy[kColRows];
+#pragma unroll
+    for (int r = 0; r < kColRows; ++r) {
+      const int64_t row = base + r * groups;
+      if (row < a.rows) {
+        x[r] = load_vec<T, VEC>(a.x + row * a.n + col);
+        dy[r] = load_vec<T, VEC>(a.dy + row * a.n + col);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kColRows; ++r) {
+      const int64_t row = base + r * groups;
+      if (row < a.rows)
+        store_dx<T, W, VEC>(a, row * a.n + col, col, x[r], dy[r], a.mean[row], a.rstd[row],
+                            row_means[row], row_means[a.rows + row], dw, db);
+    }
+  }
+  Vec<A, VEC> pw, pb;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    pw.v[j] = dw[j];
+    pb.v[j] = db[j];
+  }
+  if (a.part_w != nullptr) store_vec(a.part_w + blockIdx.y * a.n + col, pw);
+  if (a.part_b != nullptr) store_vec(a.part_b + blockIdx.y * a.n + col, pb);
 }
 
 // ---- Launchers ----------------------------------------------------------------------------------
@@ -409,8 +454,12 @@ void launch_fwd(const FwdArgs<T, W>& a, int device, cudaStream_t stream) {
 
 // Runs the backward kernel for `a` (partials unset); returns the number of partial rows and
 // calls alloc_part(P, a) first to set the [P, n] partial buffers.
-template <typename T, typename W, typename Alloc>
-int64_t launch_bwd(BwdArgs<T, W> a, Alloc alloc_part, int device, cudaStream_t stream) {
+// Runs the backward kernels for `a` (partials unset); returns the number of partial rows and
+// calls alloc_part(P, a) first to set the [P, n] partial buffers, and alloc_rows() for a
+// [2, rows] fp32 (fp64) scratch of the column tier.
+template <typename T, typename W, typename Alloc, typename AllocRows>
+int64_t launch_bwd(BwdArgs<T, W> a, Alloc alloc_part, AllocRows alloc_rows, int device,
+                   cudaStream_t stream) {
   constexpr int kVec = vec_width<T>();
   if constexpr (kVec > 1) {
     if (vectorizable<T, W>(a.n, {a.x, a.dy, a.dres, a.dx}, a.w)) {
@@ -426,27 +475,20 @@ int64_t launch_bwd(BwdArgs<T, W> a, Alloc alloc_part, int device, cudaStream_t s
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return grid * block.y;
       }
-      const size_t bytes = 2 * static_cast<size_t>(a.n) * sizeof(T);
-      const dim3 block(1024, 1);
-      if (bytes + kSmemReserve <= static_cast<size_t>(max_shared_memory(device))) {
-        auto kernel = ln_bwd_staged_kernel<T, W, kVec, true>;
-        allow_smem(kernel, bytes);
-        const int64_t grid = persistent_grid(kernel, block, bytes, a.rows, device);
-        alloc_part(grid, a);
-        kernel<<<grid_size(grid), block, bytes, stream>>>(a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return grid;
-      }
-      auto kernel = ln_bwd_staged_kernel<T, W, kVec, false>;
-      const int64_t grid = persistent_grid(kernel, block, 0, a.rows, device);
-      alloc_part(grid, a);
-      kernel<<<grid_size(grid), block, 0, stream>>>(a);
+      acc_t<T>* row_means = alloc_rows();
+      ln_bwd_rowdot_kernel<T, W, kVec>
+          <<<grid_size(a.rows), kRowDotThreads, 0, stream>>>(a, row_means);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return grid;
+      auto kernel = ln_bwd_cols_kernel<T, W, kVec>;
+      const dim3 grid = cols_grid(kernel, nvec, a.rows, device);
+      alloc_part(grid.y, a);
+      kernel<<<grid, kColThreads, 0, stream>>>(a, row_means);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return grid.y;
     }
   }
   const dim3 block = row_block(a.n, 4, 1024);
-  auto kernel = ln_bwd_staged_kernel<T, W, 1, false>;
+  auto kernel = ln_bwd_scalar_kernel<T, W>;
   const int64_t grid = persistent_grid(kernel, block, 0, a.rows, device);
   alloc_part(grid * block.y, a);
   kernel<<<grid_size(grid), block, 0, stream>>>(a);
@@ -562,7 +604,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
   const at::Tensor mean = mean_in.to(acc).contiguous(), rstd = rstd_in.to(acc).contiguous();
   // Only the weight is read by the kernels (the bias does not enter dx).
   const at::Tensor w = weight_for_kernel(weight, type);
-  at::Tensor part;
+  at::Tensor part, row_scratch;
   const int device = x_in.get_device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   int64_t parts = 0;
@@ -590,7 +632,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
                                           nullptr,
                                           rows,
                                           n};
-          parts = launch_bwd(args, alloc_part, device, stream);
+          auto alloc_rows = [&]() -> A* {
+            row_scratch = at::empty({2, rows}, x.options().dtype(acc));
+            return row_scratch.mutable_data_ptr<A>();
+          };
+          parts = launch_bwd(args, alloc_part, alloc_rows, device, stream);
         };
         if (w.defined() && w.scalar_type() == type)
           run(w.const_data_ptr<scalar_t>());

@@ -11,16 +11,20 @@
 //
 // Kernels (VEC = 16 bytes of T per access; a "row group" is blockDim.x threads on one row):
 //   fwd reg:     the row's vectors held in registers between the sum of squares and the scaling,
-//                N <= 4096 vectors (32K bf16 / 16K fp32): one read of x, one write of y.
+//                about 4 vectors per thread in blocks of at most 512 threads, N <= 4096 vectors
+//                (32K bf16 / 16K fp32): one read of x, one write of y.
 //   fwd staged:  longer rows, or the scalar fallback (misaligned pointers, N % VEC != 0, fp64):
 //                the row staged in dynamic shared memory when it fits (227 KB on an H100: 113K
 //                bf16), else the second pass re-reads it from global memory (mostly L2 hits).
 //   bwd reg:     persistent grid (blocks resident on every SM); each row group accumulates dW for
 //                its rows in fp32 registers and writes one partial row; N <= 8K bf16 / fp16,
 //                N <= 8K fp32 (at most 512 threads x 2 or 4 vectors: no register spills).
-//   bwd staged:  persistent grid for longer rows / the scalar fallback: x and dy staged in shared
-//                memory when they fit, dW accumulated in the row group's own partial row in
-//                global memory (each thread updates only its own columns: no races).
+//   bwd cols:    longer rows: a row-dot kernel (mean(g * xhat) per row), then a [column block,
+//                row group] grid whose threads own one vector of columns each and sum its dW
+//                over their rows in registers (x and dy are read twice: the row is too long to
+//                keep between its reduction and dx).
+//   bwd scalar:  the scalar fallback, persistent, dW in the row group's own partial row in global
+//                memory (each thread updates only its own columns: no races).
 //   column_sum:  dW = fixed-order sum of the partial rows: the same bits on every run.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -44,6 +48,15 @@
 
 namespace fastnn::cuda {
 namespace {
+
+// Forward register tier: about kFwdItems 16-byte vectors of the row per thread (32 bf16 / 16 fp32
+// elements), at most 2 * kFwdItems, in blocks of at most kFwdThreads threads (a 128-register cap
+// under __launch_bounds__: 8 bf16 vectors take 84 registers, no spills). On an H200 (bf16, 32768
+// rows) this moved N = 32K from the staged tier's 40% of copy to 53%; N = 1K-16K stayed at
+// 45-55%, where the compiled Triton kernel reaches 88-97%.
+constexpr int kFwdThreads = 512;
+constexpr int kFwdItems = 4;
+constexpr int64_t kFwdMaxVectors = int64_t{kFwdThreads} * 2 * kFwdItems;
 
 // ---- Device kernels -----------------------------------------------------------------------------
 
@@ -106,7 +119,7 @@ __device__ __forceinline__ acc_t<T> sum_squares(const Vec<T, VEC>& s) {
 // Block [blockDim.y rows][blockDim.x threads]; thread x holds vectors x, x + blockDim.x, ... of
 // its row (ITEMS of them) in registers.
 template <typename T, typename W, int VEC, int ITEMS>
-__global__ void __launch_bounds__(1024) rms_fwd_reg_kernel(FwdArgs<T, W> a) {
+__global__ void __launch_bounds__(kFwdThreads) rms_fwd_reg_kernel(FwdArgs<T, W> a) {
   using A = acc_t<T>;
   __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
@@ -272,24 +285,19 @@ __global__ void __launch_bounds__(512) rms_bwd_reg_kernel(BwdArgs<T, W> a) {
   }
 }
 
-// Persistent, any N: x and dy staged in shared memory (SMEM) or re-read from global memory; dw
-// accumulated in this row group's partial row, each thread on its own columns.
-template <typename T, typename W, int VEC, bool SMEM>
-__global__ void __launch_bounds__(1024) rms_bwd_staged_kernel(BwdArgs<T, W> a) {
+// Scalar fallback (misaligned pointers, N % VEC != 0, fp64), any N, persistent: two passes over
+// each row from global memory, dW accumulated in this row group's partial row (each thread on its
+// own columns, so consecutive threads touch consecutive floats).
+template <typename T, typename W>
+__global__ void __launch_bounds__(1024) rms_bwd_scalar_kernel(BwdArgs<T, W> a) {
   using A = acc_t<T>;
   __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int64_t nvec = a.n / VEC;
-  Vec<T, VEC>* sx = reinterpret_cast<Vec<T, VEC>*>(smem) + threadIdx.y * (SMEM ? 2 * nvec : 0);
-  Vec<T, VEC>* sdy = sx + (SMEM ? nvec : 0);
   const A inv_n = A(1) / static_cast<A>(a.n);
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t groups = static_cast<int64_t>(gridDim.x) * blockDim.y;
   A* pw = a.part != nullptr ? a.part + group * a.n : nullptr;
-  if (pw != nullptr)  // zeroed in the layout the updates below use: each thread its own columns
-    for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x)
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) pw[k * VEC + j] = 0;
+  if (pw != nullptr)
+    for (int64_t k = threadIdx.x; k < a.n; k += blockDim.x) pw[k] = 0;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < a.rows;
        base += groups) {
     const int64_t row = base + threadIdx.y;
@@ -297,31 +305,74 @@ __global__ void __launch_bounds__(1024) rms_bwd_staged_kernel(BwdArgs<T, W> a) {
     const int64_t off = row * a.n;
     const A rstd = valid ? a.rstd[row] : A(0);
     A dot = 0;
-    if (valid) {
-      for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
-        const Vec<T, VEC> x = load_vec<T, VEC>(a.x + off + k * VEC);
-        const Vec<T, VEC> dy = load_vec<T, VEC>(a.dy + off + k * VEC);
-        if constexpr (SMEM) {
-          sx[k] = x;
-          sdy[k] = dy;
-        }
-        dot += dot_g_xhat<T, W, VEC>(a, k * VEC, x, dy, rstd);
-      }
-    }
+    if (valid)
+      for (int64_t k = threadIdx.x; k < a.n; k += blockDim.x)
+        dot += dot_g_xhat<T, W, 1>(a, k, load_vec<T, 1>(a.x + off + k),
+                                   load_vec<T, 1>(a.dy + off + k), rstd);
     const A mean_gx = row_sum(dot, scratch) * inv_n;
     if (!valid) continue;  // the next iteration's barrier is still reached
-    for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
-      const Vec<T, VEC> x = SMEM ? sx[k] : load_vec<T, VEC>(a.x + off + k * VEC);
-      const Vec<T, VEC> dy = SMEM ? sdy[k] : load_vec<T, VEC>(a.dy + off + k * VEC);
-      A dw[VEC];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) dw[j] = 0;
-      store_dx<T, W, VEC>(a, off + k * VEC, k * VEC, x, dy, rstd, mean_gx, dw);
-      if (pw != nullptr)
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) pw[k * VEC + j] += dw[j];
+    for (int64_t k = threadIdx.x; k < a.n; k += blockDim.x) {
+      A dw[1] = {0};
+      store_dx<T, W, 1>(a, off + k, k, load_vec<T, 1>(a.x + off + k),
+                        load_vec<T, 1>(a.dy + off + k), rstd, mean_gx, dw);
+      if (pw != nullptr) pw[k] += dw[0];
     }
   }
+}
+
+// Long rows, kernel 1 of 2: mean_gx[row] = mean over the row of g * xhat; one block per row.
+template <typename T, typename W, int VEC>
+__global__ void __launch_bounds__(kRowDotThreads)
+    rms_bwd_rowdot_kernel(BwdArgs<T, W> a, acc_t<T>* mean_gx) {
+  using A = acc_t<T>;
+  __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
+  const int64_t row = blockIdx.x;
+  const int64_t off = row * a.n, nvec = a.n / VEC;
+  const A rstd = a.rstd[row];
+  A dot = 0;
+#pragma unroll 4
+  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x)
+    dot += dot_g_xhat<T, W, VEC>(a, k * VEC, load_vec<T, VEC>(a.x + off + k * VEC),
+                                 load_vec<T, VEC>(a.dy + off + k * VEC), rstd);
+  dot = row_sum(dot, scratch);
+  if (threadIdx.x == 0) mean_gx[row] = dot / static_cast<A>(a.n);
+}
+
+// Long rows, kernel 2 of 2: block (j, g) owns column block j (one vector per thread) of rows
+// g, g + G, ... (G = gridDim.y): dx, and dW of those rows summed in registers into partial row
+// g. kColRows rows are loaded before any is used, so that many loads are in flight per thread.
+template <typename T, typename W, int VEC>
+__global__ void __launch_bounds__(kColThreads)
+    rms_bwd_cols_kernel(BwdArgs<T, W> a, const acc_t<T>* mean_gx) {
+  using A = acc_t<T>;
+  const int64_t col = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (col >= a.n) return;  // no barriers in this kernel
+  const int64_t groups = gridDim.y;
+  A dw[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) dw[j] = 0;
+  for (int64_t base = blockIdx.y; base < a.rows; base += kColRows * groups) {
+    Vec<T, VEC> x[kColRows], dy[kColRows];
+#pragma unroll
+    for (int r = 0; r < kColRows; ++r) {
+      const int64_t row = base + r * groups;
+      if (row < a.rows) {
+        x[r] = load_vec<T, VEC>(a.x + row * a.n + col);
+        dy[r] = load_vec<T, VEC>(a.dy + row * a.n + col);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kColRows; ++r) {
+      const int64_t row = base + r * groups;
+      if (row < a.rows)
+        store_dx<T, W, VEC>(a, row * a.n + col, col, x[r], dy[r], a.rstd[row], mean_gx[row], dw);
+    }
+  }
+  if (a.part == nullptr) return;
+  Vec<A, VEC> p;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) p.v[j] = dw[j];
+  store_vec(a.part + blockIdx.y * a.n + col, p);
 }
 
 // ---- Launchers ----------------------------------------------------------------------------------
@@ -332,16 +383,12 @@ void launch_fwd(const FwdArgs<T, W>& a, int device, cudaStream_t stream) {
   if constexpr (kVec > 1) {
     if (vectorizable<T, W>(a.n, {a.x, a.res, a.y, a.res_out}, a.w)) {
       const int64_t nvec = a.n / kVec;
-      if (nvec <= 1024 * 4) {
-        const dim3 block = row_block(nvec, 4, 1024);
+      if (nvec <= kFwdMaxVectors) {
+        const dim3 block = row_block(nvec, kFwdItems, kFwdThreads);
         const unsigned grid = grid_size(cdiv(a.rows, block.y));
-        const int64_t items = cdiv(nvec, block.x);
-        if (items == 1)
-          rms_fwd_reg_kernel<T, W, kVec, 1><<<grid, block, 0, stream>>>(a);
-        else if (items == 2)
-          rms_fwd_reg_kernel<T, W, kVec, 2><<<grid, block, 0, stream>>>(a);
-        else
-          rms_fwd_reg_kernel<T, W, kVec, 4><<<grid, block, 0, stream>>>(a);
+        with_items(cdiv(nvec, block.x), [&](auto items) {
+          rms_fwd_reg_kernel<T, W, kVec, decltype(items)::value><<<grid, block, 0, stream>>>(a);
+        });
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
@@ -363,10 +410,12 @@ void launch_fwd(const FwdArgs<T, W>& a, int device, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Runs the backward kernel for `a` (a.part unset); returns the number of partial rows and
-// calls alloc_part(P) to get the [P, n] partial buffer (nullptr without a weight) first.
-template <typename T, typename W, typename Alloc>
-int64_t launch_bwd(BwdArgs<T, W> a, Alloc alloc_part, int device, cudaStream_t stream) {
+// Runs the backward kernels for `a` (a.part unset); returns the number of partial rows and
+// calls alloc_part(P) to get the [P, n] partial buffer (nullptr without a weight) first, and
+// alloc_rows() for a [rows] fp32 (fp64) scratch of the column tier.
+template <typename T, typename W, typename Alloc, typename AllocRows>
+int64_t launch_bwd(BwdArgs<T, W> a, Alloc alloc_part, AllocRows alloc_rows, int device,
+                   cudaStream_t stream) {
   constexpr int kVec = vec_width<T>();
   if constexpr (kVec > 1) {
     if (vectorizable<T, W>(a.n, {a.x, a.dy, a.dres, a.dx}, a.w)) {
@@ -387,27 +436,20 @@ int64_t launch_bwd(BwdArgs<T, W> a, Alloc alloc_part, int device, cudaStream_t s
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return grid * block.y;
       }
-      const size_t bytes = 2 * static_cast<size_t>(a.n) * sizeof(T);
-      const dim3 block(1024, 1);
-      if (bytes + kSmemReserve <= static_cast<size_t>(max_shared_memory(device))) {
-        auto kernel = rms_bwd_staged_kernel<T, W, kVec, true>;
-        allow_smem(kernel, bytes);
-        const int64_t grid = persistent_grid(kernel, block, bytes, a.rows, device);
-        a.part = alloc_part(grid);
-        kernel<<<grid_size(grid), block, bytes, stream>>>(a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return grid;
-      }
-      auto kernel = rms_bwd_staged_kernel<T, W, kVec, false>;
-      const int64_t grid = persistent_grid(kernel, block, 0, a.rows, device);
-      a.part = alloc_part(grid);
-      kernel<<<grid_size(grid), block, 0, stream>>>(a);
+      acc_t<T>* mean_gx = alloc_rows();
+      rms_bwd_rowdot_kernel<T, W, kVec>
+          <<<grid_size(a.rows), kRowDotThreads, 0, stream>>>(a, mean_gx);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return grid;
+      auto kernel = rms_bwd_cols_kernel<T, W, kVec>;
+      const dim3 grid = cols_grid(kernel, nvec, a.rows, device);
+      a.part = alloc_part(grid.y);
+      kernel<<<grid, kColThreads, 0, stream>>>(a, mean_gx);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return grid.y;
     }
   }
   const dim3 block = row_block(a.n, 4, 1024);
-  auto kernel = rms_bwd_staged_kernel<T, W, 1, false>;
+  auto kernel = rms_bwd_scalar_kernel<T, W>;
   const int64_t grid = persistent_grid(kernel, block, 0, a.rows, device);
   a.part = alloc_part(grid * block.y);
   kernel<<<grid_size(grid), block, 0, stream>>>(a);
@@ -491,7 +533,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(
       has(grad_residual_out) ? grad_residual_out->to(type).contiguous() : at::Tensor();
   const at::Tensor rstd = rstd_in.to(acc).contiguous();
   const at::Tensor w = weight_for_kernel(weight, type);
-  at::Tensor part;
+  at::Tensor part, row_scratch;
   const int device = x_in.get_device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   int64_t parts = 0;
@@ -501,6 +543,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(
       if (!w.defined()) return nullptr;
       part = at::empty({p, n}, x.options().dtype(acc));
       return part.mutable_data_ptr<A>();
+    };
+    auto alloc_rows = [&]() -> A* {
+      row_scratch = at::empty({rows}, x.options().dtype(acc));
+      return row_scratch.mutable_data_ptr<A>();
     };
     auto run = [&](auto* w_ptr) {
       using W = std::remove_const_t<std::remove_pointer_t<decltype(w_ptr)>>;
@@ -513,7 +559,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(
                                       nullptr,
                                       rows,
                                       n};
-      parts = launch_bwd(args, alloc_part, device, stream);
+      parts = launch_bwd(args, alloc_part, alloc_rows, device, stream);
     };
     if (w.defined() && w.scalar_type() == type)
       run(w.const_data_ptr<scalar_t>());

@@ -176,6 +176,27 @@ inline unsigned grid_size(int64_t blocks) {
   return static_cast<unsigned>(blocks);
 }
 
+// Calls f(std::integral_constant<int, I>{}) with I the smallest of 1, 2, 4, 8 that is >= items:
+// the compile-time vectors-per-thread of a register-resident row kernel.
+template <typename F>
+void with_items(int64_t items, F&& f) {
+  if (items <= 1)
+    f(std::integral_constant<int, 1>{});
+  else if (items <= 2)
+    f(std::integral_constant<int, 2>{});
+  else if (items <= 4)
+    f(std::integral_constant<int, 4>{});
+  else
+    f(std::integral_constant<int, 8>{});
+}
+
+// Backward column tier (rows too long to hold in registers): a row-dot kernel, one block of
+// kRowDotThreads per row, then a [column block, row group] grid of kColThreads-thread blocks,
+// each thread loading kColRows rows of its vector before using any.
+constexpr int kRowDotThreads = 512;
+constexpr int kColThreads = 256;
+constexpr int kColRows = 4;
+
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t bytes) {
   // Above 48 KB of static + dynamic shared memory a kernel must opt in; our kernels' static
@@ -206,6 +227,17 @@ int64_t persistent_grid(Kernel kernel, dim3 block, size_t smem, int64_t rows, in
   const int64_t resident =
       static_cast<int64_t>(sm_count(device)) * blocks_per_sm(kernel, block.x * block.y, smem);
   return std::max<int64_t>(1, std::min(resident, cdiv(rows, block.y)));
+}
+
+// Grid of a column-tier kernel over `nvec` vectors per row: one block per kColThreads vectors
+// (x), and row groups (y) enough for the resident blocks, at most one per row.
+template <typename Kernel>
+dim3 cols_grid(Kernel kernel, int64_t nvec, int64_t rows, int device) {
+  const int64_t col_blocks = cdiv(nvec, kColThreads);
+  const int64_t resident =
+      static_cast<int64_t>(sm_count(device)) * blocks_per_sm(kernel, kColThreads, 0);
+  const int64_t groups = std::min<int64_t>({cdiv(resident, col_blocks), rows, 65535});
+  return dim3(grid_size(col_blocks), static_cast<unsigned>(std::max<int64_t>(groups, 1)));
 }
 
 // ---- Op entry helpers ---------------------------------------------------------------------------

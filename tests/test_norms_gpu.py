@@ -2,9 +2,9 @@
 kernels against the fp64 reference in fp32 / fp16 / bf16 (fp64 on native), across every kernel
 tier (register-resident rows, shared-memory staged rows, rows re-read from global memory, the
 backward column tier, the scalar fallback for misaligned pointers and N not a multiple of the
-vector width), N up to 262144, a tensor over 2^31 elements, bitwise reproducible dW / dB, mixed parameter dtypes, zero
-rows and opcheck. Skipped without CUDA; the CPU and interpreter cases are in test_rms_norm.py and
-test_layer_norm.py."""
+vector width), N up to 262144, a tensor over 2^31 elements, bitwise reproducible dW / dB, mixed
+parameter dtypes, zero rows and opcheck. Skipped without CUDA; the CPU and interpreter cases are
+in test_rms_norm.py and test_layer_norm.py."""
 
 import pytest
 import torch

@@ -53,7 +53,7 @@ namespace {
 // elements), at most 2 * kFwdItems, in blocks of at most kFwdThreads threads (a 128-register cap
 // under __launch_bounds__: 8 bf16 vectors take 84 registers, no spills). On an H200 (bf16, 32768
 // rows) this moved N = 32K from the staged tier's 40% of copy to 53%; N = 1K-16K stayed at
-// 45-55%, where the compiled Triton kernel reaches 88-97%.
+// 45-55% (Triton: 88-97%) while nvcc still split their 16-byte stores (see store_vec).
 constexpr int kFwdThreads = 512;
 constexpr int kFwdItems = 4;
 constexpr int64_t kFwdMaxVectors = int64_t{kFwdThreads} * 2 * kFwdItems;

@@ -18,7 +18,9 @@
 # Knobs: GPU_CHECK_PYTHON (python3), GPU_CHECK_BUDGET_S (480), GPU_CHECK_TEST_TIMEOUT_S (240),
 # GPU_CHECK_TESTS (cuda: the GPU cases; all: the CPU cases too),
 # GPU_CHECK_OUT (the results folder),
-# GPU_CHECK_PYTEST_ARGS (extra pytest args for tests/, e.g. "-n 4" or "-k rms"), MAX_JOBS.
+# GPU_CHECK_PYTEST_ARGS (extra pytest args for tests/, e.g. "-n 4" or "-k rms"),
+# GPU_CHECK_BENCH_K (a pytest -k expression selecting benchmarks, e.g. "copy or test_norm": a
+# focused run; keep "copy" in it, the report's % of copy needs it), MAX_JOBS.
 # Peers that are not installed there (Liger-Kernel is pure Python) can be carried as wheels in
 # .whl/: they are installed with pip --no-index into a private folder on PYTHONPATH.
 set -uo pipefail
@@ -141,7 +143,9 @@ left=$((BUDGET - (SECONDS - start) - 20))
 [ $left -lt 60 ] && left=60
 echo "gpu-check: benchmarks (log: bench.log, budget ${left} s)"
 t=$SECONDS
-TRITON_INTERPRET=0 "$PY" -m bench.run --out "$out" --budget-s "$left"
+bench_k=()
+[ -n "${GPU_CHECK_BENCH_K:-}" ] && bench_k=(-k "$GPU_CHECK_BENCH_K")
+TRITON_INTERPRET=0 "$PY" -m bench.run --out "$out" --budget-s "$left" ${bench_k[@]+"${bench_k[@]}"}
 bench_rc=$?
 echo "- benchmarks: $([ $bench_rc -eq 0 ] && echo ok || echo "pytest exit $bench_rc"), $((SECONDS - t)) s; report: [report.md](report.md)" >>"$summary"
 echo "- total: $((SECONDS - start)) s" >>"$summary"

@@ -32,8 +32,10 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 
+cuda=0
+"$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null && cuda=1
 build_env=()
-if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+if [ $cuda = 1 ]; then
   arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
   build_env=(TORCH_CUDA_ARCH_LIST="$arch" FASTNN_BUILD_CUDA=1)
 else
@@ -56,8 +58,7 @@ done
 if [ -n "${AB_TESTS_K:-}" ]; then
   echo "ab: tests of b (-k \"$AB_TESTS_K\")"
   select="$AB_TESTS_K"
-  "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null &&
-    select="(cuda or gpu) and ($AB_TESTS_K)"
+  [ $cuda = 1 ] && select="(cuda or gpu) and ($AB_TESTS_K)"
   xdist=()
   "$PY" -c 'import xdist' 2>/dev/null && xdist=(-n "$(($(nproc) > 8 ? 8 : $(nproc)))")
   (cd "$B" && PYTHONPATH="$B" "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \

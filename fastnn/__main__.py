@@ -51,7 +51,7 @@ def _choices():
         out[family] = {}
         for device in DEVICE_TYPES:
             forced = _backend.get_backend()
-            order = _backend.AUTO_ORDER.get(device, ("torch",)) if forced == "auto" else (forced,)
+            order = _backend.auto_order(family, device) if forced == "auto" else (forced,)
             why = {}
             for backend in order:
                 reason = _backend.unavailable_reason(backend, family, device)

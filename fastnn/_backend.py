@@ -1,7 +1,7 @@
 """Backend selection: which implementation (`torch`, `native`, `triton`) runs an op.
 
 `auto` (the default) picks, per op family and device, the first available backend in
-AUTO_ORDER. A forced backend that cannot run raises BackendUnavailableError saying why and what
+auto_order(family, device). A forced backend that cannot run raises BackendUnavailableError saying why and what
 to do; it never silently falls back. The choice is read from FASTNN_BACKEND once at import and
 changed with set_backend() / use_backend(); it is process-global (not per thread).
 """
@@ -22,6 +22,22 @@ AUTO_ORDER = {
     "cpu": ("native", "torch"),
     "cuda": ("native", "triton", "torch"),
 }
+# Families whose Triton kernels measured faster than the native ones on CUDA: H200, 2026-11-26,
+# bf16, 32768 rows (bench/results/nvidia-h200-2026-11-26 and -norms), time native / Triton.
+# RMSNorm: forward 1.6-2.2x at N = 1K-32K, about 1x at 64K-256K; backward 1.1-1.5x at N = 2K-256K,
+# 0.96x at 512-1K. LayerNorm: forward 1.1-1.7x at N = 512-16K, 0.85-0.9x at 32K-64K; backward
+# 1.1-1.6x at N >= 8K, 0.8-1.05x at 512-4K. GLU (both at 101% of copy) and the optimizers (native
+# 1.0-1.02x Triton) stay native. Re-measure when the native norm kernels change.
+AUTO_ORDER_BY_FAMILY = {
+    ("rms_norm", "cuda"): ("triton", "native", "torch"),
+    ("layer_norm", "cuda"): ("triton", "native", "torch"),
+}
+
+
+def auto_order(family, device_type):
+    """The backends `auto` tries for `family` on `device_type`, preferred first."""
+    default = AUTO_ORDER.get(device_type, ("torch",))
+    return AUTO_ORDER_BY_FAMILY.get((family, device_type), default)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -122,9 +138,10 @@ def _resolve(family, device_type, forced):
                 )
             _resolved[key] = forced
         else:
-            order = AUTO_ORDER.get(device_type, ("torch",))
             _resolved[key] = next(
-                b for b in order if unavailable_reason(b, family, device_type) is None
+                b
+                for b in auto_order(family, device_type)
+                if unavailable_reason(b, family, device_type) is None
             )
     return _resolved[key]
 

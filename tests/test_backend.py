@@ -39,6 +39,31 @@ def test_auto_on_cpu_picks_native_when_built_else_torch(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_auto_on_cuda_takes_the_first_available_in_the_family_order(family, monkeypatch):
+    # Simulated availability: no GPU is needed to check the choice itself.
+    order = _backend.auto_order(family, "cuda")
+    assert order[-1] == "torch" and sorted(order) == ["native", "torch", "triton"]
+    missing = set()
+    monkeypatch.setattr(
+        _backend, "unavailable_reason", lambda b, f, d: "missing" if b in missing else None
+    )
+    for expected in order:
+        _backend.clear_cache()
+        assert _backend._resolve(family, "cuda", "auto") == expected
+        missing.add(expected)
+    _backend.clear_cache()
+
+
+def test_auto_on_cuda_prefers_triton_for_norms_only():
+    # The measured choice (AUTO_ORDER_BY_FAMILY): Triton's norm kernels beat the native ones on
+    # an H200; GLU and the optimizers stay native.
+    assert [_backend.auto_order(f, "cuda")[0] for f in FAMILIES] == [
+        "triton", "triton", "native", "native", "native"
+    ]  # fmt: skip
+    assert all(_backend.auto_order(f, "cpu") == ("native", "torch") for f in FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_torch_backend_runs_everywhere(family):
     assert _backend.unavailable_reason("torch", family, "cpu") is None
     assert _backend.unavailable_reason("torch", family, "cuda") is None

@@ -189,10 +189,10 @@ def test_auto_backend_on_cuda_is_not_torch_when_kernels_exist():
     from fastnn import _backend
 
     chosen = _backend.resolve("adam", "cuda")
-    available = [
-        b for b in ("native", "triton") if _backend.unavailable_reason(b, "adam", "cuda") is None
-    ]
-    assert chosen == (available[0] if available else "torch")
+    order = _backend.auto_order("adam", "cuda")
+    assert chosen == next(
+        b for b in order if _backend.unavailable_reason(b, "adam", "cuda") is None
+    )
 
 
 def test_adam_and_adamw_classes_on_cuda_share_state_layout():

@@ -41,61 +41,36 @@ struct FwdArgs {
   A eps;
 };
 
-template <bool kAvx2, typename T, typename A>
-FASTNN_ALWAYS_INLINE void fwd_rows(const FwdArgs<T, A>& a, int64_t begin, int64_t end) {
-  constexpr bool kSame = std::is_same_v<T, A>;
-  const int64_t n = a.n;
-  std::unique_ptr<A[]> scratch(kSame ? nullptr : new A[2 * n]);
-  A* xb = scratch.get();  // not restrict: the lowp residual path adds into it in place
-  A* rb = kSame ? nullptr : xb + n;
-  const A* __restrict__ w = a.w;
-  const A* __restrict__ bias = a.b;
-  const A inv_n = A(1) / static_cast<A>(n);
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t off = r * n;
-    const A* x;  // may be xb, which y then overwrites in place
-    if (a.res != nullptr) {
-      if constexpr (kSame) {
-        A* __restrict__ s = a.res_out + off;
-        const A* __restrict__ xi = a.x + off;
-        const A* __restrict__ ri = a.res + off;
-        for (int64_t i = 0; i < n; ++i) s[i] = xi[i] + ri[i];
-        x = s;
-      } else {
-        // The sum is rounded to T (as an unfused `input + residual`) before it is normalised.
-        const A* xi = load_row<kAvx2>(a.x + off, xb, n);
-        const A* ri = load_row<kAvx2>(a.res + off, rb, n);
-        for (int64_t i = 0; i < n; ++i) xb[i] = xi[i] + ri[i];
-        store_row<kAvx2>(xb, a.res_out + off, n);
-        x = load_row<kAvx2>(a.res_out + off, xb, n);
-      }
-    } else {
-      x = load_row<kAvx2>(a.x + off, xb, n);
+struct FwdRows {
+  template <bool kAvx2, typename T, typename A>
+  static FASTNN_ALWAYS_INLINE void run(const FwdArgs<T, A>& a, int64_t begin, int64_t end) {
+    constexpr bool kSame = std::is_same_v<T, A>;
+    const int64_t n = a.n;
+    std::unique_ptr<A[]> scratch(kSame ? nullptr : new A[2 * n]);
+    A* xb = scratch.get();  // not restrict: the lowp residual path adds into it in place
+    A* rb = kSame ? nullptr : xb + n;
+    const A* __restrict__ w = a.w;
+    const A* __restrict__ bias = a.b;
+    const A inv_n = A(1) / static_cast<A>(n);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t off = r * n;
+      // May be xb, which y then overwrites in place.
+      const A* x = norm_input_row<kAvx2>(a.x, a.res, a.res_out, off, xb, rb, n);
+      const A mean = row_sum<Term::kX>(x, x, A(0), n) * inv_n;
+      // While this row is L1-resident, start the next row's loads from memory: perf showed the
+      // first pass's loads and the output stores as nearly all of the time at [4096, 4096] fp32.
+      const A* next = nullptr;
+      if constexpr (kSame) next = a.res == nullptr && r + 1 < end ? a.x + off + n : nullptr;
+      const A var = row_sum<Term::kDevSq>(x, x, mean, n, next) * inv_n;
+      const A rstd = A(1) / std::sqrt(var + a.eps);
+      a.mean[r] = mean;
+      a.rstd[r] = rstd;
+      A* y = out_row<T>(a.y + off, xb);  // xb: y[i] only needs x[i]
+      for (int64_t i = 0; i < n; ++i) y[i] = ((x[i] - mean) * rstd) * w[i] + bias[i];
+      if constexpr (!kSame) store_row<kAvx2>(xb, a.y + off, n);
     }
-    const A mean = row_sum<Term::kX>(x, x, A(0), n) * inv_n;
-    // While this row is L1-resident, start the next row's loads from memory: perf showed the
-    // first pass's loads and the output stores as nearly all of the time at [4096, 4096] fp32.
-    const A* next = nullptr;
-    if constexpr (kSame) next = a.res == nullptr && r + 1 < end ? a.x + off + n : nullptr;
-    const A var = row_sum<Term::kDevSq>(x, x, mean, n, next) * inv_n;
-    const A rstd = A(1) / std::sqrt(var + a.eps);
-    a.mean[r] = mean;
-    a.rstd[r] = rstd;
-    A* y = out_row<T>(a.y + off, xb);  // xb: y[i] only needs x[i]
-    for (int64_t i = 0; i < n; ++i) y[i] = ((x[i] - mean) * rstd) * w[i] + bias[i];
-    if constexpr (!kSame) store_row<kAvx2>(xb, a.y + off, n);
   }
-}
-
-template <typename T, typename A>
-FASTNN_TARGET_AVX2 void fwd_rows_avx2(const FwdArgs<T, A>& a, int64_t begin, int64_t end) {
-  fwd_rows<true>(a, begin, end);
-}
-
-template <typename T, typename A>
-void fwd_rows_base(const FwdArgs<T, A>& a, int64_t begin, int64_t end) {
-  fwd_rows<false>(a, begin, end);
-}
+};
 
 // ---- Backward ---------------------------------------------------------------------------------
 
@@ -118,91 +93,83 @@ struct BwdArgs {
 // Per row, two passes over the (L1/L2-resident) row: pass 1 accumulates sum(g) and
 // sum(g * xhat) in a fixed lane order and adds dy * xhat and dy into the block's dW / dB
 // partials; pass 2 writes dx. xhat and g are recomputed in pass 2 rather than stored.
-template <bool kAvx2, typename T, typename A>
-FASTNN_ALWAYS_INLINE void bwd_blocks(const BwdArgs<T, A>& a, int64_t blk_begin, int64_t blk_end) {
-  using V = vec_t<A>;
-  constexpr int64_t W = kVecWidth<A>, kStep = 2 * W;
-  constexpr bool kSame = std::is_same_v<T, A>;
-  const int64_t n = a.n;
-  std::unique_ptr<A[]> scratch(kSame ? nullptr : new A[3 * n]);
-  A* xb = scratch.get();
-  A* db = kSame ? nullptr : xb + n;
-  A* rb = kSame ? nullptr : db + n;
-  const A* __restrict__ w = a.w;
-  const A inv_n = A(1) / static_cast<A>(n);
-  for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
-    A* __restrict__ pw = a.partial_w != nullptr ? a.partial_w + blk * n : nullptr;
-    A* __restrict__ pb = a.partial_b != nullptr ? a.partial_b + blk * n : nullptr;
-    if (pw != nullptr) std::fill(pw, pw + n, A(0));
-    if (pb != nullptr) std::fill(pb, pb + n, A(0));
-    const int64_t row_end = std::min(a.rows, (blk + 1) * a.blocks.per_block);
-    for (int64_t r = blk * a.blocks.per_block; r < row_end; ++r) {
-      const int64_t off = r * n;
-      const A* x = load_row<kAvx2>(a.x + off, xb, n);
-      const A* __restrict__ dy = load_row<kAvx2>(a.dy + off, db, n);
-      const A mean = a.mean[r], rstd = a.rstd[r];
-      const V mv = V{} + mean, rs = V{} + rstd;
-      A g_sum = 0, gh_sum = 0;  // sum(g), sum(g * xhat)
-      for (int64_t base = 0; base < n; base += kChunk) {
-        const int64_t end = std::min(base + kChunk, n);
-        V g0{}, g1{}, s0{}, s1{};
-        int64_t i = base;
-        for (; i + kStep <= end; i += kStep) {
-          const V d0 = vload(dy + i), d1 = vload(dy + i + W);
-          const V h0 = (vload(x + i) - mv) * rs, h1 = (vload(x + i + W) - mv) * rs;
-          const V e0 = d0 * vload(w + i), e1 = d1 * vload(w + i + W);
-          g0 += e0;
-          g1 += e1;
-          s0 += e0 * h0;
-          s1 += e1 * h1;
-          if (pw != nullptr) {
-            vstore(pw + i, vload(pw + i) + d0 * h0);
-            vstore(pw + i + W, vload(pw + i + W) + d1 * h1);
+struct BwdBlocks {
+  template <bool kAvx2, typename T, typename A>
+  static FASTNN_ALWAYS_INLINE void run(const BwdArgs<T, A>& a, int64_t blk_begin, int64_t blk_end) {
+    using V = vec_t<A>;
+    constexpr int64_t W = kVecWidth<A>, kStep = 2 * W;
+    constexpr bool kSame = std::is_same_v<T, A>;
+    const int64_t n = a.n;
+    std::unique_ptr<A[]> scratch(kSame ? nullptr : new A[3 * n]);
+    A* xb = scratch.get();
+    A* db = kSame ? nullptr : xb + n;
+    A* rb = kSame ? nullptr : db + n;
+    const A* __restrict__ w = a.w;
+    const A inv_n = A(1) / static_cast<A>(n);
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+      A* __restrict__ pw = a.partial_w != nullptr ? a.partial_w + blk * n : nullptr;
+      A* __restrict__ pb = a.partial_b != nullptr ? a.partial_b + blk * n : nullptr;
+      if (pw != nullptr) std::fill(pw, pw + n, A(0));
+      if (pb != nullptr) std::fill(pb, pb + n, A(0));
+      const int64_t row_end = std::min(a.rows, (blk + 1) * a.blocks.per_block);
+      for (int64_t r = blk * a.blocks.per_block; r < row_end; ++r) {
+        const int64_t off = r * n;
+        const A* x = load_row<kAvx2>(a.x + off, xb, n);
+        const A* __restrict__ dy = load_row<kAvx2>(a.dy + off, db, n);
+        const A mean = a.mean[r], rstd = a.rstd[r];
+        const V mv = V{} + mean, rs = V{} + rstd;
+        A g_sum = 0, gh_sum = 0;  // sum(g), sum(g * xhat)
+        for (int64_t base = 0; base < n; base += kChunk) {
+          const int64_t end = std::min(base + kChunk, n);
+          V g0{}, g1{}, s0{}, s1{};
+          int64_t i = base;
+          for (; i + kStep <= end; i += kStep) {
+            const V d0 = vload(dy + i), d1 = vload(dy + i + W);
+            const V h0 = (vload(x + i) - mv) * rs, h1 = (vload(x + i + W) - mv) * rs;
+            const V e0 = d0 * vload(w + i), e1 = d1 * vload(w + i + W);
+            g0 += e0;
+            g1 += e1;
+            s0 += e0 * h0;
+            s1 += e1 * h1;
+            if (pw != nullptr) {
+              vstore(pw + i, vload(pw + i) + d0 * h0);
+              vstore(pw + i + W, vload(pw + i + W) + d1 * h1);
+            }
+            if (pb != nullptr) {
+              vstore(pb + i, vload(pb + i) + d0);
+              vstore(pb + i + W, vload(pb + i + W) + d1);
+            }
           }
-          if (pb != nullptr) {
-            vstore(pb + i, vload(pb + i) + d0);
-            vstore(pb + i + W, vload(pb + i + W) + d1);
+          A lg[kStep] = {}, ls[kStep] = {};
+          std::memcpy(lg, &g0, sizeof g0);
+          std::memcpy(lg + W, &g1, sizeof g1);
+          std::memcpy(ls, &s0, sizeof s0);
+          std::memcpy(ls + W, &s1, sizeof s1);
+          for (int64_t l = 0; i < end; ++i, ++l) {
+            const A h = (x[i] - mean) * rstd, e = dy[i] * w[i];
+            lg[l] += e;
+            ls[l] += e * h;
+            if (pw != nullptr) pw[i] += dy[i] * h;
+            if (pb != nullptr) pb[i] += dy[i];
           }
+          g_sum += fold_lanes<kStep>(lg);
+          gh_sum += fold_lanes<kStep>(ls);
         }
-        A lg[kStep] = {}, ls[kStep] = {};
-        std::memcpy(lg, &g0, sizeof g0);
-        std::memcpy(lg + W, &g1, sizeof g1);
-        std::memcpy(ls, &s0, sizeof s0);
-        std::memcpy(ls + W, &s1, sizeof s1);
-        for (int64_t l = 0; i < end; ++i, ++l) {
-          const A h = (x[i] - mean) * rstd, e = dy[i] * w[i];
-          lg[l] += e;
-          ls[l] += e * h;
-          if (pw != nullptr) pw[i] += dy[i] * h;
-          if (pb != nullptr) pb[i] += dy[i];
+        const A g_mean = g_sum * inv_n, gh_mean = gh_sum * inv_n;
+        A* dx = out_row<T>(a.dx + off, xb);  // in place over x (same index only) when T != A
+        if (a.gres != nullptr) {
+          const A* __restrict__ gr = load_row<kAvx2>(a.gres + off, rb, n);
+          for (int64_t i = 0; i < n; ++i)
+            dx[i] = rstd * (dy[i] * w[i] - g_mean - ((x[i] - mean) * rstd) * gh_mean) + gr[i];
+        } else {
+          for (int64_t i = 0; i < n; ++i)
+            dx[i] = rstd * (dy[i] * w[i] - g_mean - ((x[i] - mean) * rstd) * gh_mean);
         }
-        g_sum += fold_lanes<kStep>(lg);
-        gh_sum += fold_lanes<kStep>(ls);
+        if constexpr (!kSame) store_row<kAvx2>(xb, a.dx + off, n);
       }
-      const A g_mean = g_sum * inv_n, gh_mean = gh_sum * inv_n;
-      A* dx = out_row<T>(a.dx + off, xb);  // in place over x (same index only) when T != A
-      if (a.gres != nullptr) {
-        const A* __restrict__ gr = load_row<kAvx2>(a.gres + off, rb, n);
-        for (int64_t i = 0; i < n; ++i)
-          dx[i] = rstd * (dy[i] * w[i] - g_mean - ((x[i] - mean) * rstd) * gh_mean) + gr[i];
-      } else {
-        for (int64_t i = 0; i < n; ++i)
-          dx[i] = rstd * (dy[i] * w[i] - g_mean - ((x[i] - mean) * rstd) * gh_mean);
-      }
-      if constexpr (!kSame) store_row<kAvx2>(xb, a.dx + off, n);
     }
   }
-}
-
-template <typename T, typename A>
-FASTNN_TARGET_AVX2 void bwd_blocks_avx2(const BwdArgs<T, A>& a, int64_t begin, int64_t end) {
-  bwd_blocks<true>(a, begin, end);
-}
-
-template <typename T, typename A>
-void bwd_blocks_base(const BwdArgs<T, A>& a, int64_t begin, int64_t end) {
-  bwd_blocks<false>(a, begin, end);
-}
+};
 
 // ---- Op entry points --------------------------------------------------------------------------
 
@@ -243,9 +210,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
         n,
         static_cast<A>(eps)};
     const bool avx2 = has_avx2();
-    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
-      avx2 ? fwd_rows_avx2(args, begin, end) : fwd_rows_base(args, begin, end);
-    });
+    at::parallel_for(0, rows, row_grain(n),
+                     [&](int64_t begin, int64_t end) { run_isa<FwdRows>(avx2, args, begin, end); });
   });
   return {out, residual_out, mean, rstd};
 }
@@ -301,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
                                     blocks};
     const bool avx2 = has_avx2();
     at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
-      avx2 ? bwd_blocks_avx2(args, begin, end) : bwd_blocks_base(args, begin, end);
+      run_isa<BwdBlocks>(avx2, args, begin, end);
     });
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       if (with_w)

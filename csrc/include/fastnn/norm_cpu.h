@@ -122,6 +122,48 @@ FASTNN_ALWAYS_INLINE A* out_row(T* dst, A* buf) {
   }
 }
 
+// Row `off / n` of what a norm normalises, as accumulation-type values: input, or with a residual
+// (res non-null) the sum input + residual, written to res_out and rounded to T first (as an
+// unfused `input + residual` would be). xb, rb: two scratch rows, used only when T is not A.
+template <bool kAvx2, typename T, typename A>
+FASTNN_ALWAYS_INLINE const A* norm_input_row(const T* x, const T* res, T* res_out, int64_t off,
+                                             A* xb, A* rb, int64_t n) {
+  if (res == nullptr) return load_row<kAvx2>(x + off, xb, n);
+  x += off;
+  res += off;
+  res_out += off;
+  if constexpr (std::is_same_v<T, A>) {
+    A* __restrict__ s = res_out;
+    const A* __restrict__ xi = x;
+    const A* __restrict__ ri = res;
+    for (int64_t i = 0; i < n; ++i) s[i] = xi[i] + ri[i];
+    return s;
+  } else {
+    const A* xi = load_row<kAvx2>(x, xb, n);  // not restrict: the sum goes into xb in place
+    const A* ri = load_row<kAvx2>(res, rb, n);
+    for (int64_t i = 0; i < n; ++i) xb[i] = xi[i] + ri[i];
+    store_row<kAvx2>(xb, res_out, n);
+    return load_row<kAvx2>(res_out, xb, n);
+  }
+}
+
+// Runs Kernel::run<kAvx2>(args, begin, end) in the AVX2 clone when the CPU has it (cpu_isa.h),
+// else in the baseline one. Kernel::run is always-inline, so each clone compiles its own copy.
+template <class Kernel, typename Args>
+FASTNN_TARGET_AVX2 void run_avx2(const Args& args, int64_t begin, int64_t end) {
+  Kernel::template run<true>(args, begin, end);
+}
+
+template <class Kernel, typename Args>
+void run_base(const Args& args, int64_t begin, int64_t end) {
+  Kernel::template run<false>(args, begin, end);
+}
+
+template <class Kernel, typename Args>
+void run_isa(bool avx2, const Args& args, int64_t begin, int64_t end) {
+  avx2 ? run_avx2<Kernel>(args, begin, end) : run_base<Kernel>(args, begin, end);
+}
+
 // ---- Row reductions in a fixed order ----------------------------------------------------------
 // Written with GCC / clang vector extensions (32-byte vectors: one AVX2 register, two SSE ones):
 // the loop auto-vectoriser turned a 16-lane scalar accumulator array into shuffles and stack

@@ -334,13 +334,18 @@ def gradcheck_case(kind, backend):
 
 
 def opcheck_ops(kind, backend, device, dtype):
-    """torch.library.opcheck on the backend's fwd and bwd ops, with and without the options."""
+    """torch.library.opcheck on the backend's fwd and bwd ops, with and without the options, and
+    on dense transposed [rows, N] tensors (the outputs keep their strides, as the fakes say)."""
     name = KINDS[kind]
     fwd, bwd = fastnn.ops.get(backend, f"{name}_fwd"), fastnn.ops.get(backend, f"{name}_bwd")
-    for residual, weight in ((True, True), (False, False)):
+    for residual, weight, transposed in ((True, True, False), (False, False, False), (True, True, True)):  # fmt: skip
         case = make_case(
             kind, (5, 37), (37,), dtype, device, residual=residual, weight=weight, bias=weight
         )
+        if transposed:
+            for k in ("x", "r", "dy", "dres"):
+                if case[k] is not None:
+                    case[k] = case[k].t().contiguous().t()
         x, r, w, b = (_leaf(case[k]) for k in ("x", "r", "w", "b"))
         if kind == "rms":
             fwd_args = (x, r, w, 1e-5)

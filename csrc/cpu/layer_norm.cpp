@@ -213,7 +213,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     at::parallel_for(0, rows, row_grain(n),
                      [&](int64_t begin, int64_t end) { run_isa<FwdRows>(avx2, args, begin, end); });
   });
-  return {out, residual_out, mean, rstd};
+  // Strided as the fake says (input's strides when dense), after the contiguous kernel writes.
+  if (has(residual)) residual_out = strided_like(residual_out, input);
+  return {strided_like(out, input), residual_out, mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
@@ -280,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   });
   if (with_w && weight->scalar_type() != acc) dw = dw.to(weight->scalar_type());
   if (with_b && bias->scalar_type() != acc) db = db.to(bias->scalar_type());
-  return {dx, dw, db};
+  return {strided_like(dx, x_in), dw, db};
 }
 
 }  // namespace

@@ -180,7 +180,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(
     at::parallel_for(0, rows, row_grain(n),
                      [&](int64_t begin, int64_t end) { run_isa<FwdRows>(avx2, args, begin, end); });
   });
-  return {out, residual_out, rstd};
+  // Strided as the fake says (input's strides when dense), after the contiguous kernel writes.
+  if (has(residual)) residual_out = strided_like(residual_out, input);
+  return {strided_like(out, input), residual_out, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out,
@@ -237,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out,
     }
   });
   if (with_w && weight->scalar_type() != acc) dw = dw.to(weight->scalar_type());
-  return {dx, dw};
+  return {strided_like(dx, x_in), dw};
 }
 
 }  // namespace

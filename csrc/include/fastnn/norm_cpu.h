@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -314,6 +315,14 @@ inline at::Tensor param_as_acc(const c10::optional<at::Tensor>& p, at::ScalarTyp
                                double fill) {
   if (has(p)) return p->to(acc).contiguous();
   return at::full({n}, fill, at::TensorOptions().dtype(acc));
+}
+
+// A [rows, n] result (contiguous, as the kernels write it) laid out as the op's fake allocates
+// it: empty_like(ref), which keeps the strides of a dense ref (a transposed one, say), so that
+// torch.compile's stride assertions hold. Costs a copy only for such refs.
+inline at::Tensor strided_like(const at::Tensor& result, const at::Tensor& ref) {
+  if (ref.is_contiguous() || !ref.is_non_overlapping_and_dense()) return result;
+  return at::empty_like(ref).copy_(result);
 }
 
 // A per-row statistic (rstd / mean) saved by the forward: [rows], accumulation dtype.

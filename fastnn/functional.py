@@ -74,9 +74,11 @@ def _check_norm_args(input, normalized_shape, residual, params):
     return shape, math.prod(shape)
 
 
-def _rows(t, n):
-    """[..., *normalized_shape] -> [rows, N]."""
-    return None if t is None else t.reshape(-1, n)
+def _rows(t, shape):
+    """[..., *normalized_shape] -> [rows, N] (rows counted, not inferred: N may be 0)."""
+    if t is None:
+        return None
+    return t.reshape(math.prod(t.shape[: t.dim() - len(shape)]), math.prod(shape))
 
 
 def _vector(t, n):
@@ -97,7 +99,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
         eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     backend = _backend.resolve("rms_norm", input.device.type)
     out, residual_out, _ = ops.get(backend, "rms_norm_fwd")(
-        _rows(input, n), _rows(residual, n), _vector(weight, n), float(eps)
+        _rows(input, shape), _rows(residual, shape), _vector(weight, n), float(eps)
     )
     out = out.view(input.shape)
     return out if residual is None else (out, residual_out.view(input.shape))
@@ -115,7 +117,11 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
     )
     backend = _backend.resolve("layer_norm", input.device.type)
     out, residual_out, _, _ = ops.get(backend, "layer_norm_fwd")(
-        _rows(input, n), _rows(residual, n), _vector(weight, n), _vector(bias, n), float(eps)
+        _rows(input, shape),
+        _rows(residual, shape),
+        _vector(weight, n),
+        _vector(bias, n),
+        float(eps),
     )
     out = out.view(input.shape)
     return out if residual is None else (out, residual_out.view(input.shape))

@@ -16,8 +16,8 @@ class RMSNorm(nn.RMSNorm):
     input + residual), the add fused into the same pass over memory.
     """
 
-    def forward(self, input, residual=None):
-        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, residual=residual)
+    def forward(self, x, residual=None):  # `x`, as torch.nn.RMSNorm.forward names it
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, residual=residual)
 
 
 class LayerNorm(nn.LayerNorm):

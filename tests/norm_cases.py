@@ -196,6 +196,12 @@ def check_zero_rows(kind, backend, device):
     torch.testing.assert_close(dw, torch.zeros_like(case["w"]), rtol=0, atol=0)
     if db is not None:
         torch.testing.assert_close(db, torch.zeros_like(case["b"]), rtol=0, atol=0)
+    # Zero-width normalized_shape, as torch allows: empty results, empty parameter gradients.
+    for shape, nshape in (((2, 0), (0,)), ((2, 3, 0), (3, 0))):
+        case = make_case(kind, shape, nshape, torch.float32, device)
+        out, res_out, dx, dr, dw, db = run_fastnn(kind, backend, case, nshape, 1e-5)
+        assert out.shape == res_out.shape == dx.shape == dr.shape == shape
+        assert dw.shape == nshape and (db is None or db.shape == nshape)
 
 
 def check_grad_subsets(kind, backend, device):
@@ -421,3 +427,6 @@ def check_module_dropin(kind, device):
     theirs.load_state_dict(ours.state_dict())
     torch.testing.assert_close(ours(x), theirs(x))
     assert ours.state_dict().keys() == theirs.state_dict().keys()
+    # forward's first parameter has torch's name, so keyword calls work too.
+    first = "x" if kind == "rms" else "input"
+    torch.testing.assert_close(ours(**{first: x}), theirs(**{first: x}))

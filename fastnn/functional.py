@@ -81,6 +81,18 @@ def _rows(t, shape):
     return t.reshape(math.prod(t.shape[: t.dim() - len(shape)]), math.prod(shape))
 
 
+def _autocast_to_fp32(input):
+    """True inside torch.autocast on CUDA, where torch runs layer_norm and rms_norm in fp32 (its
+    autocast fp32 list: fp32 results from fp16 / bf16 inputs); the norms here do the same. torch
+    does not autocast them on the CPU."""
+    return input.is_cuda and torch.is_autocast_enabled("cuda")
+
+
+def _fp32(t):
+    """fp16 / bf16 / fp32 -> fp32; fp64 and None unchanged (torch's autocast leaves fp64 alone)."""
+    return t if t is None or t.dtype == torch.float64 else t.float()
+
+
 def _vector(t, n):
     """normalized_shape -> [N]."""
     return None if t is None else t.reshape(n)
@@ -95,6 +107,12 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     (rms_norm(input + residual), input + residual), the add fused into the kernel.
     """
     shape, n = _check_norm_args(input, normalized_shape, residual, [("weight", weight)])
+    if _autocast_to_fp32(input):
+        # As the unfused code under autocast: the add in the input's dtype, the norm in fp32.
+        if residual is not None:
+            s = input + residual
+            return rms_norm(_fp32(s), normalized_shape, _fp32(weight), eps), s
+        input, weight = _fp32(input), _fp32(weight)
     if eps is None:
         eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     backend = _backend.resolve("rms_norm", input.device.type)
@@ -115,6 +133,13 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
     shape, n = _check_norm_args(
         input, normalized_shape, residual, [("weight", weight), ("bias", bias)]
     )
+    if _autocast_to_fp32(input):
+        # As the unfused code under autocast: the add in the input's dtype, the norm in fp32.
+        if residual is not None:
+            s = input + residual
+            args = (normalized_shape, _fp32(weight), _fp32(bias), eps)
+            return layer_norm(_fp32(s), *args), s
+        input, weight, bias = _fp32(input), _fp32(weight), _fp32(bias)
     backend = _backend.resolve("layer_norm", input.device.type)
     out, residual_out, _, _ = ops.get(backend, "layer_norm_fwd")(
         _rows(input, shape),

@@ -100,3 +100,18 @@ def test_residual_returns_sum_and_norm():
     torch.testing.assert_close(out, F.rms_norm(x + r, (8,), w))
     out, s = FF.layer_norm(x, (8,), w, None, residual=r)
     torch.testing.assert_close(out, F.layer_norm(x + r, (8,), w))
+
+
+def test_autocast_policy_runs_the_norms_in_fp32(monkeypatch):
+    # The CUDA autocast policy (checked against torch under autocast in test_norms_gpu.py), with
+    # its switch forced on here: the norm of bf16 input in fp32, the fused add in bf16.
+    monkeypatch.setattr(FF, "_autocast_to_fp32", lambda input: True)
+    x, r = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
+    w, b = torch.randn(8), torch.randn(8)
+    out = FF.rms_norm(x, (8,), w.bfloat16())
+    torch.testing.assert_close(out, F.rms_norm(x.float(), (8,), w.bfloat16().float()))
+    out, s = FF.layer_norm(x, (8,), w, b, residual=r)
+    assert out.dtype == torch.float32 and s.dtype == torch.bfloat16 and torch.equal(s, x + r)
+    torch.testing.assert_close(out, F.layer_norm(s.float(), (8,), w, b))
+    x64 = x.double()  # fp64 stays fp64, as torch's autocast leaves it
+    assert FF.rms_norm(x64, (8,), w.double()).dtype == torch.float64

@@ -11,6 +11,8 @@ import torch
 from conftest import skip_unless_available
 from tolerances import FORWARD, INPUT_GRAD, PARAM_GRAD, RTOL, assert_rel_close
 
+import fastnn
+import fastnn.functional as FF
 from fastnn import ops
 from fastnn.reference import layer_norm as ref_ln
 from fastnn.reference import rms_norm as ref_rms
@@ -205,6 +207,31 @@ def test_zero_rows_and_zero_width(backend, kind):
     out, _, stats, dx, dw, _ = run(kind, backend, c, 1e-5)
     assert out.shape == dx.shape == (3, 0) and dw.shape == (0,)
     assert all(s.isnan().all() for s in stats)  # the mean of an empty row, as the reference
+
+
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_autocast_runs_the_norm_in_fp32_as_torch(backend, kind):
+    # torch's CUDA autocast runs layer_norm / rms_norm in fp32 (bf16 in, fp32 out); the fused
+    # residual add stays in the input's dtype, as the unfused `x + r` does under autocast.
+    skip_unless_available(backend, FAMILY[kind], "cuda")
+    c = make(kind, 16, 512, torch.bfloat16, pdtype=torch.float32)
+    x, r, w, b = c["x"], c["r"], c["w"], c["b"]
+    ours = (lambda t, **kw: FF.rms_norm(t, (512,), w, 1e-5, **kw)) if kind == "rms" else (
+        lambda t, **kw: FF.layer_norm(t, (512,), w, b, 1e-5, **kw)
+    )  # fmt: skip
+    theirs = (lambda t: torch.nn.functional.rms_norm(t, (512,), w, 1e-5)) if kind == "rms" else (
+        lambda t: torch.nn.functional.layer_norm(t, (512,), w, b, 1e-5)
+    )  # fmt: skip
+    with fastnn.use_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16):
+        out, (out_r, s) = ours(x), ours(x, residual=r)
+        ref, ref_s = theirs(x), x + r
+        ref_r = theirs(ref_s)
+    assert out.dtype == ref.dtype == torch.float32
+    assert out_r.dtype == torch.float32 and s.dtype == ref_s.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_r, ref_r, rtol=1e-5, atol=1e-5)
+    assert torch.equal(s, ref_s)
 
 
 @pytest.mark.parametrize("kind", ["rms", "ln"])

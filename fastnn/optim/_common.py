@@ -166,6 +166,11 @@ class FusedStepMixin:
         # Low-precision params with master weights keep fp32 moments too: a bf16 exp_avg_sq
         # cannot move by (1 - 0.999) of itself (below half a bf16 ulp, 2^-9).
         self._new_state(p, group, state, torch.float32 if master else None)
+        step = state["step"]
+        if isinstance(step, torch.Tensor) and not step.is_floating_point():
+            # An integer step from a state_dict (torch's for-loop accepts one); the kernels count
+            # in floating point, as torch.optim's own step tensors do.
+            state["step"] = step.to(_get_scalar_dtype(is_fused=group.get("fused")))
         if master and MASTER not in state:
             state[MASTER] = p.detach().to(torch.float32, copy=True)
 
@@ -205,6 +210,14 @@ class FusedStepMixin:
         view = kernel_view if special else _same
         states = [self.state[p] for p in params]
         pk = [view(p) for p in params]
+        # A param with gaps (a strided slice of a larger tensor): the kernels take dense tensors,
+        # so they update a dense copy (its state is dense too: zeros_like gives a contiguous
+        # tensor for it), written back after the op.
+        gapped = []
+        for i, p in enumerate(pk):
+            if not _is_dense(p):
+                gapped.append((p, p.contiguous()))
+                pk[i] = gapped[-1][1]
         gk, relaid = [], []
         for p, q in zip(pk, params, strict=True):
             g = view(q.grad)
@@ -221,10 +234,16 @@ class FusedStepMixin:
         lr, lr_tensor = lr_arguments(group["lr"], device)
         scale = _on(grad_scale, device)
         inf = _on(found_inf, device)
-        torch._foreach_add_(steps, 1)
         op = ops.get(_backend.resolve(self.FAMILY, device.type), self.OP)
         step_args = [steps] if use_steps else []
-        op(pk, gk, *lists, *step_args, master, lr_tensor, scale, inf, lr=lr, **kwargs)
+        torch._foreach_add_(steps, 1)
+        try:
+            op(pk, gk, *lists, *step_args, master, lr_tensor, scale, inf, lr=lr, **kwargs)
+        except BaseException:
+            torch._foreach_sub_(steps, 1)  # the op refused: the counts stay as they were
+            raise
+        for p, dense in gapped:
+            p.copy_(dense)
         if scale is not None:  # the op left grad / grad_scale in the grads it read
             for g, copy in relaid:
                 g.copy_(copy)
@@ -239,6 +258,22 @@ class FusedStepMixin:
                 )
             skipped = (inf != 0).to(steps[0].dtype)
             torch._foreach_sub_(steps, [skipped] * len(steps))
+
+
+def _is_dense(t):
+    """No gaps or overlaps: the dims (size-1 ones aside) ordered by stride tile memory exactly
+    (the C++ is_non_overlapping_and_dense, which Python tensors do not expose)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    dims = sorted(
+        (d for d in zip(t.shape, t.stride(), strict=True) if d[0] != 1), key=lambda d: d[1]
+    )
+    for size, stride in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _same(t):

@@ -160,6 +160,9 @@ def glu_family(gate, up=None, activation="silu", *, inplace_backward=False):
     `gate` holds [gate | up] (size 2H) and the result has last dim H. The result is contiguous,
     in gate's dtype. The backward recomputes act(gate) from the saved inputs.
 
+    The packed order is the LLaMA one, activation on the first half; torch.nn.functional.glu
+    activates the second half: F.glu(x) is glu_family(x[..., H:], x[..., :H], "sigmoid").
+
     inplace_backward=True (opt-in, eager mode) saves memory in the backward: it writes the
     gradients over gate and up (their values are gone afterwards) instead of allocating new
     tensors, and a second backward through the result raises. gate and up must not be leaf

@@ -115,3 +115,8 @@ def test_autocast_policy_runs_the_norms_in_fp32(monkeypatch):
     torch.testing.assert_close(out, F.layer_norm(s.float(), (8,), w, b))
     x64 = x.double()  # fp64 stays fp64, as torch's autocast leaves it
     assert FF.rms_norm(x64, (8,), w.double()).dtype == torch.float64
+
+
+def test_glu_family_sigmoid_relates_to_torch_glu_as_documented():
+    x = torch.randn(3, 10, dtype=torch.float64)
+    torch.testing.assert_close(FF.glu_family(x[:, 5:], x[:, :5], "sigmoid"), F.glu(x))

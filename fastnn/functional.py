@@ -206,12 +206,20 @@ def _glu_inplace_backward(gate, up, activation, backend):
             "(the compiler plans the backward's memory itself)"
         )
     for name, t in (("gate", gate), ("up", up)):
-        if t is not None and t.is_leaf and t.requires_grad:
+        # A view's memory is its base's: a slice of a parameter is a parameter too.
+        base = t if t is None or t._base is None else t._base
+        if base is not None and base.is_leaf and base.requires_grad:
+            what = "a leaf tensor" if base is t else "a view of a leaf tensor"
             raise RuntimeError(
-                f"fastnn: inplace_backward=True would write the gradient over {name}, a leaf "
-                "tensor that requires grad; pass a computed tensor (e.g. a Linear output) or "
-                "use inplace_backward=False"
+                f"fastnn: inplace_backward=True would write the gradient over {name}, {what} "
+                "that requires grad; pass a computed tensor (e.g. a Linear output) or use "
+                "inplace_backward=False"
             )
+    if up is not None and gate.data_ptr() == up.data_ptr() and up.numel() > 0:
+        raise RuntimeError(
+            "fastnn: inplace_backward=True would write both gradients over one memory (gate "
+            "and up alias each other); use inplace_backward=False"
+        )
     # Contiguous inputs so the kernel overwrites the very tensors it saved (a copy made here
     # is ours to overwrite).
     gate = gate.contiguous()

@@ -389,6 +389,28 @@ def test_inplace_backward_refuses_second_backward_and_leaves(backend):
             out.sum().backward()
         with pytest.raises(RuntimeError, match="leaf tensor"):
             FF.swiglu(x, x * 2.0, inplace_backward=True)
+        with pytest.raises(RuntimeError, match="a view of a leaf tensor"):
+            FF.swiglu(x[0], x[1] * 2.0, inplace_backward=True)
+        with pytest.raises(RuntimeError, match="a view of a leaf tensor"):
+            FF.swiglu(x.view(3, 2, 2), inplace_backward=True)  # packed
+        h = x * 1.0
+        with pytest.raises(RuntimeError, match="alias each other"):
+            FF.swiglu(h, h, inplace_backward=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_overwriting_a_saved_tensor_is_caught(backend):
+    # The in-place backward bumps the version counters of gate and up (the native ops too), so
+    # autograd refuses a backward that needs gate's old values elsewhere instead of using the
+    # gradient written over them.
+    skip_unless_available(backend, "glu", "cpu")
+    x = torch.randn(3, 4, requires_grad=True)
+    gate, up = x * 1.0, x * 2.0
+    saved = gate.sin()  # saves gate; its backward runs after the GLU's (created earlier)
+    with fastnn.use_backend(backend):
+        out = FF.swiglu(gate, up, inplace_backward=True) + saved
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -875,3 +875,18 @@ def test_a_refused_update_leaves_its_step_counts():
     with pytest.raises(RuntimeError, match="exp_avg"):
         opt.step()
     assert float(opt.state[p]["step"]) == 1
+
+
+@pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_bumps_versions_so_stale_graphs_are_refused(backend, cls):
+    # As with torch.optim: a graph that saved a param before step() refuses a second backward.
+    skip_unless_available(backend, cls.lower(), "cpu")
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = getattr(fastnn.optim, cls)([p], lr=0.1)
+    loss = (p * p).sum()
+    loss.backward(retain_graph=True)
+    with fastnn.use_backend(backend):
+        opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

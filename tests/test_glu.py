@@ -128,6 +128,25 @@ def test_extreme_gates_finite(backend, activation, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_nan_gates_and_ups_as_torch(backend, activation):
+    """NaN where torch's autograd of act(g) * u has NaN, and nowhere else: a NaN gate (also
+    through the gelu_tanh clamp), a NaN up beside a relu gate of 0 (torch's relu backward is a
+    select). Infinite gates aside: there the kernels give the derivative's limits."""
+    skip_unless_available(backend, "glu", "cpu")
+    nan = float("nan")
+    g0 = torch.tensor([nan, 1.0, -30.0, 30.0, 0.0, -1.0, nan])
+    u0 = torch.tensor([1.0, 2.0, 0.5, -1.0, nan, 2.0, nan])
+    g, u = g0.clone().requires_grad_(), u0.clone().requires_grad_()
+    eager(g, u, activation).sum().backward()
+    ref = (eager(g0, u0, activation), g.grad, u.grad)
+    out = ops.get(backend, "glu_fwd")(g0, u0, activation)
+    dg, du = ops.get(backend, "glu_bwd")(torch.ones(7), g0, u0, activation)
+    for what, mine, theirs in zip(("out", "grad_gate", "grad_up"), (out, dg, du), ref, strict=True):
+        assert torch.equal(mine.isnan(), theirs.isnan()), (what, mine, theirs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     """Transposed gate, strided-slice up, a packed input from a transposed buffer and a
     non-contiguous grad_out: equal to the contiguous result."""

@@ -890,3 +890,18 @@ def test_step_bumps_versions_so_stale_graphs_are_refused(backend, cls):
         opt.step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_amsgrad_keeps_a_nan_in_max_exp_avg_sq_as_torch(backend):
+    skip_unless_available(backend, "adam", "cpu")
+    ours, ref = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = Adam([ours], lr=0.1, amsgrad=True)
+    ref_opt = torch.optim.Adam([ref], lr=0.1, amsgrad=True, foreach=False)
+    for grads in ([1.0, 1.0, 1.0], [float("nan"), 1.0, 1.0]):
+        ours.grad, ref.grad = torch.tensor(grads), torch.tensor(grads)
+        with fastnn.use_backend(backend):
+            opt.step()
+        ref_opt.step()
+    mine, theirs = opt.state[ours]["max_exp_avg_sq"], ref_opt.state[ref]["max_exp_avg_sq"]
+    assert torch.equal(mine.isnan(), theirs.isnan()) and theirs.isnan().any()

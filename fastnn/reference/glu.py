@@ -21,7 +21,7 @@ def activation_and_derivative(x, activation):
         s = torch.sigmoid(x)
         return s, s * (1 - s)
     if activation == "relu":
-        return torch.relu(x), (x > 0).to(x.dtype)
+        return torch.relu(x), torch.where(x <= 0, 0.0, 1.0).to(x.dtype)  # NaN: 1, as torch
     if activation == "gelu":
         cdf = 0.5 * (1 + torch.erf(x * math.sqrt(0.5)))
         pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
@@ -102,9 +102,12 @@ def glu_bwd(grad_out, gate, up, activation):
     _check_pair(gate, up)
     _check_grad(grad_out, gate, gate.shape)
     cdt = compute_dtype(gate.dtype)
-    act, dact = activation_and_derivative(gate.to(cdt), activation)
-    dh = grad_out.to(cdt)
-    dg = (dh * up.to(cdt) * dact).to(gate.dtype)
+    g, dh = gate.to(cdt), grad_out.to(cdt)
+    act, dact = activation_and_derivative(g, activation)
+    if activation == "relu":  # a select, as torch's relu backward (0 at g <= 0 even for u = NaN)
+        dg = torch.where(g <= 0, 0.0, dh * up.to(cdt)).to(gate.dtype)
+    else:
+        dg = (dh * up.to(cdt) * dact).to(gate.dtype)
     return dg.contiguous(), (dh * act).to(up.dtype).contiguous()
 
 

@@ -57,7 +57,7 @@ def _adam_tile(
     v = v * beta2 + one_minus_beta2 * (g * g)
     if AMSGRAD:
         vmax = tl.load(vmax_ptr + offs, mask=mask).to(CDT)
-        vmax = tl.maximum(vmax, v)
+        vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)  # NaN stays, as torch
         tl.store(vmax_ptr + offs, vmax.to(VMAX_T), mask=mask)
         denom = div_ieee(sqrt_ieee(vmax, CDT), bias_correction2_sqrt, CDT) + eps
     else:

@@ -47,7 +47,9 @@ def _gelu_tanh_arg(x):
     # 2y = 2 k0 (x + k1 x^3) on x clamped to [-22, 22]: beyond it exp(-2|y|) < exp(-795)
     # underflows to 0 even in fp64, so sigmoid(2y) is exactly 0 or 1 either way, and the clamp
     # keeps x^3 from overflowing into inf * 0 (see activations.h).
-    xc = tl.minimum(tl.maximum(x, -22.0), 22.0)
+    # (PropagateNan.ALL: the default min / max return the non-NaN operand, losing a NaN gate.)
+    nan = tl.PropagateNan.ALL
+    xc = tl.minimum(tl.maximum(x, -22.0, propagate_nan=nan), 22.0, propagate_nan=nan)
     return xc, 2.0 * 0.7978845608028654 * xc * (1.0 + 0.044715 * xc * xc)  # sqrt(2/pi)
 
 
@@ -146,7 +148,11 @@ def _glu_bwd_kernel(
     g = tl.load(g_ptr + in_offs, mask=mask, other=0.0).to(COMPUTE)
     u = tl.load(u_ptr + in_offs, mask=mask, other=0.0).to(COMPUTE)
     a, da = _act_grad(g, ACT)
-    tl.store(dg_ptr + in_offs, (dh * u * da).to(dg_ptr.dtype.element_ty), mask=mask)
+    if ACT == 3:  # relu: a select, as torch's relu backward (0 at g <= 0 even for u = NaN)
+        dg = tl.where(g <= 0, 0.0, dh * u)
+    else:
+        dg = dh * u * da
+    tl.store(dg_ptr + in_offs, dg.to(dg_ptr.dtype.element_ty), mask=mask)
     tl.store(du_ptr + in_offs, (dh * a).to(du_ptr.dtype.element_ty), mask=mask)
 
 

@@ -17,6 +17,7 @@ kernel, its tile loop and its update math.
 """
 
 import collections
+import contextlib
 import os
 
 import torch
@@ -294,28 +295,31 @@ def launch(
             row[k] = v
         flat.append(row)
     groups = dtype_groups(len(live), [[r[k] for r in flat] if lists[k] else [] for k in range(6)])
-    for sig, idx in groups.items():
-        addrs = [[t.data_ptr() if t is not None else 0 for t in flat[j]] for j in idx]
-        sizes = [d.itemsize if d else 4 for d in sig]
-        numels = [flat[j][0].numel() for j in idx]
-        table, is_aligned = chunk_table(addrs, sizes, numels, idx, device, chunk)
-        types = {name: triton_dtype(d) for name, d in zip(type_names, sig, strict=True)}
-        kernel[(table.shape[0],)](
-            table,
-            lr_ptr,
-            scale,
-            inf,
-            *args,
-            **types,
-            CDT=triton_dtype(cdt),
-            HAS_LR_PTR=lr_ptr is not None,
-            HAS_SCALE=scale is not None,
-            HAS_INF=inf is not None,
-            HAS_MASTER=bool(lists[5]),
-            **constexprs,
-            ALIGNED=is_aligned,
-            BLOCK=block,
-            num_warps=num_warps,
-        )
+    # Triton launches on torch's current device and stream: make them the tensors' (params on
+    # cuda:1 while cuda:0 is current, in one process).
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for sig, idx in groups.items():
+            addrs = [[t.data_ptr() if t is not None else 0 for t in flat[j]] for j in idx]
+            sizes = [d.itemsize if d else 4 for d in sig]
+            numels = [flat[j][0].numel() for j in idx]
+            table, is_aligned = chunk_table(addrs, sizes, numels, idx, device, chunk)
+            types = {name: triton_dtype(d) for name, d in zip(type_names, sig, strict=True)}
+            kernel[(table.shape[0],)](
+                table,
+                lr_ptr,
+                scale,
+                inf,
+                *args,
+                **types,
+                CDT=triton_dtype(cdt),
+                HAS_LR_PTR=lr_ptr is not None,
+                HAS_SCALE=scale is not None,
+                HAS_INF=inf is not None,
+                HAS_MASTER=bool(lists[5]),
+                **constexprs,
+                ALIGNED=is_aligned,
+                BLOCK=block,
+                num_warps=num_warps,
+            )
     for original, copy in write_back:
         original.copy_(copy)

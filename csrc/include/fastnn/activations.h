@@ -168,7 +168,11 @@ template <Activation A, typename T>
 FASTNN_HD void glu_bwd_elem(T dh, T g, T u, T& dg, T& du) {
   T a, da;
   glu_act_grad<A>(g, a, da);
-  dg = dh * u * da;
+  if constexpr (A == Activation::kRelu) {
+    dg = g <= T(0) ? T(0) : dh * u;  // a select, as torch's relu backward: 0 even for u = NaN
+  } else {
+    dg = dh * u * da;
+  }
   du = dh * a;
 }
 

@@ -168,9 +168,11 @@ constexpr int kSmemReserve = 4096;
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The least power of two >= v, at most 2^30 (callers clamp to a thread count; an int doubling
+// past v > 2^31 would overflow and never end).
 inline int pow2_at_least(int64_t v) {
   int p = 1;
-  while (p < v) p *= 2;
+  while (p < v && p < (1 << 30)) p *= 2;
   return p;
 }
 

@@ -15,12 +15,14 @@ What it replaces:
   RMSNorm with that weight and eps -> `fastnn.RMSNorm` holding the same weight.
 
 No other library is imported. Every structural match is verified before it is swapped: the old
-forward and fastnn's are run on a probe input (without hooks, under no_grad) and must agree within
-the forward tolerance of the parameters' dtype; look-alikes that compute something else (Gemma's
-(1 + weight) scale, eps outside the square root, dropout in training mode) are left alone and
-listed in the report's `skipped`. The probe for norms uses a random weight (swapped in for the
-call, the module's own tensor is never written) and rows with mean square near eps, so a formula
-that matches only at weight = 1 or only far from eps is not mistaken for RMSNorm.
+forward and fastnn's are run on a probe input (without hooks, under no_grad, in training and in
+eval mode) and must agree within the forward tolerance of the parameters' dtype; look-alikes that
+compute something else (Gemma's (1 + weight) scale, eps outside the square root, dropout in
+either mode) are left alone and listed in the report's `skipped`. The probes use random weights
+(swapped in for the call, the module's own tensors are never written): for norms with rows of
+mean square near eps, so a formula that matches only at weight = 1 or only far from eps is not
+mistaken for RMSNorm; for MLPs because zero-initialised projections would make any activation
+agree.
 
 Patch before wrapping the model in DDP / FSDP or compiling it. Outputs keep their dtype rules:
 fastnn's norms return the input's dtype, as torch.nn.RMSNorm does.
@@ -109,6 +111,20 @@ def _instance_forward(module):
     return "forward" in vars(module)
 
 
+def _forward_both_modes(module, x):
+    """module.forward(x) in training mode, then in eval mode (no grad, the modes of module and
+    its children restored after, and the RNG state too: dropout draws from it), so that what
+    differs between the modes (dropout) shows up whatever mode the model is in now."""
+    modes = [(m, m.training) for m in module.modules()]
+    cuda = [x.device] if x.device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            return [module.train(mode).forward(x) for mode in (True, False)]
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 # ---- RMSNorm-like modules of other libraries --------------------------------------------------
 
 
@@ -148,23 +164,26 @@ def _verify_rms_norm(module):
     original = module._parameters["weight"]
     module._parameters["weight"] = nn.Parameter(probe_weight, requires_grad=False)
     try:
-        with torch.no_grad():
-            theirs = module.forward(x)
+        outputs = _forward_both_modes(module, x)
     except Exception as e:  # any forward that cannot take [rows, N] is not one we can replace
         return f"its forward failed on a [4, {n}] probe ({type(e).__name__}: {e})"
     finally:
         module._parameters["weight"] = original
-    if not isinstance(theirs, torch.Tensor) or theirs.shape != x.shape:
-        return "its forward does not return one tensor of the input's shape"
-    if theirs.dtype != x.dtype:
-        return f"its forward returns {theirs.dtype} for {x.dtype} input; fastnn returns {x.dtype}"
     with torch.no_grad():
         ours = F.rms_norm(x, (n,), probe_weight, eps)
-    err, tol = _rel_error(theirs, ours), _probe_rtol(x.dtype)
-    if not err <= tol:
-        return (
-            f"its forward is not RMSNorm(weight, eps={eps:g}): relative error {err:.2e} > {tol:g}"
-        )
+    for theirs, mode in zip(outputs, ("training", "eval"), strict=True):
+        if not isinstance(theirs, torch.Tensor) or theirs.shape != x.shape:
+            return "its forward does not return one tensor of the input's shape"
+        if theirs.dtype != x.dtype:
+            return (
+                f"its forward returns {theirs.dtype} for {x.dtype} input; fastnn returns {x.dtype}"
+            )
+        err, tol = _rel_error(theirs, ours), _probe_rtol(x.dtype)
+        if not err <= tol:
+            return (
+                f"its forward in {mode} mode is not RMSNorm(weight, eps={eps:g}): relative "
+                f"error {err:.2e} > {tol:g}"
+            )
     return None
 
 
@@ -211,26 +230,39 @@ def _swiglu_mlp_forward(gate_proj, up_proj, down_proj, x):
 
 
 def _verify_llama_mlp(module):
-    """None when module.forward computes down(silu(gate(x)) * up(x)), else why not."""
+    """None when module.forward computes down(silu(gate(x)) * up(x)), else why not. Probed with
+    random weights swapped in for the call (the module's own tensors are never written): with
+    its real ones, zero-initialised down_proj or up_proj weights would make any activation
+    agree."""
     w = module.gate_proj.weight
     if w.is_meta:
         return "its weights are on the meta device; cannot probe it"
     x = _randn((3, module.gate_proj.in_features), w, seed=2)
+    linears = [getattr(module, name) for name in _MLP_LINEARS]
+    originals = [dict(lin._parameters) for lin in linears]
+    for seed, lin in enumerate(linears, start=3):
+        for name, p in originals[seed - 3].items():
+            if p is not None:  # weights scaled as Linear's init, so activations stay O(1)
+                probe = _randn(p.shape, p, seed=seed * 2 + (name == "bias"))
+                lin._parameters[name] = nn.Parameter(probe / math.sqrt(lin.in_features), False)
     try:
+        outputs = _forward_both_modes(module, x)
         with torch.no_grad():
-            theirs = module.forward(x)
+            ours = _swiglu_mlp_forward(*linears, x)
     except Exception as e:
         return f"its forward failed on a [3, {x.shape[1]}] probe ({type(e).__name__}: {e})"
-    if not isinstance(theirs, torch.Tensor) or theirs.shape != x.shape:
-        return "its forward does not return one tensor of the input's shape"
-    with torch.no_grad():
-        ours = _swiglu_mlp_forward(module.gate_proj, module.up_proj, module.down_proj, x)
-    err, tol = _rel_error(theirs, ours), _probe_rtol(x.dtype)
-    if not err <= tol:
-        return (
-            "its forward is not down_proj(silu(gate_proj(x)) * up_proj(x)): relative error "
-            f"{err:.2e} > {tol:g}"
-        )
+    finally:
+        for lin, params in zip(linears, originals, strict=True):
+            lin._parameters.update(params)
+    for theirs, mode in zip(outputs, ("training", "eval"), strict=True):
+        if not isinstance(theirs, torch.Tensor) or theirs.shape != x.shape:
+            return "its forward does not return one tensor of the input's shape"
+        err, tol = _rel_error(theirs, ours), _probe_rtol(x.dtype)
+        if not err <= tol:
+            return (
+                f"its forward in {mode} mode is not down_proj(silu(gate_proj(x)) * up_proj(x)): "
+                f"relative error {err:.2e} > {tol:g}"
+            )
     return None
 
 

@@ -230,8 +230,22 @@ def test_look_alikes_that_cannot_be_replaced_safely_are_left_alone():
     report = patch(model)
     assert [r.path for r in report] == ["ln"]
     assert "overridden on the instance" in dict(report.skipped)["wrapped"]
-    mlp.eval()  # no dropout in eval mode: now it is a LLaMA MLP
-    assert [r.path for r in patch(model, norms=False)] == ["mlp"]
+    mlp.eval()  # no dropout now, but .train() would bring it back: still left alone
+    report = patch(model, norms=False)
+    assert len(report) == 0 and "in training mode" in dict(report.skipped)["mlp"]
+    assert not mlp.training  # the probe restored the mode
+
+
+def test_mlp_probe_does_not_trust_zero_initialised_weights():
+    # Zero-initialised down_proj (or up_proj) weights make any activation's output 0, as
+    # SwiGLU's: the probe swaps in random weights, so a GELU MLP is still told apart.
+    for zeroed in ("down_proj", "up_proj"):
+        mlp = ThirdPartyMLP(8, 16, act=nn.GELU())
+        nn.init.zeros_(getattr(mlp, zeroed).weight)
+        model = nn.ModuleDict({"mlp": mlp})
+        report = patch(model)
+        assert len(report) == 0 and "not down_proj(silu" in dict(report.skipped)["mlp"]
+        assert torch.count_nonzero(getattr(mlp, zeroed).weight) == 0  # its own weight kept
 
 
 def test_rejects_non_modules():

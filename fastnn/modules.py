@@ -63,7 +63,9 @@ class SwiGLUMLP(nn.Module):
     bias=True): a fused module's state_dict holds the two halves of the fused weight (views, as
     a state_dict shares parameter memory), and load_state_dict takes the separate keys and
     copies them into the halves. So checkpoints move freely between fused and unfused modules
-    and to and from other LLaMA implementations; only named_parameters() differs.
+    and to and from other LLaMA implementations; only named_parameters() differs, which is why
+    torch.distributed.checkpoint's get_model_state_dict (it maps state_dict keys to parameters)
+    refuses a fused module: use fused_gate_up=False with it.
 
     inplace_backward=True writes the GLU's gradients over the gate / up projections' outputs
     in the backward (they are dead by then): two [..., intermediate_size] tensors fewer at the

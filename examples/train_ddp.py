@@ -186,11 +186,18 @@ class CharData:
         n_val = max(int(len(ids) * val_fraction), 1)
         self.train, self.val = ids[:-n_val], ids[-n_val:]
 
+    def check_windows(self, seq_len):
+        """Exits, before any training, when a split is too short for one window of seq_len."""
+        for split, data in (("training", self.train), ("validation", self.val)):
+            if len(data) <= seq_len + 1:
+                raise SystemExit(
+                    f"the {split} text has {len(data)} characters; --seq-len {seq_len} needs "
+                    f"more than {seq_len + 1}"
+                )
+
     def batch(self, split, seed, step, rank, batch_size, seq_len, device):
         """(x, y): [batch_size, seq_len] int64 windows of `split` and the same shifted by one."""
         data = self.train if split == "train" else self.val
-        if len(data) <= seq_len + 1:
-            raise SystemExit(f"the {split} text has {len(data)} characters; need > {seq_len + 1}")
         g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 65_537 + rank) % 2**63)
         starts = torch.randint(len(data) - seq_len - 1, (batch_size,), generator=g)
         windows = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()])
@@ -467,6 +474,7 @@ def train(args, device, rank, world):
     else:
         text = corpus.generate(args.corpus_chars, seed=0)
     data = CharData(text)
+    data.check_windows(args.seq_len)
     cfg = Config(
         vocab_size=len(data.vocab),
         dim=args.dim,
@@ -531,8 +539,11 @@ def train(args, device, rank, world):
     if rank == 0:
         if end < args.steps:
             print(f"stopped after step {end} of {args.steps}; continue with --resume")
+        if end == start:
+            print(f"no training steps to run: the checkpoint is at step {start} of {args.steps}")
         for name, r in results.items():
-            print(f"{name}: train loss {r['train_loss']:.4f}, validation loss {r['val_loss']:.4f}")
+            train = "" if end == start else f"train loss {r['train_loss']:.4f}, "
+            print(f"{name}: {train}validation loss {r['val_loss']:.4f}")
         if args.compare and "median_step_s" in results["fastnn"]:
             fa, to = results["fastnn"], results["torch"]
             print(

@@ -219,3 +219,7 @@ def test_corpus_is_deterministic_and_batches_depend_only_on_seed_step_rank(examp
     x2, y2 = data.batch("train", 0, 3, 1, 4, 16, torch.device("cpu"))
     assert torch.equal(x, x2) and torch.equal(x[:, 1:], y[:, :-1])
     assert not torch.equal(x, data.batch("train", 0, 3, 0, 4, 16, torch.device("cpu"))[0])
+    # A split too short for one window is refused before training, naming the split.
+    data.check_windows(16)
+    with pytest.raises(SystemExit, match="validation text has"):
+        data.check_windows(len(data.val))

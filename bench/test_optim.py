@@ -82,6 +82,22 @@ def unavailable(impl, variant, dtype_name):
     return None
 
 
+def check_first_step(params, before, torch_cls, kwargs, impl):
+    """Wiring check, before timing so a wrong step gets no numbers: every param moved, and in
+    fp32 / fp64 by torch's for-loop step (the updates agree to 1e-4 relative; fastnn's math is
+    fp32, torch's for-loop rounds bf16 params' math to bf16, so there only the moving counts)."""
+    ref = [b.clone().requires_grad_(True) for b in before]
+    for r, p in zip(ref, params, strict=True):
+        r.grad = p.grad.clone()
+    torch_cls(ref, **kwargs, foreach=False).step()
+    for i, (p, b, r) in enumerate(zip(params, before, ref, strict=True)):
+        moved = (p.detach() - b).double()
+        assert moved.count_nonzero() > 0, f"{impl}: param {i} {list(p.shape)} did not move"
+        if p.dtype in (torch.float32, torch.float64):
+            err = harness.tolerances.rel_error(moved, (r.detach() - b).double())
+            assert err <= 1e-4, f"{impl}: param {i} update off by {err:.1e} from torch's"
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("variant,dtype_name", CASES[harness.profile()])
 def test_step(benchmark, variant, dtype_name, impl):
@@ -111,8 +127,11 @@ def test_step(benchmark, variant, dtype_name, impl):
             opt = torch_cls(params, **kwargs, **mode.get(impl, {"foreach": True}))
             step = torch.compile(opt.step) if impl == "compile" else opt.step
 
+        before = [p.detach().clone() for p in params] if impl.startswith("fastnn-") else None
         step()  # creates the state (and compiles): out of the timing, even in smoke runs
         assert all(torch.isfinite(p).all() for p in params[:3]), f"{impl}: non-finite params"
+        if before is not None:
+            check_first_step(params, before, torch_cls, kwargs, impl)
         info = {
             "op": variant,
             "mode": "step",

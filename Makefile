@@ -45,7 +45,9 @@ format: .venv/.deps-stamp
 	.venv/bin/clang-format -i $(CXX_SOURCES)
 
 # The whole suite on the CPU, Triton kernels under the interpreter (tests/conftest.py sets it).
+# The extension must load: without it every native test would skip and the run still pass.
 test: setup lint
+	$(PY) -c "from fastnn import _extension as e; assert e.load(), e.error(); print('extension:', e.build_info().VARIANT)"
 	$(PY) -m pytest -q -ra tests
 	$(PY) -m pytest -q bench --benchmark-disable
 

@@ -36,9 +36,9 @@ from setuptools.command.build_py import build_py as _build_py
 ROOT = Path(__file__).resolve().parent
 # Ampere (A100, A10/3090), Ada (L4/4090), Hopper (H100/H200), plus PTX for newer cards to JIT.
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
-# A pure-Python install works with any torch that has the torch.library API fastnn uses; only
-# 2.14 is tested, so that is the floor until CI covers older ones.
-PURE_TORCH_REQUIREMENT = "torch>=2.14"
+# A pure-Python install works with any torch that has the torch.library API fastnn uses: tested
+# with 2.14 and 2.13 (CI) and 2.11 (the GPU machines' torch), so 2.11 is the floor.
+PURE_TORCH_REQUIREMENT = "torch>=2.11"
 BUILD_INFO = ("fastnn", "_build_info")  # package, module: written by the build, never copied
 
 
@@ -157,6 +157,24 @@ class build_py(_build_py):
             )
 
 
+SDIST = "sdist" in sys.argv  # a source archive: no binary, so no build-specific version label
+
+
+def _refuse_isolated_build(torch):
+    """pip's build isolation (and `python -m build`'s) installs the newest torch into a throwaway
+    environment; an extension compiled there would require that torch, not the user's."""
+    where = os.path.dirname(torch.__file__)
+    isolated = "pip-build-env" in where or f"{os.sep}build-env-" in where
+    if isolated and not SDIST and _flag("FASTNN_ALLOW_BUILD_ISOLATION", "0") != "1":
+        sys.exit(
+            f"fastnn: this build runs in an isolated environment whose torch ({torch.__version__}, "
+            f"{where}) is not the one you will run with, and the extension is tied to the torch "
+            "it is built against. Build against your torch: pip install --no-build-isolation . "
+            "(with setuptools, wheel and ninja installed), or FASTNN_NO_EXTENSION=1 for a "
+            "pure-Python install; FASTNN_ALLOW_BUILD_ISOLATION=1 builds here anyway."
+        )
+
+
 def _extensions():
     """(ext_modules, cmdclass, facts) for this build."""
     facts = {
@@ -180,6 +198,8 @@ def _extensions():
     _use_a_shared_libstdcxx_compiler()
     import torch
     from torch.utils import cpp_extension
+
+    _refuse_isolated_build(torch)
 
     with_cuda = build_cuda != "0" and torch.version.cuda is not None and cuda_home is not None
     if build_cuda == "1" and not with_cuda:
@@ -233,7 +253,7 @@ def _extensions():
 
 def _version(facts):
     """The base version plus a local label naming what a binary build is built against."""
-    if facts["VARIANT"] == "pure":
+    if facts["VARIANT"] == "pure" or SDIST:
         return _base_version()
     torch_mm = ".".join(facts["TORCH_VERSION"].split("+")[0].split(".")[:2])
     device = "cu" + facts["CUDA_VERSION"].replace(".", "") if facts["CUDA_VERSION"] else "cpu"

@@ -9,13 +9,17 @@ crashes). Checking first turns that into a sentence that says what to install.
 """
 
 import importlib
+import warnings
 
 import torch
 
 _error = None  # why the extension is unavailable, once load() has failed
 _loaded = False
 
-REBUILD = "pip install --no-build-isolation --force-reinstall --no-deps ."
+REBUILD = (
+    "`make build` in a source checkout, or `pip install --no-build-isolation --force-reinstall "
+    "--no-deps .` from a source tree (wheel users: install the fastnn wheel built for this torch)"
+)
 
 
 def build_info():
@@ -91,18 +95,27 @@ def load():
     info = build_info()
     if info is not None:
         _error = mismatch(info)
-        if _error is not None:
-            return False
     try:
-        importlib.import_module("fastnn._C")
+        if _error is None:
+            importlib.import_module("fastnn._C")
     except ImportError as e:
         if info is None:
             _error = (
-                "the fastnn._C extension is not built (pure-Python install); build it with "
-                f"`make setup` or `{REBUILD}`"
+                "the fastnn._C extension is not built (pure-Python install); build it: "
+                f"`make setup` or {REBUILD}"
             )
         else:
             _error = f"the fastnn._C extension failed to load: {e}; rebuild it: {REBUILD}"
+    if _error is not None and info is not None:
+        # A built extension that cannot load is a broken install, not a choice: say so once
+        # instead of running every op on the (slow) torch backend unannounced.
+        warnings.warn(
+            f"fastnn: native kernels unavailable, `auto` uses the other backends: {_error}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    if _error is not None:
         return False
     _loaded = True
     return True

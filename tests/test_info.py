@@ -210,7 +210,11 @@ def forged_copy(tmp_path):
 def test_forged_torch_mismatch_gives_readable_error(forged_copy):
     where, forged = forged_copy
     code = (
-        "import sys, torch, fastnn\n"
+        "import sys, torch, warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fastnn\n"
+        "print('WARNED', any('native kernels unavailable' in str(w.message) for w in caught))\n"
         "from fastnn import _extension\n"
         "print('LOCATION', fastnn.__file__)\n"
         "print('LOADED', _extension.load(), 'fastnn._C' in sys.modules)\n"
@@ -227,6 +231,7 @@ def test_forged_torch_mismatch_gives_readable_error(forged_copy):
     lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
     assert lines["LOCATION"] == str(where / "fastnn" / "__init__.py")
     assert lines["LOADED"] == "False False"  # refused before importing fastnn._C
+    assert lines["WARNED"] == "True"  # said once at import, not only by `fastnn info`
     error = lines["ERROR"]
     assert f"built against torch {forged}" in error and torch.__version__ in error
     assert "undefined symbol" not in error

@@ -143,6 +143,11 @@ def test_info_forced_backend_that_cannot_run_says_why(monkeypatch):
         ("9.0a", (9, 0), True),
         ("9.0a", (10, 0), False),
         ("9.0", (9, 0), True),
+        ("9.0a+PTX", (12, 0), False),  # compute_90a PTX runs on 9.0 only
+        ("Ampere;Hopper", (9, 0), True),  # torch's arch names
+        ("Ampere", (8, 9), True),  # sm_86 code
+        ("Ampere", (12, 0), True),  # compute_86 PTX
+        ("Turing", (7, 0), False),
     ],
 )
 def test_arch_coverage(entry, capability, covered):

@@ -125,6 +125,24 @@ def _forward_both_modes(module, x):
             m.training = mode
 
 
+def _mismatch(outputs, ours, x, formula, same_dtype=False):
+    """None when both probe outputs (training, eval mode) are `ours` within the dtype's
+    tolerance (and of x's dtype, when same_dtype), else why not."""
+    for theirs, mode in zip(outputs, ("training", "eval"), strict=True):
+        if not isinstance(theirs, torch.Tensor) or theirs.shape != x.shape:
+            return "its forward does not return one tensor of the input's shape"
+        if same_dtype and theirs.dtype != x.dtype:
+            return (
+                f"its forward returns {theirs.dtype} for {x.dtype} input; fastnn returns {x.dtype}"
+            )
+        err, tol = _rel_error(theirs, ours), _probe_rtol(x.dtype)
+        if not err <= tol:
+            return (
+                f"its forward in {mode} mode is not {formula}: relative error {err:.2e} > {tol:g}"
+            )
+    return None
+
+
 # ---- RMSNorm-like modules of other libraries --------------------------------------------------
 
 
@@ -171,20 +189,7 @@ def _verify_rms_norm(module):
         module._parameters["weight"] = original
     with torch.no_grad():
         ours = F.rms_norm(x, (n,), probe_weight, eps)
-    for theirs, mode in zip(outputs, ("training", "eval"), strict=True):
-        if not isinstance(theirs, torch.Tensor) or theirs.shape != x.shape:
-            return "its forward does not return one tensor of the input's shape"
-        if theirs.dtype != x.dtype:
-            return (
-                f"its forward returns {theirs.dtype} for {x.dtype} input; fastnn returns {x.dtype}"
-            )
-        err, tol = _rel_error(theirs, ours), _probe_rtol(x.dtype)
-        if not err <= tol:
-            return (
-                f"its forward in {mode} mode is not RMSNorm(weight, eps={eps:g}): relative "
-                f"error {err:.2e} > {tol:g}"
-            )
-    return None
+    return _mismatch(outputs, ours, x, f"RMSNorm(weight, eps={eps:g})", same_dtype=True)
 
 
 def _new_rms_norm(module):
@@ -254,16 +259,7 @@ def _verify_llama_mlp(module):
     finally:
         for lin, params in zip(linears, originals, strict=True):
             lin._parameters.update(params)
-    for theirs, mode in zip(outputs, ("training", "eval"), strict=True):
-        if not isinstance(theirs, torch.Tensor) or theirs.shape != x.shape:
-            return "its forward does not return one tensor of the input's shape"
-        err, tol = _rel_error(theirs, ours), _probe_rtol(x.dtype)
-        if not err <= tol:
-            return (
-                f"its forward in {mode} mode is not down_proj(silu(gate_proj(x)) * up_proj(x)): "
-                f"relative error {err:.2e} > {tol:g}"
-            )
-    return None
+    return _mismatch(outputs, ours, x, "down_proj(silu(gate_proj(x)) * up_proj(x))")
 
 
 def _new_swiglu_mlp(module):

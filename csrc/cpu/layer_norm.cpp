@@ -15,7 +15,6 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <memory>
 #include <tuple>
 
 #include "fastnn/checks.h"
@@ -46,9 +45,9 @@ struct FwdRows {
   static FASTNN_ALWAYS_INLINE void run(const FwdArgs<T, A>& a, int64_t begin, int64_t end) {
     constexpr bool kSame = std::is_same_v<T, A>;
     const int64_t n = a.n;
-    std::unique_ptr<A[]> scratch(kSame ? nullptr : new A[2 * n]);
-    A* xb = scratch.get();  // not restrict: the lowp residual path adds into it in place
-    A* rb = kSame ? nullptr : xb + n;
+    const ScratchRows<T, A> scratch(2, n);
+    A* xb = scratch.row(0);  // not restrict: the lowp residual path adds into it in place
+    A* rb = scratch.row(1);
     const A* __restrict__ w = a.w;
     const A* __restrict__ bias = a.b;
     const A inv_n = A(1) / static_cast<A>(n);
@@ -100,10 +99,10 @@ struct BwdBlocks {
     constexpr int64_t W = kVecWidth<A>, kStep = 2 * W;
     constexpr bool kSame = std::is_same_v<T, A>;
     const int64_t n = a.n;
-    std::unique_ptr<A[]> scratch(kSame ? nullptr : new A[3 * n]);
-    A* xb = scratch.get();
-    A* db = kSame ? nullptr : xb + n;
-    A* rb = kSame ? nullptr : db + n;
+    const ScratchRows<T, A> scratch(3, n);
+    A* xb = scratch.row(0);
+    A* db = scratch.row(1);
+    A* rb = scratch.row(2);
     const A* __restrict__ w = a.w;
     const A inv_n = A(1) / static_cast<A>(n);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {

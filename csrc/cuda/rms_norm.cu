@@ -353,14 +353,7 @@ __global__ void __launch_bounds__(kColThreads)
   for (int j = 0; j < VEC; ++j) dw[j] = 0;
   for (int64_t base = blockIdx.y; base < a.rows; base += kColRows * groups) {
     Vec<T, VEC> x[kColRows], dy[kColRows];
-#pragma unroll
-    for (int r = 0; r < kColRows; ++r) {
-      const int64_t row = base + r * groups;
-      if (row < a.rows) {
-        x[r] = load_vec<T, VEC>(a.x + row * a.n + col);
-        dy[r] = load_vec<T, VEC>(a.dy + row * a.n + col);
-      }
-    }
+    load_col_rows(a.x, a.dy, base, groups, a.rows, a.n, col, x, dy);
 #pragma unroll
     for (int r = 0; r < kColRows; ++r) {
       const int64_t row = base + r * groups;

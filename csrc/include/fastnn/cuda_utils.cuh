@@ -211,6 +211,23 @@ constexpr int kRowDotThreads = 512;
 constexpr int kColThreads = 256;
 constexpr int kColRows = 4;
 
+// A column-tier thread's loads: x and dy at column `col` of rows base, base + groups, ...
+// (kColRows of them; those past `rows` are left unset), all issued before any is used.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_col_rows(const T* x, const T* dy, int64_t base, int64_t groups,
+                                              int64_t rows, int64_t n, int64_t col,
+                                              Vec<T, VEC> (&xs)[kColRows],
+                                              Vec<T, VEC> (&dys)[kColRows]) {
+#pragma unroll
+  for (int r = 0; r < kColRows; ++r) {
+    const int64_t row = base + r * groups;
+    if (row < rows) {
+      xs[r] = load_vec<T, VEC>(x + row * n + col);
+      dys[r] = load_vec<T, VEC>(dy + row * n + col);
+    }
+  }
+}
+
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t bytes) {
   // Above 48 KB of static + dynamic shared memory a kernel must opt in; our kernels' static

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -122,6 +123,20 @@ FASTNN_ALWAYS_INLINE A* out_row(T* dst, A* buf) {
     return buf;
   }
 }
+
+// `count` scratch rows of n accumulation-type values, where rows of T are converted (load_row /
+// store_row); none when T is already A, and row(i) is then nullptr.
+template <typename T, typename A>
+class ScratchRows {
+ public:
+  ScratchRows(int count, int64_t n)
+      : buf_(std::is_same_v<T, A> ? nullptr : new A[count * n]), n_(n) {}
+  A* row(int i) const { return buf_ ? buf_.get() + i * n_ : nullptr; }
+
+ private:
+  std::unique_ptr<A[]> buf_;
+  int64_t n_;
+};
 
 // Row `off / n` of what a norm normalises, as accumulation-type values: input, or with a residual
 // (res non-null) the sum input + residual, written to res_out and rounded to T first (as an

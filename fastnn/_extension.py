@@ -106,16 +106,15 @@ def load():
             )
         else:
             _error = f"the fastnn._C extension failed to load: {e}; rebuild it: {REBUILD}"
-    if _error is not None and info is not None:
-        # A built extension that cannot load is a broken install, not a choice: say so once
-        # instead of running every op on the (slow) torch backend unannounced.
-        warnings.warn(
-            f"fastnn: native kernels unavailable, `auto` uses the other backends: {_error}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return False
     if _error is not None:
+        if info is not None:
+            # A built extension that cannot load is a broken install, not a choice: say so once
+            # instead of running every op on the (slow) torch backend unannounced.
+            warnings.warn(
+                f"fastnn: native kernels unavailable, `auto` uses the other backends: {_error}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return False
     _loaded = True
     return True

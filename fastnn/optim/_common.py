@@ -215,7 +215,7 @@ class FusedStepMixin:
         # tensor for it), written back after the op.
         gapped = []
         for i, p in enumerate(pk):
-            if not _is_dense(p):
+            if not is_dense(p):
                 gapped.append((p, p.contiguous()))
                 pk[i] = gapped[-1][1]
         gk, relaid = [], []
@@ -260,7 +260,7 @@ class FusedStepMixin:
             torch._foreach_sub_(steps, [skipped] * len(steps))
 
 
-def _is_dense(t):
+def is_dense(t):
     """No gaps or overlaps: the dims (size-1 ones aside) ordered by stride tile memory exactly
     (the C++ is_non_overlapping_and_dense, which Python tensors do not expose)."""
     if t.is_contiguous():

@@ -12,14 +12,14 @@ through exp(-|x|) in (0, 1], as csrc/include/fastnn/activations.h: gates of +-10
 outputs and gradients. The backward recomputes act(gate) from gate; nothing else is saved.
 """
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-# The argument checks are the reference's own, so both backends reject the same inputs alike.
 from fastnn.reference.glu import ACTIVATIONS, _check_grad, _check_packed, _check_pair
+
+# The argument checks are the reference's own, so both backends reject the same inputs alike.
+from fastnn.triton_kernels import device_context
 
 # Activation codes (tl.constexpr), in ACTIVATIONS order: silu, gelu, gelu_tanh, relu, sigmoid.
 _CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -173,10 +173,6 @@ def _prepare_grad(grad_out, like, shape):
     return grad_out.to(like.dtype).contiguous()
 
 
-def _device(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _compute(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -186,14 +182,14 @@ def _grid(rows, H, packed):
 
 
 def _fwd(g, u, out, rows, H, in_stride, packed, act):
-    with _device(g):
+    with device_context(g):
         _glu_fwd_kernel[_grid(rows, H, packed)](
             g, u, out, H, in_stride, act, packed, _compute(g.dtype), BLOCK, num_warps=NUM_WARPS
         )
 
 
 def _bwd(dh, g, u, dg, du, rows, H, in_stride, packed, act):
-    with _device(g):
+    with device_context(g):
         _glu_bwd_kernel[_grid(rows, H, packed)](
             dh,
             g,

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastnn.triton_kernels import device_context
 from fastnn.triton_kernels.rms_norm import (
     BWD_MAX_BLOCK,
     FWD_MAX_BLOCK,
@@ -20,7 +21,6 @@ from fastnn.triton_kernels.rms_norm import (
     check_norm_inputs,
     check_same_device,
     contiguous,
-    device_context,
     load_sum,
     persistent_programs,
     reduce_partials,

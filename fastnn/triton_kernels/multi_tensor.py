@@ -17,12 +17,14 @@ kernel, its tile loop and its update math.
 """
 
 import collections
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fastnn.optim._common import is_dense
+from fastnn.triton_kernels import device_context
 
 TABLE_COLS = 8  # six addresses, chunk numel, tensor index
 
@@ -73,18 +75,6 @@ def check_lists(name, params, grads, *lists):
     return cdt, device, live
 
 
-def _dense(t):
-    """No gaps and no overlap: sorted by stride, each stride is the product of the sizes below."""
-    expected = 1
-    for stride, size in sorted(
-        (st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1
-    ):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def flat_views(tensors, mutable):
     """Tensors the kernel can walk as flat memory, element i of each matching element i of the
     others. Already true when all are dense (no gaps, no overlap) with equal strides, e.g. a
@@ -93,7 +83,7 @@ def flat_views(tensors, mutable):
     if all(t.is_contiguous() for t in tensors):
         return list(tensors), []
     first = tensors[0]
-    if _dense(first) and all(t.stride() == first.stride() for t in tensors):
+    if is_dense(first) and all(t.stride() == first.stride() for t in tensors):
         return list(tensors), []
     views, write_back = [], []
     for t, is_mutable in zip(tensors, mutable, strict=True):
@@ -295,9 +285,7 @@ def launch(
             row[k] = v
         flat.append(row)
     groups = dtype_groups(len(live), [[r[k] for r in flat] if lists[k] else [] for k in range(6)])
-    # Triton launches on torch's current device and stream: make them the tensors' (params on
-    # cuda:1 while cuda:0 is current, in one process).
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with device_context(lists[0][live[0]]):
         for sig, idx in groups.items():
             addrs = [[t.data_ptr() if t is not None else 0 for t in flat[j]] for j in idx]
             sizes = [d.itemsize if d else 4 for d in sig]

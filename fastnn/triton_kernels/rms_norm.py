@@ -21,12 +21,13 @@ The helpers at the top (checks, allocation, program counts, the partial reductio
 with layer_norm.py.
 """
 
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from fastnn.triton_kernels import device_context
 
 # Largest power-of-two row held whole in registers. Forward keeps x (and the fp32 copy) per
 # element: 16K elements over 16 warps is 32 per thread, no spills. Backward keeps x, dy and the
@@ -91,11 +92,6 @@ def check_same_device(t, name, ref, ref_name):
 
 def contiguous(t):
     return None if t is None else t.contiguous()
-
-
-def device_context(t):
-    """Triton launches on torch's current CUDA device: make it the tensor's."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 class Output:

@@ -27,7 +27,7 @@ from norm_cases import (
     run_fastnn,
     skip,
 )
-from tolerances import RTOL
+from tolerances import RTOL, rel_error
 
 import fastnn
 from fastnn import functional as FF
@@ -76,6 +76,23 @@ def test_large_hidden_size(backend, device, shape, nshape, dtype):
     skip(KIND, backend, device)
     case = make_case(KIND, shape, nshape, dtype, device)
     check_against_oracle(KIND, backend, device, case, nshape, 1e-5, dtype)
+
+
+@pytest.mark.parametrize("n", [1024, 16411], ids=["row-tile", "looping"])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_mean_far_from_zero(backend, device, n):
+    """fp32 rows at 300 +- 1. Any fp32 mean is off by up to half an ulp of 300, so x - mean
+    carries a relative error of about eps * 300 (2e-5, torch's eager LayerNorm too); a variance
+    taken as E[x^2] - E[x]^2 loses eps * 300^2 (5e-3) to cancellation. The bound between the two
+    holds the row tile and the looping tier's block merge to the first."""
+    skip(KIND, backend, device)
+    x = randn((2, n), torch.float32, device, offset=300.0, seed=7)
+    w = randn((n,), torch.float32, device, scale=0.5, offset=1.0, seed=3)
+    with fastnn.use_backend(backend):
+        out = FF.layer_norm(x, (n,), w, None, 1e-5)
+    want = F.layer_norm(x.double(), (n,), w.double(), None, 1e-5)
+    conditioned = 4 * torch.finfo(torch.float32).eps * 300
+    assert rel_error(out, want) <= conditioned
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])

@@ -2,7 +2,9 @@
 a residual add: the `triton` backend of `fastnn::layer_norm_fwd` / `fastnn::layer_norm_bwd`.
 
 Semantics are fastnn/reference/layer_norm.py's: mean, then the variance as the mean of squared
-deviations (two-pass, as stable as the reference), statistics in fp32 (fp64 for fp64 input).
+deviations (within a register-resident tile, two passes over registers; over the column blocks
+of a long row, each block's exact pair merged into the row's: as stable as the reference),
+statistics in fp32 (fp64 for fp64 input).
 The work is laid out as in rms_norm.py (whose shared helpers this module uses): register-resident
 row tiles up to FWD_MAX_BLOCK / BWD_MAX_BLOCK, column-block loops beyond, a persistent backward
 grid writing fp32 [P, N] partials of dW and dB, then fixed-order column sums.
@@ -57,25 +59,30 @@ def _ln_fwd_kernel(
             y = y + tl.load(B + cols, mask=cmask, other=0.0).to(ACC)[None, :]
         tl.store(Y + base + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     else:
-        # Long rows: three passes over column blocks (sum, squared deviations, output); the
-        # re-reads of the row mostly hit L2.
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        # Long rows: two passes over column blocks. The first merges each block's exact
+        # (mean, sum of squared deviations), computed in registers, into the row's running pair
+        # (Chan et al.'s parallel update: as stable as two passes over the row, one read less);
+        # the second writes the output, its re-read of the row mostly hitting L2.
+        mean = tl.zeros([BLOCK_M], dtype=ACC)
+        m2 = tl.zeros([BLOCK_M], dtype=ACC)
+        seen = tl.zeros([BLOCK_M], dtype=ACC)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            mask = rmask[:, None] & (cols < N)[None, :]
+            cmask = cols < N
+            mask = rmask[:, None] & cmask[None, :]
             s = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC)
             if HAS_RES:
                 tl.store(S + base + cols[None, :], s, mask=mask)
-            acc += s.to(ACC)
-        mean = tl.sum(acc, axis=1) / N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = rmask[:, None] & (cols < N)[None, :]
-            x = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC).to(ACC)
-            xc = tl.where(mask, x - mean[:, None], 0.0)
-            acc += xc * xc
-        rstd = tl.rsqrt(tl.sum(acc, axis=1) / N + eps)
+            x = s.to(ACC)
+            count = tl.sum(cmask.to(ACC), axis=0)
+            block_mean = tl.sum(x, axis=1) / count
+            xc = tl.where(mask, x - block_mean[:, None], 0.0)
+            total = seen + count
+            delta = block_mean - mean
+            mean += delta * (count / total)
+            m2 += tl.sum(xc * xc, axis=1) + delta * delta * (seen * count / total)
+            seen = total
+        rstd = tl.rsqrt(m2 / N + eps)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             cmask = cols < N

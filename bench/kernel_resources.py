@@ -9,9 +9,10 @@ the launchers pick, specialised as on a GPU (16-byte aligned pointers).
     python -m bench.kernel_resources            # the table for bf16 rows, N = 512 .. 256K
     python -m bench.kernel_resources --json     # every tier (sweep()), one JSON line each
 
-What it tells, per kernel and N: warps, registers per thread, bytes of spill stores, resident
-programs per SM (by registers, threads and shared memory), and for the persistent backward
-grids the programs per SM the launcher asks for: more than fit run as a second wave.
+What it tells, per kernel and N: warps, registers per thread, bytes of spill stores, shared
+memory (a pipelined loop's buffers show here), resident programs per SM (by registers, threads
+and shared memory), and for the persistent backward grids the programs per SM the launcher asks
+for: more than fit run as a second wave.
 The numbers are those of this triton's ptxas (the GPU machines run another triton version).
 tests/test_kernel_resources.py holds every tier to register-resident rows.
 """
@@ -195,8 +196,10 @@ def main():
         for row in sweep():
             print(json.dumps(row), flush=True)
         return
-    print("| op | N | kernel | warps | regs | spill stores B | resident / SM | asked / SM |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    print(
+        "| op | N | kernel | warps | regs | spill stores B | shared B | resident / SM | asked / SM |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for op in ("rms_norm", "layer_norm"):
         for log_n in range(9, 19):
             n = 1 << log_n
@@ -204,7 +207,7 @@ def main():
                 asked = "" if launch.asked_per_sm is None else launch.asked_per_sm
                 print(
                     f"| {op} | {n} | {launch.kernel} | {launch.num_warps} | {launch.regs} | "
-                    f"{launch.spill} | {launch.resident_per_sm} | {asked} |"
+                    f"{launch.spill} | {launch.shared} | {launch.resident_per_sm} | {asked} |"
                 )
 
 

@@ -102,6 +102,25 @@ def test_cuda_over_2_31_elements(backend):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_packed_row_of_over_65535_blocks(backend):
+    """A packed row whose H needs more than 65535 blocks of 1024 (the limit of a grid's second
+    axis): 2 rows of H = 65535 * 1024 + 1 in bf16 (0.5 GB); each row's tail is checked."""
+    skip_unless_available(backend, "glu", "cuda")
+    H = 65535 * 1024 + 1
+    gu = torch.empty(2, 2 * H, device="cuda", dtype=torch.bfloat16).uniform_(-4, 4)
+    dh = torch.empty(2, H, device="cuda", dtype=torch.bfloat16).uniform_(-1, 1)
+    out = ops.get(backend, "glu_packed_fwd")(gu, "silu")
+    dgu = ops.get(backend, "glu_packed_bwd")(dh, gu, "silu")
+    tail = slice(H - 2048, H)
+    g64, u64 = gu[:, :H][:, tail].double(), gu[:, H:][:, tail].double()
+    expect = ref.glu_fwd(g64, u64, "silu")
+    assert_rel_close(out[:, tail], expect, torch.bfloat16, FORWARD, "tail of out")
+    dg64, du64 = ref.glu_bwd(dh[:, tail].double(), g64, u64, "silu")
+    assert_rel_close(dgu[:, :H][:, tail], dg64, torch.bfloat16, INPUT_GRAD, "tail of grad_gate")
+    assert_rel_close(dgu[:, H:][:, tail], du64, torch.bfloat16, INPUT_GRAD, "tail of grad_up")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("op", ["glu_fwd", "glu_bwd", "glu_packed_fwd", "glu_packed_bwd"])
 def test_cuda_opcheck(backend, op):
     skip_unless_available(backend, "glu", "cuda")

@@ -5,8 +5,9 @@ semantics in fastnn/reference/glu.py).
 One forward and one backward kernel; the activation (ACT) and the layout (PACKED) are
 tl.constexpr, so each combination compiles to its own straight-line code:
 - separate gate / up: a flat 1-D grid over the elements (up to 2^31 programs);
-- packed [rows, 2H] = [gate | up] rows: a [rows, cdiv(H, BLOCK)] grid that reads both halves in
-  place (row stride 2H, up at +H) and, backward, writes one [rows, 2H] gradient.
+- packed [rows, 2H] = [gate | up] rows: a 1-D grid of rows x cdiv(H, BLOCK) programs, a column
+  block of a row each, that reads both halves in place (row stride 2H, up at +H) and, backward,
+  writes one [rows, 2H] gradient.
 Math is fp32 (fp64 for fp64 tensors, so gradcheck runs here too), and every sigmoid goes
 through exp(-|x|) in (0, 1], as csrc/include/fastnn/activations.h: gates of +-1000 give finite
 outputs and gradients. The backward recomputes act(gate) from gate; nothing else is saved.
@@ -100,8 +101,12 @@ def _act_grad(x, ACT: tl.constexpr):
 def _offsets(H, in_stride, PACKED: tl.constexpr, BLOCK: tl.constexpr):
     """(output offsets, input offsets, mask) of this program's elements."""
     if PACKED:
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        # One flat grid axis over (row, column block): grid axis 1 would cap a row at
+        # 65535 blocks (H of 67M), axis 0 takes 2^31 - 1 programs.
+        pid = tl.program_id(0).to(tl.int64)
+        col_blocks = tl.cdiv(H, BLOCK)
+        row = pid // col_blocks
+        cols = (pid % col_blocks) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < H
         return row * H + cols, row * in_stride + cols, mask
     else:
@@ -178,7 +183,7 @@ def _compute(dtype):
 
 
 def _grid(rows, H, packed):
-    return (rows, triton.cdiv(H, BLOCK)) if packed else (triton.cdiv(H, BLOCK),)
+    return (rows * triton.cdiv(H, BLOCK),) if packed else (triton.cdiv(H, BLOCK),)
 
 
 def _fwd(g, u, out, rows, H, in_stride, packed, act):

@@ -49,8 +49,10 @@ def _gelu_tanh_arg(x):
     # underflows to 0 even in fp64, so sigmoid(2y) is exactly 0 or 1 either way, and the clamp
     # keeps x^3 from overflowing into inf * 0 (see activations.h).
     # (PropagateNan.ALL: the default min / max return the non-NaN operand, losing a NaN gate.)
-    nan = tl.PropagateNan.ALL
-    xc = tl.minimum(tl.maximum(x, -22.0, propagate_nan=nan), 22.0, propagate_nan=nan)
+    # (The enum is spelled out at each call: bound to a local name it fails to compile for a
+    # GPU, "cannot convert PROPAGATE_NAN.ALL to tensor", while the interpreter accepts it.)
+    xc = tl.maximum(x, -22.0, propagate_nan=tl.PropagateNan.ALL)
+    xc = tl.minimum(xc, 22.0, propagate_nan=tl.PropagateNan.ALL)
     return xc, 2.0 * 0.7978845608028654 * xc * (1.0 + 0.044715 * xc * xc)  # sqrt(2/pi)
 
 

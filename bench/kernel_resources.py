@@ -1,20 +1,21 @@
-"""Registers, spills and occupancy of fastnn's Triton norm kernels on Hopper, without a GPU.
+"""Registers, spills and occupancy of fastnn's Triton kernels on Hopper, without a GPU.
 
 `triton.compile` needs no driver once it is given a target: this module swaps in a stand-in
-driver that names sm_90, runs the real launchers of fastnn/triton_kernels/{rms,layer}_norm.py
-on small CPU tensors while their launches compile (warmup) instead of running, and assembles
-each kernel's PTX with triton's own ptxas for its report. So the configs checked are the ones
+driver that names sm_90, runs the real launchers of fastnn/triton_kernels/ on small CPU tensors
+while their launches compile (warmup) instead of running, and assembles each kernel's PTX with
+triton's own ptxas for its report. So the configs checked are the ones
 the launchers pick, specialised as on a GPU (16-byte aligned pointers).
 
     python -m bench.kernel_resources            # the table for bf16 rows, N = 512 .. 256K
-    python -m bench.kernel_resources --json     # every tier (sweep()), one JSON line each
+    python -m bench.kernel_resources --json     # every kernel (sweep()), one JSON line each
 
 What it tells, per kernel and N: warps, registers per thread, bytes of spill stores, shared
 memory (a pipelined loop's buffers show here), resident programs per SM (by registers, threads
 and shared memory), and for the persistent backward grids the programs per SM the launcher asks
 for: more than fit run as a second wave.
 The numbers are those of this triton's ptxas (the GPU machines run another triton version).
-tests/test_kernel_resources.py holds every tier to register-resident rows.
+tests/test_kernel_resources.py holds every kernel to compiling for sm_90 (the interpreter runs
+code a GPU compile rejects) and every norm tier to register-resident rows.
 """
 
 import contextlib
@@ -24,6 +25,7 @@ import re
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
+from functools import partial
 
 # Hopper (sm_90) per-SM limits (CUDA C programming guide, compute capability 9.0).
 REGS_PER_SM = 65536
@@ -168,21 +170,110 @@ def norm_launches(op, n, dtype, residual=False, rows=8):
     return [launch for launch in launches if launch.kernel != "_reduce_partials_kernel"]
 
 
-def sweep():
+def glu_launches(activation, dtype):
+    """Launch records of the GLU kernels (separate and packed, forward and backward)."""
+    import torch
+
+    from fastnn.triton_kernels import glu
+
+    gate = torch.zeros(4, 2048, dtype=dtype)
+    packed = torch.zeros(4, 4096, dtype=dtype)
+    with compiling_for_sm90() as launches:
+        glu.glu_fwd(gate, gate, activation)
+        glu.glu_bwd(gate, gate, gate, activation)
+        glu.glu_packed_fwd(packed, activation)
+        glu.glu_packed_bwd(gate, packed, activation)
+    return launches
+
+
+def optimizer_launches(name, param_dtype, state_dtype, everything):
+    """Launch records of one Adam or RMSprop step on one parameter: with every option off, or
+    (everything) with each on: weight decay, AMSGrad / centered + momentum, maximize, a tensor
+    lr, the fused scaler's grad_scale and found_inf, and fp32 master weights when the params
+    are low precision."""
+    import torch
+
+    from fastnn.triton_kernels import adam, rmsprop
+
+    def zeros(dtype=state_dtype):
+        return [torch.zeros(5000, dtype=dtype)]
+
+    master = everything and param_dtype.itemsize < 4
+    common = dict(
+        params=zeros(param_dtype),
+        grads=zeros(param_dtype),
+        master_params=zeros(torch.float32) if master else [],
+        lr_tensor=torch.tensor(1e-3) if everything else None,
+        grad_scale=torch.tensor(1.0) if everything else None,
+        found_inf=torch.tensor(0.0) if everything else None,
+        lr=1e-3,
+        weight_decay=0.01 if everything else 0.0,
+        eps=1e-8,
+        maximize=everything,
+    )
+    with compiling_for_sm90() as launches:
+        if name == "adam":
+            adam.adam_step_(
+                exp_avgs=zeros(), exp_avg_sqs=zeros(), max_exp_avg_sqs=zeros() if everything else [],
+                steps=[torch.tensor(1.0)], beta1=0.9, beta2=0.999,
+                decoupled_weight_decay=everything, amsgrad=everything, **common,
+            )  # fmt: skip
+        else:
+            rmsprop.rmsprop_step_(
+                square_avgs=zeros(), grad_avgs=zeros() if everything else [],
+                momentum_buffers=zeros() if everything else [], alpha=0.99,
+                momentum=0.9 if everything else 0.0, centered=everything, **common,
+            )  # fmt: skip
+    return launches
+
+
+def _norm_cases():
     """Every tier of both norms: N = 1 .. 64K in powers of two (each power of two up to the
     register caps is its own compile; beyond them the looping kernels take N at run time) and
-    two N that are not multiples of 16, in bf16 and fp32, with and without the residual."""
+    two N that are not multiples of 16, in bf16 and fp32, with and without the residual; fp16
+    and fp64 at one N of each tier."""
     import torch
 
     sizes = [1 << k for k in range(17)] + [1000, 40000]
     for op in ("rms_norm", "layer_norm"):
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in (torch.bfloat16, torch.float32, torch.float16, torch.float64):
             for residual in (False, True):
-                for n in sizes:
-                    for launch in norm_launches(op, n, dtype, residual):
-                        yield dict(op=op, n=n, dtype=str(dtype).removeprefix("torch."),
-                                   residual=residual, **asdict(launch),
-                                   resident_per_sm=launch.resident_per_sm)  # fmt: skip
+                for n in sizes if dtype in (torch.bfloat16, torch.float32) else [1024, 40000]:
+                    name = f"{op} N={n} {str(dtype)[6:]}{' residual' if residual else ''}"
+                    yield name, partial(norm_launches, op, n, dtype, residual)
+
+
+def _glu_and_optimizer_cases():
+    import torch
+
+    from fastnn.reference.glu import ACTIVATIONS
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        for activation in ACTIVATIONS:
+            yield f"glu {activation} {str(dtype)[6:]}", partial(glu_launches, activation, dtype)
+    dtypes = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+              (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+              (torch.float64, torch.float64)]  # fmt: skip
+    for name in ("adam", "rmsprop"):
+        for param_dtype, state_dtype in dtypes:
+            for everything in (False, True):
+                case = f"{name} params {str(param_dtype)[6:]} state {str(state_dtype)[6:]}"
+                case += " every option" if everything else " plain"
+                yield case, partial(optimizer_launches, name, param_dtype, state_dtype, everything)
+
+
+def sweep():
+    """Records (dicts) of every Triton kernel of fastnn at the configs its launchers pick for the
+    cases above; a case whose kernels do not compile gives one record with its error."""
+    from triton.compiler.errors import CompilationError
+
+    for cases in (_norm_cases(), _glu_and_optimizer_cases()):
+        for case, launches in cases:
+            try:
+                for launch in launches():
+                    yield dict(case=case, **asdict(launch), resident_per_sm=launch.resident_per_sm)
+            except CompilationError as e:
+                yield dict(case=case, error=str(e))
 
 
 def main():
@@ -191,7 +282,7 @@ def main():
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", action="store_true", help="every tier (sweep()) as JSON lines")
+    parser.add_argument("--json", action="store_true", help="every kernel (sweep()) as JSON lines")
     if parser.parse_args().json:
         for row in sweep():
             print(json.dumps(row), flush=True)

@@ -1,10 +1,15 @@
-"""Register budgets of the Triton norm kernels, checked without a GPU: every tier the launchers
-pick is compiled for sm_90 (bench/kernel_resources.py) and ptxas's report read.
+"""Every Triton kernel compiled for sm_90 without a GPU (bench/kernel_resources.py: the configs
+the launchers pick, every norm tier, every GLU activation, every optimizer option).
 
-The contract is register-resident rows: a row tile that does not fit shows as hundreds of bytes
-of spill stores per thread (a whole 64K bf16 row over 16 warps spills 240 B). ptxas itself
-sometimes parks a register or two to reach an occupancy step (4 B at 48 registers for the fp32
-LayerNorm forward at N = 4096, 8 B at the fp32 caps), so up to 16 B, four registers, passes."""
+The interpreter that runs the Triton tests here is Python: it accepts code a GPU compile
+rejects (an enum bound to a local name, say), so compiling is a test of its own.
+
+And the norms' contract is register-resident rows: a row tile that does not fit shows as
+hundreds of bytes of spill stores per thread (a whole 64K bf16 row over 16 warps spills 240 B).
+ptxas itself sometimes parks a register or two to reach an occupancy step (4 B at 48 registers
+for the fp32 LayerNorm forward at N = 4096, 8 B at the fp32 caps), so up to 16 B, four
+registers, passes. fp64 kernels exist so gradcheck runs on them, not for speed: they only have
+to compile."""
 
 import json
 import os
@@ -19,11 +24,11 @@ MAX_SPILL_BYTES = 16
 
 
 @pytest.fixture(scope="module")
-def launches():
+def records():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run(
         [sys.executable, "-m", "bench.kernel_resources", "--json"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     if proc.returncode != 0 and "no ptxas in this triton" in proc.stderr:
         pytest.skip(proc.stderr.strip().splitlines()[-1])
@@ -31,20 +36,20 @@ def launches():
     return [json.loads(line) for line in proc.stdout.splitlines()]
 
 
-def _name(launch):
-    return (
-        f"{launch['op']} N={launch['n']} {launch['dtype']} residual={launch['residual']} "
-        f"{launch['kernel']} ({launch['num_warps']} warps, {launch['regs']} registers)"
-    )
-
-
-def test_every_tier_was_compiled(launches):
-    kernels = {launch["kernel"] for launch in launches}
+def test_every_kernel_compiles_for_sm90(records):
+    failed = [f"{r['case']}: {r['error']}" for r in records if "error" in r]
+    assert not failed, "\n\n".join(failed)
+    kernels = {r["kernel"] for r in records}
     for op in ("rms", "ln"):
         for kind in ("fwd", "bwd", "rowdot", "bwd_cols"):
             assert f"_{op}_{kind}_kernel" in kernels
+    assert {"_glu_fwd_kernel", "_glu_bwd_kernel", "_adam", "_rmsprop"} <= kernels
 
 
-def test_rows_stay_in_registers(launches):
-    spilled = [f"{_name(x)}: {x['spill']} B" for x in launches if x["spill"] > MAX_SPILL_BYTES]
+def test_no_spills(records):
+    spilled = [
+        f"{r['case']}: {r['kernel']} ({r['num_warps']} warps, {r['regs']} registers) {r['spill']} B"
+        for r in records
+        if "error" not in r and "float64" not in r["case"] and r["spill"] > MAX_SPILL_BYTES
+    ]
     assert not spilled, "spill stores per thread:\n" + "\n".join(spilled)

@@ -222,7 +222,7 @@ def layer_norm_fwd(input, residual, weight, bias, eps):
     elif rows > 0:
         x, r = input.contiguous(), contiguous(residual)
         w, b = contiguous(weight), contiguous(bias)
-        block_m, block_n, single, num_warps = row_config(rows, n, FWD_MAX_BLOCK, 32)
+        block_m, block_n, single, num_warps = row_config(rows, n, input.dtype, FWD_MAX_BLOCK, 32)
         grid = (triton.cdiv(rows, block_m),)
         with device_context(input):
             _ln_fwd_kernel[grid](
@@ -263,7 +263,7 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
     xc, dy, w = x.contiguous(), grad_out.contiguous(), contiguous(weight)
     dres, mu, rs = contiguous(grad_residual_out), mean.contiguous(), rstd.contiguous()
     flags = dict(HAS_DRES=dres is not None, HAS_W=has_w, HAS_B=has_b, ACC=tl_acc_dtype(x.dtype))
-    block_m, block_n, single, num_warps = row_config(rows, n, BWD_MAX_BLOCK, 16)
+    block_m, block_n, single, num_warps = row_config(rows, n, x.dtype, BWD_MAX_BLOCK, 16)
     with device_context(x):
         if single:
             row_blocks = triton.cdiv(rows, block_m)

@@ -129,17 +129,20 @@ def persistent_programs(device, work, per_sm, share=1):
     return max(1, min(work, budget))
 
 
-def row_config(rows, n, max_block, per_thread):
+def row_config(rows, n, dtype, max_block, per_thread):
     """(BLOCK_M, BLOCK_N, single, num_warps) for a row-wise kernel: whole rows (several per
     program for short rows) up to `max_block`, else one row in LOOP_BLOCK column blocks.
-    num_warps gives each thread about `per_thread` elements (at 4..16 warps): 32 for the forward
-    (x and its fp32 copy), 16 for the backward (x, dy, dW accumulator and temporaries)."""
+    num_warps (4..32) gives each thread about `per_thread` 16-bit elements, half as many wider
+    ones: 32 for the forward (x and its fp32 copy), 16 for the backward (x, dy, dW accumulator
+    and temporaries). bench/kernel_resources.py: at 16 warps the fp32 LayerNorm backward of 8K
+    rows with a residual spilled 60 B per thread (triton 3.6), at 32 warps it does not."""
     block_n = triton.next_power_of_2(n)
     if block_n > max_block:
         return 1, LOOP_BLOCK, False, 16
     block_m = max(1, min(TILE // block_n, triton.next_power_of_2(rows)))
     tile = block_m * block_n
-    num_warps = min(16, max(4, tile // (32 * per_thread)))
+    per_thread = per_thread if dtype.itemsize <= 2 else per_thread // 2
+    num_warps = min(32, max(4, tile // (32 * per_thread)))
     return block_m, block_n, True, num_warps
 
 
@@ -330,7 +333,7 @@ def rms_norm_fwd(input, residual, weight, eps):
         rstd.fill_(float("nan"))  # the mean of an empty row, as the reference computes it
     elif rows > 0:
         x, r, w = input.contiguous(), contiguous(residual), contiguous(weight)
-        block_m, block_n, single, num_warps = row_config(rows, n, FWD_MAX_BLOCK, 32)
+        block_m, block_n, single, num_warps = row_config(rows, n, input.dtype, FWD_MAX_BLOCK, 32)
         grid = (triton.cdiv(rows, block_m),)
         with device_context(input):
             _rms_fwd_kernel[grid](
@@ -373,7 +376,7 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
     dres, rs = contiguous(grad_residual_out), rstd.contiguous()
     has_w = w is not None
     flags = dict(HAS_DRES=dres is not None, HAS_W=has_w, ACC=tl_acc_dtype(x.dtype))
-    block_m, block_n, single, num_warps = row_config(rows, n, BWD_MAX_BLOCK, 16)
+    block_m, block_n, single, num_warps = row_config(rows, n, x.dtype, BWD_MAX_BLOCK, 16)
     with device_context(x):
         if single:
             row_blocks = triton.cdiv(rows, block_m)

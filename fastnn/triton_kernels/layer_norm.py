@@ -33,10 +33,13 @@ from fastnn.triton_kernels.rms_norm import (
 
 @triton.jit
 def _ln_fwd_kernel(
-    X, R, W, B, Y, S, MEAN, RSTD, rows, N, eps,
+    X, R, W, B, Y, S, MEAN, RSTD, rows, N, eps: tl.float64,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
 ):  # fmt: skip
+    # eps arrives as fp64 (a Python float argument would be typed fp32 when compiled, though
+    # the interpreter keeps it fp64) and is rounded to the statistics' dtype here, as torch does.
+    eps = tl.full((), eps, ACC)
     pid = tl.program_id(0).to(tl.int64)
     row = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = row < rows

@@ -149,16 +149,17 @@ def compiling_for_sm90():
         driver._active = previous_driver
 
 
-def norm_launches(op, n, dtype, residual=False, rows=8):
+def norm_launches(op, n, dtype, residual=False, weight_dtype=None, rows=8):
     """Launch records of one forward and one backward of `op` ("rms_norm" / "layer_norm") at
-    hidden size n, with weight (and bias), compiled for sm_90."""
+    hidden size n, with weight (and bias) in weight_dtype (default: the input's), compiled for
+    sm_90."""
     import torch
 
     from fastnn.triton_kernels import layer_norm, rms_norm
 
     x = torch.zeros(rows, n, dtype=dtype)
     r = torch.zeros_like(x) if residual else None
-    w = torch.zeros(n, dtype=dtype)
+    w = torch.zeros(n, dtype=weight_dtype or dtype)
     stat = torch.zeros(rows, dtype=torch.float32)
     with compiling_for_sm90() as launches:
         if op == "rms_norm":
@@ -231,7 +232,7 @@ def _norm_cases():
     """Every tier of both norms: N = 1 .. 64K in powers of two (each power of two up to the
     register caps is its own compile; beyond them the looping kernels take N at run time) and
     two N that are not multiples of 16, in bf16 and fp32, with and without the residual; fp16
-    and fp64 at one N of each tier."""
+    and fp64 at one N of each tier; bf16 rows with an fp32 weight."""
     import torch
 
     sizes = [1 << k for k in range(17)] + [1000, 40000]
@@ -241,6 +242,9 @@ def _norm_cases():
                 for n in sizes if dtype in (torch.bfloat16, torch.float32) else [1024, 40000]:
                     name = f"{op} N={n} {str(dtype)[6:]}{' residual' if residual else ''}"
                     yield name, partial(norm_launches, op, n, dtype, residual)
+        for n in sizes:  # bf16 rows, fp32 weight (an fp32 model under bf16 autocast)
+            name = f"{op} N={n} bfloat16 fp32-weight"
+            yield name, partial(norm_launches, op, n, torch.bfloat16, False, torch.float32)
 
 
 def _glu_and_optimizer_cases():

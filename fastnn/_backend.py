@@ -13,6 +13,7 @@ import os
 import torch
 
 from fastnn import _extension
+from fastnn._arch import arch_covers
 
 BACKENDS = ("auto", "torch", "native", "triton")
 
@@ -105,7 +106,7 @@ def unavailable_reason(backend, family, device_type):
                 else ""
             )
             return f"the native extension has no {device_type} kernel for {family}{hint}"
-        return None
+        return _uncovered_gpu_reason() if device_type == "cuda" else None
     if backend == "triton":
         if device_type not in ("cpu", "cuda"):
             return f"Triton kernels do not run on {device_type} tensors"
@@ -120,6 +121,23 @@ def unavailable_reason(backend, family, device_type):
             return f"there is no Triton kernel for {family} yet"
         return None
     raise ValueError(f"fastnn: unknown backend {backend!r}")
+
+
+def _uncovered_gpu_reason():
+    """Why the extension's CUDA kernels cannot run on the current GPU (its arch is not among the
+    built ones: an sm_90-only build on an A100), else None. Asked only once CUDA is initialised,
+    as it is when an op meets a CUDA tensor, so that `fastnn info` still touches no device."""
+    archs = getattr(_extension.build_info(), "CUDA_ARCHS", "")
+    if not archs or not torch.cuda.is_initialized():
+        return None
+    capability = torch.cuda.get_device_capability(torch.cuda.current_device())
+    if arch_covers(archs, capability):
+        return None
+    return (
+        f"the native extension was built for CUDA archs {archs}, which do not run on this "
+        f"GPU (compute capability {capability[0]}.{capability[1]}); rebuild with "
+        f"TORCH_CUDA_ARCH_LIST including it"
+    )
 
 
 _resolved = {}

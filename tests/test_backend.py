@@ -97,6 +97,45 @@ def test_missing_native_kernel_is_an_error_not_a_fallback(monkeypatch):
         _backend.clear_cache()
 
 
+@pytest.mark.parametrize(
+    "archs,capability,runs",
+    [("9.0", (8, 0), False), ("9.0", (9, 0), True), ("8.0;8.6;8.9;9.0+PTX", (10, 0), True)],
+)
+def test_native_on_a_gpu_its_build_does_not_cover(monkeypatch, archs, capability, runs):
+    """An sm_90-only build on an A100: auto must not pick native (its launches would fail with
+    "no kernel image is available"), and forcing native names the archs. Simulated GPU."""
+    if not fastnn._extension.load() or not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastnn::glu_fwd", "CUDA"
+    ):
+        pytest.skip("the extension has no CUDA kernels here: the no-kernel message covers it")
+    info = fastnn._extension.build_info()
+    monkeypatch.setattr(info, "CUDA_ARCHS", archs)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    why = _backend.unavailable_reason("native", "glu", "cuda")
+    if runs:
+        assert why is None
+    else:
+        assert why is not None and f"archs {archs}" in why and "8.0" in why
+    _backend.clear_cache()
+    try:
+        assert _backend._resolve("glu", "cuda", "auto") == ("native" if runs else "triton")
+    finally:
+        _backend.clear_cache()
+
+
+def test_native_choice_touches_no_gpu_before_cuda_is_initialised(monkeypatch):
+    """`fastnn info` asks for the cuda choice without a CUDA tensor: no device query then."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+
+    def query(*args):
+        raise AssertionError("queried the GPU")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", query)
+    assert _backend._uncovered_gpu_reason() is None
+
+
 def test_env_var_forces_backend_and_bad_name_fails():
     code = "import fastnn; print(fastnn.get_backend())"
     env = dict(os.environ, FASTNN_BACKEND="torch")

@@ -151,7 +151,7 @@ def test_info_forced_backend_that_cannot_run_says_why(monkeypatch):
     ],
 )
 def test_arch_coverage(entry, capability, covered):
-    from fastnn.__main__ import arch_covers
+    from fastnn._arch import arch_covers
 
     assert arch_covers(entry, capability) is covered
 

@@ -96,6 +96,10 @@ def flat_views(tensors, mutable):
 
 _TABLES = collections.OrderedDict()
 _TABLES_MAX = 64  # distinct (address set) tables kept; an optimizer normally needs one per group
+# Tables built while a CUDA graph captures: the graph holds their raw addresses, not the tensors,
+# and its copy into them runs only at replay. So each capture gets tables of its own, kept here
+# for the life of the process (a few KB per captured step) and never served to other launches.
+_CAPTURED_TABLES = []
 
 
 def chunk_table(addrs, elem_sizes, numels, indices, device, chunk):
@@ -105,8 +109,9 @@ def chunk_table(addrs, elem_sizes, numels, indices, device, chunk):
     addrs: one list of 6 byte addresses per tensor (0 where the kernel reads none),
     elem_sizes: the 6 element sizes in bytes, numels: elements per tensor (all > 0),
     indices: each tensor's index in the op's lists."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     key = (device, chunk, tuple(map(tuple, addrs)), tuple(numels), tuple(indices))
-    hit = _TABLES.get(key)
+    hit = None if capturing else _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)
         return hit[0], hit[2]
@@ -127,10 +132,13 @@ def chunk_table(addrs, elem_sizes, numels, indices, device, chunk):
     if device.type == "cpu":
         table = host
     else:
-        # Pinned and non-blocking: no host sync. The pinned buffer stays in the cache with the
-        # table, so a CUDA graph that captured this copy never reads freed host memory.
+        # Pinned and non-blocking: no host sync. The pinned buffer is kept with the table, so
+        # a CUDA graph that captured this copy never reads freed host memory.
         host = host.pin_memory()
         table = host.to(device, non_blocking=True)
+    if capturing:
+        _CAPTURED_TABLES.append((table, host))
+        return table, is_aligned
     _TABLES[key] = (table, host, is_aligned)
     if len(_TABLES) > _TABLES_MAX:
         _TABLES.popitem(last=False)

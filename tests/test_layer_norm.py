@@ -4,7 +4,7 @@ F.layer_norm in float64 (tests/norm_cases.py holds the oracle and the shared che
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES
+from conftest import DEVICES, ops
 from norm_cases import (
     BACKEND_DEVICES,
     DTYPES,
@@ -93,6 +93,31 @@ def test_mean_far_from_zero(backend, device, n):
     want = F.layer_norm(x.double(), (n,), w.double(), None, 1e-5)
     conditioned = 4 * torch.finfo(torch.float32).eps * 300
     assert rel_error(out, want) <= conditioned
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_looping_tier_statistics_at_the_extremes(backend, device):
+    """The saved mean and rstd of 16411-wide fp32 rows (the Triton looping tier): an Inf in the
+    first column block (mean +inf, as the reference, not the NaN a merged mean gives), values
+    near 2e19 (a first block mean whose square overflows fp32), and a row at 1e4 +- 1."""
+    skip(KIND, backend, device)
+    n = 16411
+    x = randn((3, n), torch.float64, "cpu", seed=8)
+    x[0] = x[0].abs()
+    x[0, 5] = float("inf")
+    x[1] = 2e19 * (1 + 1e-5 * x[1])
+    x[2] = 1e4 + x[2]
+    x = x.float().to(device)
+    _, _, mean, rstd = ops.get(backend, "layer_norm_fwd")(x, None, None, None, 1e-5)
+    x64 = x.double().cpu()
+    mean64 = x64.mean(-1)
+    rstd64 = ((x64 - mean64[:, None]) ** 2).mean(-1).add(1e-5).rsqrt()
+    assert mean[0].item() == float("inf") and torch.isnan(rstd[0])
+    torch.testing.assert_close(mean[1:].double().cpu(), mean64[1:], rtol=1e-6, atol=0)
+    # rstd to within what fp32 statistics allow: about eps * |mean| / std (1e5 and 1e4 here).
+    conditioning = (mean64 * rstd64).abs()[1:]
+    err = (rstd[1:].double().cpu() / rstd64[1:] - 1).abs()
+    assert (err <= 4 * torch.finfo(torch.float32).eps * conditioning).all(), err
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])

@@ -3,7 +3,7 @@ a residual add: the `triton` backend of `fastnn::layer_norm_fwd` / `fastnn::laye
 
 Semantics are fastnn/reference/layer_norm.py's: mean, then the variance as the mean of squared
 deviations (within a register-resident tile, two passes over registers; over the column blocks
-of a long row, each block's exact pair merged into the row's: as stable as the reference),
+of a long row, each block's exact pair merged into the row's, so no cancellation either),
 statistics in fp32 (fp64 for fp64 input).
 The work is laid out as in rms_norm.py (whose shared helpers this module uses): register-resident
 row tiles up to FWD_MAX_BLOCK / BWD_MAX_BLOCK, column-block loops beyond, a persistent backward
@@ -62,11 +62,13 @@ def _ln_fwd_kernel(
             y = y + tl.load(B + cols, mask=cmask, other=0.0).to(ACC)[None, :]
         tl.store(Y + base + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     else:
-        # Long rows: two passes over column blocks. The first merges each block's exact
-        # (mean, sum of squared deviations), computed in registers, into the row's running pair
-        # (Chan et al.'s parallel update: as stable as two passes over the row, one read less);
-        # the second writes the output, its re-read of the row mostly hitting L2.
-        mean = tl.zeros([BLOCK_M], dtype=ACC)
+        # Long rows: two passes over column blocks. The first sums x per lane for the mean (the
+        # same sum as a separate pass would take) and merges each block's exact (mean, sum of
+        # squared deviations), computed in registers, into the row's running pair for the
+        # variance (Chan et al.'s parallel update: no E[x^2] - E[x]^2 cancellation, one read
+        # less); the second writes the output, its re-read of the row mostly hitting L2.
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        merged_mean = tl.zeros([BLOCK_M], dtype=ACC)
         m2 = tl.zeros([BLOCK_M], dtype=ACC)
         seen = tl.zeros([BLOCK_M], dtype=ACC)
         for start in range(0, N, BLOCK_N):
@@ -77,14 +79,18 @@ def _ln_fwd_kernel(
             if HAS_RES:
                 tl.store(S + base + cols[None, :], s, mask=mask)
             x = s.to(ACC)
+            acc += x
             count = tl.sum(cmask.to(ACC), axis=0)
             block_mean = tl.sum(x, axis=1) / count
             xc = tl.where(mask, x - block_mean[:, None], 0.0)
             total = seen + count
-            delta = block_mean - mean
-            mean += delta * (count / total)
-            m2 += tl.sum(xc * xc, axis=1) + delta * delta * (seen * count / total)
+            delta = block_mean - merged_mean
+            merged_mean += delta * (count / total)
+            # delta * (delta * w), not delta * delta * w: with nothing seen yet w is 0 and the
+            # square of a first block's mean could overflow (fp32 beyond 1.8e19) into inf * 0.
+            m2 += tl.sum(xc * xc, axis=1) + delta * (delta * (seen * count / total))
             seen = total
+        mean = tl.sum(acc, axis=1) / N
         rstd = tl.rsqrt(m2 / N + eps)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)

@@ -96,10 +96,13 @@ def flat_views(tensors, mutable):
 
 _TABLES = collections.OrderedDict()
 _TABLES_MAX = 64  # distinct (address set) tables kept; an optimizer normally needs one per group
-# Tables built while a CUDA graph captures: the graph holds their raw addresses, not the tensors,
-# and its copy into them runs only at replay. So each capture gets tables of its own, kept here
-# for the life of the process (a few KB per captured step) and never served to other launches.
-_CAPTURED_TABLES = []
+# A CUDA graph being captured gets tables of its own, outside the cache: a cached table lives in
+# the general pool, where eviction would free it under the graph, and a table built in a capture
+# is only filled when the graph replays. Built in the capture, the device table comes from the
+# graph's private pool, held for the graph's life (reuse within the capture is stream-ordered),
+# so it needs no keeping; the pinned host buffer its copy reads at each replay is kept for the
+# process (torch 2.14's pinned allocator never recycles a block a capture used; older ones might).
+_CAPTURED_HOST_BUFFERS = []
 
 
 def chunk_table(addrs, elem_sizes, numels, indices, device, chunk):
@@ -137,7 +140,7 @@ def chunk_table(addrs, elem_sizes, numels, indices, device, chunk):
         host = host.pin_memory()
         table = host.to(device, non_blocking=True)
     if capturing:
-        _CAPTURED_TABLES.append((table, host))
+        _CAPTURED_HOST_BUFFERS.append(host)
         return table, is_aligned
     _TABLES[key] = (table, host, is_aligned)
     if len(_TABLES) > _TABLES_MAX:

@@ -3,10 +3,11 @@
 Prints the fastnn, torch, triton and Python versions; whether the extension fastnn._C is built
 and loaded (or why not); the torch, CUDA and CUDA archs it was built against; which native ops
 have CPU and CUDA kernels in it; the forced backend; and, per op family, the backend `auto`
-picks on cpu and on cuda tensors. The choice comes from fastnn._backend itself, which looks at the
-dispatcher and installed packages only, so this queries no device and initialises no CUDA
-context. `--devices` does ask the CUDA driver for the GPUs present and says whether the built
-archs cover each one.
+picks on cpu and on cuda tensors. The choice comes from fastnn._backend itself, which without
+`--devices` looks at the dispatcher and installed packages only, so this queries no device and
+initialises no CUDA context (the cuda choice then assumes the built archs cover the GPU).
+`--devices` does ask the CUDA driver for the GPUs present, says whether the built archs cover
+each one, and makes the cuda choice for the current one.
 """
 
 import argparse
@@ -121,11 +122,12 @@ def collect(query_devices=False):
         "native_kernels": _native_kernels(op_names) if loaded else {d: [] for d in DEVICE_TYPES},
         "backend": _backend.get_backend(),
         "backend_env": os.environ.get("FASTNN_BACKEND"),
-        "families": _choices(),
+        "families": None,
         "devices": None,
     }
-    if query_devices:
+    if query_devices:  # first: it initialises CUDA, so the choices below check the GPU's arch
         facts["devices"] = _devices(facts["extension"]["cuda_archs"] or "")
+    facts["families"] = _choices()
     return facts
 
 

@@ -130,8 +130,13 @@ def _uncovered_gpu_reason():
     archs = getattr(_extension.build_info(), "CUDA_ARCHS", "")
     if not archs or not torch.cuda.is_initialized():
         return None
+    # The current device's: choices are made per device type, and machines mixing GPU models
+    # are rare.
     capability = torch.cuda.get_device_capability(torch.cuda.current_device())
-    if arch_covers(archs, capability):
+    try:
+        if arch_covers(archs, capability):
+            return None
+    except ValueError:  # an arch name this fastnn does not know (a newer torch's): assume so
         return None
     return (
         f"the native extension was built for CUDA archs {archs}, which do not run on this "
@@ -147,21 +152,26 @@ def _resolve(family, device_type, forced):
     # Cached and marked constant: torch.compile bakes the choice into the graph (it guards on
     # the forced name, which callers read outside this function) instead of tracing the checks.
     key = (family, device_type, forced)
-    if key not in _resolved:
-        if forced != "auto":
-            why = unavailable_reason(forced, family, device_type)
-            if why is not None:
-                raise BackendUnavailableError(
-                    f"fastnn: backend {forced!r} cannot run {family} on {device_type}: {why}"
-                )
-            _resolved[key] = forced
-        else:
-            _resolved[key] = next(
-                b
-                for b in auto_order(family, device_type)
-                if unavailable_reason(b, family, device_type) is None
+    if key in _resolved:
+        return _resolved[key]
+    if forced != "auto":
+        why = unavailable_reason(forced, family, device_type)
+        if why is not None:
+            raise BackendUnavailableError(
+                f"fastnn: backend {forced!r} cannot run {family} on {device_type}: {why}"
             )
-    return _resolved[key]
+        choice = forced
+    else:
+        choice = next(
+            b
+            for b in auto_order(family, device_type)
+            if unavailable_reason(b, family, device_type) is None
+        )
+    # Before CUDA is initialised the GPU's arch was not checked (_uncovered_gpu_reason): such a
+    # CUDA choice (`fastnn info`, say) is not kept.
+    if device_type != "cuda" or torch.cuda.is_initialized():
+        _resolved[key] = choice
+    return choice
 
 
 # What torch.compiler.assume_constant_result(_resolve) does, without importing torch._dynamo:

@@ -126,13 +126,32 @@ def test_native_on_a_gpu_its_build_does_not_cover(monkeypatch, archs, capability
 
 
 def test_native_choice_touches_no_gpu_before_cuda_is_initialised(monkeypatch):
-    """`fastnn info` asks for the cuda choice without a CUDA tensor: no device query then."""
+    """`fastnn info` asks for the cuda choice without a CUDA tensor: no device query then, and
+    the unchecked choice is not cached for the ops that run once CUDA is up."""
+    info = fastnn._extension.build_info()
+    if info is None:
+        pytest.skip("extension not built")
+    monkeypatch.setattr(info, "CUDA_ARCHS", "9.0")
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
 
     def query(*args):
         raise AssertionError("queried the GPU")
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", query)
+    assert _backend._uncovered_gpu_reason() is None
+    _backend.clear_cache()
+    _backend._resolve("glu", "cuda", "auto")
+    assert ("glu", "cuda", "auto") not in _backend._resolved
+
+
+def test_unknown_arch_name_counts_as_covered(monkeypatch):
+    info = fastnn._extension.build_info()
+    if info is None:
+        pytest.skip("extension not built")
+    monkeypatch.setattr(info, "CUDA_ARCHS", "9.0;Feynman")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert _backend._uncovered_gpu_reason() is None
 
 

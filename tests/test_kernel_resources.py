@@ -4,12 +4,13 @@ the launchers pick, every norm tier, every GLU activation, every optimizer optio
 The interpreter that runs the Triton tests here is Python: it accepts code a GPU compile
 rejects (an enum bound to a local name, say), so compiling is a test of its own.
 
-And the norms' contract is register-resident rows: a row tile that does not fit shows as
-hundreds of bytes of spill stores per thread (a whole 64K bf16 row over 16 warps spills 240 B).
-ptxas itself sometimes parks a register or two to reach an occupancy step (4 B at 48 registers
-for the fp32 LayerNorm forward at N = 4096, 8 B at the fp32 caps), so up to 16 B, four
-registers, passes. fp64 kernels exist so gradcheck runs on them, not for speed: they only have
-to compile."""
+And the norms' contract is register-resident rows: a row tile that does not fit shows as tens
+to hundreds of bytes of spill stores per thread (a whole 64K bf16 row over 16 warps spills
+240 B; the fp32 LayerNorm backward at 8K with a residual spilled 60 B under triton 3.6 before
+its warps were raised). ptxas itself parks a few registers at times (4 B at 48 registers for
+the fp32 LayerNorm forward at N = 4096, 16 B for the fp32 RMSNorm backward of misaligned
+1000-wide rows), so up to 32 B, eight registers, passes. fp64 kernels exist so gradcheck runs
+on them, not for speed: they only have to compile."""
 
 import json
 import os
@@ -20,11 +21,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MAX_SPILL_BYTES = 16
+MAX_SPILL_BYTES = 32
 
 
 @pytest.fixture(scope="module")
 def records():
+    pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run(
         [sys.executable, "-m", "bench.kernel_resources", "--json"],

@@ -65,13 +65,38 @@ class Launch:
         return min(by_regs, by_threads, by_shared, MAX_BLOCKS_PER_SM)
 
 
-def _ptxas():
+def _triton_tool(name):
     import triton
 
-    path = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+    path = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin", name)
     if not os.path.exists(path):
-        raise RuntimeError(f"no ptxas in this triton ({path})")
+        raise RuntimeError(f"no {name} in this triton ({path})")
     return path
+
+
+def native_cuda_kernels():
+    """[{source, kernel, regs, stack}] of every kernel in the built extension's CUDA code, from
+    `cuobjdump -res-usage` (stack: bytes of local memory per thread, spills included). Empty
+    when the extension is not built or has no CUDA code."""
+    from fastnn import _extension
+
+    if not _extension.load():
+        return []
+    import fastnn._C
+
+    text = subprocess.run(
+        [_triton_tool("cuobjdump"), "-res-usage", fastnn._C.__file__],
+        capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    kernels, source = [], None
+    for line in text.splitlines():
+        if m := re.match(r"identifier = (.*)", line.strip()):
+            source = os.path.basename(m.group(1))
+        elif m := re.match(r"\s*Function (\S+):", line):
+            kernels.append(dict(source=source, kernel=m.group(1)))
+        elif m := re.search(r"REG:(\d+) STACK:(\d+)", line):
+            kernels[-1].update(regs=int(m.group(1)), stack=int(m.group(2)))
+    return kernels
 
 
 def _resources(ptx):
@@ -82,7 +107,7 @@ def _resources(ptx):
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        cmd = [_ptxas(), "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", src,
+        cmd = [_triton_tool("ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", src,
                "-o", os.path.join(tmp, "kernel.cubin")]  # fmt: skip
         log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
     regs = re.search(r"Used (\d+) registers", log)
@@ -287,7 +312,15 @@ def main():
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="every kernel (sweep()) as JSON lines")
-    if parser.parse_args().json:
+    parser.add_argument(
+        "--native", action="store_true", help="the built extension's CUDA kernels instead"
+    )
+    args = parser.parse_args()
+    if args.native:
+        for k in native_cuda_kernels():
+            print(f"{k['source']:14} regs {k['regs']:3} stack {k['stack']:3} B  {k['kernel']}")
+        return
+    if args.json:
         for row in sweep():
             print(json.dumps(row), flush=True)
         return

@@ -1,5 +1,6 @@
 """Every Triton kernel compiled for sm_90 without a GPU (bench/kernel_resources.py: the configs
-the launchers pick, every norm tier, every GLU activation, every optimizer option).
+the launchers pick, every norm tier, every GLU activation, every optimizer option), and the
+register budgets of the native CUDA kernels the build compiled.
 
 The interpreter that runs the Triton tests here is Python: it accepts code a GPU compile
 rejects (an enum bound to a local name, say), so compiling is a test of its own.
@@ -20,8 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.kernel_resources import native_cuda_kernels
+
 ROOT = Path(__file__).resolve().parent.parent
 MAX_SPILL_BYTES = 32
+NORM_AND_GLU_SOURCES = {"rms_norm.cu", "layer_norm.cu", "glu.cu"}
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +59,16 @@ def test_no_spills(records):
         if "error" not in r and "float64" not in r["case"] and r["spill"] > MAX_SPILL_BYTES
     ]
     assert not spilled, "spill stores per thread:\n" + "\n".join(spilled)
+
+
+def test_native_norm_and_glu_kernels_use_no_local_memory():
+    """The CUDA norm and GLU kernels keep rows and vectors in registers: no stack (spills or
+    local arrays) in any of their instantiations. (The fp16 / bf16 Adam and RMSprop kernels do
+    spill 8-28 B at the 64-register cap of their launch bounds: not held here.)"""
+    pytest.importorskip("triton")  # for its cuobjdump
+    kernels = [k for k in native_cuda_kernels() if k["source"] in NORM_AND_GLU_SOURCES]
+    if not kernels:
+        pytest.skip("the extension has no CUDA code here (a CPU-only build)")
+    assert {k["source"] for k in kernels} == NORM_AND_GLU_SOURCES
+    stacked = [f"{k['source']} {k['kernel']}: {k['stack']} B" for k in kernels if k["stack"]]
+    assert not stacked, "\n".join(stacked)

@@ -3,11 +3,12 @@
 `triton.compile` needs no driver once it is given a target: this module swaps in a stand-in
 driver that names sm_90, runs the real launchers of fastnn/triton_kernels/ on small CPU tensors
 while their launches compile (warmup) instead of running, and assembles each kernel's PTX with
-triton's own ptxas for its report. So the configs checked are the ones
-the launchers pick, specialised as on a GPU (16-byte aligned pointers).
+triton's own ptxas for its report. So the configs checked are the ones the launchers pick,
+specialised as on a GPU (16-byte aligned pointers).
 
     python -m bench.kernel_resources            # the table for bf16 rows, N = 512 .. 256K
     python -m bench.kernel_resources --json     # every kernel (sweep()), one JSON line each
+    python -m bench.kernel_resources --native   # the built extension's CUDA kernels (cuobjdump)
 
 What it tells, per kernel and N: warps, registers per thread, bytes of spill stores, shared
 memory (a pipelined loop's buffers show here), resident programs per SM (by registers, threads
@@ -15,7 +16,8 @@ and shared memory), and for the persistent backward grids the programs per SM th
 for: more than fit run as a second wave.
 The numbers are those of this triton's ptxas (the GPU machines run another triton version).
 tests/test_kernel_resources.py holds every kernel to compiling for sm_90 (the interpreter runs
-code a GPU compile rejects) and every norm tier to register-resident rows.
+code a GPU compile rejects), every norm tier to register-resident rows, and the CUDA norm and
+GLU kernels to no local memory.
 """
 
 import contextlib

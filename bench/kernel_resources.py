@@ -146,13 +146,13 @@ def compiling_for_sm90():
     from fastnn.triton_kernels import layer_norm, rms_norm
 
     launches = []
-    asked = []  # per_sm of the last persistent_programs call
+    asked = {"per_sm": None}  # of the last persistent_programs call
     real_run, real_programs = JITFunction.run, rms_norm.persistent_programs
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
         regs, spill = _resources(kernel.asm["ptx"])
-        per_sm = asked[-1] if self.fn.__name__ in PERSISTENT_KERNELS else None
+        per_sm = asked["per_sm"] if self.fn.__name__ in PERSISTENT_KERNELS else None
         launches.append(
             Launch(self.fn.__name__, kernel.metadata.num_warps, regs, spill,
                    kernel.metadata.shared, per_sm)
@@ -160,7 +160,7 @@ def compiling_for_sm90():
         return kernel
 
     def persistent_programs(device, work, per_sm, share=1):
-        asked.append(per_sm)  # share splits the programs over grid columns, not SMs
+        asked["per_sm"] = per_sm  # share splits the programs over grid columns, not SMs
         return real_programs(device, work, per_sm, share)
 
     # reset_active() would build the default driver, which fails on a machine without a GPU.

@@ -62,12 +62,12 @@ def _ln_fwd_kernel(
             y = y + tl.load(B + cols, mask=cmask, other=0.0).to(ACC)[None, :]
         tl.store(Y + base + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     else:
-        # Long rows: two passes over column blocks. The first sums x per lane for the mean (the
-        # same sum as a separate pass would take) and merges each block's exact (mean, sum of
-        # squared deviations), computed in registers, into the row's running pair for the
-        # variance (Chan et al.'s parallel update: no E[x^2] - E[x]^2 cancellation, one read
-        # less); the second writes the output, its re-read of the row mostly hitting L2.
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        # Long rows: two passes over column blocks. The first adds up the block sums for the
+        # mean and merges each block's exact (mean, sum of squared deviations), computed in
+        # registers, into the row's running pair for the variance (Chan et al.'s parallel
+        # update: no E[x^2] - E[x]^2 cancellation, one read less); the second writes the
+        # output, its re-read of the row mostly hitting L2.
+        row_sum = tl.zeros([BLOCK_M], dtype=ACC)
         merged_mean = tl.zeros([BLOCK_M], dtype=ACC)
         m2 = tl.zeros([BLOCK_M], dtype=ACC)
         seen = tl.zeros([BLOCK_M], dtype=ACC)
@@ -79,9 +79,10 @@ def _ln_fwd_kernel(
             if HAS_RES:
                 tl.store(S + base + cols[None, :], s, mask=mask)
             x = s.to(ACC)
-            acc += x
+            block_sum = tl.sum(x, axis=1)
+            row_sum += block_sum
             count = tl.sum(cmask.to(ACC), axis=0)
-            block_mean = tl.sum(x, axis=1) / count
+            block_mean = block_sum / count
             xc = tl.where(mask, x - block_mean[:, None], 0.0)
             total = seen + count
             delta = block_mean - merged_mean
@@ -90,7 +91,7 @@ def _ln_fwd_kernel(
             # square of a first block's mean could overflow (fp32 beyond 1.8e19) into inf * 0.
             m2 += tl.sum(xc * xc, axis=1) + delta * (delta * (seen * count / total))
             seen = total
-        mean = tl.sum(acc, axis=1) / N
+        mean = row_sum / N
         rstd = tl.rsqrt(m2 / N + eps)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)

@@ -207,3 +207,18 @@ def test_native_op_checks_arguments():
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):
             call()
+
+
+def test_triton_partial_sums_over_several_rounds():
+    """The dW / dB column sum of the Triton backward over more partial rows than one of its tiles
+    holds (a GPU's persistent grids write hundreds; the interpreter's write 4, one round)."""
+    skip(KIND, "triton", "cpu")
+    from fastnn.triton_kernels.rms_norm import REDUCE_TILE, reduce_partials
+
+    part = randn((300, 100), torch.float32, "cpu")  # 100 columns: blocks of 32, 256 rows each
+    assert REDUCE_TILE // 32 < 300
+    out = reduce_partials(part, torch.empty(100))
+    torch.testing.assert_close(out.double(), part.double().sum(0), rtol=1e-6, atol=1e-5)
+    assert torch.equal(reduce_partials(part, torch.empty(100)), out)
+    as_bf16 = reduce_partials(part, torch.empty(100, dtype=torch.bfloat16))
+    assert as_bf16.dtype == torch.bfloat16

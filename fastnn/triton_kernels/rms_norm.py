@@ -14,7 +14,7 @@ Layout of the work:
   summing dW for its rows in fp32 registers, one [P, N] partial write;
 - backward, larger N: a row-dot kernel (sum(g * xhat) per row), then a [column block, row group]
   grid that writes dx and a [G, N] partial;
-- dW = a fixed-order column sum of the partials (_reduce_partials): bitwise reproducible across
+- dW = a fixed-order column sum of the partials (reduce_partials): bitwise reproducible across
   runs on one device, since P depends only on the device and the shape.
 
 The helpers at the top (checks, allocation, program counts, the partial reduction) are shared
@@ -117,13 +117,16 @@ def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _index(device):
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def persistent_programs(device, work, per_sm, share=1):
     """Programs of a persistent grid: `per_sm` per SM on a GPU split over `share` grid columns,
     at most `work`. Under the interpreter (CPU) 4, so the partial-sum reduction is exercised
     with several partials while the grid stays small (about 1 ms per interpreted program)."""
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        budget = _sm_count(index) * per_sm // share
+        budget = _sm_count(_index(device)) * per_sm // share
     else:
         budget = 4
     return max(1, min(work, budget))
@@ -160,14 +163,33 @@ def _reduce_partials_kernel(PART, OUT, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.
     tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cmask)
 
 
+# Elements of the reduction's [BLOCK_P, BLOCK_N] tile: 32 fp32 per thread over 8 warps.
+REDUCE_TILE = 8192
+
+
 def reduce_partials(part, like):
-    """part: [P, N] fp32 (fp64) partial sums -> [N] tensor shaped and typed like `like`."""
+    """part: [P, N] fp32 (fp64) partial sums -> [N] tensor shaped and typed like `like`.
+
+    Column blocks of 32 to 256 columns, narrow enough for about two programs per SM: a program
+    waits out one round of loads per BLOCK_P partial rows, so the sum takes about P / BLOCK_P
+    load latencies whatever the bandwidth. 256-column blocks gave a [528, 1024] backward
+    partial (8 warps' row tiles at 4 programs per SM on 132 SMs) to 4 programs of 17 rounds
+    each; 32-column blocks give it 32 programs of 3 rounds. The layout depends only on the
+    device and the shape, so the sum's order (and its bits) too.
+    """
     out = Output(like)
-    n = part.shape[1]
-    block_n = min(256, triton.next_power_of_2(n))
+    p, n = part.shape
+    programs = 2 * _sm_count(_index(part.device)) if part.device.type == "cuda" else 4
+    block_n = min(256, max(32, _pow2_at_most(triton.cdiv(n, programs))))
     grid = (triton.cdiv(n, block_n),)
-    _reduce_partials_kernel[grid](part, out.buf, part.shape[0], n, BLOCK_P=32, BLOCK_N=block_n)
+    _reduce_partials_kernel[grid](
+        part, out.buf, p, n, BLOCK_P=REDUCE_TILE // block_n, BLOCK_N=block_n, num_warps=8
+    )
     return out.finish()
+
+
+def _pow2_at_most(v):
+    return 1 << (max(1, v).bit_length() - 1)
 
 
 # ---- RMSNorm kernels ------------------------------------------------------------------------------

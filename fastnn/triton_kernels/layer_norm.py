@@ -109,6 +109,11 @@ def _ln_fwd_kernel(
 
 
 @triton.jit
+def _add_pairs(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _ln_bwd_kernel(
     DY, DRES, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, rows, N, num_row_blocks,
     HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
@@ -134,8 +139,8 @@ def _ln_bwd_kernel(
         rstd = tl.load(RSTD + row, mask=rmask, other=0.0).to(ACC)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         g = dy * w[None, :] if HAS_W else dy
-        c_gx = tl.sum(g * xhat, axis=1) / N
-        c_g = tl.sum(g, axis=1) / N
+        c_gx, c_g = tl.reduce((g * xhat, g), 1, _add_pairs)
+        c_gx, c_g = c_gx / N, c_g / N
         dx = rstd[:, None] * (g - c_g[:, None] - xhat * c_gx[:, None])
         if HAS_DRES:
             dx += tl.load(DRES + offs, mask=mask, other=0.0).to(ACC)

@@ -826,6 +826,32 @@ def test_lr_scheduler_with_tensor_lr():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "cls,kw",
+    [("Adam", dict(amsgrad=True)), ("AdamW", {}), ("RMSprop", dict(momentum=0.9, centered=True))],
+)
+def test_compiled_step_matches_eager(backend, cls, kw):
+    """torch.compile(fullgraph=True) of a function calling step(): the update ops trace as
+    opaque calls and the compiled steps follow torch's eager trajectory."""
+    skip_unless_available(backend, "adam", "cpu")
+    torch._dynamo.reset()
+    params = make_params(backend=backend)
+    grads = make_grads(params, 3)
+    ours, ref = clone_leaves(params), clone_leaves(params)
+    opt = getattr(fastnn.optim, cls)(ours, lr=0.01, **kw)
+    ref_opt = getattr(torch.optim, cls)(ref, lr=0.01, foreach=False, **kw)
+    compiled_step = torch.compile(opt.step, fullgraph=True)
+    with fastnn.use_backend(backend):
+        for step_grads in grads:
+            for p, g in zip(ours, step_grads, strict=True):
+                p.grad = g.clone()
+            compiled_step()
+    run(ref_opt, ref, grads)
+    assert_params_close(ours, ref)
+    assert_states_close(opt, ref_opt, ours, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["adam_step_", "rmsprop_step_"])
 def test_opcheck(backend, op):
     # Schema, fake implementation and mutation annotations of the registered op.

@@ -9,6 +9,9 @@ import numbers
 import torch
 
 from fastnn import _backend, ops
+from fastnn.reference import glu as reference_glu
+from fastnn.reference import layer_norm as reference_layer_norm
+from fastnn.reference import rms_norm as reference_rms_norm
 from fastnn.reference.glu import ACTIVATIONS
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -74,6 +77,33 @@ def _check_norm_args(input, normalized_shape, residual, params):
     return shape, math.prod(shape)
 
 
+_REFERENCE_FORWARDS = {
+    "rms_norm_fwd": reference_rms_norm.rms_norm_fwd,
+    "layer_norm_fwd": reference_layer_norm.layer_norm_fwd,
+    "glu_fwd": reference_glu.glu_fwd,
+    "glu_packed_fwd": reference_glu.glu_packed_fwd,
+}
+
+
+def _under_transform():
+    """True under a torch.func transform (grad, vjp, vmap, jacrev, jvp, hessian, ...) or
+    forward-mode AD, outside torch.compile.
+
+    The ops' autograd (torch.library.custom_op's, torch 2.14) refuses the functorch transforms,
+    and forward-mode AD passes through it without a tangent (a jvp came back zero, silently),
+    so there the reference formulas run as plain torch ops instead, which torch differentiates
+    under every transform, to any order. Under torch.compile the ops run (and trace) as usual.
+    """
+    return not torch.compiler.is_compiling() and (
+        torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+    )
+
+
+def _forward(backend, name):
+    """The forward op `name` of `backend`, or its reference formula under a transform."""
+    return _REFERENCE_FORWARDS[name] if _under_transform() else ops.get(backend, name)
+
+
 def _rows(t, shape):
     """[..., *normalized_shape] -> [rows, N] (rows counted, not inferred: N may be 0)."""
     if t is None:
@@ -116,7 +146,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     if eps is None:
         eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     backend = _backend.resolve("rms_norm", input.device.type)
-    out, residual_out, _ = ops.get(backend, "rms_norm_fwd")(
+    out, residual_out, _ = _forward(backend, "rms_norm_fwd")(
         _rows(input, shape), _rows(residual, shape), _vector(weight, n), float(eps)
     )
     out = out.view(input.shape)
@@ -141,7 +171,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
             return layer_norm(_fp32(s), *args), s
         input, weight, bias = _fp32(input), _fp32(weight), _fp32(bias)
     backend = _backend.resolve("layer_norm", input.device.type)
-    out, residual_out, _, _ = ops.get(backend, "layer_norm_fwd")(
+    out, residual_out, _, _ = _forward(backend, "layer_norm_fwd")(
         _rows(input, shape),
         _rows(residual, shape),
         _vector(weight, n),
@@ -190,11 +220,11 @@ def glu_family(gate, up=None, activation="silu", *, inplace_backward=False):
             raise RuntimeError(f"fastnn: gate has dtype {gate.dtype} but up has {up.dtype}")
         _check_same_device(up, "up", gate, "gate")
     backend = _backend.resolve("glu", gate.device.type)
-    if inplace_backward:
+    if inplace_backward and not _under_transform():  # an eager memory saving; plain ops there
         return _glu_inplace_backward(gate, up, activation, backend)
     if up is None:
-        return ops.get(backend, "glu_packed_fwd")(gate, activation)
-    return ops.get(backend, "glu_fwd")(gate, up, activation)
+        return _forward(backend, "glu_packed_fwd")(gate, activation)
+    return _forward(backend, "glu_fwd")(gate, up, activation)
 
 
 def _glu_inplace_backward(gate, up, activation, backend):

@@ -120,3 +120,100 @@ def test_autocast_policy_runs_the_norms_in_fp32(monkeypatch):
 def test_glu_family_sigmoid_relates_to_torch_glu_as_documented():
     x = torch.randn(3, 10, dtype=torch.float64)
     torch.testing.assert_close(FF.glu_family(x[:, 5:], x[:, :5], "sigmoid"), F.glu(x))
+
+
+def _silu_glu(gate, up):
+    return F.silu(gate) * up
+
+
+# name -> (fastnn's function, torch's formula, args); args[0] batched [2, 3, 8], params [8].
+def _transform_cases():
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64)
+
+    x, r, w, b, u = rand(2, 3, 8), rand(2, 3, 8), rand(8), rand(8), rand(2, 3, 8)
+    return {
+        "rms_norm": (
+            lambda x, r, w: FF.rms_norm(x, (8,), w, residual=r)[0],
+            lambda x, r, w: F.rms_norm(x + r, (8,), w),
+            (x, r, w),
+        ),
+        "layer_norm": (
+            lambda x, w, b: FF.layer_norm(x, (8,), w, b),
+            lambda x, w, b: F.layer_norm(x, (8,), w, b),
+            (x, w, b),
+        ),
+        "swiglu": (FF.swiglu, _silu_glu, (x, u)),
+        "swiglu_packed": (
+            lambda gu: FF.swiglu(gu, inplace_backward=True),
+            lambda gu: _silu_glu(*gu.chunk(2, -1)),
+            (torch.cat([x, u], -1),),
+        ),
+    }
+
+
+def _scalar(f):
+    return lambda *args: f(*args).sin().sum()
+
+
+def _in_dims(args):
+    return tuple(0 if a.dim() == 3 else None for a in args)
+
+
+_TRANSFORMS = {
+    "grad": lambda f, a: torch.func.grad(_scalar(f), argnums=tuple(range(len(a))))(*a),
+    "vmap": lambda f, a: torch.func.vmap(f, in_dims=_in_dims(a))(*a),
+    "per_sample_grad": lambda f, a: torch.func.vmap(
+        torch.func.grad(_scalar(f), argnums=tuple(range(len(a)))), in_dims=_in_dims(a)
+    )(*a),
+    "jvp": lambda f, a: torch.func.jvp(f, a, tuple(torch.full_like(t, 0.3) for t in a)),
+    "jacrev": lambda f, a: torch.func.jacrev(f, argnums=tuple(range(len(a))))(*a),
+    "hessian": lambda f, a: _hessian_of_first(f, tuple(t[:1] if t.dim() == 3 else t for t in a)),
+}
+
+
+def _hessian_of_first(f, args):
+    return torch.func.hessian(lambda first: _scalar(f)(first, *args[1:]))(args[0])
+
+
+@pytest.mark.parametrize("transform", _TRANSFORMS)
+@pytest.mark.parametrize("case", ["rms_norm", "layer_norm", "swiglu", "swiglu_packed"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_transforms_match_torch(backend, case, transform):
+    """torch.func transforms through the functional API (and forward-mode AD, in jvp) give
+    torch's results: under a transform the reference formulas run as plain torch ops."""
+    skip_unless_available(backend, "glu" if case.startswith("swiglu") else case, "cpu")
+    ours, theirs, args = _transform_cases()[case]
+    with fastnn.use_backend(backend):
+        got = _TRANSFORMS[transform](ours, args)
+    torch.testing.assert_close(got, _TRANSFORMS[transform](theirs, args))
+
+
+def test_forward_mode_ad_carries_tangents():
+    from torch.autograd import forward_ad
+
+    x, t, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8), torch.randn(8)
+    with forward_ad.dual_level():
+        got = forward_ad.unpack_dual(FF.rms_norm(forward_ad.make_dual(x, t), (8,), w)).tangent
+        ref = forward_ad.unpack_dual(F.rms_norm(forward_ad.make_dual(x, t), (8,), w)).tangent
+    assert got is not None
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_calls_run_the_backends_ops(backend, monkeypatch):
+    """Outside transforms the reference formulas stand in for nothing (the kernels run)."""
+    skip_unless_available(backend, "rms_norm", "cpu")
+
+    def refuse(*args):
+        raise AssertionError("a reference formula ran outside a transform")
+
+    monkeypatch.setattr(FF, "_REFERENCE_FORWARDS", dict.fromkeys(FF._REFERENCE_FORWARDS, refuse))
+    x = torch.randn(4, 8, requires_grad=True)
+    with fastnn.use_backend(backend):
+        FF.rms_norm(x, (8,)).sum().backward()
+        FF.layer_norm(x, (8,)).sum().backward()
+        FF.swiglu(x, x).sum().backward()
+        FF.swiglu(x).sum().backward()

@@ -14,7 +14,9 @@
 #      keep "copy" in it, % of copy needs it) and prints `python -m bench.compare` of A against B.
 # Results in AB_OUT (default bench/results/ab-<date>): build-{a,b}.log, tests-b.log, a/ and b/
 # (each a bench.run folder with its report) and compare.md; on a lent machine also packed into
-# $OUT/ab.tar.gz. Knobs: AB_PYTHON (python3), AB_TESTS_K, AB_OUT, MAX_JOBS.
+# $OUT/ab.tar.gz. Knobs: AB_PYTHON (python3), AB_TESTS_K, AB_OUT, MAX_JOBS, and AB_A_RUN: a
+# bench.run folder of this checkout from minutes before on the same machine (say gpu-check's) to
+# compare B against instead of building and benchmarking A again (only the cases both ran pair).
 # Exit status: 2 for bad arguments, 1 when a build, the tests or a benchmark run failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,8 +44,16 @@ else
   build_env=(TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}")
 fi
 
+a_run=${AB_A_RUN:+$(cd "$AB_A_RUN" && pwd)}
+if [ -n "${AB_A_RUN:-}" ] && [ ! -f "$a_run/benchmark.json" ]; then
+  echo "ab: AB_A_RUN=$AB_A_RUN holds no benchmark.json" >&2
+  exit 2
+fi
+sides=(a b)
+[ -n "$a_run" ] && sides=(b)
+
 status=0
-for side in a b; do
+for side in "${sides[@]}"; do
   tree=$A
   [ $side = b ] && tree=$B
   echo "ab: building $side ($tree)"
@@ -73,7 +83,7 @@ fi
 
 k_args=()
 [ -n "$K" ] && k_args=(-k "$K")
-for side in a b; do
+for side in "${sides[@]}"; do
   tree=$A
   [ $side = b ] && tree=$B
   echo "ab: benchmarks of $side"
@@ -85,7 +95,7 @@ for side in a b; do
   }
 done
 
-"$PY" -m bench.compare "$out/a/benchmark.json" "$out/b/benchmark.json" | tee "$out/compare.md"
+"$PY" -m bench.compare "${a_run:-$out/a}/benchmark.json" "$out/b/benchmark.json" | tee "$out/compare.md"
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
   tar czf "$OUT/ab.tar.gz" -C "$(dirname "$out")" "$(basename "$out")" &&
     echo "ab: packed into \$OUT/ab.tar.gz"

@@ -87,7 +87,9 @@ def define_autograd(fwd_name, bwd_name, setup_context, make_backward, family):
     def no_double_backward(ctx, *grads):
         raise RuntimeError(
             f"fastnn: double backward through {family} is not supported (its backward op "
-            f"fastnn::{bwd_name} has no derivative); use the torch modules for higher-order grads"
+            f"fastnn::{bwd_name} has no derivative); for higher-order grads use torch.func "
+            "(grad of grad, hessian: fastnn runs plain torch ops under its transforms) or the "
+            "torch modules"
         )
 
     for backend in available_backends():

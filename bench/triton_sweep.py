@@ -1,0 +1,416 @@
+"""Launch-config sweep of the Triton norm kernels: what each hidden size runs fastest with.
+
+One call of a lent GPU machine times dozens of configs per case without a rebuild (Triton
+compiles at first use), so the launchers' policies in fastnn/triton_kernels/rms_norm.py
+(row_config, persistent_programs, and pipeline_stages where the kernels take STAGES) can be set
+from measurements afterwards, on any machine.
+
+    python -m bench.triton_sweep [--budget-s 240] [--ops rms_norm,layer_norm] [--dirs bwd,fwd]
+                                 [--n 1024,4096] [--rows 32768] [--out DIR]
+    python -m bench.triton_sweep --check   # CPU, under TRITON_INTERPRET=1: every config computes
+                                           # the norm (tests/test_triton_sweep.py runs it)
+
+Each config runs through the public launcher (rms_norm_fwd / _bwd, layer_norm_fwd / _bwd) with its
+policy functions patched to return the config, so kernels, arguments and the dW / dB column sum are
+exactly the launcher's. Before a config is timed its outputs are compared with those of the
+launcher's own choice (the `current` row); one that disagrees is reported, not timed. Configs are
+compiled first in parallel worker processes (about a second each, one at a time otherwise).
+Timing: CUDA events around `CALLS` back-to-back calls behind a GPU sleep (as bench/harness.py),
+the median of `ROUNDS` rounds; GB/s by bench/test_norms.py's byte formula, % of the copy bandwidth
+measured at the start of the run. Results: sweep.jsonl (every config) and sweep.md (per case the
+current config, the best and the runners-up) in --out.
+"""
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+
+CASES = [  # (op, direction, N) in the order they run: the widest gaps to the targets first
+    *[(op, "bwd", n) for op in ("rms_norm", "layer_norm") for n in (1024, 4096, 8192, 16384)],
+    *[(op, "fwd", n) for op in ("rms_norm", "layer_norm") for n in (32768, 65536, 1024)],
+    *[(op, "bwd", n) for op in ("rms_norm", "layer_norm") for n in (2048, 65536)],
+]
+ROUNDS, CALLS = 5, 5
+EPS = {"rms_norm": 1e-6, "layer_norm": 1e-5}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    single: bool  # whole rows in one tile; else column blocks of block_n
+    num_warps: int
+    per_sm: int | None = None  # persistent backward programs per SM (None: the launcher's)
+    stages: int | None = None  # software pipeline depth (None: the launcher's)
+
+    def label(self):
+        tier = f"rows {self.block_m}x{self.block_n}" if self.single else f"cols {self.block_n}"
+        extra = "".join(
+            f", {name} {value}"
+            for name, value in (("per_sm", self.per_sm), ("stages", self.stages))
+            if value is not None
+        )
+        return f"{tier}, {self.num_warps} warps{extra}"
+
+
+def _pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """The options candidates() combines."""
+
+    tiles: tuple = (4096, 8192, 16384)  # elements of a whole-row tile (rows x next_pow2(N))
+    loop_blocks: tuple = (4096, 8192, 16384)  # forward column blocks (rows above the tiles)
+    col_blocks: tuple = (1024, 2048, 4096)  # backward column blocks (the row-dot path)
+    # Elements per thread: forward x and its fp32 copy; backward x, dy, the dW accumulator.
+    fwd_per_thread: tuple = (8, 64)
+    bwd_per_thread: tuple = (4, 16)
+    per_sm: tuple = (1, 2, 4, 8)  # persistent backward programs per SM (64 warps at most)
+
+
+GPU_SPACE = Space()
+# Under the interpreter: small blocks so that N of a few hundred loops, any warps.
+CHECK_SPACE = Space(
+    tiles=(256,), loop_blocks=(64, 512), col_blocks=(64, 512), fwd_per_thread=(1, 64),
+    bwd_per_thread=(1, 64), per_sm=(None,),
+)  # fmt: skip
+
+
+def candidates(direction, n, has_stages, space=GPU_SPACE):
+    """Configs worth timing at hidden size n: whole-row tiles of one or more rows (forward rows
+    up to 32K elements, backward up to 16K), column-block loops for rows longer than a block, the
+    warps giving each thread the space's elements, for the backward each programs-per-SM option,
+    pipelined or not where the kernels take STAGES."""
+    bn = _pow2(n)
+    fwd = direction == "fwd"
+    lo, hi = space.fwd_per_thread if fwd else space.bwd_per_thread
+    stage_options = (1, 2) if has_stages else (None,)
+
+    def options(block):
+        for w in (4, 8, 16, 32):
+            if not lo <= block // (32 * w) <= hi:
+                continue
+            for p in (None,) if fwd else space.per_sm:
+                if p is None or p * w <= 64:
+                    yield w, p
+
+    out = []
+    if bn <= (32768 if fwd else 16384):
+        for tile in sorted({max(bn, t) for t in (bn, *space.tiles)}):
+            for w, p in options(tile):
+                for s in (None,) if fwd else stage_options:
+                    out.append(Config(tile // bn, bn, True, w, p, s))
+    for block in space.loop_blocks if fwd else space.col_blocks:
+        if block < n:
+            for w, p in options(block):
+                for s in stage_options:
+                    out.append(Config(1, block, False, w, p, s))
+    return out
+
+
+@contextlib.contextmanager
+def launched_with(config):
+    """Inside, the Triton norm launchers use `config` (None: their own choices)."""
+    from fastnn.triton_kernels import layer_norm, rms_norm
+
+    modules = (rms_norm, layer_norm)
+    saved = {(m, name): getattr(m, name) for m in modules for name in _POLICIES if hasattr(m, name)}
+    real_programs = rms_norm.persistent_programs
+    if config is not None:
+
+        def row_config(rows, n, dtype, max_block, per_thread):
+            return config.block_m, config.block_n, config.single, config.num_warps
+
+        def persistent_programs(device, work, per_sm, share=1):
+            return real_programs(device, work, config.per_sm or per_sm, share)
+
+        policies = {"row_config": row_config, "persistent_programs": persistent_programs}
+        if config.stages is not None:
+            policies["pipeline_stages"] = lambda dtype: config.stages
+        for (m, name), _ in saved.items():
+            if name in policies:
+                setattr(m, name, policies[name])
+    try:
+        yield
+    finally:
+        for (m, name), value in saved.items():
+            setattr(m, name, value)
+
+
+_POLICIES = ("row_config", "persistent_programs", "pipeline_stages")
+
+
+def make_inputs(op, direction, rows, n, dtype, device, seed=0):
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(rows, n, generator=g, device=device).to(dtype)
+    w = (1 + 0.1 * torch.randn(n, generator=g, device=device)).to(dtype)
+    b = (0.1 * torch.randn(n, generator=g, device=device)).to(dtype)
+    inputs = {"x": x, "w": w, "b": b if op == "layer_norm" else None}
+    if direction == "bwd":
+        inputs["dy"] = torch.randn(rows, n, generator=g, device=device).to(dtype)
+        with launched_with(None):
+            stats = run_op(op, "fwd", inputs)[2:]
+        inputs["stats"] = stats
+    return inputs
+
+
+def run_op(op, direction, inputs):
+    from fastnn.triton_kernels import layer_norm, rms_norm
+
+    x, w, b = inputs["x"], inputs["w"], inputs["b"]
+    if op == "rms_norm":
+        if direction == "fwd":
+            return rms_norm.rms_norm_fwd(x, None, w, EPS[op])
+        return rms_norm.rms_norm_bwd(inputs["dy"], None, x, w, *inputs["stats"])
+    if direction == "fwd":
+        return layer_norm.layer_norm_fwd(x, None, w, b, EPS[op])
+    return layer_norm.layer_norm_bwd(inputs["dy"], None, x, w, b, *inputs["stats"])
+
+
+def disagreement(got, ref):
+    """Largest relative error (norm of the difference over the norm of ref) over the outputs a
+    config computes; the forward's statistics included."""
+    worst = 0.0
+    for a, r in zip(got, ref, strict=True):
+        if r.numel() == 0:
+            continue
+        a, r = a.double(), r.double()
+        worst = max(worst, float((a - r).norm() / r.norm().clamp_min(1e-30)))
+    return worst
+
+
+# Two configs' bf16 outputs, rounded from fp32 sums taken in other orders, differ in the last
+# bit here and there (relative error ~1e-3); a config that drops or repeats rows is off by O(1).
+AGREE = 1e-2
+
+
+def has_stages():
+    from fastnn.triton_kernels import rms_norm
+
+    return hasattr(rms_norm, "pipeline_stages")
+
+
+def check(ns=(40, 300, 2500), rows=6, verbose=False):
+    """Under the interpreter: every config of CHECK_SPACE (the GPU's kinds of config, with
+    blocks small enough that these N loop) agrees with the launcher's own choice. Returns the
+    list of (case, config, error) that do not."""
+    import torch
+
+    bad = []
+    for op in ("rms_norm", "layer_norm"):
+        for direction in ("fwd", "bwd"):
+            for n in ns:
+                inputs = make_inputs(op, direction, rows, n, torch.bfloat16, "cpu")
+                with launched_with(None):
+                    ref = run_op(op, direction, inputs)
+                for config in candidates(direction, n, has_stages(), CHECK_SPACE):
+                    try:
+                        with launched_with(config):
+                            err = disagreement(run_op(op, direction, inputs), ref)
+                    except Exception as e:  # a config the kernels refuse is a finding too
+                        err = f"{type(e).__name__}: {e}"
+                    if verbose:
+                        print(op, direction, n, config.label(), err, flush=True)
+                    if isinstance(err, str) or err > AGREE:
+                        bad.append(((op, direction, n), config, err))
+    return bad
+
+
+def _precompile(job):
+    """Worker: compile one config (few rows, the same N, so the same specialisation)."""
+    op, direction, n, config, rows, device = job
+    import torch
+
+    try:
+        inputs = make_inputs(op, direction, rows, n, torch.bfloat16, device)
+        with launched_with(config):
+            run_op(op, direction, inputs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+# Rows of the compile-only launches: a multiple of 16 like the timed 32768 (Triton specialises
+# integer arguments on divisibility by 16), and row-block counts above 1.
+PRECOMPILE_ROWS = 1024
+
+
+def time_calls(fn, device):
+    """Median seconds per call over ROUNDS rounds of CALLS back-to-back calls: on a GPU from
+    CUDA events, each round queued behind a GPU sleep (so host time never shows), on the CPU
+    (the interpreter dry run) from the host clock."""
+    import torch
+
+    from bench import harness
+
+    fn()
+    per_call = []
+    for _ in range(ROUNDS):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            harness.gpu_sleep(2e-3)
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(CALLS):
+                fn()
+            end.record()
+            end.synchronize()
+            seconds = begin.elapsed_time(end) / 1e3
+        else:
+            begin = time.perf_counter()
+            for _ in range(CALLS):
+                fn()
+            seconds = time.perf_counter() - begin
+        per_call.append(seconds / CALLS)
+    return statistics.median(per_call)
+
+
+def copy_bandwidth(device):
+    import torch
+
+    src = torch.randn(2**28 if device == "cuda" else 2**20, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / time_calls(lambda: dst.copy_(src), device)
+
+
+def sweep(cases, rows, budget_s, out):
+    """Times every candidate of every case on the GPU (on the CPU under the interpreter, a dry
+    run of the same steps over CHECK_SPACE's configs: tests/test_triton_sweep.py)."""
+    import torch
+
+    from bench.test_norms import norm_bytes
+
+    start = time.monotonic()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if (device == "cuda") == (os.environ.get("TRITON_INTERPRET") == "1"):
+        raise RuntimeError("triton_sweep: run it on a GPU with TRITON_INTERPRET=0, or on the CPU "
+                           "with TRITON_INTERPRET=1 (a dry run)")  # fmt: skip
+    space = GPU_SPACE if device == "cuda" else CHECK_SPACE
+    stages = has_stages()
+    jobs = [(op, d, n, c) for op, d, n in cases for c in candidates(d, n, stages, space)]
+    print(f"triton_sweep: {len(jobs)} configs over {len(cases)} cases; compiling", flush=True)
+    context = multiprocessing.get_context("spawn")
+    workers = min(16, os.cpu_count() or 1)
+    compile_rows = PRECOMPILE_ROWS if device == "cuda" else rows
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        errors = pool.map(_precompile, [(*job, compile_rows, device) for job in jobs])
+        compile_errors = dict(zip(jobs, errors, strict=True))
+    print(f"triton_sweep: compiled in {time.monotonic() - start:.0f} s", flush=True)
+    copy = copy_bandwidth(device)
+    records = []
+    with open(os.path.join(out, "sweep.jsonl"), "w") as log:
+        for op, direction, n in cases:
+            if time.monotonic() - start > budget_s:
+                print(f"triton_sweep: budget spent; skipped {op} {direction} {n} and after")
+                break
+            inputs = make_inputs(op, direction, rows, n, torch.bfloat16, device)
+            nbytes = norm_bytes(op, direction, rows, n, 2)
+            call = functools.partial(run_op, op, direction, inputs)
+            with launched_with(None):
+                ref = call()
+                results = [(None, time_calls(call, device), 0.0, None)]
+            for config in candidates(direction, n, stages, space):
+                error = compile_errors[(op, direction, n, config)]
+                seconds = err = None
+                if error is None:
+                    try:
+                        with launched_with(config):
+                            err = disagreement(call(), ref)
+                            if err <= AGREE:
+                                seconds = time_calls(call, device)
+                            else:
+                                error = f"disagrees with the current config: {err:.1e}"
+                    except Exception as e:  # recorded; the sweep goes on
+                        error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                results.append((config, seconds, err, error))
+            for config, seconds, err, error in results:
+                record = dict(op=op, direction=direction, n=n, rows=rows,
+                              config=dataclasses.asdict(config) if config else "current",
+                              label=config.label() if config else "current",
+                              us=seconds and seconds * 1e6,
+                              gbps=seconds and nbytes / seconds / 1e9,
+                              pct_copy=seconds and 100 * nbytes / seconds / copy,
+                              disagreement=err, error=error)  # fmt: skip
+                log.write(json.dumps(record) + "\n")
+                records.append(record)
+            inputs = ref = call = None  # freed before the next case allocates
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            timed = [r for r in records[-len(results) :] if r["us"]]
+            best = max(timed, key=lambda r: r["gbps"])
+            print(f"{op} {direction} {n}: current {timed[0]['pct_copy']:.0f}% of copy, best "
+                  f"{best['pct_copy']:.0f}% ({best['label']})", flush=True)  # fmt: skip
+    write_summary(records, copy, device, os.path.join(out, "sweep.md"))
+    return records
+
+
+def write_summary(records, copy, device, path):
+    import torch
+
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter dry run)"
+    lines = [
+        f"# Triton norm launch-config sweep, {name}, {time.strftime('%Y-%m-%d', time.gmtime())}",
+        "",
+        f"bf16, copy {copy / 1e9:,.0f} GB/s; torch {torch.__version__}; "
+        f"triton {__import__('triton').__version__}. Per case: the launcher's current choice, "
+        "then the 5 fastest configs; failed configs counted.",
+        "",
+        "| op | dir | N | config | µs | % of copy |",
+        "| --- | --- | ---: | --- | ---: | ---: |",
+    ]
+    keys = sorted({(r["op"], r["direction"], r["n"]) for r in records}, key=str)
+    for key in keys:
+        rows = [r for r in records if (r["op"], r["direction"], r["n"]) == key]
+        timed = sorted((r for r in rows if r["us"]), key=lambda r: r["us"])
+        failed = sum(1 for r in rows if r["error"])
+        current = [r for r in rows if r["label"] == "current"]
+        for r in current + [r for r in timed if r["label"] != "current"][:5]:
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {r['label']} | "
+                         f"{r['us']:,.1f} | {r['pct_copy']:.0f}% |")  # fmt: skip
+        if failed:
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {failed} configs failed | | |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="CPU interpreter check of configs")
+    parser.add_argument("--budget-s", type=float, default=240)
+    parser.add_argument("--ops", default="rms_norm,layer_norm")
+    parser.add_argument("--dirs", default="bwd,fwd")
+    parser.add_argument("--n", default="", help="hidden sizes (default: the CASES list)")
+    parser.add_argument("--rows", type=int, default=32768)
+    parser.add_argument("--out", default="bench/results/triton-sweep")
+    args = parser.parse_args(argv)
+    if args.check:
+        bad = check(verbose=True)
+        for case, config, err in bad:
+            print("DISAGREES", case, config.label(), err)
+        return 1 if bad else 0
+    ops, dirs = args.ops.split(","), args.dirs.split(",")
+    ns = [int(v) for v in args.n.split(",")] if args.n else None
+    cases = [c for c in CASES if c[0] in ops and c[1] in dirs and (ns is None or c[2] in ns)]
+    if ns:
+        cases += [(o, d, n) for o in ops for d in dirs for n in ns if (o, d, n) not in cases]
+    os.makedirs(args.out, exist_ok=True)
+    sweep(cases, args.rows, args.budget_s, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -86,33 +86,34 @@ CHECK_SPACE = Space(
 )  # fmt: skip
 
 
-def candidates(direction, n, has_stages, space=GPU_SPACE):
+def candidates(direction, n, has_stages, space=GPU_SPACE, fwd_persistent=False):
     """Configs worth timing at hidden size n: whole-row tiles of one or more rows (forward rows
     up to 32K elements, backward up to 16K), column-block loops for rows longer than a block, the
-    warps giving each thread the space's elements, for the backward each programs-per-SM option,
-    pipelined or not where the kernels take STAGES."""
+    warps giving each thread the space's elements, each programs-per-SM option of a persistent
+    grid (the backward's; the forward loops' where fwd_persistent), pipelined or not where the
+    kernels take STAGES."""
     bn = _pow2(n)
     fwd = direction == "fwd"
     lo, hi = space.fwd_per_thread if fwd else space.bwd_per_thread
     stage_options = (1, 2) if has_stages else (None,)
 
-    def options(block):
+    def options(block, persistent):
         for w in (4, 8, 16, 32):
             if not lo <= block // (32 * w) <= hi:
                 continue
-            for p in (None,) if fwd else space.per_sm:
+            for p in space.per_sm if persistent else (None,):
                 if p is None or p * w <= 64:
                     yield w, p
 
     out = []
     if bn <= (32768 if fwd else 16384):
         for tile in sorted({max(bn, t) for t in (bn, *space.tiles)}):
-            for w, p in options(tile):
+            for w, p in options(tile, not fwd):
                 for s in (None,) if fwd else stage_options:
                     out.append(Config(tile // bn, bn, True, w, p, s))
     for block in space.loop_blocks if fwd else space.col_blocks:
         if block < n:
-            for w, p in options(block):
+            for w, p in options(block, not fwd or fwd_persistent):
                 for s in stage_options:
                     out.append(Config(1, block, False, w, p, s))
     return out
@@ -208,6 +209,13 @@ def has_stages():
     return hasattr(rms_norm, "pipeline_stages")
 
 
+def fwd_persistent():
+    """Whether the forward's looping tier runs on a persistent grid (programs per SM to sweep)."""
+    from fastnn.triton_kernels import rms_norm
+
+    return hasattr(rms_norm, "fwd_grid")
+
+
 def check(ns=(40, 300, 2500), rows=6, verbose=False):
     """Under the interpreter: every config of CHECK_SPACE (the GPU's kinds of config, with
     blocks small enough that these N loop) agrees with the launcher's own choice. Returns the
@@ -221,7 +229,8 @@ def check(ns=(40, 300, 2500), rows=6, verbose=False):
                 inputs = make_inputs(op, direction, rows, n, torch.bfloat16, "cpu")
                 with launched_with(None):
                     ref = run_op(op, direction, inputs)
-                for config in candidates(direction, n, has_stages(), CHECK_SPACE):
+                configs = candidates(direction, n, has_stages(), CHECK_SPACE, fwd_persistent())
+                for config in configs:
                     try:
                         with launched_with(config):
                             err = disagreement(run_op(op, direction, inputs), ref)
@@ -306,8 +315,8 @@ def sweep(cases, rows, budget_s, out):
         raise RuntimeError("triton_sweep: run it on a GPU with TRITON_INTERPRET=0, or on the CPU "
                            "with TRITON_INTERPRET=1 (a dry run)")  # fmt: skip
     space = GPU_SPACE if device == "cuda" else CHECK_SPACE
-    stages = has_stages()
-    jobs = [(op, d, n, c) for op, d, n in cases for c in candidates(d, n, stages, space)]
+    kinds = dict(has_stages=has_stages(), space=space, fwd_persistent=fwd_persistent())
+    jobs = [(op, d, n, c) for op, d, n in cases for c in candidates(d, n, **kinds)]
     print(f"triton_sweep: {len(jobs)} configs over {len(cases)} cases; compiling", flush=True)
     context = multiprocessing.get_context("spawn")
     workers = min(16, os.cpu_count() or 1)
@@ -329,7 +338,7 @@ def sweep(cases, rows, budget_s, out):
             with launched_with(None):
                 ref = call()
                 results = [(None, time_calls(call, device), 0.0, None)]
-            for config in candidates(direction, n, stages, space):
+            for config in candidates(direction, n, **kinds):
                 error = compile_errors[(op, direction, n, config)]
                 seconds = err = None
                 if error is None:

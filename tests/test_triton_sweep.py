@@ -51,5 +51,9 @@ def test_dry_run_writes_the_tables(tmp_path, monkeypatch):
     assert len(records) == 1 + len(configs)
     assert all(r["us"] and r["error"] is None for r in records), records
     table = (tmp_path / "sweep.md").read_text()
-    assert "| rms_norm | bwd | 300 | current |" in table
+    chosen = records[0]["label"]
+    assert (
+        chosen.startswith("current: rows 4x512, ")
+        and f"| rms_norm | bwd | 300 | {chosen} |" in table
+    )
     assert len((tmp_path / "sweep.jsonl").read_text().splitlines()) == len(records)

@@ -9,6 +9,8 @@ from measurements afterwards, on any machine.
                                  [--n 1024,4096] [--rows 32768] [--out DIR]
     python -m bench.triton_sweep --check   # CPU, under TRITON_INTERPRET=1: every config computes
                                            # the norm (tests/test_triton_sweep.py runs it)
+    python -m bench.triton_sweep --static  # no GPU: every config compiled for sm_90, its
+                                           # registers, spills and programs per SM
 
 Each config runs through the public launcher (rms_norm_fwd / _bwd, layer_norm_fwd / _bwd) with its
 policy functions patched to return the config, so kernels, arguments and the dW / dB column sum are
@@ -99,7 +101,12 @@ def candidates(direction, n, has_stages, space=GPU_SPACE, fwd_persistent=False):
 
     def options(block, persistent):
         for w in (4, 8, 16, 32):
-            if not lo <= block // (32 * w) <= hi:
+            per_thread = block // (32 * w)
+            if not lo <= per_thread <= hi:
+                continue
+            # 32 warps cap a thread at 64 registers: backward tiles of 16 elements per thread
+            # spilled 100-312 B there (sm_90, triton 3.6), 8 did not.
+            if not fwd and w == 32 and per_thread > 8:
                 continue
             for p in space.per_sm if persistent else (None,):
                 if p is None or p * w <= 64:
@@ -436,9 +443,47 @@ def write_summary(records, copy, device, path):
         f.write("\n".join(lines) + "\n")
 
 
+def static_resources(cases, path):
+    """Without a GPU: every candidate of `cases` compiled for sm_90 (bench/kernel_resources.py),
+    its kernels' registers, spill stores, shared memory and resident programs per SM written to
+    `path` (JSON lines). Returns the records; about 0.2 s a config on the dev VM."""
+    import torch
+
+    from bench.kernel_resources import compiling_for_sm90
+
+    kinds = dict(has_stages=has_stages(), fwd_persistent=fwd_persistent())
+    records = []
+    with open(path, "w") as out:
+        for op, direction, n in cases:
+            x = torch.zeros(16, n, dtype=torch.bfloat16)  # 16 rows: specialised as 32768
+            w, stat = torch.zeros(n, dtype=torch.bfloat16), torch.zeros(16)
+            inputs = dict(x=x, w=w, b=w if op == "layer_norm" else None, dy=x)
+            inputs["stats"] = (stat,) if op == "rms_norm" else (stat, stat)
+            for config in candidates(direction, n, **kinds):
+                launches, error = [], None
+                try:
+                    with launched_with(config), compiling_for_sm90() as launches:
+                        run_op(op, direction, inputs)
+                except Exception as e:
+                    error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                kernels = [
+                    dict(kernel=k.kernel, regs=k.regs, spill=k.spill, shared=k.shared,
+                         resident_per_sm=k.resident_per_sm)
+                    for k in launches if k.kernel != "_reduce_partials_kernel"
+                ]  # fmt: skip
+                record = dict(op=op, direction=direction, n=n, label=config.label(),
+                              kernels=kernels, error=error)  # fmt: skip
+                out.write(json.dumps(record) + "\n")
+                records.append(record)
+    return records
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="CPU interpreter check of configs")
+    parser.add_argument(
+        "--static", action="store_true", help="no GPU: compile every config for sm_90, resources"
+    )
     parser.add_argument("--budget-s", type=float, default=240)
     parser.add_argument("--ops", default="rms_norm,layer_norm")
     parser.add_argument("--dirs", default="bwd,fwd")
@@ -457,6 +502,13 @@ def main(argv=None):
     if ns:
         cases += [(o, d, n) for o in ops for d in dirs for n in ns if (o, d, n) not in cases]
     os.makedirs(args.out, exist_ok=True)
+    if args.static:
+        records = static_resources(cases, os.path.join(args.out, "static.jsonl"))
+        spilled = [r for r in records if any(k["spill"] > 32 for k in r["kernels"])]
+        failed = [r for r in records if r["error"]]
+        print(f"{len(records)} configs compiled for sm_90: {len(spilled)} spill over 32 B, "
+              f"{len(failed)} failed (static.jsonl in {args.out})")  # fmt: skip
+        return 1 if failed else 0
     sweep(cases, args.rows, args.budget_s, args.out)
     return 0
 

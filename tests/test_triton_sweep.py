@@ -3,6 +3,12 @@ CPU: every kind of config it times computes what the launchers' own choices comp
 interpreter, with blocks small enough that short rows loop), and the launchers get their
 policies back afterwards."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from bench import triton_sweep
@@ -57,3 +63,22 @@ def test_dry_run_writes_the_tables(tmp_path, monkeypatch):
         and f"| rms_norm | bwd | 300 | {chosen} |" in table
     )
     assert len((tmp_path / "sweep.jsonl").read_text().splitlines()) == len(records)
+
+
+def test_static_mode_compiles_configs_for_sm90(tmp_path):
+    """--static compiles candidates for sm_90 without a GPU (a subprocess: the interpreter is off
+    there) and records each kernel's resources."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    args = ["--static", "--ops", "rms_norm", "--dirs", "fwd", "--n", "1024", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.triton_sweep", *args],
+        cwd=root, env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    if proc.returncode != 0 and "no ptxas in this triton" in proc.stderr:
+        pytest.skip(proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "static.jsonl").read_text().splitlines()]
+    assert len(records) == len(triton_sweep.candidates("fwd", 1024, triton_sweep.has_stages()))
+    assert all(r["kernels"] and r["kernels"][0]["regs"] > 0 for r in records)

@@ -158,9 +158,10 @@ def launched_with(config):
 _POLICIES = ("row_config", "persistent_programs", "pipeline_stages")
 
 
-def current_config(call):
+def current_config(call, direction):
     """The Config the launchers choose themselves in `call()` (its policies' answers, recorded
-    on the way; per_sm and stages None where the launcher asked for none)."""
+    on the way; per_sm and stages None where the launcher asked for none or ignores them: the
+    forward's whole-row tier is neither persistent nor pipelined)."""
     from fastnn.triton_kernels import layer_norm, rms_norm
 
     modules = (rms_norm, layer_norm)
@@ -184,6 +185,8 @@ def current_config(call):
     block_m, block_n, single, num_warps = seen["row_config"][1]
     per_sm = seen["persistent_programs"][0][2] if "persistent_programs" in seen else None
     stages = seen["pipeline_stages"][1] if "pipeline_stages" in seen else None
+    if direction == "fwd" and single:
+        per_sm = stages = None
     return Config(block_m, block_n, single, num_warps, per_sm, stages)
 
 
@@ -302,18 +305,22 @@ PRECOMPILE_ROWS = 1024
 
 def time_calls(fn, device):
     """Median seconds per call over ROUNDS rounds of CALLS back-to-back calls: on a GPU from
-    CUDA events, each round queued behind a GPU sleep (so host time never shows), on the CPU
-    (the interpreter dry run) from the host clock."""
+    CUDA events, each round queued behind a GPU sleep twice as long as the host took to queue
+    the warm-up round (at least 5 ms), so host time never shows; on the CPU (the interpreter dry
+    run) from the host clock."""
     import torch
 
     from bench import harness
 
-    fn()
+    begin = time.perf_counter()
+    for _ in range(CALLS):
+        fn()
+    queued = time.perf_counter() - begin
     per_call = []
     for _ in range(ROUNDS):
         if device == "cuda":
             torch.cuda.synchronize()
-            harness.gpu_sleep(2e-3)
+            harness.gpu_sleep(max(5e-3, 2 * queued))
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
             for _ in range(CALLS):
@@ -338,12 +345,118 @@ def copy_bandwidth(device):
     return 2 * src.nbytes / time_calls(lambda: dst.copy_(src), device)
 
 
-def sweep(cases, rows, budget_s, out):
-    """Times every candidate of every case on the GPU (on the CPU under the interpreter, a dry
-    run of the same steps over CHECK_SPACE's configs: tests/test_triton_sweep.py)."""
+@contextlib.contextmanager
+def nan_filled_allocations():
+    """Inside, torch.empty / torch.empty_like fill floating tensors with NaN: the launchers'
+    outputs and partial sums start as NaN, so a config that leaves any of them unwritten shows
+    as a disagreement (the caching allocator would otherwise hand it the block the previous
+    call just filled with the right values)."""
+    import torch
+
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *args, **kwargs: poisoned(real_empty(*args, **kwargs))
+    torch.empty_like = lambda *args, **kwargs: poisoned(real_empty_like(*args, **kwargs))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_empty_like
+
+
+def warm_compile_cache(jobs, rows, device, timeout_s):
+    """Compiles the configs of `jobs` in worker processes (Triton's on-disk cache then serves
+    the timed runs; about 0.6 s a kernel, one at a time otherwise). Configs that differ only in
+    per_sm share their kernels and compile once. Best effort: a config that failed here is
+    still tried when timed (a worker's CUDA error could fail the jobs after it), and the phase
+    ends after timeout_s. Returns {job: error or None} for the jobs that finished."""
+    unique = list(
+        dict.fromkeys((op, d, n, dataclasses.replace(c, per_sm=None)) for op, d, n, c in jobs)
+    )
+    context = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(min(16, os.cpu_count() or 1), mp_context=context)
+    futures = {pool.submit(_precompile, (*job, rows, device)): job for job in unique}
+    done, pending = concurrent.futures.wait(futures, timeout=timeout_s)
+    if pending:  # stop the workers: compiling (and their GPU work) would skew the timings
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+    pool.shutdown(wait=not pending, cancel_futures=True)
+    results = {}
+    for future in done:
+        try:
+            results[futures[future]] = future.result()
+        except Exception as e:  # a worker died (BrokenProcessPool): the job is not trusted
+            results[futures[future]] = f"{type(e).__name__}: {e}"
+    return results
+
+
+class DeviceLost(RuntimeError):
+    """The CUDA context is unusable (a sticky error): nothing after it can be timed."""
+
+
+def device_healthy(device):
+    import torch
+
+    if device != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize()
+        return True
+    except Exception:
+        return False
+
+
+def sweep_case(op, direction, n, rows, device, kinds, copy):
+    """Records of one case: the launchers' own choice, every candidate, the own choice again
+    (how much the GPU drifted over the case)."""
     import torch
 
     from bench.test_norms import norm_bytes
+
+    inputs = make_inputs(op, direction, rows, n, torch.bfloat16, device)
+    nbytes = norm_bytes(op, direction, rows, n, 2)
+    call = functools.partial(run_op, op, direction, inputs)
+    with launched_with(None):
+        ref = call()
+        results = [("current", None, time_calls(call, device), 0.0, None)]
+    chosen = current_config(call, direction)
+    for config in candidates(direction, n, **kinds):
+        seconds = err = error = None
+        try:
+            with launched_with(config):
+                with nan_filled_allocations():
+                    err = disagreement(call(), ref)
+                if err <= AGREE:
+                    seconds = time_calls(call, device)
+                else:
+                    error = f"disagrees with the current config: {err:.1e}"
+        except Exception as e:  # recorded; the sweep goes on while the device is healthy
+            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            if not device_healthy(device):
+                raise DeviceLost(f"{op} {direction} {n} {config.label()}: {error}") from e
+        results.append(("candidate", config, seconds, err, error))
+    with launched_with(None):
+        results.append(("current (again)", None, time_calls(call, device), 0.0, None))
+    records = []
+    for role, config, seconds, err, error in results:
+        label = config.label() if config else f"{role}: {chosen.label()}"
+        records.append(dict(
+            op=op, direction=direction, n=n, rows=rows, role=role, label=label,
+            config=dataclasses.asdict(config if config else chosen),
+            us=seconds and seconds * 1e6, gbps=seconds and nbytes / seconds / 1e9,
+            pct_copy=seconds and 100 * nbytes / seconds / copy,
+            disagreement=err if err is None or err < float("inf") else "inf", error=error,
+        ))  # fmt: skip
+    return records
+
+
+def sweep(cases, rows, budget_s, out):
+    """Times every candidate of every case on the GPU (on the CPU under the interpreter, a dry
+    run of the same steps over CHECK_SPACE's configs: tests/test_triton_sweep.py). sweep.jsonl
+    and sweep.md are rewritten after every case, so a run cut short keeps what it measured."""
+    import torch
 
     start = time.monotonic()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -354,63 +467,36 @@ def sweep(cases, rows, budget_s, out):
     kinds = dict(has_stages=has_stages(), space=space, fwd_persistent=fwd_persistent())
     jobs = [(op, d, n, c) for op, d, n in cases for c in candidates(d, n, **kinds)]
     print(f"triton_sweep: {len(jobs)} configs over {len(cases)} cases; compiling", flush=True)
-    context = multiprocessing.get_context("spawn")
-    workers = min(16, os.cpu_count() or 1)
     compile_rows = PRECOMPILE_ROWS if device == "cuda" else rows
-    compile_errors = dict.fromkeys(jobs)
-    try:
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            errors = pool.map(_precompile, [(*job, compile_rows, device) for job in jobs])
-            compile_errors = dict(zip(jobs, errors, strict=True))
-        print(f"triton_sweep: compiled in {time.monotonic() - start:.0f} s", flush=True)
-    except concurrent.futures.process.BrokenProcessPool as e:  # a worker died: compile lazily
-        print(f"triton_sweep: compiling in workers failed ({e}); each config compiles when timed")
+    compiled = warm_compile_cache(jobs, compile_rows, device, timeout_s=budget_s / 2)
+    failed = sum(1 for error in compiled.values() if error)
+    print(f"triton_sweep: {len(compiled)} kernels compiled ({failed} failed) in "
+          f"{time.monotonic() - start:.0f} s", flush=True)  # fmt: skip
     copy = copy_bandwidth(device)
     records = []
-    with open(os.path.join(out, "sweep.jsonl"), "w") as log:
-        for op, direction, n in cases:
-            if time.monotonic() - start > budget_s:
-                print(f"triton_sweep: budget spent; skipped {op} {direction} {n} and after")
-                break
-            inputs = make_inputs(op, direction, rows, n, torch.bfloat16, device)
-            nbytes = norm_bytes(op, direction, rows, n, 2)
-            call = functools.partial(run_op, op, direction, inputs)
-            with launched_with(None):
-                ref = call()
-                results = [(None, time_calls(call, device), 0.0, None)]
-            chosen = current_config(call)
-            for config in candidates(direction, n, **kinds):
-                error = compile_errors[(op, direction, n, config)]
-                seconds = err = None
-                if error is None:
-                    try:
-                        with launched_with(config):
-                            err = disagreement(call(), ref)
-                            if err <= AGREE:
-                                seconds = time_calls(call, device)
-                            else:
-                                error = f"disagrees with the current config: {err:.1e}"
-                    except Exception as e:  # recorded; the sweep goes on
-                        error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                results.append((config, seconds, err, error))
-            for config, seconds, err, error in results:
-                record = dict(op=op, direction=direction, n=n, rows=rows,
-                              config=dataclasses.asdict(config) if config else "current",
-                              label=config.label() if config else f"current: {chosen.label()}",
-                              us=seconds and seconds * 1e6,
-                              gbps=seconds and nbytes / seconds / 1e9,
-                              pct_copy=seconds and 100 * nbytes / seconds / copy,
-                              disagreement=err, error=error)  # fmt: skip
-                log.write(json.dumps(record) + "\n")
-                records.append(record)
-            inputs = ref = call = None  # freed before the next case allocates
-            if device == "cuda":
+    for op, direction, n in cases:
+        if time.monotonic() - start > budget_s:
+            print(f"triton_sweep: budget spent; skipped {op} {direction} {n} and after")
+            break
+        try:
+            case = sweep_case(op, direction, n, rows, device, kinds, copy)
+        except DeviceLost as e:
+            print(f"triton_sweep: the device is lost after {e}; stopping", flush=True)
+            break
+        except Exception as e:  # the case's own setup failed: go on with the next
+            print(f"triton_sweep: {op} {direction} {n} failed: {type(e).__name__}: {e}")
+            continue
+        finally:
+            if device == "cuda" and device_healthy(device):
                 torch.cuda.empty_cache()
-            timed = [r for r in records[-len(results) :] if r["us"]]
-            best = max(timed, key=lambda r: r["gbps"])
-            print(f"{op} {direction} {n}: current {timed[0]['pct_copy']:.0f}% of copy, best "
-                  f"{best['pct_copy']:.0f}% ({best['label']})", flush=True)  # fmt: skip
-    write_summary(records, copy, device, os.path.join(out, "sweep.md"))
+        records += case
+        with open(os.path.join(out, "sweep.jsonl"), "w") as log:
+            log.writelines(json.dumps(r) + "\n" for r in records)
+        write_summary(records, copy, device, os.path.join(out, "sweep.md"))
+        timed = [r for r in case if r["us"]]
+        best = max(timed, key=lambda r: r["gbps"])
+        print(f"{op} {direction} {n}: current {case[0]['pct_copy']:.0f}% of copy, best "
+              f"{best['pct_copy']:.0f}% ({best['label']})", flush=True)  # fmt: skip
     return records
 
 
@@ -423,7 +509,8 @@ def write_summary(records, copy, device, path):
         "",
         f"bf16, copy {copy / 1e9:,.0f} GB/s; torch {torch.__version__}; "
         f"triton {__import__('triton').__version__}. Per case: the launcher's current choice, "
-        "then the 5 fastest configs; failed configs counted.",
+        "then the 5 fastest configs; failed configs counted; the current choice again at the "
+        "end of the case (the GPU's drift over it).",
         "",
         "| op | dir | N | config | µs | % of copy |",
         "| --- | --- | ---: | --- | ---: | ---: |",
@@ -433,8 +520,8 @@ def write_summary(records, copy, device, path):
         rows = [r for r in records if (r["op"], r["direction"], r["n"]) == key]
         timed = sorted((r for r in rows if r["us"]), key=lambda r: r["us"])
         failed = sum(1 for r in rows if r["error"])
-        current = [r for r in rows if r["config"] == "current"]
-        for r in current + [r for r in timed if r["config"] != "current"][:5]:
+        current = [r for r in rows if r["role"] != "candidate"]
+        for r in current + [r for r in timed if r["role"] == "candidate"][:5]:
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {r['label']} | "
                          f"{r['us']:,.1f} | {r['pct_copy']:.0f}% |")  # fmt: skip
         if failed:

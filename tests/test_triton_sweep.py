@@ -54,7 +54,8 @@ def test_dry_run_writes_the_tables(tmp_path, monkeypatch):
     configs = triton_sweep.candidates(
         "bwd", 300, triton_sweep.has_stages(), triton_sweep.CHECK_SPACE
     )
-    assert len(records) == 1 + len(configs)
+    assert len(records) == 2 + len(configs)  # the current choice, before and after
+    assert [r["role"] for r in records[:: len(records) - 1]] == ["current", "current (again)"]
     assert all(r["us"] and r["error"] is None for r in records), records
     table = (tmp_path / "sweep.md").read_text()
     chosen = records[0]["label"]
@@ -82,3 +83,20 @@ def test_static_mode_compiles_configs_for_sm90(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "static.jsonl").read_text().splitlines()]
     assert len(records) == len(triton_sweep.candidates("fwd", 1024, triton_sweep.has_stages()))
     assert all(r["kernels"] and r["kernels"][0]["regs"] > 0 for r in records)
+
+
+def test_a_config_that_leaves_outputs_unwritten_disagrees():
+    """Outputs start as NaN in the agreement check, so columns a config never writes cannot
+    borrow the right values from the block the allocator hands back."""
+    pytest.importorskip("triton")
+    import torch
+
+    inputs = triton_sweep.make_inputs("rms_norm", "fwd", 6, 300, torch.bfloat16, "cpu")
+    with triton_sweep.launched_with(None):
+        ref = triton_sweep.run_op("rms_norm", "fwd", inputs)
+    short_rows = triton_sweep.Config(1, 256, True, 4)  # whole rows of 256 < 300 columns
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    with triton_sweep.launched_with(short_rows), triton_sweep.nan_filled_allocations():
+        got = triton_sweep.run_op("rms_norm", "fwd", inputs)
+    assert triton_sweep.disagreement(got, ref) == float("inf")
+    assert (torch.empty, torch.empty_like) == (real_empty, real_empty_like)

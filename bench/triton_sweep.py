@@ -14,13 +14,14 @@ from measurements afterwards, on any machine.
 
 Each config runs through the public launcher (rms_norm_fwd / _bwd, layer_norm_fwd / _bwd) with its
 policy functions patched to return the config, so kernels, arguments and the dW / dB column sum are
-exactly the launcher's. Before a config is timed its outputs are compared with those of the
-launcher's own choice (the `current` row); one that disagrees is reported, not timed. Configs are
-compiled first in parallel worker processes (about a second each, one at a time otherwise).
+exactly the launcher's. Before a config is timed its outputs, allocated as NaN, are compared with
+those of the launcher's own choice (the `current` row); one that disagrees is reported, not timed.
+Configs are compiled first in parallel worker processes (about 0.6 s a kernel, one at a time
+otherwise).
 Timing: CUDA events around `CALLS` back-to-back calls behind a GPU sleep (as bench/harness.py),
 the median of `ROUNDS` rounds; GB/s by bench/test_norms.py's byte formula, % of the copy bandwidth
-measured at the start of the run. Results: sweep.jsonl (every config) and sweep.md (per case the
-current config, the best and the runners-up) in --out.
+measured at the start of the run. Results, rewritten after every case: sweep.jsonl (every config)
+and sweep.md (per case the current config before and after, the best and the runners-up) in --out.
 """
 
 import argparse
@@ -50,7 +51,7 @@ class Config:
     block_n: int
     single: bool  # whole rows in one tile; else column blocks of block_n
     num_warps: int
-    per_sm: int | None = None  # persistent backward programs per SM (None: the launcher's)
+    per_sm: int | None = None  # programs per SM of a persistent grid (None: the launcher's)
     stages: int | None = None  # software pipeline depth (None: the launcher's)
 
     def label(self):

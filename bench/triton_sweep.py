@@ -53,9 +53,17 @@ class Config:
     num_warps: int
     per_sm: int | None = None  # programs per SM of a persistent grid (None: the launcher's)
     stages: int | None = None  # software pipeline depth (None: the launcher's)
+    # Backward rows over the tiles: one fused kernel reading each row twice (the second time
+    # from L2) instead of the row-dot and column kernels (None: the launcher's choice).
+    fused: bool | None = None
 
     def label(self):
-        tier = f"rows {self.block_m}x{self.block_n}" if self.single else f"cols {self.block_n}"
+        if self.single:
+            tier = f"rows {self.block_m}x{self.block_n}"
+        elif self.fused:
+            tier = f"fused {self.block_m} rows x cols {self.block_n}"
+        else:
+            tier = f"cols {self.block_n}"
         extra = "".join(
             f", {name} {value}"
             for name, value in (("per_sm", self.per_sm), ("stages", self.stages))
@@ -89,16 +97,32 @@ CHECK_SPACE = Space(
 )  # fmt: skip
 
 
-def candidates(direction, n, has_stages, space=GPU_SPACE, fwd_persistent=False):
+def features():
+    """What the Triton norm kernels of this checkout can be asked for: STAGES (pipelined loops),
+    a persistent grid for the forward's looping tier, a fused long-row backward."""
+    from fastnn.triton_kernels import rms_norm
+
+    return dict(
+        stages=hasattr(rms_norm, "pipeline_stages"),
+        fwd_persistent=hasattr(rms_norm, "fwd_grid"),
+        fused=hasattr(rms_norm, "long_row_backward"),
+    )
+
+
+NO_FEATURES = dict(stages=False, fwd_persistent=False, fused=False)
+
+
+def candidates(direction, n, features=NO_FEATURES, space=GPU_SPACE):
     """Configs worth timing at hidden size n: whole-row tiles of one or more rows (forward rows
-    up to 32K elements, backward up to 16K), column-block loops for rows longer than a block, the
-    warps giving each thread the space's elements, each programs-per-SM option of a persistent
-    grid (the backward's; the forward loops' where fwd_persistent), pipelined or not where the
-    kernels take STAGES."""
+    up to 32K elements, backward up to 16K), column-block loops for rows longer than a block
+    (backward: the two-kernel path, and the fused one of 1 or 2 rows at a time where the kernels
+    have it), the warps giving each thread the space's elements, each programs-per-SM option of
+    a persistent grid (the backward's; the forward loops' where persistent), pipelined or not
+    where the kernels take STAGES."""
     bn = _pow2(n)
     fwd = direction == "fwd"
     lo, hi = space.fwd_per_thread if fwd else space.bwd_per_thread
-    stage_options = (1, 2) if has_stages else (None,)
+    stage_options = (1, 2) if features["stages"] else (None,)
 
     def options(block, persistent):
         for w in (4, 8, 16, 32):
@@ -119,11 +143,20 @@ def candidates(direction, n, has_stages, space=GPU_SPACE, fwd_persistent=False):
             for w, p in options(tile, not fwd):
                 for s in (None,) if fwd else stage_options:
                     out.append(Config(tile // bn, bn, True, w, p, s))
-    for block in space.loop_blocks if fwd else space.col_blocks:
-        if block < n:
-            for w, p in options(block, not fwd or fwd_persistent):
-                for s in stage_options:
-                    out.append(Config(1, block, False, w, p, s))
+    fused_options = (False, True) if features["fused"] and not fwd else (None,)
+    # Backward rows of 4K or less: the row tile moves 3 units, the column paths 4-5; not timed.
+    blocks = space.loop_blocks if fwd else space.col_blocks if n > space.tiles[0] else ()
+    for block in blocks:
+        if block >= n:
+            continue
+        for fused in fused_options:
+            for rows in (1, 2) if fused else (1,):
+                persistent = not fwd or features["fwd_persistent"]
+                for w, p in options(rows * block, persistent):
+                    # A fused program keeps its rows and its dW row in L2: 4 per SM at most.
+                    if not (fused and p is not None and p > 4):
+                        for s in stage_options:
+                            out.append(Config(rows, block, False, w, p, s, fused))
     return out
 
 
@@ -146,6 +179,8 @@ def launched_with(config):
         policies = {"row_config": row_config, "persistent_programs": persistent_programs}
         if config.stages is not None:
             policies["pipeline_stages"] = lambda dtype: config.stages
+        if config.fused is not None:
+            policies["long_row_backward"] = lambda n: "fused" if config.fused else "two-pass"
         for (m, name), _ in saved.items():
             if name in policies:
                 setattr(m, name, policies[name])
@@ -156,7 +191,7 @@ def launched_with(config):
             setattr(m, name, value)
 
 
-_POLICIES = ("row_config", "persistent_programs", "pipeline_stages")
+_POLICIES = ("row_config", "persistent_programs", "pipeline_stages", "long_row_backward")
 
 
 def current_config(call, direction):
@@ -188,7 +223,10 @@ def current_config(call, direction):
     stages = seen["pipeline_stages"][1] if "pipeline_stages" in seen else None
     if direction == "fwd" and single:
         per_sm = stages = None
-    return Config(block_m, block_n, single, num_warps, per_sm, stages)
+    fused = None
+    if "long_row_backward" in seen and direction == "bwd" and not single:
+        fused = seen["long_row_backward"][1] == "fused"
+    return Config(block_m, block_n, single, num_warps, per_sm, stages, fused)
 
 
 def make_inputs(op, direction, rows, n, dtype, device, seed=0):
@@ -243,19 +281,6 @@ def disagreement(got, ref):
 AGREE = 1e-2
 
 
-def has_stages():
-    from fastnn.triton_kernels import rms_norm
-
-    return hasattr(rms_norm, "pipeline_stages")
-
-
-def fwd_persistent():
-    """Whether the forward's looping tier runs on a persistent grid (programs per SM to sweep)."""
-    from fastnn.triton_kernels import rms_norm
-
-    return hasattr(rms_norm, "fwd_grid")
-
-
 def check(ns=(40, 300, 2500), rows=6, verbose=False):
     """Under the interpreter: every config of CHECK_SPACE (the GPU's kinds of config, with
     blocks small enough that these N loop) agrees with the launcher's own choice. Returns the
@@ -269,8 +294,7 @@ def check(ns=(40, 300, 2500), rows=6, verbose=False):
                 inputs = make_inputs(op, direction, rows, n, torch.bfloat16, "cpu")
                 with launched_with(None):
                     ref = run_op(op, direction, inputs)
-                configs = candidates(direction, n, has_stages(), CHECK_SPACE, fwd_persistent())
-                for config in configs:
+                for config in candidates(direction, n, features(), CHECK_SPACE):
                     try:
                         with launched_with(config):
                             err = disagreement(run_op(op, direction, inputs), ref)
@@ -465,7 +489,7 @@ def sweep(cases, rows, budget_s, out):
         raise RuntimeError("triton_sweep: run it on a GPU with TRITON_INTERPRET=0, or on the CPU "
                            "with TRITON_INTERPRET=1 (a dry run)")  # fmt: skip
     space = GPU_SPACE if device == "cuda" else CHECK_SPACE
-    kinds = dict(has_stages=has_stages(), space=space, fwd_persistent=fwd_persistent())
+    kinds = dict(features=features(), space=space)
     jobs = [(op, d, n, c) for op, d, n in cases for c in candidates(d, n, **kinds)]
     print(f"triton_sweep: {len(jobs)} configs over {len(cases)} cases; compiling", flush=True)
     compile_rows = PRECOMPILE_ROWS if device == "cuda" else rows
@@ -539,7 +563,7 @@ def static_resources(cases, path):
 
     from bench.kernel_resources import compiling_for_sm90
 
-    kinds = dict(has_stages=has_stages(), fwd_persistent=fwd_persistent())
+    kinds = dict(features=features())
     records = []
     with open(path, "w") as out:
         for op, direction, n in cases:

@@ -1,6 +1,7 @@
 """Functional API with torch's signatures: `rms_norm` (F.rms_norm), `layer_norm` (F.layer_norm),
 plus `swiglu` / `glu_family`. Arguments are checked here with errors that name the problem; the
-input is flattened to [rows, N] and the op of the selected backend runs.
+input is flattened to [rows, N] and the op of the selected backend runs (under a torch.func
+transform or forward-mode AD, the reference formula as plain torch ops: _under_transform).
 """
 
 import math

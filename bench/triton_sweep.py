@@ -160,30 +160,21 @@ def candidates(direction, n, features=NO_FEATURES, space=GPU_SPACE):
     return out
 
 
+_POLICIES = ("row_config", "persistent_programs", "pipeline_stages", "long_row_backward")
+
+
 @contextlib.contextmanager
-def launched_with(config):
-    """Inside, the Triton norm launchers use `config` (None: their own choices)."""
+def replaced_policies(replace):
+    """Inside, each launcher policy of _POLICIES for which replace(name, real) answers a
+    function is that function, in rms_norm and in layer_norm (which imports them by name)."""
     from fastnn.triton_kernels import layer_norm, rms_norm
 
-    modules = (rms_norm, layer_norm)
-    saved = {(m, name): getattr(m, name) for m in modules for name in _POLICIES if hasattr(m, name)}
-    real_programs = rms_norm.persistent_programs
-    if config is not None:
-
-        def row_config(rows, n, dtype, max_block, per_thread):
-            return config.block_m, config.block_n, config.single, config.num_warps
-
-        def persistent_programs(device, work, per_sm, share=1):
-            return real_programs(device, work, config.per_sm or per_sm, share)
-
-        policies = {"row_config": row_config, "persistent_programs": persistent_programs}
-        if config.stages is not None:
-            policies["pipeline_stages"] = lambda dtype: config.stages
-        if config.fused is not None:
-            policies["long_row_backward"] = lambda n: "fused" if config.fused else "two-pass"
-        for (m, name), _ in saved.items():
-            if name in policies:
-                setattr(m, name, policies[name])
+    saved = {(m, name): getattr(m, name) for m in (rms_norm, layer_norm) for name in _POLICIES
+             if hasattr(m, name)}  # fmt: skip
+    new = {name: replace(name, real) for (m, name), real in saved.items() if m is rms_norm}
+    for m, name in saved:
+        if new[name] is not None:
+            setattr(m, name, new[name])
     try:
         yield
     finally:
@@ -191,17 +182,33 @@ def launched_with(config):
             setattr(m, name, value)
 
 
-_POLICIES = ("row_config", "persistent_programs", "pipeline_stages", "long_row_backward")
+def launched_with(config):
+    """Inside, the Triton norm launchers use `config` (None: their own choices)."""
+
+    def replace(name, real):
+        if config is None:
+            return None
+        if name == "row_config":
+            return lambda rows, n, dtype, max_block, per_thread: (
+                config.block_m, config.block_n, config.single, config.num_warps
+            )  # fmt: skip
+        if name == "persistent_programs":
+            return lambda device, work, per_sm, share=1: real(
+                device, work, config.per_sm or per_sm, share
+            )
+        if name == "pipeline_stages" and config.stages is not None:
+            return lambda dtype: config.stages
+        if name == "long_row_backward" and config.fused is not None:
+            return lambda n: "fused" if config.fused else "two-pass"
+        return None
+
+    return replaced_policies(replace)
 
 
 def current_config(call, direction):
     """The Config the launchers choose themselves in `call()` (its policies' answers, recorded
     on the way; per_sm and stages None where the launcher asked for none or ignores them: the
     forward's whole-row tier is neither persistent nor pipelined)."""
-    from fastnn.triton_kernels import layer_norm, rms_norm
-
-    modules = (rms_norm, layer_norm)
-    saved = {(m, name): getattr(m, name) for m in modules for name in _POLICIES if hasattr(m, name)}
     seen = {}
 
     def recording(name, real):
@@ -211,13 +218,8 @@ def current_config(call, direction):
 
         return policy
 
-    for m, name in saved:
-        setattr(m, name, recording(name, saved[(rms_norm, name)]))
-    try:
+    with replaced_policies(recording):
         call()
-    finally:
-        for (m, name), value in saved.items():
-            setattr(m, name, value)
     block_m, block_n, single, num_warps = seen["row_config"][1]
     per_sm = seen["persistent_programs"][0][2] if "persistent_programs" in seen else None
     stages = seen["pipeline_stages"][1] if "pipeline_stages" in seen else None
@@ -229,7 +231,9 @@ def current_config(call, direction):
     return Config(block_m, block_n, single, num_warps, per_sm, stages, fused)
 
 
-def make_inputs(op, direction, rows, n, dtype, device, seed=0):
+def make_inputs(op, direction, rows, n, dtype, device, seed=0, stats=None):
+    """x, w, b (LayerNorm) and for the backward dy and the forward's statistics: `stats` when
+    given (compiling without a GPU, where no forward runs), else from a forward."""
     import torch
 
     g = torch.Generator(device=device).manual_seed(seed)
@@ -239,9 +243,7 @@ def make_inputs(op, direction, rows, n, dtype, device, seed=0):
     inputs = {"x": x, "w": w, "b": b if op == "layer_norm" else None}
     if direction == "bwd":
         inputs["dy"] = torch.randn(rows, n, generator=g, device=device).to(dtype)
-        with launched_with(None):
-            stats = run_op(op, "fwd", inputs)[2:]
-        inputs["stats"] = stats
+        inputs["stats"] = stats if stats is not None else run_op(op, "fwd", inputs)[2:]
     return inputs
 
 
@@ -292,8 +294,7 @@ def check(ns=(40, 300, 2500), rows=6, verbose=False):
         for direction in ("fwd", "bwd"):
             for n in ns:
                 inputs = make_inputs(op, direction, rows, n, torch.bfloat16, "cpu")
-                with launched_with(None):
-                    ref = run_op(op, direction, inputs)
+                ref = run_op(op, direction, inputs)  # the launchers' own choice
                 for config in candidates(direction, n, features(), CHECK_SPACE):
                     try:
                         with launched_with(config):
@@ -443,9 +444,8 @@ def sweep_case(op, direction, n, rows, device, kinds, copy):
     inputs = make_inputs(op, direction, rows, n, torch.bfloat16, device)
     nbytes = norm_bytes(op, direction, rows, n, 2)
     call = functools.partial(run_op, op, direction, inputs)
-    with launched_with(None):
-        ref = call()
-        results = [("current", None, time_calls(call, device), 0.0, None)]
+    ref = call()  # the launchers' own choice
+    results = [("current", None, time_calls(call, device), 0.0, None)]
     chosen = current_config(call, direction)
     for config in candidates(direction, n, **kinds):
         seconds = err = error = None
@@ -462,8 +462,7 @@ def sweep_case(op, direction, n, rows, device, kinds, copy):
             if not device_healthy(device):
                 raise DeviceLost(f"{op} {direction} {n} {config.label()}: {error}") from e
         results.append(("candidate", config, seconds, err, error))
-    with launched_with(None):
-        results.append(("current (again)", None, time_calls(call, device), 0.0, None))
+    results.append(("current (again)", None, time_calls(call, device), 0.0, None))
     records = []
     for role, config, seconds, err, error in results:
         label = config.label() if config else f"{role}: {chosen.label()}"
@@ -567,10 +566,9 @@ def static_resources(cases, path):
     records = []
     with open(path, "w") as out:
         for op, direction, n in cases:
-            x = torch.zeros(16, n, dtype=torch.bfloat16)  # 16 rows: specialised as 32768
-            w, stat = torch.zeros(n, dtype=torch.bfloat16), torch.zeros(16)
-            inputs = dict(x=x, w=w, b=w if op == "layer_norm" else None, dy=x)
-            inputs["stats"] = (stat,) if op == "rms_norm" else (stat, stat)
+            stat = torch.ones(16)  # 16 rows: specialised as 32768
+            stats = (stat,) if op == "rms_norm" else (stat, stat)
+            inputs = make_inputs(op, direction, 16, n, torch.bfloat16, "cpu", stats=stats)
             for config in candidates(direction, n, **kinds):
                 launches, error = [], None
                 try:

@@ -8,7 +8,8 @@ specialised as on a GPU (16-byte aligned pointers).
 
     python -m bench.kernel_resources            # the table for bf16 rows, N = 512 .. 256K
     python -m bench.kernel_resources --json     # every kernel (sweep()), one JSON line each
-    python -m bench.kernel_resources --native   # the built extension's CUDA kernels (cuobjdump)
+    python -m bench.kernel_resources --native   # the built extension's CUDA kernels (cuobjdump):
+                                                # registers, stack, global loads in flight
 
 What it tells, per kernel and N: warps, registers per thread, bytes of spill stores, shared
 memory (a pipelined loop's buffers show here), resident programs per SM (by registers, threads
@@ -99,6 +100,56 @@ def native_cuda_kernels():
         elif m := re.search(r"REG:(\d+) STACK:(\d+)", line):
             kernels[-1].update(regs=int(m.group(1)), stack=int(m.group(2)))
     return kernels
+
+
+_SASS_FUNCTION = re.compile(r"Function : (\S+)")
+_SASS_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*([^;]*);")
+_REGISTER = re.compile(r"^R(\d+)$")
+
+
+def loads_in_flight(instructions):
+    """The most global loads a thread has issued and not yet used in `instructions` [(opcode,
+    operands)], scanned in address order: a load is in flight from its LDG until an instruction
+    reads one of the registers it writes. A straight-line reading of the SASS (branches are not
+    followed), so it shows what the compiler scheduled: a loop that used each vector inside the
+    branch that loaded it shows 1 whatever its unroll."""
+    pending, most = [], 0
+    for opcode, operands in instructions:
+        parts = [p.strip() for p in operands.split(",")]
+        dest = _REGISTER.match(parts[0]) if parts and parts[0] else None
+        sources = {int(r) for p in parts[1 if dest else 0 :] for r in re.findall(r"\bR(\d+)\b", p)}
+        pending = [(first, count) for first, count in pending
+                   if not any(first <= r < first + count for r in sources)]  # fmt: skip
+        if opcode.startswith("LDG") and dest:
+            width = 4 if ".128" in opcode else 2 if ".64" in opcode else 1
+            pending.append((int(dest.group(1)), width))
+            most = max(most, len(pending))
+    return most
+
+
+def native_loads_in_flight():
+    """{kernel: (loads in flight, global loads)} of every kernel in the built extension's CUDA
+    code (loads_in_flight over `cuobjdump -sass`); empty without CUDA code."""
+    from fastnn import _extension
+
+    if not _extension.load():
+        return {}
+    import fastnn._C
+
+    text = subprocess.run(
+        [_triton_tool("cuobjdump"), "-sass", fastnn._C.__file__], capture_output=True, text=True
+    ).stdout
+    functions, name = {}, None
+    for line in text.splitlines():
+        if m := _SASS_FUNCTION.search(line):
+            name = m.group(1)
+            functions[name] = []
+        elif name and (m := _SASS_INSTRUCTION.search(line)):
+            functions[name].append((m.group(1), m.group(2)))
+    return {
+        name: (loads_in_flight(code), sum(op.startswith("LDG") for op, _ in code))
+        for name, code in functions.items()
+    }
 
 
 def _resources(ptx):
@@ -319,8 +370,12 @@ def main():
     )
     args = parser.parse_args()
     if args.native:
+        in_flight = native_loads_in_flight()
         for k in native_cuda_kernels():
-            print(f"{k['source']:14} regs {k['regs']:3} stack {k['stack']:3} B  {k['kernel']}")
+            pending, loads = in_flight.get(k["kernel"], (0, 0))
+            print(
+                f"{k['source']:14} regs {k['regs']:3} stack {k['stack']:3} B  in flight {pending:2} of {loads:3} loads  {k['kernel']}"
+            )
         return
     if args.json:
         for row in sweep():

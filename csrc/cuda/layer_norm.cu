@@ -35,6 +35,8 @@ namespace fastnn::cuda {
 namespace {
 
 // ---- Device kernels -----------------------------------------------------------------------------
+// Every kernel loads a whole tile (its vectors of a row, or of kColRows rows) before it uses any
+// of it: see load_tile in cuda_utils.cuh.
 
 template <typename T, typename W>
 struct FwdArgs {
@@ -51,64 +53,61 @@ struct FwdArgs {
   acc_t<T> eps;
 };
 
-// s = x (+ r, rounded to T as an unfused add would round it); also stores s to res_out.
-template <typename T, typename W, int VEC>
-__device__ __forceinline__ Vec<T, VEC> load_sum(const FwdArgs<T, W>& a, int64_t idx) {
+template <typename T, int VEC, int ITEMS>
+__device__ __forceinline__ acc_t<T> sum(const Vec<T, VEC> (&s)[ITEMS]) {
+  acc_t<T> total = 0;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) total += static_cast<acc_t<T>>(s[i].v[j]);
+  return total;
+}
+
+// Sum of (s - mean)^2 over the slots that hold the row's vectors (the others hold zeros, whose
+// deviation is not part of the row's).
+template <typename T, int VEC, int ITEMS>
+__device__ __forceinline__ acc_t<T> sum_sq_dev(const Vec<T, VEC> (&s)[ITEMS], acc_t<T> mean,
+                                               int64_t first, int64_t nvec) {
+  acc_t<T> total = 0;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    if (tile_vector(first, i) >= nvec) continue;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const acc_t<T> d = static_cast<acc_t<T>>(s[i].v[j]) - mean;
+      total += d * d;
+    }
+  }
+  return total;
+}
+
+// s = (s - mean) * rstd (* w where has_w) (+ b where has_b) for the ITEMS vectors of a tile
+// starting at vector `first`: weight and bias loaded for all of them before any is used.
+template <typename T, typename W, int VEC, int ITEMS>
+__device__ __forceinline__ void normalize(Vec<T, VEC>* s, acc_t<T> mean, acc_t<T> rstd,
+                                          const FwdArgs<T, W>& a, int64_t first) {
   using A = acc_t<T>;
-  Vec<T, VEC> s = load_vec<T, VEC>(a.x + idx);
-  if (a.res != nullptr) {
-    const Vec<T, VEC> r = load_vec<T, VEC>(a.res + idx);
+  const int64_t nvec = a.n / VEC;
+  const bool has_w = a.w != nullptr, has_b = a.b != nullptr;
+  Vec<W, VEC> w[ITEMS], b[ITEMS];
+  if (has_w) load_tile(a.w, first, nvec, true, w);
+  if (has_b) load_tile(a.b, first, nvec, true, b);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      s.v[j] = static_cast<T>(static_cast<A>(s.v[j]) + static_cast<A>(r.v[j]));
-    store_vec(a.res_out + idx, s);
-  }
-  return s;
+  for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      A v = (static_cast<A>(s[i].v[j]) - mean) * rstd;
+      if (has_w) v *= static_cast<A>(w[i].v[j]);
+      if (has_b) v += static_cast<A>(b[i].v[j]);
+      s[i].v[j] = static_cast<T>(v);
+    }
 }
 
-template <typename T, int VEC>
-__device__ __forceinline__ acc_t<T> sum_vec(const Vec<T, VEC>& s) {
-  acc_t<T> sum = 0;
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) sum += static_cast<acc_t<T>>(s.v[j]);
-  return sum;
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ acc_t<T> sum_sq_dev(const Vec<T, VEC>& s, acc_t<T> mean) {
-  acc_t<T> sum = 0;
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    const acc_t<T> d = static_cast<acc_t<T>>(s.v[j]) - mean;
-    sum += d * d;
-  }
-  return sum;
-}
-
-template <typename T, typename W, int VEC>
-__device__ __forceinline__ void store_out(const FwdArgs<T, W>& a, int64_t idx, int64_t col,
-                                          const Vec<T, VEC>& s, acc_t<T> mean, acc_t<T> rstd) {
-  using A = acc_t<T>;
-  A v[VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) v[j] = (static_cast<A>(s.v[j]) - mean) * rstd;
-  // Weight and bias are loaded one after the other (not both held at once): with fp32
-  // parameters and bf16 rows, holding both made ptxas spill at the 64-register cap.
-  if (a.w != nullptr) {
-    const Vec<W, VEC> w = load_vec<W, VEC>(a.w + col);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v[j] *= static_cast<A>(w.v[j]);
-  }
-  if (a.b != nullptr) {
-    const Vec<W, VEC> b = load_vec<W, VEC>(a.b + col);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v[j] += static_cast<A>(b.v[j]);
-  }
-  Vec<T, VEC> y;
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) y.v[j] = static_cast<T>(v[j]);
-  store_vec(a.y + idx, y);
-}
+// Vectors of weight and bias per thread held at once (the register tier, after the reductions;
+// the staged tier's output pass): loading them for all of a register-tier thread's vectors (4
+// fp32, or 2 bf16 before the reductions) spilled 4-44 B at the 64 registers of 1024-thread blocks,
+// and 4-vector tiles in the staged tier took 118-128 registers and spilled (ptxas, sm_90).
+constexpr int kParamItems = 2;
 
 // Block [blockDim.y rows][blockDim.x threads]; thread x holds vectors x, x + blockDim.x, ... of
 // its row (ITEMS of them) in registers.
@@ -118,69 +117,62 @@ __global__ void __launch_bounds__(1024) ln_fwd_reg_kernel(FwdArgs<T, W> a) {
   __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < a.rows;  // invalid threads still join the row_sum barriers
-  const int64_t off = row * a.n;
+  const int64_t off = row * a.n, nvec = a.n / VEC;
   Vec<T, VEC> s[ITEMS];
-  A sum = 0;
+  load_sum_tile(a, off, 0, valid, s);
+  const A mean = row_sum(sum(s), scratch) / static_cast<A>(a.n);
+  const A var = row_sum(sum_sq_dev(s, mean, 0, nvec), scratch) / static_cast<A>(a.n);
+  const A rstd = rsqrt_acc(var + a.eps);
+  constexpr int kChunk = ITEMS < kParamItems ? ITEMS : kParamItems;
 #pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
-    if (valid && col < a.n) {
-      s[i] = load_sum<T, W, VEC>(a, off + col);
-      sum += sum_vec<T, VEC>(s[i]);
-    }
-  }
-  const A mean = row_sum(sum, scratch) / static_cast<A>(a.n);
-  A sq = 0;
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
-    if (valid && col < a.n) sq += sum_sq_dev<T, VEC>(s[i], mean);
-  }
-  const A rstd = rsqrt_acc(row_sum(sq, scratch) / static_cast<A>(a.n) + a.eps);
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
-    if (valid && col < a.n) store_out<T, W, VEC>(a, off + col, col, s[i], mean, rstd);
-  }
+  for (int c = 0; c < ITEMS; c += kChunk)
+    normalize<T, W, VEC, kChunk>(s + c, mean, rstd, a, int64_t{c} * blockDim.x);
+  store_tile(a.y + off, 0, nvec, valid, s);
   if (valid && threadIdx.x == 0) {
     a.mean[row] = mean;
     a.rstd[row] = rstd;
   }
 }
 
-// Any N: three passes over the row (sum, squared deviations, output); the later ones read it
-// from shared memory (SMEM) or global memory (res_out when a residual was added: the same
-// thread wrote those elements).
+// Any N: three passes over the row (sum, squared deviations, output) in tiles of kStagedItems
+// vectors per thread; the later ones read it from shared memory (SMEM) or global memory (res_out
+// when a residual was added: the same thread wrote those elements).
 template <typename T, typename W, int VEC, bool SMEM>
-__global__ void __launch_bounds__(1024) ln_fwd_staged_kernel(FwdArgs<T, W> a) {
+__global__ void __launch_bounds__(kStagedThreads) ln_fwd_staged_kernel(FwdArgs<T, W> a) {
   using A = acc_t<T>;
   __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
   extern __shared__ __align__(16) unsigned char smem[];
-  const int64_t nvec = a.n / VEC;
+  const int64_t nvec = a.n / VEC, step = int64_t{kStagedItems} * blockDim.x;
   Vec<T, VEC>* stage = reinterpret_cast<Vec<T, VEC>*>(smem) + threadIdx.y * (SMEM ? nvec : 0);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < a.rows;
   const int64_t off = row * a.n;
-  const T* src = a.res != nullptr ? a.res_out : a.x;
-  A sum = 0;
-  if (valid) {
-    for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
-      const Vec<T, VEC> s = load_sum<T, W, VEC>(a, off + k * VEC);
-      if constexpr (SMEM) stage[k] = s;
-      sum += sum_vec<T, VEC>(s);
-    }
+  const T* src = (a.res != nullptr ? a.res_out : a.x) + off;
+  A total = 0;
+#pragma unroll 1
+  for (int64_t first = 0; valid && first < nvec; first += step) {
+    Vec<T, VEC> s[kStagedItems];
+    load_sum_tile(a, off, first, true, s);
+    if constexpr (SMEM) stage_tile(stage, first, nvec, s);
+    total += sum(s);
   }
-  const A mean = row_sum(sum, scratch) / static_cast<A>(a.n);
+  const A mean = row_sum(total, scratch) / static_cast<A>(a.n);
   A sq = 0;
-  if (valid) {
-    for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x)
-      sq += sum_sq_dev<T, VEC>(SMEM ? stage[k] : load_vec<T, VEC>(src + off + k * VEC), mean);
+#pragma unroll 1
+  for (int64_t first = 0; valid && first < nvec; first += step) {
+    Vec<T, VEC> s[kStagedItems];
+    reload_tile<SMEM>(stage, src, first, nvec, s);
+    sq += sum_sq_dev(s, mean, first, nvec);
   }
   const A rstd = rsqrt_acc(row_sum(sq, scratch) / static_cast<A>(a.n) + a.eps);
   if (!valid) return;  // no barrier follows
-  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
-    const Vec<T, VEC> s = SMEM ? stage[k] : load_vec<T, VEC>(src + off + k * VEC);
-    store_out<T, W, VEC>(a, off + k * VEC, k * VEC, s, mean, rstd);
+  // The output pass holds weight and bias too: tiles of kParamItems vectors.
+#pragma unroll 1
+  for (int64_t first = 0; first < nvec; first += kParamItems * blockDim.x) {
+    Vec<T, VEC> s[kParamItems];
+    reload_tile<SMEM>(stage, src, first, nvec, s);
+    normalize<T, W, VEC, kParamItems>(s, mean, rstd, a, first);
+    store_tile(a.y + off, first, nvec, true, s);
   }
   if (threadIdx.x == 0) {
     a.mean[row] = mean;
@@ -203,47 +195,53 @@ struct BwdArgs {
   int64_t n;
 };
 
-// Sums over this vector of g * xhat and of g, g = dy * w.
+// Sums over one vector of g * xhat and of g, g = dy * w (dy without a weight), added to gx and
+// g_sum. A slot past the row (!in_row: x, dy and w zeros) must add nothing, so it takes mean =
+// rstd = 0: with the row's, its 0 * ((0 - mean) * rstd) is NaN when mean or rstd is infinite.
 template <typename T, typename W, int VEC>
-__device__ __forceinline__ void dots(const BwdArgs<T, W>& a, int64_t col, const Vec<T, VEC>& x,
-                                     const Vec<T, VEC>& dy, acc_t<T> mean, acc_t<T> rstd,
-                                     acc_t<T>& gx, acc_t<T>& g_sum) {
+__device__ __forceinline__ void dots(const Vec<T, VEC>& x, const Vec<T, VEC>& dy,
+                                     const Vec<W, VEC>& w, bool has_w, bool in_row, acc_t<T> mean,
+                                     acc_t<T> rstd, acc_t<T>& gx, acc_t<T>& g_sum) {
   using A = acc_t<T>;
-  Vec<W, VEC> w;
-  if (a.w != nullptr) w = load_vec<W, VEC>(a.w + col);
+  mean = in_row ? mean : A(0);
+  rstd = in_row ? rstd : A(0);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     const A d = static_cast<A>(dy.v[j]);
-    const A g = a.w != nullptr ? d * static_cast<A>(w.v[j]) : d;
+    const A g = has_w ? d * static_cast<A>(w.v[j]) : d;
     gx += g * ((static_cast<A>(x.v[j]) - mean) * rstd);
     g_sum += g;
   }
 }
 
-// dx for one vector (stored); dy * xhat added to dw[0..VEC), dy to db[0..VEC).
+// Per-row statistics of the backward: mean and rstd of the forward, mean(g * xhat), mean(g).
+template <typename A>
+struct RowStats {
+  A mean, rstd, mean_gx, mean_g;
+};
+
+// dx of one vector (+ gr, the gradient into residual_out, where has_gr); dy * xhat added to
+// dw[0..VEC), dy to db[0..VEC).
 template <typename T, typename W, int VEC>
-__device__ __forceinline__ void store_dx(const BwdArgs<T, W>& a, int64_t idx, int64_t col,
-                                         const Vec<T, VEC>& x, const Vec<T, VEC>& dy, acc_t<T> mean,
-                                         acc_t<T> rstd, acc_t<T> mean_gx, acc_t<T> mean_g,
-                                         acc_t<T>* dw, acc_t<T>* db) {
+__device__ __forceinline__ Vec<T, VEC> grad_input(const Vec<T, VEC>& x, const Vec<T, VEC>& dy,
+                                                  const Vec<W, VEC>& w, bool has_w,
+                                                  const Vec<T, VEC>& gr, bool has_gr,
+                                                  const RowStats<acc_t<T>>& st, acc_t<T>* dw,
+                                                  acc_t<T>* db) {
   using A = acc_t<T>;
-  Vec<W, VEC> w;
-  if (a.w != nullptr) w = load_vec<W, VEC>(a.w + col);
-  Vec<T, VEC> gr;
-  if (a.dres != nullptr) gr = load_vec<T, VEC>(a.dres + idx);
   Vec<T, VEC> dx;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     const A d = static_cast<A>(dy.v[j]);
-    const A xhat = (static_cast<A>(x.v[j]) - mean) * rstd;
-    const A g = a.w != nullptr ? d * static_cast<A>(w.v[j]) : d;
-    A v = rstd * (g - mean_g - xhat * mean_gx);
-    if (a.dres != nullptr) v += static_cast<A>(gr.v[j]);
+    const A xhat = (static_cast<A>(x.v[j]) - st.mean) * st.rstd;
+    const A g = has_w ? d * static_cast<A>(w.v[j]) : d;
+    A v = st.rstd * (g - st.mean_g - xhat * st.mean_gx);
+    if (has_gr) v += static_cast<A>(gr.v[j]);
     dx.v[j] = static_cast<T>(v);
     dw[j] += d * xhat;
     db[j] += d;
   }
-  store_vec(a.dx + idx, dx);
+  return dx;
 }
 
 // Persistent: row group (blockIdx.x, threadIdx.y) handles rows g, g + G, ... with G the number of
@@ -253,6 +251,10 @@ __global__ void __launch_bounds__(512) ln_bwd_reg_kernel(BwdArgs<T, W> a) {
   using A = acc_t<T>;
   __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
   const A inv_n = A(1) / static_cast<A>(a.n);
+  const int64_t nvec = a.n / VEC;
+  const bool has_w = a.w != nullptr, has_gr = a.dres != nullptr;
+  Vec<W, VEC> w[ITEMS];  // a thread's columns are the same in every row: loaded once
+  if (has_w) load_tile(a.w, 0, nvec, true, w);
   A dw[ITEMS][VEC], db[ITEMS][VEC];
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i)
@@ -266,41 +268,34 @@ __global__ void __launch_bounds__(512) ln_bwd_reg_kernel(BwdArgs<T, W> a) {
     const int64_t row = base + threadIdx.y;
     const bool valid = row < a.rows;
     const int64_t off = row * a.n;
-    const A mean = valid ? a.mean[row] : A(0);
-    const A rstd = valid ? a.rstd[row] : A(0);
-    Vec<T, VEC> x[ITEMS], dy[ITEMS];
+    RowStats<A> st{valid ? a.mean[row] : A(0), valid ? a.rstd[row] : A(0), 0, 0};
+    Vec<T, VEC> x[ITEMS], dy[ITEMS], gr[ITEMS];
+    load_tile(a.x + off, 0, nvec, valid, x);
+    load_tile(a.dy + off, 0, nvec, valid, dy);
+    if (has_gr) load_tile(a.dres + off, 0, nvec, valid, gr);
     A gx = 0, g_sum = 0;
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-      const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
-      if (valid && col < a.n) {
-        x[i] = load_vec<T, VEC>(a.x + off + col);
-        dy[i] = load_vec<T, VEC>(a.dy + off + col);
-        dots<T, W, VEC>(a, col, x[i], dy[i], mean, rstd, gx, g_sum);
-      }
-    }
-    const A mean_gx = row_sum(gx, scratch) * inv_n;
-    const A mean_g = row_sum(g_sum, scratch) * inv_n;
+    for (int i = 0; i < ITEMS; ++i)
+      dots(x[i], dy[i], w[i], has_w, tile_vector(0, i) < nvec, st.mean, st.rstd, gx, g_sum);
+    st.mean_gx = row_sum(gx, scratch) * inv_n;
+    st.mean_g = row_sum(g_sum, scratch) * inv_n;
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-      const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
-      if (valid && col < a.n)
-        store_dx<T, W, VEC>(a, off + col, col, x[i], dy[i], mean, rstd, mean_gx, mean_g, dw[i],
-                            db[i]);
-    }
+    for (int i = 0; i < ITEMS; ++i)
+      x[i] = grad_input(x[i], dy[i], w[i], has_w, gr[i], has_gr, st, dw[i], db[i]);
+    store_tile(a.dx + off, 0, nvec, valid, x);
   }
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
-    const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
-    if (col >= a.n) continue;
+    const int64_t k = tile_vector(0, i);
+    if (k >= nvec) continue;
     Vec<A, VEC> pw, pb;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       pw.v[j] = dw[i][j];
       pb.v[j] = db[i][j];
     }
-    if (a.part_w != nullptr) store_vec(a.part_w + group * a.n + col, pw);
-    if (a.part_b != nullptr) store_vec(a.part_b + group * a.n + col, pb);
+    if (a.part_w != nullptr) store_vec(a.part_w + group * a.n + k * VEC, pw);
+    if (a.part_b != nullptr) store_vec(a.part_b + group * a.n + k * VEC, pb);
   }
 }
 
@@ -312,6 +307,7 @@ __global__ void __launch_bounds__(1024) ln_bwd_scalar_kernel(BwdArgs<T, W> a) {
   using A = acc_t<T>;
   __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
   const A inv_n = A(1) / static_cast<A>(a.n);
+  const bool has_w = a.w != nullptr, has_gr = a.dres != nullptr;
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t groups = static_cast<int64_t>(gridDim.x) * blockDim.y;
   A* pw = a.part_w != nullptr ? a.part_w + group * a.n : nullptr;
@@ -325,20 +321,26 @@ __global__ void __launch_bounds__(1024) ln_bwd_scalar_kernel(BwdArgs<T, W> a) {
     const int64_t row = base + threadIdx.y;
     const bool valid = row < a.rows;
     const int64_t off = row * a.n;
-    const A mean = valid ? a.mean[row] : A(0);
-    const A rstd = valid ? a.rstd[row] : A(0);
+    RowStats<A> st{valid ? a.mean[row] : A(0), valid ? a.rstd[row] : A(0), 0, 0};
     A gx = 0, g_sum = 0;
+    Vec<W, 1> w;
+    Vec<T, 1> gr;
     if (valid)
-      for (int64_t k = threadIdx.x; k < a.n; k += blockDim.x)
-        dots<T, W, 1>(a, k, load_vec<T, 1>(a.x + off + k), load_vec<T, 1>(a.dy + off + k), mean,
-                      rstd, gx, g_sum);
-    const A mean_gx = row_sum(gx, scratch) * inv_n;
-    const A mean_g = row_sum(g_sum, scratch) * inv_n;
+      for (int64_t k = threadIdx.x; k < a.n; k += blockDim.x) {
+        if (has_w) w = load_vec<W, 1>(a.w + k);
+        dots(load_vec<T, 1>(a.x + off + k), load_vec<T, 1>(a.dy + off + k), w, has_w, true, st.mean,
+             st.rstd, gx, g_sum);
+      }
+    st.mean_gx = row_sum(gx, scratch) * inv_n;
+    st.mean_g = row_sum(g_sum, scratch) * inv_n;
     if (!valid) continue;  // the next iteration's barriers are still reached
     for (int64_t k = threadIdx.x; k < a.n; k += blockDim.x) {
+      if (has_w) w = load_vec<W, 1>(a.w + k);
+      if (has_gr) gr = load_vec<T, 1>(a.dres + off + k);
       A dw[1] = {0}, db[1] = {0};
-      store_dx<T, W, 1>(a, off + k, k, load_vec<T, 1>(a.x + off + k),
-                        load_vec<T, 1>(a.dy + off + k), mean, rstd, mean_gx, mean_g, dw, db);
+      store_vec(a.dx + off + k,
+                grad_input(load_vec<T, 1>(a.x + off + k), load_vec<T, 1>(a.dy + off + k), w, has_w,
+                           gr, has_gr, st, dw, db));
       if (pw != nullptr) pw[k] += dw[0];
       if (pb != nullptr) pb[k] += db[0];
     }
@@ -354,12 +356,20 @@ __global__ void __launch_bounds__(kRowDotThreads)
   __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
   const int64_t row = blockIdx.x;
   const int64_t off = row * a.n, nvec = a.n / VEC;
+  const bool has_w = a.w != nullptr;
   const A mean = a.mean[row], rstd = a.rstd[row];
   A gx = 0, g_sum = 0;
-#pragma unroll 4
-  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x)
-    dots<T, W, VEC>(a, k * VEC, load_vec<T, VEC>(a.x + off + k * VEC),
-                    load_vec<T, VEC>(a.dy + off + k * VEC), mean, rstd, gx, g_sum);
+#pragma unroll 1  // a tile holds kRowDotItems vectors of x, dy and w: enough loads in flight
+  for (int64_t first = 0; first < nvec; first += int64_t{kRowDotItems} * blockDim.x) {
+    Vec<T, VEC> x[kRowDotItems], dy[kRowDotItems];
+    Vec<W, VEC> w[kRowDotItems];
+    load_tile(a.x + off, first, nvec, true, x);
+    load_tile(a.dy + off, first, nvec, true, dy);
+    if (has_w) load_tile(a.w, first, nvec, true, w);
+#pragma unroll
+    for (int i = 0; i < kRowDotItems; ++i)
+      dots(x[i], dy[i], w[i], has_w, tile_vector(first, i) < nvec, mean, rstd, gx, g_sum);
+  }
   gx = row_sum(gx, scratch);
   g_sum = row_sum(g_sum, scratch);
   if (threadIdx.x == 0) {
@@ -370,7 +380,7 @@ __global__ void __launch_bounds__(kRowDotThreads)
 
 // Long rows, kernel 2 of 2: block (j, g) owns column block j (one vector per thread) of rows
 // g, g + G, ... (G = gridDim.y): dx, and dW / dB of those rows summed in registers into partial
-// row g. kColRows rows are loaded before any is used, so that many loads are in flight per thread.
+// row g. kColRows rows and their statistics are loaded before any is used.
 template <typename T, typename W, int VEC>
 __global__ void __launch_bounds__(kColThreads)
     ln_bwd_cols_kernel(BwdArgs<T, W> a, const acc_t<T>* row_means) {
@@ -378,18 +388,29 @@ __global__ void __launch_bounds__(kColThreads)
   const int64_t col = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (col >= a.n) return;  // no barriers in this kernel
   const int64_t groups = gridDim.y;
+  const bool has_w = a.w != nullptr, has_gr = a.dres != nullptr;
+  Vec<W, VEC> w;  // the same columns in every row: loaded once
+  if (has_w) w = load_vec<W, VEC>(a.w + col);
   A dw[VEC], db[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) dw[j] = db[j] = 0;
   for (int64_t base = blockIdx.y; base < a.rows; base += kColRows * groups) {
-    Vec<T, VEC> x[kColRows], dy[kColRows];
-    load_col_rows(a.x, a.dy, base, groups, a.rows, a.n, col, x, dy);
+    Vec<T, VEC> x[kColRows], dy[kColRows], gr[kColRows];
+    A mean[kColRows], rstd[kColRows], mean_gx[kColRows], mean_g[kColRows];
+    load_col(a.x, base, groups, a.rows, a.n, col, x);
+    load_col(a.dy, base, groups, a.rows, a.n, col, dy);
+    if (has_gr) load_col(a.dres, base, groups, a.rows, a.n, col, gr);
+    load_col_stats(a.mean, base, groups, a.rows, mean);
+    load_col_stats(a.rstd, base, groups, a.rows, rstd);
+    load_col_stats(row_means, base, groups, a.rows, mean_gx);
+    load_col_stats(row_means + a.rows, base, groups, a.rows, mean_g);
 #pragma unroll
     for (int r = 0; r < kColRows; ++r) {
       const int64_t row = base + r * groups;
+      const RowStats<A> st{mean[r], rstd[r], mean_gx[r], mean_g[r]};
       if (row < a.rows)
-        store_dx<T, W, VEC>(a, row * a.n + col, col, x[r], dy[r], a.mean[row], a.rstd[row],
-                            row_means[row], row_means[a.rows + row], dw, db);
+        store_vec(a.dx + row * a.n + col,
+                  grad_input(x[r], dy[r], w, has_w, gr[r], has_gr, st, dw, db));
     }
   }
   Vec<A, VEC> pw, pb;
@@ -432,21 +453,19 @@ void launch_fwd(const FwdArgs<T, W>& a, int device, cudaStream_t stream) {
       if (bytes + kSmemReserve <= static_cast<size_t>(max_shared_memory(device))) {
         auto kernel = ln_fwd_staged_kernel<T, W, kVec, true>;
         allow_smem(kernel, bytes);
-        kernel<<<grid, 1024, bytes, stream>>>(a);
+        kernel<<<grid, kStagedThreads, bytes, stream>>>(a);
       } else {
-        ln_fwd_staged_kernel<T, W, kVec, false><<<grid, 1024, 0, stream>>>(a);
+        ln_fwd_staged_kernel<T, W, kVec, false><<<grid, kStagedThreads, 0, stream>>>(a);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
   }
-  const dim3 block = row_block(a.n, 4, 1024);
+  const dim3 block = row_block(a.n, kStagedItems, kStagedThreads);
   ln_fwd_staged_kernel<T, W, 1, false><<<grid_size(cdiv(a.rows, block.y)), block, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Runs the backward kernel for `a` (partials unset); returns the number of partial rows and
-// calls alloc_part(P, a) first to set the [P, n] partial buffers.
 // Runs the backward kernels for `a` (partials unset); returns the number of partial rows and
 // calls alloc_part(P, a) first to set the [P, n] partial buffers, and alloc_rows() for a
 // [2, rows] fp32 (fp64) scratch of the column tier.

@@ -14,15 +14,16 @@
 //                about 4 vectors per thread in blocks of at most 512 threads, N <= 4096 vectors
 //                (32K bf16 / 16K fp32): one read of x, one write of y.
 //   fwd staged:  longer rows, or the scalar fallback (misaligned pointers, N % VEC != 0, fp64):
-//                the row staged in dynamic shared memory when it fits (227 KB on an H100: 113K
-//                bf16), else the second pass re-reads it from global memory (mostly L2 hits).
+//                tiles of kStagedItems vectors per thread, the row staged in dynamic shared
+//                memory when it fits (227 KB on an H100: 113K bf16), else the second pass
+//                re-reads it from global memory (mostly L2 hits).
 //   bwd reg:     persistent grid (blocks resident on every SM); each row group accumulates dW for
 //                its rows in fp32 registers and writes one partial row; N <= 8K bf16 / fp16,
 //                N <= 8K fp32 (at most 512 threads x 2 or 4 vectors: no register spills).
-//   bwd cols:    longer rows: a row-dot kernel (mean(g * xhat) per row), then a [column block,
-//                row group] grid whose threads own one vector of columns each and sum its dW
-//                over their rows in registers (x and dy are read twice: the row is too long to
-//                keep between its reduction and dx).
+//   bwd cols:    longer rows: a row-dot kernel (mean(g * xhat) per row, in tiles of kRowDotItems
+//                vectors per thread), then a [column block, row group] grid whose threads own
+//                one vector of columns each and sum its dW over their rows in registers (x and dy
+//                are read twice: the row is too long to keep between its reduction and dx).
 //   bwd scalar:  the scalar fallback, persistent, dW in the row group's own partial row in global
 //                memory (each thread updates only its own columns: no races).
 //   column_sum:  dW = fixed-order sum of the partial rows: the same bits on every run.
@@ -51,14 +52,17 @@ namespace {
 
 // Forward register tier: about kFwdItems 16-byte vectors of the row per thread (32 bf16 / 16 fp32
 // elements), at most 2 * kFwdItems, in blocks of at most kFwdThreads threads (a 128-register cap
-// under __launch_bounds__: 8 bf16 vectors take 84 registers, no spills). On an H200 (bf16, 32768
-// rows) this moved N = 32K from the staged tier's 40% of copy to 53%; N = 1K-16K stayed at
-// 45-55% (Triton: 88-97%) while nvcc still split their 16-byte stores (see store_vec).
+// under __launch_bounds__: 8 bf16 vectors take 86-118 registers, no spills). On an H200 (bf16,
+// 32768 rows) this moved N = 32K from the staged tier's 40% of copy to 53%; N = 1K-16K stayed at
+// 45-55% (Triton: 88-97%) while nvcc split their 16-byte stores (see store_vec) and each thread
+// had one load in flight (see load_tile); both are fixed in the SASS, neither is timed yet.
 constexpr int kFwdThreads = 512;
 constexpr int kFwdItems = 4;
 constexpr int64_t kFwdMaxVectors = int64_t{kFwdThreads} * 2 * kFwdItems;
 
 // ---- Device kernels -----------------------------------------------------------------------------
+// Every kernel loads a whole tile (its vectors of a row, or of kColRows rows) before it uses any
+// of it: see load_tile in cuda_utils.cuh.
 
 template <typename T, typename W>
 struct FwdArgs {
@@ -73,47 +77,31 @@ struct FwdArgs {
   acc_t<T> eps;
 };
 
-// s = x (+ r, rounded to T as an unfused add would round it); also stores s to res_out.
-template <typename T, typename W, int VEC>
-__device__ __forceinline__ Vec<T, VEC> load_sum(const FwdArgs<T, W>& a, int64_t idx) {
-  using A = acc_t<T>;
-  Vec<T, VEC> s = load_vec<T, VEC>(a.x + idx);
-  if (a.res != nullptr) {
-    const Vec<T, VEC> r = load_vec<T, VEC>(a.res + idx);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      s.v[j] = static_cast<T>(static_cast<A>(s.v[j]) + static_cast<A>(r.v[j]));
-    store_vec(a.res_out + idx, s);
-  }
-  return s;
-}
-
-template <typename T, typename W, int VEC>
-__device__ __forceinline__ void store_out(const FwdArgs<T, W>& a, int64_t idx, int64_t col,
-                                          const Vec<T, VEC>& s, acc_t<T> rstd) {
-  using A = acc_t<T>;
-  Vec<T, VEC> y;
-  if (a.w != nullptr) {
-    const Vec<W, VEC> w = load_vec<W, VEC>(a.w + col);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      y.v[j] = static_cast<T>(static_cast<A>(s.v[j]) * rstd * static_cast<A>(w.v[j]));
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) y.v[j] = static_cast<T>(static_cast<A>(s.v[j]) * rstd);
-  }
-  store_vec(a.y + idx, y);
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ acc_t<T> sum_squares(const Vec<T, VEC>& s) {
+template <typename T, int VEC, int ITEMS>
+__device__ __forceinline__ acc_t<T> sum_squares(const Vec<T, VEC> (&s)[ITEMS]) {
   acc_t<T> ss = 0;
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    const acc_t<T> v = static_cast<acc_t<T>>(s.v[j]);
-    ss += v * v;
-  }
+  for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const acc_t<T> v = static_cast<acc_t<T>>(s[i].v[j]);
+      ss += v * v;
+    }
   return ss;
+}
+
+// s = s * rstd (* w where has_w), in place.
+template <typename T, typename W, int VEC, int ITEMS>
+__device__ __forceinline__ void normalize(Vec<T, VEC> (&s)[ITEMS], acc_t<T> rstd,
+                                          const Vec<W, VEC> (&w)[ITEMS], bool has_w) {
+  using A = acc_t<T>;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const A v = static_cast<A>(s[i].v[j]) * rstd;
+      s[i].v[j] = static_cast<T>(has_w ? v * static_cast<A>(w[i].v[j]) : v);
+    }
 }
 
 // Block [blockDim.y rows][blockDim.x threads]; thread x holds vectors x, x + blockDim.x, ... of
@@ -124,54 +112,54 @@ __global__ void __launch_bounds__(kFwdThreads) rms_fwd_reg_kernel(FwdArgs<T, W> 
   __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < a.rows;  // invalid threads still join the row_sum barrier
-  const int64_t off = row * a.n;
+  const int64_t off = row * a.n, nvec = a.n / VEC;
   Vec<T, VEC> s[ITEMS];
-  A ss = 0;
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
-    if (valid && col < a.n) {
-      s[i] = load_sum<T, W, VEC>(a, off + col);
-      ss += sum_squares<T, VEC>(s[i]);
-    }
-  }
-  ss = row_sum(ss, scratch);
-  const A rstd = rsqrt_acc(ss / static_cast<A>(a.n) + a.eps);
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
-    if (valid && col < a.n) store_out<T, W, VEC>(a, off + col, col, s[i], rstd);
-  }
+  load_sum_tile(a, off, 0, valid, s);
+  // The weight's loads are issued before the reduction, so their latency hides behind it; at 8
+  // vectors per thread that overflowed the 128 registers of 512-thread blocks (ptxas, sm_90), so
+  // there they follow it.
+  constexpr bool kEarlyWeight = ITEMS <= 4;
+  Vec<W, VEC> w[ITEMS];
+  if (kEarlyWeight && a.w != nullptr) load_tile(a.w, 0, nvec, true, w);
+  const A rstd = rsqrt_acc(row_sum(sum_squares(s), scratch) / static_cast<A>(a.n) + a.eps);
+  if (!kEarlyWeight && a.w != nullptr) load_tile(a.w, 0, nvec, true, w);
+  normalize(s, rstd, w, a.w != nullptr);
+  store_tile(a.y + off, 0, nvec, valid, s);
   if (valid && threadIdx.x == 0) a.rstd[row] = rstd;
 }
 
-// Any N: two passes over the row; the second reads it back from shared memory (SMEM) or from
-// global memory (res_out when a residual was added: the same thread wrote those elements).
+// Any N: two passes over the row in tiles of kStagedItems vectors per thread; the second reads it
+// back from shared memory (SMEM) or from global memory (res_out when a residual was added: the
+// same thread wrote those elements).
 template <typename T, typename W, int VEC, bool SMEM>
-__global__ void __launch_bounds__(1024) rms_fwd_staged_kernel(FwdArgs<T, W> a) {
+__global__ void __launch_bounds__(kStagedThreads) rms_fwd_staged_kernel(FwdArgs<T, W> a) {
   using A = acc_t<T>;
   __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
   extern __shared__ __align__(16) unsigned char smem[];
-  const int64_t nvec = a.n / VEC;
+  const int64_t nvec = a.n / VEC, step = int64_t{kStagedItems} * blockDim.x;
   Vec<T, VEC>* stage = reinterpret_cast<Vec<T, VEC>*>(smem) + threadIdx.y * (SMEM ? nvec : 0);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < a.rows;
   const int64_t off = row * a.n;
   A ss = 0;
-  if (valid) {
-    for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
-      const Vec<T, VEC> s = load_sum<T, W, VEC>(a, off + k * VEC);
-      if constexpr (SMEM) stage[k] = s;
-      ss += sum_squares<T, VEC>(s);
-    }
+#pragma unroll 1
+  for (int64_t first = 0; valid && first < nvec; first += step) {
+    Vec<T, VEC> s[kStagedItems];
+    load_sum_tile(a, off, first, true, s);
+    if constexpr (SMEM) stage_tile(stage, first, nvec, s);
+    ss += sum_squares(s);
   }
-  ss = row_sum(ss, scratch);
-  const A rstd = rsqrt_acc(ss / static_cast<A>(a.n) + a.eps);
+  const A rstd = rsqrt_acc(row_sum(ss, scratch) / static_cast<A>(a.n) + a.eps);
   if (!valid) return;  // no barrier follows
   const T* src = a.res != nullptr ? a.res_out : a.x;
-  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
-    const Vec<T, VEC> s = SMEM ? stage[k] : load_vec<T, VEC>(src + off + k * VEC);
-    store_out<T, W, VEC>(a, off + k * VEC, k * VEC, s, rstd);
+#pragma unroll 1
+  for (int64_t first = 0; first < nvec; first += step) {
+    Vec<T, VEC> s[kStagedItems];
+    Vec<W, VEC> w[kStagedItems];
+    reload_tile<SMEM>(stage, src + off, first, nvec, s);
+    if (a.w != nullptr) load_tile(a.w, first, nvec, true, w);
+    normalize(s, rstd, w, a.w != nullptr);
+    store_tile(a.y + off, first, nvec, true, s);
   }
   if (threadIdx.x == 0) a.rstd[row] = rstd;
 }
@@ -189,47 +177,41 @@ struct BwdArgs {
   int64_t n;
 };
 
-// Sum over this vector of g * xhat, g = dy * w.
+// Sum over one vector of g * xhat, g = dy * w (dy without a weight).
 template <typename T, typename W, int VEC>
-__device__ __forceinline__ acc_t<T> dot_g_xhat(const BwdArgs<T, W>& a, int64_t col,
-                                               const Vec<T, VEC>& x, const Vec<T, VEC>& dy,
-                                               acc_t<T> rstd) {
+__device__ __forceinline__ acc_t<T> dot_g_xhat(const Vec<T, VEC>& x, const Vec<T, VEC>& dy,
+                                               const Vec<W, VEC>& w, bool has_w, acc_t<T> rstd) {
   using A = acc_t<T>;
   A dot = 0;
-  if (a.w != nullptr) {
-    const Vec<W, VEC> w = load_vec<W, VEC>(a.w + col);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      dot += static_cast<A>(dy.v[j]) * static_cast<A>(w.v[j]) * (static_cast<A>(x.v[j]) * rstd);
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) dot += static_cast<A>(dy.v[j]) * (static_cast<A>(x.v[j]) * rstd);
+  for (int j = 0; j < VEC; ++j) {
+    const A d = static_cast<A>(dy.v[j]);
+    const A g = has_w ? d * static_cast<A>(w.v[j]) : d;
+    dot += g * (static_cast<A>(x.v[j]) * rstd);
   }
   return dot;
 }
 
-// dx for one vector (stored), and dy * xhat added to dw[0..VEC).
+// dx of one vector (+ gr, the gradient into residual_out, where has_gr); dy * xhat added to
+// dw[0..VEC).
 template <typename T, typename W, int VEC>
-__device__ __forceinline__ void store_dx(const BwdArgs<T, W>& a, int64_t idx, int64_t col,
-                                         const Vec<T, VEC>& x, const Vec<T, VEC>& dy, acc_t<T> rstd,
-                                         acc_t<T> mean_gx, acc_t<T>* dw) {
+__device__ __forceinline__ Vec<T, VEC> grad_input(const Vec<T, VEC>& x, const Vec<T, VEC>& dy,
+                                                  const Vec<W, VEC>& w, bool has_w,
+                                                  const Vec<T, VEC>& gr, bool has_gr, acc_t<T> rstd,
+                                                  acc_t<T> mean_gx, acc_t<T>* dw) {
   using A = acc_t<T>;
-  Vec<W, VEC> w;
-  if (a.w != nullptr) w = load_vec<W, VEC>(a.w + col);
-  Vec<T, VEC> gr;
-  if (a.dres != nullptr) gr = load_vec<T, VEC>(a.dres + idx);
   Vec<T, VEC> dx;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     const A d = static_cast<A>(dy.v[j]);
     const A xhat = static_cast<A>(x.v[j]) * rstd;
-    const A g = a.w != nullptr ? d * static_cast<A>(w.v[j]) : d;
+    const A g = has_w ? d * static_cast<A>(w.v[j]) : d;
     A v = rstd * (g - xhat * mean_gx);
-    if (a.dres != nullptr) v += static_cast<A>(gr.v[j]);
+    if (has_gr) v += static_cast<A>(gr.v[j]);
     dx.v[j] = static_cast<T>(v);
     dw[j] += d * xhat;
   }
-  store_vec(a.dx + idx, dx);
+  return dx;
 }
 
 // Persistent: row group (blockIdx.x, threadIdx.y) handles rows g, g + G, ... with G the number of
@@ -239,6 +221,10 @@ __global__ void __launch_bounds__(512) rms_bwd_reg_kernel(BwdArgs<T, W> a) {
   using A = acc_t<T>;
   __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
   const A inv_n = A(1) / static_cast<A>(a.n);
+  const int64_t nvec = a.n / VEC;
+  const bool has_w = a.w != nullptr, has_gr = a.dres != nullptr;
+  Vec<W, VEC> w[ITEMS];  // a thread's columns are the same in every row: loaded once
+  if (has_w) load_tile(a.w, 0, nvec, true, w);
   A dw[ITEMS][VEC];
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i)
@@ -253,34 +239,29 @@ __global__ void __launch_bounds__(512) rms_bwd_reg_kernel(BwdArgs<T, W> a) {
     const bool valid = row < a.rows;
     const int64_t off = row * a.n;
     const A rstd = valid ? a.rstd[row] : A(0);
-    Vec<T, VEC> x[ITEMS], dy[ITEMS];
+    Vec<T, VEC> x[ITEMS], dy[ITEMS], gr[ITEMS];
+    load_tile(a.x + off, 0, nvec, valid, x);
+    load_tile(a.dy + off, 0, nvec, valid, dy);
+    if (has_gr) load_tile(a.dres + off, 0, nvec, valid, gr);
     A dot = 0;
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-      const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
-      if (valid && col < a.n) {
-        x[i] = load_vec<T, VEC>(a.x + off + col);
-        dy[i] = load_vec<T, VEC>(a.dy + off + col);
-        dot += dot_g_xhat<T, W, VEC>(a, col, x[i], dy[i], rstd);
-      }
-    }
+    for (int i = 0; i < ITEMS; ++i)  // slots past the row: 0 * (0 * rstd) is NaN at rstd = Inf
+      dot += dot_g_xhat(x[i], dy[i], w[i], has_w, tile_vector(0, i) < nvec ? rstd : A(0));
     const A mean_gx = row_sum(dot, scratch) * inv_n;
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-      const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
-      if (valid && col < a.n)
-        store_dx<T, W, VEC>(a, off + col, col, x[i], dy[i], rstd, mean_gx, dw[i]);
-    }
+    for (int i = 0; i < ITEMS; ++i)  // slots past the row: dx and dw computed, never stored
+      x[i] = grad_input(x[i], dy[i], w[i], has_w, gr[i], has_gr, rstd, mean_gx, dw[i]);
+    store_tile(a.dx + off, 0, nvec, valid, x);
   }
-  if (a.part == nullptr) return;
+  if (!has_w) return;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
-    const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
-    if (col < a.n) {
+    const int64_t k = tile_vector(0, i);
+    if (k < nvec) {
       Vec<A, VEC> p;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) p.v[j] = dw[i][j];
-      store_vec(a.part + group * a.n + col, p);
+      store_vec(a.part + group * a.n + k * VEC, p);
     }
   }
 }
@@ -293,9 +274,10 @@ __global__ void __launch_bounds__(1024) rms_bwd_scalar_kernel(BwdArgs<T, W> a) {
   using A = acc_t<T>;
   __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
   const A inv_n = A(1) / static_cast<A>(a.n);
+  const bool has_w = a.w != nullptr, has_gr = a.dres != nullptr;
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t groups = static_cast<int64_t>(gridDim.x) * blockDim.y;
-  A* pw = a.part != nullptr ? a.part + group * a.n : nullptr;
+  A* pw = has_w ? a.part + group * a.n : nullptr;
   if (pw != nullptr)
     for (int64_t k = threadIdx.x; k < a.n; k += blockDim.x) pw[k] = 0;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < a.rows;
@@ -305,16 +287,23 @@ __global__ void __launch_bounds__(1024) rms_bwd_scalar_kernel(BwdArgs<T, W> a) {
     const int64_t off = row * a.n;
     const A rstd = valid ? a.rstd[row] : A(0);
     A dot = 0;
+    Vec<W, 1> w;
+    Vec<T, 1> gr;
     if (valid)
-      for (int64_t k = threadIdx.x; k < a.n; k += blockDim.x)
-        dot += dot_g_xhat<T, W, 1>(a, k, load_vec<T, 1>(a.x + off + k),
-                                   load_vec<T, 1>(a.dy + off + k), rstd);
+      for (int64_t k = threadIdx.x; k < a.n; k += blockDim.x) {
+        if (has_w) w = load_vec<W, 1>(a.w + k);
+        dot += dot_g_xhat(load_vec<T, 1>(a.x + off + k), load_vec<T, 1>(a.dy + off + k), w, has_w,
+                          rstd);
+      }
     const A mean_gx = row_sum(dot, scratch) * inv_n;
     if (!valid) continue;  // the next iteration's barrier is still reached
     for (int64_t k = threadIdx.x; k < a.n; k += blockDim.x) {
+      if (has_w) w = load_vec<W, 1>(a.w + k);
+      if (has_gr) gr = load_vec<T, 1>(a.dres + off + k);
       A dw[1] = {0};
-      store_dx<T, W, 1>(a, off + k, k, load_vec<T, 1>(a.x + off + k),
-                        load_vec<T, 1>(a.dy + off + k), rstd, mean_gx, dw);
+      store_vec(a.dx + off + k,
+                grad_input(load_vec<T, 1>(a.x + off + k), load_vec<T, 1>(a.dy + off + k), w, has_w,
+                           gr, has_gr, rstd, mean_gx, dw));
       if (pw != nullptr) pw[k] += dw[0];
     }
   }
@@ -328,19 +317,27 @@ __global__ void __launch_bounds__(kRowDotThreads)
   __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
   const int64_t row = blockIdx.x;
   const int64_t off = row * a.n, nvec = a.n / VEC;
+  const bool has_w = a.w != nullptr;
   const A rstd = a.rstd[row];
   A dot = 0;
-#pragma unroll 4
-  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x)
-    dot += dot_g_xhat<T, W, VEC>(a, k * VEC, load_vec<T, VEC>(a.x + off + k * VEC),
-                                 load_vec<T, VEC>(a.dy + off + k * VEC), rstd);
+#pragma unroll 1  // a tile holds kRowDotItems vectors of x, dy and w: enough loads in flight
+  for (int64_t first = 0; first < nvec; first += int64_t{kRowDotItems} * blockDim.x) {
+    Vec<T, VEC> x[kRowDotItems], dy[kRowDotItems];
+    Vec<W, VEC> w[kRowDotItems];
+    load_tile(a.x + off, first, nvec, true, x);
+    load_tile(a.dy + off, first, nvec, true, dy);
+    if (has_w) load_tile(a.w, first, nvec, true, w);
+#pragma unroll
+    for (int i = 0; i < kRowDotItems; ++i)  // rstd 0 past the row, as in rms_bwd_reg_kernel
+      dot += dot_g_xhat(x[i], dy[i], w[i], has_w, tile_vector(first, i) < nvec ? rstd : A(0));
+  }
   dot = row_sum(dot, scratch);
   if (threadIdx.x == 0) mean_gx[row] = dot / static_cast<A>(a.n);
 }
 
 // Long rows, kernel 2 of 2: block (j, g) owns column block j (one vector per thread) of rows
 // g, g + G, ... (G = gridDim.y): dx, and dW of those rows summed in registers into partial row
-// g. kColRows rows are loaded before any is used, so that many loads are in flight per thread.
+// g. kColRows rows and their statistics are loaded before any is used.
 template <typename T, typename W, int VEC>
 __global__ void __launch_bounds__(kColThreads)
     rms_bwd_cols_kernel(BwdArgs<T, W> a, const acc_t<T>* mean_gx) {
@@ -348,20 +345,29 @@ __global__ void __launch_bounds__(kColThreads)
   const int64_t col = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (col >= a.n) return;  // no barriers in this kernel
   const int64_t groups = gridDim.y;
+  const bool has_w = a.w != nullptr, has_gr = a.dres != nullptr;
+  Vec<W, VEC> w;  // the same columns in every row: loaded once
+  if (has_w) w = load_vec<W, VEC>(a.w + col);
   A dw[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) dw[j] = 0;
   for (int64_t base = blockIdx.y; base < a.rows; base += kColRows * groups) {
-    Vec<T, VEC> x[kColRows], dy[kColRows];
-    load_col_rows(a.x, a.dy, base, groups, a.rows, a.n, col, x, dy);
+    Vec<T, VEC> x[kColRows], dy[kColRows], gr[kColRows];
+    A rstd[kColRows], mgx[kColRows];
+    load_col(a.x, base, groups, a.rows, a.n, col, x);
+    load_col(a.dy, base, groups, a.rows, a.n, col, dy);
+    if (has_gr) load_col(a.dres, base, groups, a.rows, a.n, col, gr);
+    load_col_stats(a.rstd, base, groups, a.rows, rstd);
+    load_col_stats(mean_gx, base, groups, a.rows, mgx);
 #pragma unroll
     for (int r = 0; r < kColRows; ++r) {
       const int64_t row = base + r * groups;
       if (row < a.rows)
-        store_dx<T, W, VEC>(a, row * a.n + col, col, x[r], dy[r], a.rstd[row], mean_gx[row], dw);
+        store_vec(a.dx + row * a.n + col,
+                  grad_input(x[r], dy[r], w, has_w, gr[r], has_gr, rstd[r], mgx[r], dw));
     }
   }
-  if (a.part == nullptr) return;
+  if (!has_w) return;
   Vec<A, VEC> p;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) p.v[j] = dw[j];
@@ -390,15 +396,15 @@ void launch_fwd(const FwdArgs<T, W>& a, int device, cudaStream_t stream) {
       if (bytes + kSmemReserve <= static_cast<size_t>(max_shared_memory(device))) {
         auto kernel = rms_fwd_staged_kernel<T, W, kVec, true>;
         allow_smem(kernel, bytes);
-        kernel<<<grid, 1024, bytes, stream>>>(a);
+        kernel<<<grid, kStagedThreads, bytes, stream>>>(a);
       } else {
-        rms_fwd_staged_kernel<T, W, kVec, false><<<grid, 1024, 0, stream>>>(a);
+        rms_fwd_staged_kernel<T, W, kVec, false><<<grid, kStagedThreads, 0, stream>>>(a);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
   }
-  const dim3 block = row_block(a.n, 4, 1024);
+  const dim3 block = row_block(a.n, kStagedItems, kStagedThreads);
   rms_fwd_staged_kernel<T, W, 1, false><<<grid_size(cdiv(a.rows, block.y)), block, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -204,27 +204,127 @@ void with_items(int64_t items, F&& f) {
     f(std::integral_constant<int, 8>{});
 }
 
+// ---- Register tiles: every load of a tile issued before any of its values is used --------------
+// nvcc keeps a load and its first use together when both sit in one branch: the RMSNorm forward
+// that loaded each vector under `if (col < n)` and summed it there had one load in flight per
+// thread in its SASS (LDG, use, LDG, use, ...), and ran at 45-55% of copy on an H200 at N = 1K-16K
+// bf16 where the Triton kernel, loading whole tiles, ran at 88-97%. These helpers load a tile of
+// vectors (zeros outside the row) and return before any is used, so all of them are in flight.
+
+// Slot i of this thread in a tile starting at vector `first` of a row: vector
+// first + i * blockDim.x + threadIdx.x (consecutive threads, consecutive 16-byte vectors).
+__device__ __forceinline__ int64_t tile_vector(int64_t first, int i) {
+  return first + static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
+}
+
+// v[i] = the row's vector at slot i (row: the row's first element; nvec vectors in the row), or
+// zeros where the slot is past the row or !valid.
+template <typename T, int VEC, int ITEMS>
+__device__ __forceinline__ void load_tile(const T* row, int64_t first, int64_t nvec, bool valid,
+                                          Vec<T, VEC> (&v)[ITEMS]) {
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t k = tile_vector(first, i);
+    v[i] = Vec<T, VEC>{};
+    if (valid && k < nvec) v[i] = load_vec<T, VEC>(row + k * VEC);
+  }
+}
+
+template <typename T, int VEC, int ITEMS>
+__device__ __forceinline__ void store_tile(T* row, int64_t first, int64_t nvec, bool valid,
+                                           const Vec<T, VEC> (&v)[ITEMS]) {
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t k = tile_vector(first, i);
+    if (valid && k < nvec) store_vec(row + k * VEC, v[i]);
+  }
+}
+
+// s = x (+ r, rounded to T as an unfused add would round it) for the tile at vector `first` of the
+// row starting at element `off`, also stored to res_out: a norm forward's read of its input (Args:
+// its arguments, with x, res, res_out and n; res nullptr without a residual).
+template <typename Args, typename T, int VEC, int ITEMS>
+__device__ __forceinline__ void load_sum_tile(const Args& a, int64_t off, int64_t first, bool valid,
+                                              Vec<T, VEC> (&s)[ITEMS]) {
+  using A = acc_t<T>;
+  const int64_t nvec = a.n / VEC;
+  load_tile(a.x + off, first, nvec, valid, s);
+  if (a.res == nullptr) return;
+  Vec<T, VEC> r[ITEMS];
+  load_tile(a.res + off, first, nvec, valid, r);
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      s[i].v[j] = static_cast<T>(static_cast<A>(s[i].v[j]) + static_cast<A>(r[i].v[j]));
+  store_tile(a.res_out + off, first, nvec, valid, s);
+}
+
+// The staged forward (rows past the register tier; the scalar fallback): blocks of at most
+// kStagedThreads threads per row, each loading tiles of kStagedItems vectors: 8 KB of a row in
+// flight per block, under 128 registers a thread (1024-thread blocks, 64 registers a thread,
+// spilled 4-38 B in LayerNorm's with tiles of 2 vectors; ptxas, sm_90).
+constexpr int kStagedThreads = 512;
+constexpr int kStagedItems = 4;
+
+// stage_tile keeps a tile of the first pass in shared memory;
+// reload_tile gives it back to a later pass, from shared memory (SMEM) or from `row` in global
+// memory (a row the same threads wrote or read in the first pass).
+template <typename T, int VEC, int ITEMS>
+__device__ __forceinline__ void stage_tile(Vec<T, VEC>* stage, int64_t first, int64_t nvec,
+                                           const Vec<T, VEC> (&s)[ITEMS]) {
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t k = tile_vector(first, i);
+    if (k < nvec) stage[k] = s[i];
+  }
+}
+
+template <bool SMEM, typename T, int VEC, int ITEMS>
+__device__ __forceinline__ void reload_tile(const Vec<T, VEC>* stage, const T* row, int64_t first,
+                                            int64_t nvec, Vec<T, VEC> (&s)[ITEMS]) {
+  if constexpr (SMEM) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t k = tile_vector(first, i);
+      s[i] = k < nvec ? stage[k] : Vec<T, VEC>{};
+    }
+  } else {
+    load_tile(row, first, nvec, true, s);
+  }
+}
+
 // Backward column tier (rows too long to hold in registers): a row-dot kernel, one block of
 // kRowDotThreads per row, then a [column block, row group] grid of kColThreads-thread blocks,
-// each thread loading kColRows rows of its vector before using any.
-constexpr int kRowDotThreads = 512;
+// each thread loading kColRows rows of its vector (and their statistics) before using any.
+// The row-dot kernel's tiles hold kRowDotItems vectors of x, dy and the weight per thread: 40-72
+// registers (ptxas, sm_90); 4 vectors took 99-105 and spilled for fp16, and 512-thread blocks
+// made ptxas keep LayerNorm's at 64 registers with a 4-byte spill.
+constexpr int kRowDotThreads = 256;
+constexpr int kRowDotItems = 2;
 constexpr int kColThreads = 256;
 constexpr int kColRows = 4;
 
-// A column-tier thread's loads: x and dy at column `col` of rows base, base + groups, ...
-// (kColRows of them; those past `rows` are left unset), all issued before any is used.
+// v[r] = p's vector at column `col` of row base + r * groups (zeros past `rows`).
 template <typename T, int VEC>
-__device__ __forceinline__ void load_col_rows(const T* x, const T* dy, int64_t base, int64_t groups,
-                                              int64_t rows, int64_t n, int64_t col,
-                                              Vec<T, VEC> (&xs)[kColRows],
-                                              Vec<T, VEC> (&dys)[kColRows]) {
+__device__ __forceinline__ void load_col(const T* p, int64_t base, int64_t groups, int64_t rows,
+                                         int64_t n, int64_t col, Vec<T, VEC> (&v)[kColRows]) {
 #pragma unroll
   for (int r = 0; r < kColRows; ++r) {
     const int64_t row = base + r * groups;
-    if (row < rows) {
-      xs[r] = load_vec<T, VEC>(x + row * n + col);
-      dys[r] = load_vec<T, VEC>(dy + row * n + col);
-    }
+    v[r] = Vec<T, VEC>{};
+    if (row < rows) v[r] = load_vec<T, VEC>(p + row * n + col);
+  }
+}
+
+// v[r] = p[base + r * groups] (a per-row statistic; zero past `rows`).
+template <typename A>
+__device__ __forceinline__ void load_col_stats(const A* p, int64_t base, int64_t groups,
+                                               int64_t rows, A (&v)[kColRows]) {
+#pragma unroll
+  for (int r = 0; r < kColRows; ++r) {
+    const int64_t row = base + r * groups;
+    v[r] = row < rows ? p[row] : A(0);
   }
 }
 

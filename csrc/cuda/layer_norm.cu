@@ -448,30 +448,21 @@ void launch_fwd(const FwdArgs<T, W>& a, int device, cudaStream_t stream) {
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
-      const size_t bytes = static_cast<size_t>(a.n) * sizeof(T);
-      const unsigned grid = grid_size(a.rows);
-      if (bytes + kSmemReserve <= static_cast<size_t>(max_shared_memory(device))) {
-        auto kernel = ln_fwd_staged_kernel<T, W, kVec, true>;
-        allow_smem(kernel, bytes);
-        kernel<<<grid, kStagedThreads, bytes, stream>>>(a);
-      } else {
-        ln_fwd_staged_kernel<T, W, kVec, false><<<grid, kStagedThreads, 0, stream>>>(a);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_staged_fwd(ln_fwd_staged_kernel<T, W, kVec, true>,
+                        ln_fwd_staged_kernel<T, W, kVec, false>, a, a.n * sizeof(T), device,
+                        stream);
       return;
     }
   }
-  const dim3 block = row_block(a.n, kStagedItems, kStagedThreads);
-  ln_fwd_staged_kernel<T, W, 1, false><<<grid_size(cdiv(a.rows, block.y)), block, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_scalar_fwd(ln_fwd_staged_kernel<T, W, 1, false>, a, stream);
 }
 
-// Runs the backward kernels for `a` (partials unset); returns the number of partial rows and
-// calls alloc_part(P, a) first to set the [P, n] partial buffers, and alloc_rows() for a
-// [2, rows] fp32 (fp64) scratch of the column tier.
-template <typename T, typename W, typename Alloc, typename AllocRows>
-int64_t launch_bwd(BwdArgs<T, W> a, Alloc alloc_part, AllocRows alloc_rows, int device,
-                   cudaStream_t stream) {
+// Runs the backward kernels for `a` (partials unset); returns the number of partial rows P,
+// calling set_partials(args, P) first to point args.part_w / part_b at [P, n] buffers, and
+// alloc_rows() for a [2, rows] fp32 (fp64) scratch of the column tier.
+template <typename T, typename W, typename SetPartials, typename AllocRows>
+int64_t launch_bwd(const BwdArgs<T, W>& a, SetPartials set_partials, AllocRows alloc_rows,
+                   int device, cudaStream_t stream) {
   constexpr int kVec = vec_width<T>();
   if constexpr (kVec > 1) {
     if (vectorizable<T, W>(a.n, {a.x, a.dy, a.dres, a.dx}, a.w)) {
@@ -481,31 +472,14 @@ int64_t launch_bwd(BwdArgs<T, W> a, Alloc alloc_part, AllocRows alloc_rows, int 
         const int64_t items = cdiv(nvec, block.x);
         auto kernel =
             items == 1 ? ln_bwd_reg_kernel<T, W, kVec, 1> : ln_bwd_reg_kernel<T, W, kVec, 2>;
-        const int64_t grid = persistent_grid(kernel, block, 0, a.rows, device);
-        alloc_part(grid * block.y, a);
-        kernel<<<grid_size(grid), block, 0, stream>>>(a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return grid * block.y;
+        return launch_persistent_bwd(kernel, block, a, set_partials, device, stream);
       }
-      acc_t<T>* row_means = alloc_rows();
-      ln_bwd_rowdot_kernel<T, W, kVec>
-          <<<grid_size(a.rows), kRowDotThreads, 0, stream>>>(a, row_means);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      auto kernel = ln_bwd_cols_kernel<T, W, kVec>;
-      const dim3 grid = cols_grid(kernel, nvec, a.rows, device);
-      alloc_part(grid.y, a);
-      kernel<<<grid, kColThreads, 0, stream>>>(a, row_means);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return grid.y;
+      return launch_column_bwd(ln_bwd_rowdot_kernel<T, W, kVec>, ln_bwd_cols_kernel<T, W, kVec>, a,
+                               alloc_rows(), nvec, set_partials, device, stream);
     }
   }
-  const dim3 block = row_block(a.n, 4, 1024);
-  auto kernel = ln_bwd_scalar_kernel<T, W>;
-  const int64_t grid = persistent_grid(kernel, block, 0, a.rows, device);
-  alloc_part(grid * block.y, a);
-  kernel<<<grid_size(grid), block, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return grid * block.y;
+  return launch_persistent_bwd(ln_bwd_scalar_kernel<T, W>, scalar_bwd_block(a.n), a, set_partials,
+                               device, stream);
 }
 
 // ---- Op entry points ----------------------------------------------------------------------------
@@ -625,7 +599,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
         using A = acc_t<scalar_t>;
         auto run = [&](auto* w_ptr) {
           using W = std::remove_const_t<std::remove_pointer_t<decltype(w_ptr)>>;
-          auto alloc_part = [&](int64_t p, BwdArgs<scalar_t, W>& args) {
+          auto set_partials = [&](BwdArgs<scalar_t, W>& args, int64_t p) {
             const int64_t count = int64_t(has(weight)) + int64_t(has(bias));
             if (count == 0) return;
             part = at::empty({count * p, n}, x.options().dtype(acc));
@@ -648,7 +622,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
             row_scratch = at::empty({2, rows}, x.options().dtype(acc));
             return row_scratch.mutable_data_ptr<A>();
           };
-          parts = launch_bwd(args, alloc_part, alloc_rows, device, stream);
+          parts = launch_bwd(args, set_partials, alloc_rows, device, stream);
         };
         if (w.defined() && w.scalar_type() == type)
           run(w.const_data_ptr<scalar_t>());

@@ -391,30 +391,21 @@ void launch_fwd(const FwdArgs<T, W>& a, int device, cudaStream_t stream) {
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
-      const size_t bytes = static_cast<size_t>(a.n) * sizeof(T);
-      const unsigned grid = grid_size(a.rows);
-      if (bytes + kSmemReserve <= static_cast<size_t>(max_shared_memory(device))) {
-        auto kernel = rms_fwd_staged_kernel<T, W, kVec, true>;
-        allow_smem(kernel, bytes);
-        kernel<<<grid, kStagedThreads, bytes, stream>>>(a);
-      } else {
-        rms_fwd_staged_kernel<T, W, kVec, false><<<grid, kStagedThreads, 0, stream>>>(a);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_staged_fwd(rms_fwd_staged_kernel<T, W, kVec, true>,
+                        rms_fwd_staged_kernel<T, W, kVec, false>, a, a.n * sizeof(T), device,
+                        stream);
       return;
     }
   }
-  const dim3 block = row_block(a.n, kStagedItems, kStagedThreads);
-  rms_fwd_staged_kernel<T, W, 1, false><<<grid_size(cdiv(a.rows, block.y)), block, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_scalar_fwd(rms_fwd_staged_kernel<T, W, 1, false>, a, stream);
 }
 
-// Runs the backward kernels for `a` (a.part unset); returns the number of partial rows and
-// calls alloc_part(P) to get the [P, n] partial buffer (nullptr without a weight) first, and
-// alloc_rows() for a [rows] fp32 (fp64) scratch of the column tier.
-template <typename T, typename W, typename Alloc, typename AllocRows>
-int64_t launch_bwd(BwdArgs<T, W> a, Alloc alloc_part, AllocRows alloc_rows, int device,
-                   cudaStream_t stream) {
+// Runs the backward kernels for `a` (a.part unset); returns the number of partial rows P,
+// calling set_partials(args, P) first to point args.part at a [P, n] buffer (left nullptr
+// without a weight), and alloc_rows() for a [rows] fp32 (fp64) scratch of the column tier.
+template <typename T, typename W, typename SetPartials, typename AllocRows>
+int64_t launch_bwd(const BwdArgs<T, W>& a, SetPartials set_partials, AllocRows alloc_rows,
+                   int device, cudaStream_t stream) {
   constexpr int kVec = vec_width<T>();
   if constexpr (kVec > 1) {
     if (vectorizable<T, W>(a.n, {a.x, a.dy, a.dres, a.dx}, a.w)) {
@@ -429,31 +420,14 @@ int64_t launch_bwd(BwdArgs<T, W> a, Alloc alloc_part, AllocRows alloc_rows, int 
         if (items == 2) kernel = rms_bwd_reg_kernel<T, W, kVec, 2>;
         if constexpr (kMaxItems == 4)
           if (items > 2) kernel = rms_bwd_reg_kernel<T, W, kVec, 4>;
-        const int64_t grid = persistent_grid(kernel, block, 0, a.rows, device);
-        a.part = alloc_part(grid * block.y);
-        kernel<<<grid_size(grid), block, 0, stream>>>(a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return grid * block.y;
+        return launch_persistent_bwd(kernel, block, a, set_partials, device, stream);
       }
-      acc_t<T>* mean_gx = alloc_rows();
-      rms_bwd_rowdot_kernel<T, W, kVec>
-          <<<grid_size(a.rows), kRowDotThreads, 0, stream>>>(a, mean_gx);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      auto kernel = rms_bwd_cols_kernel<T, W, kVec>;
-      const dim3 grid = cols_grid(kernel, nvec, a.rows, device);
-      a.part = alloc_part(grid.y);
-      kernel<<<grid, kColThreads, 0, stream>>>(a, mean_gx);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return grid.y;
+      return launch_column_bwd(rms_bwd_rowdot_kernel<T, W, kVec>, rms_bwd_cols_kernel<T, W, kVec>,
+                               a, alloc_rows(), nvec, set_partials, device, stream);
     }
   }
-  const dim3 block = row_block(a.n, 4, 1024);
-  auto kernel = rms_bwd_scalar_kernel<T, W>;
-  const int64_t grid = persistent_grid(kernel, block, 0, a.rows, device);
-  a.part = alloc_part(grid * block.y);
-  kernel<<<grid_size(grid), block, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return grid * block.y;
+  return launch_persistent_bwd(rms_bwd_scalar_kernel<T, W>, scalar_bwd_block(a.n), a, set_partials,
+                               device, stream);
 }
 
 // ---- Op entry points ----------------------------------------------------------------------------
@@ -538,10 +512,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(
   int64_t parts = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "fastnn_rms_norm_bwd_cuda", [&] {
     using A = acc_t<scalar_t>;
-    auto alloc_part = [&](int64_t p) -> A* {
-      if (!w.defined()) return nullptr;
+    auto set_partials = [&](auto& args, int64_t p) {
+      if (!w.defined()) return;
       part = at::empty({p, n}, x.options().dtype(acc));
-      return part.mutable_data_ptr<A>();
+      args.part = part.mutable_data_ptr<A>();
     };
     auto alloc_rows = [&]() -> A* {
       row_scratch = at::empty({rows}, x.options().dtype(acc));
@@ -558,7 +532,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(
                                       nullptr,
                                       rows,
                                       n};
-      parts = launch_bwd(args, alloc_part, alloc_rows, device, stream);
+      parts = launch_bwd(args, set_partials, alloc_rows, device, stream);
     };
     if (w.defined() && w.scalar_type() == type)
       run(w.const_data_ptr<scalar_t>());

@@ -371,6 +371,61 @@ dim3 cols_grid(Kernel kernel, int64_t nvec, int64_t rows, int device) {
   return dim3(grid_size(col_blocks), static_cast<unsigned>(std::max<int64_t>(groups, 1)));
 }
 
+// ---- Norm launches shared by RMSNorm and LayerNorm -------------------------------------------
+
+// The staged forward of vectorised rows, one row per block of kStagedThreads: the row kept in
+// dynamic shared memory (kernel_smem) when `row_bytes` fit, else re-read from global memory.
+template <typename KernelSmem, typename KernelGlobal, typename Args>
+void launch_staged_fwd(KernelSmem kernel_smem, KernelGlobal kernel_global, const Args& a,
+                       size_t row_bytes, int device, cudaStream_t stream) {
+  const unsigned grid = grid_size(a.rows);
+  if (row_bytes + kSmemReserve <= static_cast<size_t>(max_shared_memory(device))) {
+    allow_smem(kernel_smem, row_bytes);
+    kernel_smem<<<grid, kStagedThreads, row_bytes, stream>>>(a);
+  } else {
+    kernel_global<<<grid, kStagedThreads, 0, stream>>>(a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The scalar forward fallback (misaligned pointers, N % VEC != 0, fp64): the staged kernel with
+// VEC = 1, several short rows per block.
+template <typename Kernel, typename Args>
+void launch_scalar_fwd(Kernel kernel, const Args& a, cudaStream_t stream) {
+  const dim3 block = row_block(a.n, kStagedItems, kStagedThreads);
+  kernel<<<grid_size(cdiv(a.rows, block.y)), block, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A persistent backward kernel (one partial row per row group) on the blocks resident at once:
+// set_partials(args, P) points args at P partial rows first. Returns P.
+template <typename Kernel, typename Args, typename SetPartials>
+int64_t launch_persistent_bwd(Kernel kernel, dim3 block, Args a, SetPartials set_partials,
+                              int device, cudaStream_t stream) {
+  const int64_t grid = persistent_grid(kernel, block, 0, a.rows, device);
+  set_partials(a, grid * block.y);
+  kernel<<<grid_size(grid), block, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grid * block.y;
+}
+
+// The backward column tier: the row-dot kernel writes each row's means into row_stats, then the
+// column kernel (one partial row per row group: set_partials as above). Returns P.
+template <typename RowDot, typename Cols, typename Args, typename Stat, typename SetPartials>
+int64_t launch_column_bwd(RowDot row_dot, Cols cols, Args a, Stat* row_stats, int64_t nvec,
+                          SetPartials set_partials, int device, cudaStream_t stream) {
+  row_dot<<<grid_size(a.rows), kRowDotThreads, 0, stream>>>(a, row_stats);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 grid = cols_grid(cols, nvec, a.rows, device);
+  set_partials(a, grid.y);
+  cols<<<grid, kColThreads, 0, stream>>>(a, row_stats);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grid.y;
+}
+
+// The scalar backward fallback's block: several short rows per block, up to 1024 threads a row.
+inline dim3 scalar_bwd_block(int64_t n) { return row_block(n, 4, 1024); }
+
 // ---- Op entry helpers ---------------------------------------------------------------------------
 
 inline at::ScalarType acc_scalar_type(at::ScalarType t) {

@@ -449,8 +449,8 @@ void launch_fwd(const FwdArgs<T, W>& a, int device, cudaStream_t stream) {
         return;
       }
       launch_staged_fwd(ln_fwd_staged_kernel<T, W, kVec, true>,
-                        ln_fwd_staged_kernel<T, W, kVec, false>, a, a.n * sizeof(T), device,
-                        stream);
+                        ln_fwd_staged_kernel<T, W, kVec, false>, a,
+                        static_cast<size_t>(a.n) * sizeof(T), device, stream);
       return;
     }
   }

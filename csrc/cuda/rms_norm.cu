@@ -392,8 +392,8 @@ void launch_fwd(const FwdArgs<T, W>& a, int device, cudaStream_t stream) {
         return;
       }
       launch_staged_fwd(rms_fwd_staged_kernel<T, W, kVec, true>,
-                        rms_fwd_staged_kernel<T, W, kVec, false>, a, a.n * sizeof(T), device,
-                        stream);
+                        rms_fwd_staged_kernel<T, W, kVec, false>, a,
+                        static_cast<size_t>(a.n) * sizeof(T), device, stream);
       return;
     }
   }

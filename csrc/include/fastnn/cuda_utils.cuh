@@ -409,7 +409,7 @@ int64_t launch_persistent_bwd(Kernel kernel, dim3 block, Args a, SetPartials set
   return grid * block.y;
 }
 
-// The backward column tier: the row-dot kernel writes each row's means into row_stats, then the
+// The backward column tier: the row-dot kernel writes per-row statistics into row_stats, then the
 // column kernel (one partial row per row group: set_partials as above). Returns P.
 template <typename RowDot, typename Cols, typename Args, typename Stat, typename SetPartials>
 int64_t launch_column_bwd(RowDot row_dot, Cols cols, Args a, Stat* row_stats, int64_t nvec,

@@ -6,19 +6,21 @@ while their launches compile (warmup) instead of running, and assembles each ker
 triton's own ptxas for its report. So the configs checked are the ones the launchers pick,
 specialised as on a GPU (16-byte aligned pointers).
 
-    python -m bench.kernel_resources            # the table for bf16 rows, N = 512 .. 256K
+    python -m bench.kernel_resources            # the table for bf16 rows, N = 512 .. 256K (1-2 min)
     python -m bench.kernel_resources --json     # every kernel (sweep()), one JSON line each
     python -m bench.kernel_resources --native   # the built extension's CUDA kernels (cuobjdump):
                                                 # registers, stack, global loads in flight
 
 What it tells, per kernel and N: warps, registers per thread, bytes of spill stores, shared
 memory (a pipelined loop's buffers show here), resident programs per SM (by registers, threads
-and shared memory), and for the persistent backward grids the programs per SM the launcher asks
-for: more than fit run as a second wave.
+and shared memory), for the persistent backward grids the programs per SM the launcher asks
+for (more than fit run as a second wave), and from the SASS the global loads a thread has in
+flight into registers at most and the LDGSTS (cp.async: a pipelined loop loading into shared
+memory) it issues (the table only: cuobjdump takes about 0.5 s a kernel).
 The numbers are those of this triton's ptxas (the GPU machines run another triton version).
 tests/test_kernel_resources.py holds every kernel to compiling for sm_90 (the interpreter runs
-code a GPU compile rejects), every norm tier to register-resident rows, and the CUDA norm and
-GLU kernels to no local memory.
+code a GPU compile rejects), every norm tier to register-resident rows, the CUDA norm and GLU
+kernels to no local memory, and the CUDA norm kernels to a whole tile of loads in flight.
 """
 
 import contextlib
@@ -57,6 +59,11 @@ class Launch:
     shared: int
     # Programs per SM the launcher sized a persistent grid for (None: not persistent).
     asked_per_sm: int | None
+    # From the SASS, when asked for (sass=True: cuobjdump takes about 0.5 s a kernel): global
+    # loads into registers issued and not yet used, at most; LDGSTS (a pipelined loop's loads
+    # into shared memory).
+    in_flight: int | None = None
+    async_copies: int | None = None
 
     @property
     def resident_per_sm(self):
@@ -152,22 +159,40 @@ def native_loads_in_flight():
     }
 
 
-def _resources(ptx):
-    """(registers, spill store bytes) of the one kernel in `ptx`, assembled for sm_90a with the
-    options triton passes (triton does not keep the report). Spill stores, not the stack frame:
-    an fp32 division's slow path is a subroutine whose call saves registers on the stack."""
+def _sass_instructions(text):
+    """[(opcode, operands)] of `cuobjdump -sass` text (one kernel, or all of them in order)."""
+    return [(m.group(1), m.group(2)) for line in text.splitlines()
+            if (m := _SASS_INSTRUCTION.search(line))]  # fmt: skip
+
+
+def _resources(ptx, sass=False):
+    """(registers, spill store bytes, loads in flight, LDGSTS count) of the one kernel in `ptx`,
+    assembled for sm_90a with the options triton passes (triton does not keep the report); the
+    last two read from its SASS (loads_in_flight) when `sass`, else None. Spill stores, not the
+    stack frame: an fp32 division's slow path is a subroutine whose call saves registers on the
+    stack."""
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
+        src, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
         with open(src, "w") as f:
             f.write(ptx)
         cmd = [_triton_tool("ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", src,
-               "-o", os.path.join(tmp, "kernel.cubin")]  # fmt: skip
+               "-o", cubin]  # fmt: skip
         log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+        code = None
+        if sass:
+            text = subprocess.run(
+                [_triton_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True,
+                check=True,
+            ).stdout  # fmt: skip
+            code = _sass_instructions(text)
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores", log)
     if regs is None or spill is None:
         raise RuntimeError(f"ptxas printed no resource usage:\n{log}")
-    return int(regs.group(1)), int(spill.group(1))
+    if code is None:
+        return int(regs.group(1)), int(spill.group(1)), None, None
+    async_copies = sum(op.startswith("LDGSTS") for op, _ in code)
+    return int(regs.group(1)), int(spill.group(1)), loads_in_flight(code), async_copies
 
 
 class _Sm90Driver:
@@ -186,7 +211,7 @@ class _Sm90Driver:
 
 
 @contextlib.contextmanager
-def compiling_for_sm90():
+def compiling_for_sm90(sass=False):
     """Inside: every Triton launch compiles for sm_90 and is recorded, nothing runs (outputs
     stay uninitialised). Yields the list of Launch records."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -202,11 +227,11 @@ def compiling_for_sm90():
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
-        regs, spill = _resources(kernel.asm["ptx"])
+        regs, spill, in_flight, async_copies = _resources(kernel.asm["ptx"], sass)
         per_sm = asked["per_sm"] if self.fn.__name__ in PERSISTENT_KERNELS else None
         launches.append(
             Launch(self.fn.__name__, kernel.metadata.num_warps, regs, spill,
-                   kernel.metadata.shared, per_sm)
+                   kernel.metadata.shared, per_sm, in_flight, async_copies)
         )  # fmt: skip
         return kernel
 
@@ -227,10 +252,10 @@ def compiling_for_sm90():
         driver._active = previous_driver
 
 
-def norm_launches(op, n, dtype, residual=False, weight_dtype=None, rows=8):
+def norm_launches(op, n, dtype, residual=False, weight_dtype=None, rows=8, sass=False):
     """Launch records of one forward and one backward of `op` ("rms_norm" / "layer_norm") at
     hidden size n, with weight (and bias) in weight_dtype (default: the input's), compiled for
-    sm_90."""
+    sm_90 (and read in SASS with `sass`)."""
     import torch
 
     from fastnn.triton_kernels import layer_norm, rms_norm
@@ -239,7 +264,7 @@ def norm_launches(op, n, dtype, residual=False, weight_dtype=None, rows=8):
     r = torch.zeros_like(x) if residual else None
     w = torch.zeros(n, dtype=weight_dtype or dtype)
     stat = torch.zeros(rows, dtype=torch.float32)
-    with compiling_for_sm90() as launches:
+    with compiling_for_sm90(sass) as launches:
         if op == "rms_norm":
             rms_norm.rms_norm_fwd(x, r, w, 1e-6)
             rms_norm.rms_norm_bwd(x, r, x, w, stat)
@@ -382,17 +407,19 @@ def main():
             print(json.dumps(row), flush=True)
         return
     print(
-        "| op | N | kernel | warps | regs | spill stores B | shared B | resident / SM | asked / SM |"
+        "| op | N | kernel | warps | regs | spill stores B | shared B | resident / SM | asked / SM "
+        "| loads in flight | async copies |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for op in ("rms_norm", "layer_norm"):
         for log_n in range(9, 19):
             n = 1 << log_n
-            for launch in norm_launches(op, n, torch.bfloat16):
+            for launch in norm_launches(op, n, torch.bfloat16, sass=True):
                 asked = "" if launch.asked_per_sm is None else launch.asked_per_sm
                 print(
                     f"| {op} | {n} | {launch.kernel} | {launch.num_warps} | {launch.regs} | "
-                    f"{launch.spill} | {launch.shared} | {launch.resident_per_sm} | {asked} |"
+                    f"{launch.spill} | {launch.shared} | {launch.resident_per_sm} | {asked} | "
+                    f"{launch.in_flight} | {launch.async_copies} |"
                 )
 
 

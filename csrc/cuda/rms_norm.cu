@@ -116,9 +116,10 @@ __global__ void __launch_bounds__(kFwdThreads) rms_fwd_reg_kernel(FwdArgs<T, W> 
   Vec<T, VEC> s[ITEMS];
   load_sum_tile(a, off, 0, valid, s);
   // The weight's loads are issued before the reduction, so their latency hides behind it; at 8
-  // vectors per thread that overflowed the 128 registers of 512-thread blocks (ptxas, sm_90), so
-  // there they follow it.
-  constexpr bool kEarlyWeight = ITEMS <= 4;
+  // vectors per thread that overflowed the 128 registers of 512-thread blocks, and at 1 it took
+  // 35 registers against 31 (6 blocks of 256 threads per SM instead of 8, for rows of N <= 256
+  // such as a QK-norm's; ptxas, sm_90), so there they follow it.
+  constexpr bool kEarlyWeight = ITEMS >= 2 && ITEMS <= 4;
   Vec<W, VEC> w[ITEMS];
   if (kEarlyWeight && a.w != nullptr) load_tile(a.w, 0, nvec, true, w);
   const A rstd = rsqrt_acc(row_sum(sum_squares(s), scratch) / static_cast<A>(a.n) + a.eps);

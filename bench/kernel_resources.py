@@ -146,6 +146,14 @@ def native_loads_in_flight():
     text = subprocess.run(
         [_triton_tool("cuobjdump"), "-sass", fastnn._C.__file__], capture_output=True, text=True
     ).stdout
+    return {
+        name: (loads_in_flight(code), sum(op.startswith("LDG") for op, _ in code))
+        for name, code in _sass_functions(text).items()
+    }
+
+
+def _sass_functions(text):
+    """{kernel: [(opcode, operands)]} of `cuobjdump -sass` text."""
     functions, name = {}, None
     for line in text.splitlines():
         if m := _SASS_FUNCTION.search(line):
@@ -153,16 +161,7 @@ def native_loads_in_flight():
             functions[name] = []
         elif name and (m := _SASS_INSTRUCTION.search(line)):
             functions[name].append((m.group(1), m.group(2)))
-    return {
-        name: (loads_in_flight(code), sum(op.startswith("LDG") for op, _ in code))
-        for name, code in functions.items()
-    }
-
-
-def _sass_instructions(text):
-    """[(opcode, operands)] of `cuobjdump -sass` text (one kernel, or all of them in order)."""
-    return [(m.group(1), m.group(2)) for line in text.splitlines()
-            if (m := _SASS_INSTRUCTION.search(line))]  # fmt: skip
+    return functions
 
 
 def _resources(ptx, sass=False):
@@ -184,7 +183,7 @@ def _resources(ptx, sass=False):
                 [_triton_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True,
                 check=True,
             ).stdout  # fmt: skip
-            code = _sass_instructions(text)
+            (code,) = _sass_functions(text).values()
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores", log)
     if regs is None or spill is None:

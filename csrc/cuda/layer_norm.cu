@@ -356,21 +356,13 @@ __global__ void __launch_bounds__(kRowDotThreads)
   using A = acc_t<T>;
   __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
   const int64_t row = blockIdx.x;
-  const int64_t off = row * a.n, nvec = a.n / VEC;
   const bool has_w = a.w != nullptr;
   const A mean = a.mean[row], rstd = a.rstd[row];
   A gx = 0, g_sum = 0;
-#pragma unroll 1  // a tile holds kRowDotItems vectors of x, dy and w: enough loads in flight
-  for (int64_t first = 0; first < nvec; first += int64_t{kRowDotItems} * blockDim.x) {
-    Vec<T, VEC> x[kRowDotItems], dy[kRowDotItems];
-    Vec<W, VEC> w[kRowDotItems];
-    load_tile(a.x + off, first, nvec, true, x);
-    load_tile(a.dy + off, first, nvec, true, dy);
-    if (has_w) load_tile(a.w, first, nvec, true, w);
-#pragma unroll
-    for (int i = 0; i < kRowDotItems; ++i)
-      dots(x[i], dy[i], w[i], has_w, tile_vector(first, i) < nvec, mean, rstd, gx, g_sum);
-  }
+  for_each_row_dot_vector<T, W, VEC>(
+      a, row * a.n, [&](const auto& x, const auto& dy, const auto& w, bool in_row) {
+        dots(x, dy, w, has_w, in_row, mean, rstd, gx, g_sum);
+      });
   gx = row_sum(gx, scratch);
   g_sum = row_sum(g_sum, scratch);
   if (threadIdx.x == 0) {

@@ -317,21 +317,14 @@ __global__ void __launch_bounds__(kRowDotThreads)
   using A = acc_t<T>;
   __shared__ A scratch[kWarpSize * kMaxRowsPerBlock];
   const int64_t row = blockIdx.x;
-  const int64_t off = row * a.n, nvec = a.n / VEC;
   const bool has_w = a.w != nullptr;
   const A rstd = a.rstd[row];
   A dot = 0;
-#pragma unroll 1  // a tile holds kRowDotItems vectors of x, dy and w: enough loads in flight
-  for (int64_t first = 0; first < nvec; first += int64_t{kRowDotItems} * blockDim.x) {
-    Vec<T, VEC> x[kRowDotItems], dy[kRowDotItems];
-    Vec<W, VEC> w[kRowDotItems];
-    load_tile(a.x + off, first, nvec, true, x);
-    load_tile(a.dy + off, first, nvec, true, dy);
-    if (has_w) load_tile(a.w, first, nvec, true, w);
-#pragma unroll
-    for (int i = 0; i < kRowDotItems; ++i)  // rstd 0 past the row, as in rms_bwd_reg_kernel
-      dot += dot_g_xhat(x[i], dy[i], w[i], has_w, tile_vector(first, i) < nvec ? rstd : A(0));
-  }
+  for_each_row_dot_vector<T, W, VEC>(
+      a, row * a.n, [&](const auto& x, const auto& dy, const auto& w, bool in_row) {
+        // rstd 0 past the row, as in rms_bwd_reg_kernel
+        dot += dot_g_xhat(x, dy, w, has_w, in_row ? rstd : A(0));
+      });
   dot = row_sum(dot, scratch);
   if (threadIdx.x == 0) mean_gx[row] = dot / static_cast<A>(a.n);
 }

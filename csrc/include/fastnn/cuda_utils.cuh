@@ -305,6 +305,25 @@ constexpr int kRowDotItems = 2;
 constexpr int kColThreads = 256;
 constexpr int kColRows = 4;
 
+// The row-dot kernels' pass over the row starting at element `off` (Args: a norm backward's
+// arguments, with x, dy, w and n): f(x, dy, w, in_row) for each of this thread's vectors, in
+// tiles of kRowDotItems vectors of x, dy and the weight (w unset without one), every load of a
+// tile issued before any is used. in_row is false for the slots past the row, which hold zeros.
+template <typename T, typename W, int VEC, typename Args, typename F>
+__device__ __forceinline__ void for_each_row_dot_vector(const Args& a, int64_t off, F&& f) {
+  const int64_t nvec = a.n / VEC;
+#pragma unroll 1  // a tile holds kRowDotItems vectors of x, dy and w: enough loads in flight
+  for (int64_t first = 0; first < nvec; first += int64_t{kRowDotItems} * blockDim.x) {
+    Vec<T, VEC> x[kRowDotItems], dy[kRowDotItems];
+    Vec<W, VEC> w[kRowDotItems];
+    load_tile(a.x + off, first, nvec, true, x);
+    load_tile(a.dy + off, first, nvec, true, dy);
+    if (a.w != nullptr) load_tile(a.w, first, nvec, true, w);
+#pragma unroll
+    for (int i = 0; i < kRowDotItems; ++i) f(x[i], dy[i], w[i], tile_vector(first, i) < nvec);
+  }
+}
+
 // v[r] = p's vector at column `col` of row base + r * groups (zeros past `rows`).
 template <typename T, int VEC>
 __device__ __forceinline__ void load_col(const T* p, int64_t base, int64_t groups, int64_t rows,

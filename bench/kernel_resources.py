@@ -41,12 +41,17 @@ SHARED_PER_SM = 228 * 1024
 SHARED_RESERVED_PER_BLOCK = 1024
 
 
-# Kernels launched on a persistent grid of persistent_programs(...) programs.
+# Kernels launched on a persistent grid of persistent_programs(...) programs (the forwards in
+# their looping tier).
 PERSISTENT_KERNELS = {
+    "_rms_fwd_kernel",
+    "_ln_fwd_kernel",
     "_rms_bwd_kernel",
     "_rms_bwd_cols_kernel",
     "_ln_bwd_kernel",
     "_ln_bwd_cols_kernel",
+    "_rms_bwd_fused_kernel",
+    "_ln_bwd_fused_kernel",
 }
 
 
@@ -221,13 +226,16 @@ def compiling_for_sm90(sass=False):
     from fastnn.triton_kernels import layer_norm, rms_norm
 
     launches = []
-    asked = {"per_sm": None}  # of the last persistent_programs call
+    # per_sm of the last persistent_programs call, until a persistent kernel's launch takes it
+    asked = {"per_sm": None}
     real_run, real_programs = JITFunction.run, rms_norm.persistent_programs
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
         regs, spill, in_flight, async_copies = _resources(kernel.asm["ptx"], sass)
-        per_sm = asked["per_sm"] if self.fn.__name__ in PERSISTENT_KERNELS else None
+        per_sm = None
+        if self.fn.__name__ in PERSISTENT_KERNELS:
+            per_sm, asked["per_sm"] = asked["per_sm"], None
         launches.append(
             Launch(self.fn.__name__, kernel.metadata.num_warps, regs, spill,
                    kernel.metadata.shared, per_sm, in_flight, async_copies)

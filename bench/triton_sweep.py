@@ -199,7 +199,7 @@ def launched_with(config):
         if name == "pipeline_stages" and config.stages is not None:
             return lambda dtype: config.stages
         if name == "long_row_backward" and config.fused is not None:
-            return lambda n: "fused" if config.fused else "two-pass"
+            return lambda *args: "fused" if config.fused else "two-pass"
         return None
 
     return replaced_policies(replace)

@@ -36,9 +36,10 @@ SHAPES = [
     ((24,), (24,)),
     ((6, 4, 5), (4, 5)),
 ]
-# Prime N above the Triton kernels' single-tile block (16384: the looping path), and N = 70000
-# above any block, which only the GPU and the native / torch backends run at full speed (the
-# Triton interpreter would take minutes).
+# Prime N above the Triton backward's whole-row tiles (8192) and the forward's in fp32 (16384:
+# their looping paths; a bf16 forward holds it whole, up to 32768), and N = 70000 above any
+# tile, which only the GPU and the native / torch backends run at full speed (the Triton
+# interpreter would take minutes).
 LARGE_SHAPES = [((2, 16411), (16411,)), ((3, 70000), (70000,))]
 INTERPRETER_MAX_N = 16411
 
@@ -265,6 +266,21 @@ def _norm_and_grads(kind, backend, x, r, w, b, dy):
         out, res_out = fastnn_norm(kind, x, (x.shape[-1],), w, b, 1e-5, r)
     grads = _grads([out], [x, r, w, b], [dy])
     return [out.detach(), res_out.detach(), *grads]
+
+
+def check_triton_long_row_backward(kind, path, weight, monkeypatch):
+    """The Triton backward of rows over its whole-row tiles on either path of
+    long_row_backward: 5 rows over the interpreter's 4 programs, so a fused program adds a
+    second row into its partial rows of dW / dB."""
+    from fastnn.triton_kernels import layer_norm, rms_norm
+
+    asked = []
+    for module in (rms_norm, layer_norm):
+        monkeypatch.setattr(module, "long_row_backward", lambda *args: asked.append(args) or path)
+    n = rms_norm.BWD_MAX_BLOCK + 17
+    case = make_case(kind, (5, n), (n,), torch.bfloat16, "cpu", weight=weight, bias=weight)
+    check_against_oracle(kind, "triton", "cpu", case, (n,), 1e-6, torch.bfloat16)
+    assert asked, "the backward never asked long_row_backward"
 
 
 def check_eps(kind, backend, device, eps):

@@ -19,6 +19,7 @@ from norm_cases import (
     check_module_dropin,
     check_noncontiguous,
     check_nonfinite_confined,
+    check_triton_long_row_backward,
     check_zero_rows,
     gradcheck_case,
     make_case,
@@ -71,8 +72,6 @@ def test_large_hidden_size(backend, device, shape, nshape, dtype):
     if backend == "triton" and device == "cpu":
         if nshape[0] > INTERPRETER_MAX_N:
             pytest.skip("70K-wide rows take minutes under the Triton interpreter; runs on a GPU")
-        if dtype == torch.float32:
-            pytest.skip("the interpreter runs the looping path in bf16 only (seconds per case)")
     skip(KIND, backend, device)
     case = make_case(KIND, shape, nshape, dtype, device)
     check_against_oracle(KIND, backend, device, case, nshape, 1e-5, dtype)
@@ -251,3 +250,10 @@ def test_native_op_checks_arguments():
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):
             call()
+
+
+@pytest.mark.parametrize("weight", [True, False], ids=["weight", "no-weight"])
+@pytest.mark.parametrize("path", ["fused", "two-pass"])
+def test_triton_long_row_backward(path, weight, monkeypatch):
+    skip(KIND, "triton", "cpu")
+    check_triton_long_row_backward(KIND, path, weight, monkeypatch)

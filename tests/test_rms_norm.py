@@ -20,6 +20,7 @@ from norm_cases import (
     check_module_dropin,
     check_noncontiguous,
     check_nonfinite_confined,
+    check_triton_long_row_backward,
     check_zero_rows,
     gradcheck_case,
     make_case,
@@ -55,8 +56,6 @@ def test_large_hidden_size(backend, device, shape, nshape, dtype):
     if backend == "triton" and device == "cpu":
         if nshape[0] > INTERPRETER_MAX_N:
             pytest.skip("70K-wide rows take minutes under the Triton interpreter; runs on a GPU")
-        if dtype == torch.float32:
-            pytest.skip("the interpreter runs the looping path in bf16 only (seconds per case)")
     skip(KIND, backend, device)
     case = make_case(KIND, shape, nshape, dtype, device)
     check_against_oracle(KIND, backend, device, case, nshape, 1e-6, dtype)
@@ -222,3 +221,10 @@ def test_triton_partial_sums_over_several_rounds():
     assert torch.equal(reduce_partials(part, torch.empty(100)), out)
     as_bf16 = reduce_partials(part, torch.empty(100, dtype=torch.bfloat16))
     assert as_bf16.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("weight", [True, False], ids=["weight", "no-weight"])
+@pytest.mark.parametrize("path", ["fused", "two-pass"])
+def test_triton_long_row_backward(path, weight, monkeypatch):
+    skip(KIND, "triton", "cpu")
+    check_triton_long_row_backward(KIND, path, weight, monkeypatch)

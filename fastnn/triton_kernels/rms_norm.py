@@ -6,14 +6,18 @@ fp64 input, so gradcheck can run on these kernels under the interpreter); out, r
 grad_input have the input's dtype, grad_weight the weight's.
 
 Layout of the work:
-- forward, N <= FWD_MAX_BLOCK: one [BLOCK_M, BLOCK_N] tile of rows per program, the rows kept in
-  registers between the sum of squares and the scaling (one read of x);
-- forward, larger N: one row per program, looping over column blocks twice (the second read of
-  the row mostly hits L2: a 64K bf16 row is 128 KB);
+- forward, rows up to FWD_MAX_BYTES (64 KB): one [BLOCK_M, BLOCK_N] tile of rows per program,
+  the rows kept in registers between the sum of squares and the scaling (one read of x);
+- forward, longer rows: a persistent grid, each program looping over its rows' column blocks
+  twice (the second read of a row hits L2 while few enough rows are in flight: a 64K bf16 row is
+  128 KB);
 - backward, N <= BWD_MAX_BLOCK: a persistent grid of P programs, each looping over row tiles and
   summing dW for its rows in fp32 registers, one [P, N] partial write;
-- backward, larger N: a row-dot kernel (sum(g * xhat) per row), then a [column block, row group]
-  grid that writes dx and a [G, N] partial;
+- backward, larger N: one fused persistent kernel reading each row twice, the second time from
+  L2 (long_row_backward), or for the longest rows a row-dot kernel (sum(g * xhat) per row), then
+  a [column block, row group] grid that writes dx and a [G, N] partial;
+- loops over column blocks and row tiles are software-pipelined (pipeline_stages): the next
+  block's loads are in flight while one is reduced;
 - dW = a fixed-order column sum of the partials (reduce_partials): bitwise reproducible across
   runs on one device, since P depends only on the device and the shape.
 
@@ -29,13 +33,26 @@ import triton.language as tl
 
 from fastnn.triton_kernels import device_context
 
-# Largest power-of-two row held whole in registers. Forward keeps x (and the fp32 copy) per
-# element: 16K elements over 16 warps is 32 per thread, no spills. Backward keeps x, dy and the
-# fp32 dW accumulator: 8K over 16 warps is 16 of each per thread.
-FWD_MAX_BLOCK = 16384
+# Largest row held whole in registers. Forward: 64 KB of row, x and its fp32 copy per element
+# (32K 16-bit elements over 32 warps is 32 per thread: 63 registers, no spills, ptxas of triton
+# 3.8 for sm_90; 16K fp32 the same). Backward keeps x, dy and the fp32 dW accumulator: 8K
+# elements over 16 warps is 16 of each per thread.
+FWD_MAX_BYTES = 65536
 BWD_MAX_BLOCK = 8192
 # Column block of the looping paths (N above the caps).
 LOOP_BLOCK = 4096
+# Programs per SM of the forward's looping tier (a persistent grid). Each program reads its row
+# twice, the second time from L2 if the row is still there: 2 programs per SM keep 264 rows in
+# flight on 132 SMs, 33 MB of 64K bf16 rows, within an H100's 50 MB of L2. The grid of one
+# program per row this replaces ran 4 per SM (64 warps), 67 MB of rows in flight, and measured
+# 67-70% of copy at 32K / 64K bf16 (H200): what 3 passes over DRAM give where 2 are needed.
+FWD_LOOP_PROGRAMS_PER_SM = 2
+# The fused long-row backward: one program per SM, its working set (a row of x and dy, its fp32
+# partial rows of dW / dB) within half an H100's L2 together (132 x 192 KB = 25 MB of 50 MB):
+# rows of up to 24K bf16 elements in RMSNorm, 16K in LayerNorm and fp32 RMSNorm, 12K in fp32
+# LayerNorm (all with weight; the launch policy is long_row_backward).
+FUSED_PROGRAMS_PER_SM = 1
+FUSED_MAX_PROGRAM_BYTES = 192 * 1024
 # Elements per program tile for short rows (several rows per program).
 TILE = 4096
 
@@ -132,6 +149,42 @@ def persistent_programs(device, work, per_sm, share=1):
     return max(1, min(work, budget))
 
 
+def fwd_max_block(input, *params):
+    """Largest row (elements) the forward holds whole in registers: FWD_MAX_BYTES of the
+    widest of the input and its parameters (None: absent). 32K bf16 rows with fp32 weight and
+    bias spilled 168 B per thread in the LayerNorm forward; they take the looping tier."""
+    return FWD_MAX_BYTES // max(t.dtype.itemsize for t in (input, *params) if t is not None)
+
+
+def pipeline_stages(dtype):
+    """Software pipeline depth of the kernels' loops over column blocks and row tiles (STAGES):
+    with 2 the next block's loads are in flight (cp.async into shared memory) while this one
+    is reduced and stored. Without it a looping forward thread had 2 global loads in flight
+    (SASS, triton 3.8); with it the loops issue 6-20 LDGSTS. 16-bit rows only: pipelined, the
+    fp32 row-tile backward spilled 12-40 B per thread (triton 3.6, N = 1000 and 8192 with a
+    residual)."""
+    return 2 if dtype.itemsize == 2 else 1
+
+
+def long_row_backward(n, dtype, partials):
+    """How the backward takes rows over BWD_MAX_BLOCK: "fused" (one kernel reading each row
+    tile twice, the second time from L2, and adding into a partial row per program: 3 passes
+    over memory, the least a backward needs) where a program's working set, its row of x and
+    dy and its `partials` fp32 rows of dW / dB, is at most FUSED_MAX_PROGRAM_BYTES; else
+    "two-pass" (a row-dot kernel, then the column kernel: x and dy read twice from DRAM, 5
+    passes)."""
+    program_bytes = n * (2 * dtype.itemsize + 4 * partials)
+    return "fused" if program_bytes <= FUSED_MAX_PROGRAM_BYTES else "two-pass"
+
+
+def fwd_grid(device, rows, block_m, single):
+    """Programs of a forward launch: one per row tile for whole rows, else a persistent grid
+    of FWD_LOOP_PROGRAMS_PER_SM per SM looping over rows."""
+    if single:
+        return triton.cdiv(rows, block_m)
+    return persistent_programs(device, triton.cdiv(rows, block_m), FWD_LOOP_PROGRAMS_PER_SM)
+
+
 def row_config(rows, n, dtype, max_block, per_thread):
     """(BLOCK_M, BLOCK_N, single, num_warps) for a row-wise kernel: whole rows (several per
     program for short rows) up to `max_block`, else one row in LOOP_BLOCK column blocks.
@@ -209,16 +262,17 @@ def load_sum(X, R, offs, mask, HAS_RES: tl.constexpr, ACC: tl.constexpr):
 def _rms_fwd_kernel(
     X, R, W, Y, S, RSTD, rows, N, eps: tl.float64,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
+    """Whole rows: program p normalises row tile p. Long rows: a persistent grid, program p
+    normalises row tiles p, p + P, ..., each in two passes over its column blocks."""
     # eps arrives as fp64 (a Python float argument would be typed fp32 when compiled, though
     # the interpreter keeps it fp64) and is rounded to the statistics' dtype here, as torch does.
     eps = tl.full((), eps, ACC)
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = row < rows
-    base = row[:, None] * N
     if SINGLE:
+        row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = row < rows
+        base = row[:, None] * N
         cols = tl.arange(0, BLOCK_N)
         cmask = cols < N
         mask = rmask[:, None] & cmask[None, :]
@@ -231,35 +285,53 @@ def _rms_fwd_kernel(
         if HAS_W:
             y = y * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
         tl.store(Y + base + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + row, rstd, mask=rmask)
     else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = rmask[:, None] & (cols < N)[None, :]
-            s = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC)
-            if HAS_RES:
-                tl.store(S + base + cols[None, :], s, mask=mask)
-            x = s.to(ACC)
-            acc += x * x
-        rstd = tl.rsqrt(tl.sum(acc, axis=1) / N + eps)
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            mask = rmask[:, None] & cmask[None, :]
-            # Recomputing x + r (instead of reading S back) keeps this pass free of any
-            # ordering question between this program's stores and loads.
-            y = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC).to(ACC) * rstd[:, None]
-            if HAS_W:
-                y = y * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
-            tl.store(Y + base + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd, mask=rmask)
+        for rb in range(tl.program_id(0).to(tl.int64), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
+            row = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+            rmask = row < rows
+            rstd = _rms_fwd_long_rows(
+                X, R, W, Y, S, row, rmask, N, eps, HAS_RES, HAS_W, ACC, BLOCK_M, BLOCK_N, STAGES
+            )
+            tl.store(RSTD + row, rstd, mask=rmask)
+
+
+@triton.jit
+def _rms_fwd_long_rows(
+    X, R, W, Y, S, row, rmask, N, eps, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """The rows `row` in two passes over column blocks: the sum of squares, then the output
+    (its re-read of the rows mostly hitting L2). Returns rstd."""
+    base = row[:, None] * N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = rmask[:, None] & (cols < N)[None, :]
+        s = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC)
+        if HAS_RES:
+            tl.store(S + base + cols[None, :], s, mask=mask)
+        x = s.to(ACC)
+        acc += x * x
+    rstd = tl.rsqrt(tl.sum(acc, axis=1) / N + eps)
+    for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        mask = rmask[:, None] & cmask[None, :]
+        # Recomputing x + r (instead of reading S back) keeps this pass free of any ordering
+        # question between this program's stores and loads.
+        y = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC).to(ACC) * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+        tl.store(Y + base + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    return rstd
 
 
 @triton.jit
 def _rms_bwd_kernel(
     DY, DRES, X, W, RSTD, DX, DW_PART, rows, N, num_row_blocks,
     HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Persistent: program p handles row tiles p, p + P, ...; writes DW_PART[p, :]."""
     pid = tl.program_id(0)
@@ -270,7 +342,7 @@ def _rms_bwd_kernel(
         w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     # An int64 loop variable: row offsets stay int64 (and the interpreter yields Python ints).
-    for rb in range(pid.to(tl.int64), num_row_blocks, nprog):
+    for rb in tl.range(pid.to(tl.int64), num_row_blocks, nprog, num_stages=STAGES):
         row = rb * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = row < rows
         mask = rmask[:, None] & cmask[None, :]
@@ -293,13 +365,14 @@ def _rms_bwd_kernel(
 
 @triton.jit
 def _rms_rowdot_kernel(
-    DY, X, W, RSTD, C, N, HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr
-):
+    DY, X, W, RSTD, C, N, HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
     """Long rows: C[row] = mean(g * xhat) with g = dy * w, looping over column blocks."""
     row = tl.program_id(0).to(tl.int64)
     rstd = tl.load(RSTD + row).to(ACC)
     acc = tl.zeros([BLOCK_N], dtype=ACC)
-    for start in range(0, N, BLOCK_N):
+    for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < N
         x = tl.load(X + row * N + cols, mask=cmask, other=0.0).to(ACC)
@@ -314,6 +387,7 @@ def _rms_rowdot_kernel(
 def _rms_bwd_cols_kernel(
     DY, DRES, X, W, RSTD, C, DX, DW_PART, rows, N,
     HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     """Long rows: program (j, g) handles column block j of rows g, g + G, ...; DW_PART[g, block j]."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -323,7 +397,7 @@ def _rms_bwd_cols_kernel(
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
     dw = tl.zeros([BLOCK_N], dtype=ACC)
-    for row in range(grp.to(tl.int64), rows, ngrp):
+    for row in tl.range(grp.to(tl.int64), rows, ngrp, num_stages=STAGES):
         offs = row * N + cols
         x = tl.load(X + offs, mask=cmask, other=0.0).to(ACC)
         dy = tl.load(DY + offs, mask=cmask, other=0.0).to(ACC)
@@ -339,6 +413,56 @@ def _rms_bwd_cols_kernel(
             dw += dy * xhat
     if HAS_W:
         tl.store(DW_PART + grp.to(tl.int64) * N + cols, dw, mask=cmask)
+
+
+@triton.jit
+def _rms_bwd_fused_kernel(
+    DY, DRES, X, W, RSTD, DX, DW_PART, rows, N,
+    HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """Long rows in one persistent kernel: program p handles row tiles p, p + P, ..., each in
+    two passes over its column blocks, the row dots, then dx (re-reading x and dy, from L2
+    while the tile is still there) with dy * xhat added into its partial row DW_PART[p, :]
+    (zeroed by the launcher, kept in L2 too)."""
+    pid = tl.program_id(0)
+    part = pid.to(tl.int64) * N
+    for rb in range(pid.to(tl.int64), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
+        row = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = row < rows
+        base = row[:, None] * N
+        rstd = tl.load(RSTD + row, mask=rmask, other=0.0).to(ACC)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
+            cols = start + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            mask = rmask[:, None] & cmask[None, :]
+            x = tl.load(X + base + cols[None, :], mask=mask, other=0.0).to(ACC)
+            g = tl.load(DY + base + cols[None, :], mask=mask, other=0.0).to(ACC)
+            if HAS_W:
+                g = g * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+            acc += g * x * rstd[:, None]
+        c = tl.sum(acc, axis=1) / N
+        # The partial row's elements are read back by other threads than wrote them (the
+        # pipelined loads go through shared memory in their own layout): the last tile's
+        # stores must be visible to the whole program first.
+        tl.debug_barrier()
+        for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
+            cols = start + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            mask = rmask[:, None] & cmask[None, :]
+            offs = base + cols[None, :]
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+            xhat = x * rstd[:, None]
+            g = dy * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :] if HAS_W else dy
+            dx = rstd[:, None] * (g - xhat * c[:, None])
+            if HAS_DRES:
+                dx += tl.load(DRES + offs, mask=mask, other=0.0).to(ACC)
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_W:
+                dw = tl.load(DW_PART + part + cols, mask=cmask, other=0.0)
+                tl.store(DW_PART + part + cols, dw + tl.sum(dy * xhat, axis=0), mask=cmask)
 
 
 # ---- launchers (the op signatures of csrc/library.cpp) ---------------------------------------------
@@ -358,13 +482,17 @@ def rms_norm_fwd(input, residual, weight, eps):
         rstd.fill_(float("nan"))  # the mean of an empty row, as the reference computes it
     elif rows > 0:
         x, r, w = input.contiguous(), contiguous(residual), contiguous(weight)
-        block_m, block_n, single, num_warps = row_config(rows, n, input.dtype, FWD_MAX_BLOCK, 32)
-        grid = (triton.cdiv(rows, block_m),)
+        block_m, block_n, single, num_warps = row_config(
+            rows, n, input.dtype, fwd_max_block(input, weight), 32
+        )
+        grid = (fwd_grid(input.device, rows, block_m, single),)
+        stages = 1 if single else pipeline_stages(input.dtype)
         with device_context(input):
             _rms_fwd_kernel[grid](
                 x, r, w, out.buf, res_out.buf if res_out else None, rstd, rows, n, eps,
                 HAS_RES=r is not None, HAS_W=w is not None, ACC=tl_acc_dtype(input.dtype),
-                BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=num_warps,
+                BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, STAGES=stages,
+                num_warps=num_warps,
             )  # fmt: skip
     residual_out = res_out.finish() if res_out else input.new_empty(0)
     return out.finish(), residual_out, rstd
@@ -400,7 +528,10 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
     xc, dy, w = x.contiguous(), grad_out.contiguous(), contiguous(weight)
     dres, rs = contiguous(grad_residual_out), rstd.contiguous()
     has_w = w is not None
-    flags = dict(HAS_DRES=dres is not None, HAS_W=has_w, ACC=tl_acc_dtype(x.dtype))
+    flags = dict(
+        HAS_DRES=dres is not None, HAS_W=has_w, ACC=tl_acc_dtype(x.dtype),
+        STAGES=pipeline_stages(x.dtype),
+    )  # fmt: skip
     block_m, block_n, single, num_warps = row_config(rows, n, x.dtype, BWD_MAX_BLOCK, 16)
     with device_context(x):
         if single:
@@ -411,11 +542,19 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
                 dy, dres, xc, w, rs, dx.buf, part, rows, n, row_blocks,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
             )  # fmt: skip
+        elif long_row_backward(n, x.dtype, int(has_w)) == "fused":
+            row_blocks = triton.cdiv(rows, block_m)
+            p = persistent_programs(x.device, row_blocks, FUSED_PROGRAMS_PER_SM)
+            part = torch.zeros((p, n), dtype=acc, device=x.device) if has_w else None
+            _rms_bwd_fused_kernel[(p,)](
+                dy, dres, xc, w, rs, dx.buf, part, rows, n,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
+            )  # fmt: skip
         else:
             c = torch.empty(rows, dtype=acc, device=x.device)
             _rms_rowdot_kernel[(rows,)](
                 dy, xc, w, rs, c, n, HAS_W=has_w, ACC=flags["ACC"], BLOCK_N=block_n,
-                num_warps=num_warps,
+                STAGES=flags["STAGES"], num_warps=num_warps,
             )  # fmt: skip
             col_blocks = triton.cdiv(n, block_n)
             g = persistent_programs(x.device, rows, 4, share=col_blocks)

@@ -8,8 +8,10 @@
 #      interpreted CPU runs are CI's), `-m "not slow"` (the slow tests build wheels, not kernels);
 #   3. runs the benchmark suite and writes the report (python -m bench.run), with what is left of
 #      the time budget, so everything ends within about GPU_CHECK_BUDGET_S;
-#   4. leaves build.log, tests.log, bench.log, benchmark.json, report.md, the plots and a summary
-#      (gpu-check.md) in bench/results/<device>-<date>/, the folder to commit.
+#   4. with GPU_CHECK_SWEEP_S set, then sweeps the Triton norm kernels' launch configs for that
+#      many seconds (python -m bench.triton_sweep: sweep.md, the data for their launch policies);
+#   5. leaves build.log, tests.log, bench.log, benchmark.json, report.md, the plots, sweep/ and
+#      a summary (gpu-check.md) in bench/results/<device>-<date>/, the folder to commit.
 #
 # Without a CUDA GPU it prints why and exits 2: a non-zero status, so no script can mistake a
 # machine without a GPU for a passed check. Exit 1: the build or some tests failed (the report is
@@ -20,7 +22,8 @@
 # GPU_CHECK_OUT (the results folder),
 # GPU_CHECK_PYTEST_ARGS (extra pytest args for tests/, e.g. "-n 4" or "-k rms"),
 # GPU_CHECK_BENCH_K (a pytest -k expression selecting benchmarks, e.g. "copy or test_norm": a
-# focused run; keep "copy" in it, the report's % of copy needs it), MAX_JOBS.
+# focused run; keep "copy" in it, the report's % of copy needs it), GPU_CHECK_SWEEP_S (0: no
+# sweep; its seconds come out of the benchmarks' share of the budget), MAX_JOBS.
 # Peers that are not installed there (Liger-Kernel is pure Python) can be carried as wheels in
 # .whl/: they are installed with pip --no-index into a private folder on PYTHONPATH.
 set -uo pipefail
@@ -138,8 +141,9 @@ esac
 last=$(grep -E '[0-9]+ (passed|failed|errors?)' "$out/tests.log" | tail -n 1)
 echo "- tests: $tests, $((SECONDS - t)) s${last:+: \`$last\`}" >>"$summary"
 
-# 3. Benchmarks and report, with what is left of the budget (at least a minute).
-left=$((BUDGET - (SECONDS - start) - 20))
+# 3. Benchmarks and report, with what is left of the budget (at least a minute) after the sweep's.
+SWEEP=${GPU_CHECK_SWEEP_S:-0}
+left=$((BUDGET - (SECONDS - start) - SWEEP - 20))
 [ $left -lt 60 ] && left=60
 echo "gpu-check: benchmarks (log: bench.log, budget ${left} s)"
 t=$SECONDS
@@ -148,6 +152,16 @@ bench_k=()
 TRITON_INTERPRET=0 "$PY" -m bench.run --out "$out" --budget-s "$left" ${bench_k[@]+"${bench_k[@]}"}
 bench_rc=$?
 echo "- benchmarks: $([ $bench_rc -eq 0 ] && echo ok || echo "pytest exit $bench_rc"), $((SECONDS - t)) s; report: [report.md](report.md)" >>"$summary"
+
+# 4. The launch-config sweep of the Triton norm kernels, when asked for (its own budget).
+if [ "$SWEEP" -gt 0 ]; then
+  echo "gpu-check: Triton norm launch-config sweep (log: sweep/sweep.log, budget ${SWEEP} s)"
+  t=$SECONDS
+  mkdir -p "$out/sweep"
+  TRITON_INTERPRET=0 timeout -k 10 $((SWEEP + 30)) "$PY" -m bench.triton_sweep \
+    --budget-s "$SWEEP" --out "$out/sweep" >"$out/sweep/sweep.log" 2>&1
+  echo "- sweep: exit $?, $((SECONDS - t)) s; tables: [sweep/sweep.md](sweep/sweep.md)" >>"$summary"
+fi
 echo "- total: $((SECONDS - start)) s" >>"$summary"
 
 pack

@@ -22,10 +22,13 @@ from fastnn.triton_kernels.rms_norm import (
     acc_dtype,
     check_norm_inputs,
     check_same_device,
+    column_block,
     contiguous,
     fwd_grid,
     fwd_max_block,
     load_sum,
+    load_sum_saved,
+    load_x_dy_g,
     long_row_backward,
     persistent_programs,
     pipeline_stages,
@@ -50,13 +53,8 @@ def _ln_fwd_kernel(
         row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = row < rows
         base = row[:, None] * N
-        cols = tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        mask = rmask[:, None] & cmask[None, :]
-        s = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC)
-        if HAS_RES:
-            tl.store(S + base + cols[None, :], s, mask=mask)
-        x = s.to(ACC)
+        cols, cmask, mask = column_block(0, rmask, N, BLOCK_N)
+        x = load_sum_saved(X, R, S, base + cols[None, :], mask, HAS_RES, ACC)
         mean = tl.sum(x, axis=1) / N
         xc = tl.where(mask, x - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
@@ -97,13 +95,8 @@ def _ln_fwd_long_rows(
     m2 = tl.zeros([BLOCK_M], dtype=ACC)
     seen = tl.zeros([BLOCK_M], dtype=ACC)
     for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
-        cols = start + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        mask = rmask[:, None] & cmask[None, :]
-        s = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC)
-        if HAS_RES:
-            tl.store(S + base + cols[None, :], s, mask=mask)
-        x = s.to(ACC)
+        cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
+        x = load_sum_saved(X, R, S, base + cols[None, :], mask, HAS_RES, ACC)
         block_sum = tl.sum(x, axis=1)
         row_sum += block_sum
         count = tl.sum(cmask.to(ACC), axis=0)
@@ -119,9 +112,7 @@ def _ln_fwd_long_rows(
     mean = row_sum / N
     rstd = tl.rsqrt(m2 / N + eps)
     for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
-        cols = start + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        mask = rmask[:, None] & cmask[None, :]
+        cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
         x = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC).to(ACC)
         y = (x - mean[:, None]) * rstd[:, None]
         if HAS_W:
@@ -261,13 +252,8 @@ def _ln_bwd_fused_kernel(
         acc_gx = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
-            cols = start + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            mask = rmask[:, None] & cmask[None, :]
-            x = tl.load(X + base + cols[None, :], mask=mask, other=0.0).to(ACC)
-            g = tl.load(DY + base + cols[None, :], mask=mask, other=0.0).to(ACC)
-            if HAS_W:
-                g = g * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+            cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
+            x, _, g = load_x_dy_g(X, DY, W, base + cols[None, :], cols, mask, cmask, HAS_W, ACC)
             acc_gx += tl.where(mask, g * (x - mean[:, None]) * rstd[:, None], 0.0)
             acc_g += g
         c_gx, c_g = tl.reduce((acc_gx, acc_g), 1, _add_pairs)
@@ -276,14 +262,10 @@ def _ln_bwd_fused_kernel(
         # kernel): the last tile's stores must be visible to the whole program first.
         tl.debug_barrier()
         for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
-            cols = start + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            mask = rmask[:, None] & cmask[None, :]
+            cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
             offs = base + cols[None, :]
-            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+            x, dy, g = load_x_dy_g(X, DY, W, offs, cols, mask, cmask, HAS_W, ACC)
             xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-            g = dy * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :] if HAS_W else dy
             dx = rstd[:, None] * (g - c_g[:, None] - xhat * c_gx[:, None])
             if HAS_DRES:
                 dx += tl.load(DRES + offs, mask=mask, other=0.0).to(ACC)

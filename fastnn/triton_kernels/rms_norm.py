@@ -249,6 +249,15 @@ def _pow2_at_most(v):
 
 
 @triton.jit
+def column_block(start, rmask, N, BLOCK_N: tl.constexpr):
+    """Columns start .. start + BLOCK_N of a tile of rows (rmask: the rows that exist):
+    (cols, their mask, the tile's [rows, BLOCK_N] mask)."""
+    cols = start + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    return cols, cmask, rmask[:, None] & cmask[None, :]
+
+
+@triton.jit
 def load_sum(X, R, offs, mask, HAS_RES: tl.constexpr, ACC: tl.constexpr):
     """x (+ r rounded to x's dtype, as an unfused add would be), in x's dtype."""
     x = tl.load(X + offs, mask=mask, other=0.0)
@@ -256,6 +265,24 @@ def load_sum(X, R, offs, mask, HAS_RES: tl.constexpr, ACC: tl.constexpr):
         r = tl.load(R + offs, mask=mask, other=0.0)
         x = (x.to(ACC) + r.to(ACC)).to(X.dtype.element_ty)
     return x
+
+
+@triton.jit
+def load_sum_saved(X, R, S, offs, mask, HAS_RES: tl.constexpr, ACC: tl.constexpr):
+    """load_sum in ACC, the sum stored to S (residual_out) when there is a residual."""
+    s = load_sum(X, R, offs, mask, HAS_RES, ACC)
+    if HAS_RES:
+        tl.store(S + offs, s, mask=mask)
+    return s.to(ACC)
+
+
+@triton.jit
+def load_x_dy_g(X, DY, W, offs, cols, mask, cmask, HAS_W: tl.constexpr, ACC: tl.constexpr):
+    """x, dy and g = dy * w (dy without a weight) of a block of rows, in ACC."""
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+    g = dy * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :] if HAS_W else dy
+    return x, dy, g
 
 
 @triton.jit
@@ -273,13 +300,8 @@ def _rms_fwd_kernel(
         row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = row < rows
         base = row[:, None] * N
-        cols = tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        mask = rmask[:, None] & cmask[None, :]
-        s = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC)
-        if HAS_RES:
-            tl.store(S + base + cols[None, :], s, mask=mask)
-        x = s.to(ACC)
+        cols, cmask, mask = column_block(0, rmask, N, BLOCK_N)
+        x = load_sum_saved(X, R, S, base + cols[None, :], mask, HAS_RES, ACC)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
         y = x * rstd[:, None]
         if HAS_W:
@@ -306,18 +328,12 @@ def _rms_fwd_long_rows(
     base = row[:, None] * N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
-        cols = start + tl.arange(0, BLOCK_N)
-        mask = rmask[:, None] & (cols < N)[None, :]
-        s = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC)
-        if HAS_RES:
-            tl.store(S + base + cols[None, :], s, mask=mask)
-        x = s.to(ACC)
+        cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
+        x = load_sum_saved(X, R, S, base + cols[None, :], mask, HAS_RES, ACC)
         acc += x * x
     rstd = tl.rsqrt(tl.sum(acc, axis=1) / N + eps)
     for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
-        cols = start + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        mask = rmask[:, None] & cmask[None, :]
+        cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
         # Recomputing x + r (instead of reading S back) keeps this pass free of any ordering
         # question between this program's stores and loads.
         y = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC).to(ACC) * rstd[:, None]
@@ -434,13 +450,8 @@ def _rms_bwd_fused_kernel(
         rstd = tl.load(RSTD + row, mask=rmask, other=0.0).to(ACC)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
-            cols = start + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            mask = rmask[:, None] & cmask[None, :]
-            x = tl.load(X + base + cols[None, :], mask=mask, other=0.0).to(ACC)
-            g = tl.load(DY + base + cols[None, :], mask=mask, other=0.0).to(ACC)
-            if HAS_W:
-                g = g * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+            cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
+            x, _, g = load_x_dy_g(X, DY, W, base + cols[None, :], cols, mask, cmask, HAS_W, ACC)
             acc += g * x * rstd[:, None]
         c = tl.sum(acc, axis=1) / N
         # The partial row's elements are read back by other threads than wrote them (the
@@ -448,14 +459,10 @@ def _rms_bwd_fused_kernel(
         # stores must be visible to the whole program first.
         tl.debug_barrier()
         for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
-            cols = start + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            mask = rmask[:, None] & cmask[None, :]
+            cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
             offs = base + cols[None, :]
-            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+            x, dy, g = load_x_dy_g(X, DY, W, offs, cols, mask, cmask, HAS_W, ACC)
             xhat = x * rstd[:, None]
-            g = dy * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :] if HAS_W else dy
             dx = rstd[:, None] * (g - xhat * c[:, None])
             if HAS_DRES:
                 dx += tl.load(DRES + offs, mask=mask, other=0.0).to(ACC)

@@ -25,6 +25,7 @@ kernels to no local memory, and the CUDA norm kernels to a whole tile of loads i
 
 import contextlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -259,17 +260,24 @@ def compiling_for_sm90(sass=False):
         driver._active = previous_driver
 
 
-def norm_launches(op, n, dtype, residual=False, weight_dtype=None, rows=8, sass=False):
+def norm_launches(
+    op, n, dtype, residual=False, weight_dtype=None, rows=8, sass=False, misaligned=False
+):
     """Launch records of one forward and one backward of `op` ("rms_norm" / "layer_norm") at
     hidden size n, with weight (and bias) in weight_dtype (default: the input's), compiled for
-    sm_90 (and read in SASS with `sass`)."""
+    sm_90 (and read in SASS with `sass`). `misaligned`: x, the residual and the weight start
+    one element past a 16-byte boundary, so none of their loads can be 16-byte vectors."""
     import torch
 
     from fastnn.triton_kernels import layer_norm, rms_norm
 
-    x = torch.zeros(rows, n, dtype=dtype)
-    r = torch.zeros_like(x) if residual else None
-    w = torch.zeros(n, dtype=weight_dtype or dtype)
+    def zeros(*shape, dtype=dtype):
+        size = math.prod(shape) + misaligned
+        return torch.zeros(size, dtype=dtype)[int(misaligned) :].view(shape)
+
+    x = zeros(rows, n)
+    r = zeros(rows, n) if residual else None
+    w = zeros(n, dtype=weight_dtype or dtype)
     stat = torch.zeros(rows, dtype=torch.float32)
     with compiling_for_sm90(sass) as launches:
         if op == "rms_norm":
@@ -341,17 +349,21 @@ def optimizer_launches(name, param_dtype, state_dtype, everything):
 def _norm_cases():
     """Every tier of both norms: N = 1 .. 64K in powers of two (each power of two up to the
     register caps is its own compile; beyond them the looping kernels take N at run time) and
-    two N that are not multiples of 16, in bf16 and fp32, with and without the residual; fp16
-    and fp64 at one N of each tier; bf16 rows with an fp32 weight."""
+    N that are not multiples of 16 (scalar loads: the tiers' caps are lower for them) in and
+    past the whole-row tiers, in bf16 and fp32, with and without the residual; rows off a
+    16-byte boundary at 24K; fp16 and fp64 at one N of each tier; bf16 rows with an fp32
+    weight."""
     import torch
 
-    sizes = [1 << k for k in range(17)] + [1000, 40000]
+    sizes = [1 << k for k in range(17)] + [1000, 4097, 17000, 40001]
     for op in ("rms_norm", "layer_norm"):
         for dtype in (torch.bfloat16, torch.float32, torch.float16, torch.float64):
             for residual in (False, True):
-                for n in sizes if dtype in (torch.bfloat16, torch.float32) else [1024, 40000]:
+                for n in sizes if dtype in (torch.bfloat16, torch.float32) else [1024, 40001]:
                     name = f"{op} N={n} {str(dtype)[6:]}{' residual' if residual else ''}"
                     yield name, partial(norm_launches, op, n, dtype, residual)
+            name = f"{op} N=24576 {str(dtype)[6:]} residual misaligned"
+            yield name, partial(norm_launches, op, 24576, dtype, True, misaligned=True)
         for n in sizes:  # bf16 rows, fp32 weight (an fp32 model under bf16 autocast)
             name = f"{op} N={n} bfloat16 fp32-weight"
             yield name, partial(norm_launches, op, n, torch.bfloat16, False, torch.float32)

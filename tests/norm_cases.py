@@ -268,19 +268,39 @@ def _norm_and_grads(kind, backend, x, r, w, b, dy):
     return [out.detach(), res_out.detach(), *grads]
 
 
-def check_triton_long_row_backward(kind, path, weight, monkeypatch):
+def check_triton_long_row_backward(kind, path, n, weight, bias, monkeypatch):
     """The Triton backward of rows over its whole-row tiles on either path of
     long_row_backward: 5 rows over the interpreter's 4 programs, so a fused program adds a
-    second row into its partial rows of dW / dB."""
+    second row into its partial rows of dW / dB. N = 8208 is past the aligned rows' cap; N =
+    6001 (not a multiple of 16) only past the lower cap of rows loaded element by element."""
     from fastnn.triton_kernels import layer_norm, rms_norm
 
     asked = []
     for module in (rms_norm, layer_norm):
         monkeypatch.setattr(module, "long_row_backward", lambda *args: asked.append(args) or path)
-    n = rms_norm.BWD_MAX_BLOCK + 17
-    case = make_case(kind, (5, n), (n,), torch.bfloat16, "cpu", weight=weight, bias=weight)
+    case = make_case(kind, (5, n), (n,), torch.bfloat16, "cpu", weight=weight, bias=bias)
     check_against_oracle(kind, "triton", "cpu", case, (n,), 1e-6, torch.bfloat16)
     assert asked, "the backward never asked long_row_backward"
+
+
+def check_triton_looping_forward(kind, dtype, monkeypatch):
+    """The Triton forward's looping tier (rows over its whole-row caps, lowered here so the
+    interpreter runs it on short rows): 9 rows over the interpreter's 4 persistent programs,
+    each row in 4 column blocks of 256, the last one partial."""
+    from fastnn.triton_kernels import layer_norm, rms_norm
+
+    monkeypatch.setattr(rms_norm, "LOOP_BLOCK", 256)
+    monkeypatch.setattr(rms_norm, "FWD_MAX_BYTES", 1024)
+    monkeypatch.setattr(rms_norm, "FWD_UNALIGNED_MAX_BYTES", 1024)
+    grids = []
+    for module in (rms_norm, layer_norm):
+        real = module.fwd_grid
+        monkeypatch.setattr(
+            module, "fwd_grid", lambda *args, real=real: grids.append(args[1:]) or real(*args)
+        )
+    case = make_case(kind, (9, 1000), (1000,), dtype, "cpu")
+    check_against_oracle(kind, "triton", "cpu", case, (1000,), 1e-6, dtype)
+    assert grids == [(9, 1, False)], f"the forward did not loop: fwd_grid{grids}"
 
 
 def check_eps(kind, backend, device, eps):

@@ -20,6 +20,7 @@ from norm_cases import (
     check_noncontiguous,
     check_nonfinite_confined,
     check_triton_long_row_backward,
+    check_triton_looping_forward,
     check_zero_rows,
     gradcheck_case,
     make_case,
@@ -252,8 +253,18 @@ def test_native_op_checks_arguments():
             call()
 
 
-@pytest.mark.parametrize("weight", [True, False], ids=["weight", "no-weight"])
+PARAMS = [(True, True), (True, False), (False, True), (False, False)]
+
+
+@pytest.mark.parametrize("weight,bias", PARAMS, ids=["both", "weight", "bias", "neither"])
+@pytest.mark.parametrize("n", [8208, 6001])
 @pytest.mark.parametrize("path", ["fused", "two-pass"])
-def test_triton_long_row_backward(path, weight, monkeypatch):
+def test_triton_long_row_backward(path, n, weight, bias, monkeypatch):
     skip(KIND, "triton", "cpu")
-    check_triton_long_row_backward(KIND, path, weight, monkeypatch)
+    check_triton_long_row_backward(KIND, path, n, weight, bias, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_looping_forward(dtype, monkeypatch):
+    skip(KIND, "triton", "cpu")
+    check_triton_looping_forward(KIND, dtype, monkeypatch)

@@ -128,6 +128,18 @@ def test_against_fp64_reference(backend, kind, dtype, rows, n, residual):
     check(kind, backend, make(kind, rows, n, dtype, residual=residual))
 
 
+@pytest.mark.parametrize("rows,n", [(300, 12288), (300, 16384), (300, 17000)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_long_rows_several_per_program(backend, kind, dtype, rows, n):
+    """More rows than a persistent grid has programs (the Triton fused backward runs one a
+    SM), so programs loop over several rows and add each into their partial dW / dB rows;
+    N = 17000 is not a multiple of 16 (element-wise loads)."""
+    skip_unless_available(backend, FAMILY[kind], "cuda")
+    check(kind, backend, make(kind, rows, n, dtype))
+
+
 @pytest.mark.parametrize("rows,n", [(7, 1024), (3, 24576), (2, 262144)])
 @pytest.mark.parametrize("kind", ["rms", "ln"])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -181,7 +193,7 @@ def test_misaligned_pointers(backend, kind, dtype, rows, n):
     torch.testing.assert_close(got, want, rtol=eps, atol=eps * want.abs().max().item())
 
 
-@pytest.mark.parametrize("rows,n", [(4096, 1024), (300, 24576), (100, 70000)])
+@pytest.mark.parametrize("rows,n", [(4096, 1024), (600, 16384), (300, 24576), (100, 70000)])
 @pytest.mark.parametrize("kind", ["rms", "ln"])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_weight_grads_bitwise_reproducible(backend, kind, rows, n):

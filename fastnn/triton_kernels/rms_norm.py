@@ -19,7 +19,10 @@ Layout of the work:
 - loops over column blocks and row tiles are software-pipelined (pipeline_stages): the next
   block's loads are in flight while one is reduced;
 - dW = a fixed-order column sum of the partials (reduce_partials): bitwise reproducible across
-  runs on one device, since P depends only on the device and the shape.
+  runs on one device, since P depends only on the device and the shape;
+- rows that cannot be loaded as 16-byte vectors (vector_aligned: N not a multiple of 16, or a
+  pointer off a 16-byte boundary) cost an address per element, so their whole-row caps and the
+  column kernel's block are half the others'.
 
 The helpers at the top (checks, allocation, program counts, the partial reduction) are shared
 with layer_norm.py.
@@ -38,6 +41,11 @@ from fastnn.triton_kernels import device_context
 # 3.8 for sm_90; 16K fp32 the same). Backward keeps x, dy and the fp32 dW accumulator: 8K
 # elements over 16 warps is 16 of each per thread.
 FWD_MAX_BYTES = 65536
+# ... and where the row's loads cannot be 16-byte vectors (N not a multiple of 16, or a pointer
+# off a 16-byte boundary): a load and an address per element. Unaligned 16-bit rows of 16K-32K
+# elements over 32 warps spilled 32-94 B per thread in the RMSNorm forward and 112-258 B in the
+# LayerNorm one (with a residual); at 32 KB they spill none.
+FWD_UNALIGNED_MAX_BYTES = 32768
 BWD_MAX_BLOCK = 8192
 # Column block of the looping paths (N above the caps).
 LOOP_BLOCK = 4096
@@ -149,11 +157,36 @@ def persistent_programs(device, work, per_sm, share=1):
     return max(1, min(work, budget))
 
 
-def fwd_max_block(input, *params):
+def fwd_max_block(input, *others):
     """Largest row (elements) the forward holds whole in registers: FWD_MAX_BYTES of the
-    widest of the input and its parameters (None: absent). 32K bf16 rows with fp32 weight and
-    bias spilled 168 B per thread in the LayerNorm forward; they take the looping tier."""
-    return FWD_MAX_BYTES // max(t.dtype.itemsize for t in (input, *params) if t is not None)
+    widest of the input, its residual and its parameters (`others`, None: absent), or
+    FWD_UNALIGNED_MAX_BYTES where the rows cannot be loaded as 16-byte vectors. 32K bf16 rows
+    with fp32 weight and bias spilled 168 B per thread in the LayerNorm forward; they take the
+    looping tier."""
+    tensors = (input, *others)
+    limit = FWD_MAX_BYTES if vector_aligned(input.shape[-1], *tensors) else FWD_UNALIGNED_MAX_BYTES
+    return limit // max(t.dtype.itemsize for t in tensors if t is not None)
+
+
+def vector_aligned(n, *tensors):
+    """Whether Triton can load rows of n elements of these tensors (None: absent) as 16-byte
+    vectors: n a multiple of 16 (the only divisibility Triton specializes an integer argument
+    on) and every tensor starting on a 16-byte boundary."""
+    return n % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors if t is not None)
+
+
+def bwd_max_block(n, *tensors):
+    """Largest row the row-tile backward holds whole: BWD_MAX_BLOCK, half that where rows of
+    the tensors (None: absent) cannot be 16-byte vectors, an address per element and tensor:
+    bf16 rows of 4097 (block 8192 over 16 warps) spilled 56-212 B per thread (triton 3.8)."""
+    return BWD_MAX_BLOCK if vector_aligned(n, *tensors) else BWD_MAX_BLOCK // 2
+
+
+def cols_block(n, *tensors):
+    """Column block of the two-pass backward's column kernel: LOOP_BLOCK (8 elements a thread
+    over 16 warps), half that where rows of the tensors (None: absent) cannot be 16-byte
+    vectors: at 4096 the fp32 kernels with a residual spilled 56-96 B per thread, N = 16411."""
+    return LOOP_BLOCK if vector_aligned(n, *tensors) else LOOP_BLOCK // 2
 
 
 def pipeline_stages(dtype):
@@ -490,7 +523,7 @@ def rms_norm_fwd(input, residual, weight, eps):
     elif rows > 0:
         x, r, w = input.contiguous(), contiguous(residual), contiguous(weight)
         block_m, block_n, single, num_warps = row_config(
-            rows, n, input.dtype, fwd_max_block(input, weight), 32
+            rows, n, input.dtype, fwd_max_block(x, r, w), 32
         )
         grid = (fwd_grid(input.device, rows, block_m, single),)
         stages = 1 if single else pipeline_stages(input.dtype)
@@ -539,7 +572,8 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
         HAS_DRES=dres is not None, HAS_W=has_w, ACC=tl_acc_dtype(x.dtype),
         STAGES=pipeline_stages(x.dtype),
     )  # fmt: skip
-    block_m, block_n, single, num_warps = row_config(rows, n, x.dtype, BWD_MAX_BLOCK, 16)
+    max_block = bwd_max_block(n, dy, dres, xc, w)
+    block_m, block_n, single, num_warps = row_config(rows, n, x.dtype, max_block, 16)
     with device_context(x):
         if single:
             row_blocks = triton.cdiv(rows, block_m)
@@ -563,12 +597,13 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
                 dy, xc, w, rs, c, n, HAS_W=has_w, ACC=flags["ACC"], BLOCK_N=block_n,
                 STAGES=flags["STAGES"], num_warps=num_warps,
             )  # fmt: skip
-            col_blocks = triton.cdiv(n, block_n)
+            col_block = cols_block(n, dy, dres, xc, w)
+            col_blocks = triton.cdiv(n, col_block)
             g = persistent_programs(x.device, rows, 4, share=col_blocks)
             part = torch.empty((g, n), dtype=acc, device=x.device) if has_w else None
             _rms_bwd_cols_kernel[(col_blocks, g)](
                 dy, dres, xc, w, rs, c, dx.buf, part, rows, n,
-                BLOCK_N=block_n, num_warps=num_warps, **flags,
+                BLOCK_N=col_block, num_warps=num_warps, **flags,
             )  # fmt: skip
         dw = reduce_partials(part, weight) if has_w else x.new_empty(0)
     return dx.finish(), dw

@@ -200,13 +200,13 @@ def pipeline_stages(dtype):
 
 
 def long_row_backward(n, dtype, partials):
-    """How the backward takes rows over BWD_MAX_BLOCK: "fused" (one kernel reading each row
-    tile twice, the second time from L2, and adding into a partial row per program: 3 passes
-    over memory, the least a backward needs) where a program's working set, its row of x and
-    dy and its `partials` fp32 rows of dW / dB, is at most FUSED_MAX_PROGRAM_BYTES; else
-    "two-pass" (a row-dot kernel, then the column kernel: x and dy read twice from DRAM, 5
+    """How the backward takes rows past its row tiles (bwd_max_block): "fused" (one kernel
+    reading each row tile twice, the second time from L2, and adding into a partial row per
+    program: 3 passes over memory, the least a backward needs) where a program's working set,
+    its row of x and dy and its `partials` fp32 (fp64) rows of dW / dB, is at most
+    FUSED_MAX_PROGRAM_BYTES; else "two-pass" (a row-dot kernel, then the column kernel: x and dy read twice from DRAM, 5
     passes)."""
-    program_bytes = n * (2 * dtype.itemsize + 4 * partials)
+    program_bytes = n * (2 * dtype.itemsize + acc_dtype(dtype).itemsize * partials)
     return "fused" if program_bytes <= FUSED_MAX_PROGRAM_BYTES else "two-pass"
 
 

@@ -193,7 +193,7 @@ def launched_with(config):
         if config is None:
             return None
         if name == "row_config":
-            return lambda rows, n, dtype, max_block, per_thread: (
+            return lambda rows, n, dtype, max_block, per_thread, aligned: (
                 config.block_m, config.block_n, config.single, config.num_warps
             )  # fmt: skip
         if name == "persistent_programs":

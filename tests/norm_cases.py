@@ -286,12 +286,12 @@ def check_triton_long_row_backward(kind, path, n, weight, bias, monkeypatch):
 def check_triton_looping_forward(kind, dtype, monkeypatch):
     """The Triton forward's looping tier (rows over its whole-row caps, lowered here so the
     interpreter runs it on short rows): 9 rows over the interpreter's 4 persistent programs,
-    each row in 4 column blocks of 256, the last one partial."""
+    each row of 1000 (not a multiple of 16: half the blocks) in 8 column blocks of 128, the
+    last one partial."""
     from fastnn.triton_kernels import layer_norm, rms_norm
 
     monkeypatch.setattr(rms_norm, "LOOP_BLOCK", 256)
     monkeypatch.setattr(rms_norm, "FWD_MAX_BYTES", 1024)
-    monkeypatch.setattr(rms_norm, "FWD_UNALIGNED_MAX_BYTES", 1024)
     grids = []
     for module in (rms_norm, layer_norm):
         real = module.fwd_grid

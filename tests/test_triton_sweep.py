@@ -28,7 +28,7 @@ def test_launched_with_restores_the_policies():
     ]
     config = triton_sweep.Config(2, 1024, True, 8, per_sm=2, stages=2)
     with triton_sweep.launched_with(config):
-        assert rms_norm.row_config(5, 1000, None, 0, 0) == (2, 1024, True, 8)
+        assert rms_norm.row_config(5, 1000, None, 0, 0, True) == (2, 1024, True, 8)
         assert layer_norm.row_config is rms_norm.row_config
     after = [
         getattr(m, name, None) for m in (rms_norm, layer_norm) for name in triton_sweep._POLICIES

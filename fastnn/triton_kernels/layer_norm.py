@@ -16,13 +16,12 @@ import triton.language as tl
 
 from fastnn.triton_kernels import device_context
 from fastnn.triton_kernels.rms_norm import (
+    BWD_MAX_BLOCK,
     FUSED_PROGRAMS_PER_SM,
     Output,
     acc_dtype,
-    bwd_max_block,
     check_norm_inputs,
     check_same_device,
-    cols_block,
     column_block,
     contiguous,
     fwd_grid,
@@ -36,6 +35,7 @@ from fastnn.triton_kernels.rms_norm import (
     reduce_partials,
     row_config,
     tl_acc_dtype,
+    vector_aligned,
 )
 
 
@@ -300,7 +300,7 @@ def layer_norm_fwd(input, residual, weight, bias, eps):
         x, r = input.contiguous(), contiguous(residual)
         w, b = contiguous(weight), contiguous(bias)
         block_m, block_n, single, num_warps = row_config(
-            rows, n, input.dtype, fwd_max_block(x, r, w, b), 32
+            rows, n, input.dtype, fwd_max_block(x, w, b), 32, vector_aligned(n, x, r, w, b)
         )
         grid = (fwd_grid(input.device, rows, block_m, single),)
         stages = 1 if single else pipeline_stages(input.dtype)
@@ -346,8 +346,8 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
         HAS_DRES=dres is not None, HAS_W=has_w, HAS_B=has_b, ACC=tl_acc_dtype(x.dtype),
         STAGES=pipeline_stages(x.dtype),
     )  # fmt: skip
-    max_block = bwd_max_block(n, dy, dres, xc, w)
-    block_m, block_n, single, num_warps = row_config(rows, n, x.dtype, max_block, 16)
+    aligned = vector_aligned(n, dy, dres, xc, w)
+    block_m, block_n, single, num_warps = row_config(rows, n, x.dtype, BWD_MAX_BLOCK, 16, aligned)
     with device_context(x):
         fused = not single and long_row_backward(n, x.dtype, has_w + has_b) == "fused"
         row_blocks = triton.cdiv(rows, block_m)
@@ -356,8 +356,7 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
         elif fused:
             p = persistent_programs(x.device, row_blocks, FUSED_PROGRAMS_PER_SM)
         else:
-            col_block = cols_block(n, dy, dres, xc, w)
-            col_blocks = triton.cdiv(n, col_block)
+            col_blocks = triton.cdiv(n, block_n)
             p = persistent_programs(x.device, rows, 4, share=col_blocks)
         # The fused kernel adds into its partial rows; the others write theirs whole.
         new_part = torch.zeros if fused else torch.empty
@@ -382,7 +381,7 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
             )  # fmt: skip
             _ln_bwd_cols_kernel[(col_blocks, p)](
                 dy, dres, xc, w, mu, rs, c_gx, c_g, dx.buf, dw_part, db_part, rows, n,
-                BLOCK_N=col_block, num_warps=num_warps, **flags,
+                BLOCK_N=block_n, num_warps=num_warps, **flags,
             )  # fmt: skip
         dw = reduce_partials(dw_part, weight) if has_w else x.new_empty(0)
         db = reduce_partials(db_part, bias) if has_b else x.new_empty(0)

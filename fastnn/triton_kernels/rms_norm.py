@@ -21,8 +21,8 @@ Layout of the work:
 - dW = a fixed-order column sum of the partials (reduce_partials): bitwise reproducible across
   runs on one device, since P depends only on the device and the shape;
 - rows that cannot be loaded as 16-byte vectors (vector_aligned: N not a multiple of 16, or a
-  pointer off a 16-byte boundary) cost an address per element, so their whole-row caps and the
-  column kernel's block are half the others'.
+  pointer off a 16-byte boundary) cost an address register per element: their caps, column
+  blocks and elements per thread are half the others' (row_config).
 
 The helpers at the top (checks, allocation, program counts, the partial reduction) are shared
 with layer_norm.py.
@@ -41,11 +41,6 @@ from fastnn.triton_kernels import device_context
 # 3.8 for sm_90; 16K fp32 the same). Backward keeps x, dy and the fp32 dW accumulator: 8K
 # elements over 16 warps is 16 of each per thread.
 FWD_MAX_BYTES = 65536
-# ... and where the row's loads cannot be 16-byte vectors (N not a multiple of 16, or a pointer
-# off a 16-byte boundary): a load and an address per element. Unaligned 16-bit rows of 16K-32K
-# elements over 32 warps spilled 32-94 B per thread in the RMSNorm forward and 112-258 B in the
-# LayerNorm one (with a residual); at 32 KB they spill none.
-FWD_UNALIGNED_MAX_BYTES = 32768
 BWD_MAX_BLOCK = 8192
 # Column block of the looping paths (N above the caps).
 LOOP_BLOCK = 4096
@@ -157,15 +152,11 @@ def persistent_programs(device, work, per_sm, share=1):
     return max(1, min(work, budget))
 
 
-def fwd_max_block(input, *others):
+def fwd_max_block(input, *params):
     """Largest row (elements) the forward holds whole in registers: FWD_MAX_BYTES of the
-    widest of the input, its residual and its parameters (`others`, None: absent), or
-    FWD_UNALIGNED_MAX_BYTES where the rows cannot be loaded as 16-byte vectors. 32K bf16 rows
-    with fp32 weight and bias spilled 168 B per thread in the LayerNorm forward; they take the
-    looping tier."""
-    tensors = (input, *others)
-    limit = FWD_MAX_BYTES if vector_aligned(input.shape[-1], *tensors) else FWD_UNALIGNED_MAX_BYTES
-    return limit // max(t.dtype.itemsize for t in tensors if t is not None)
+    widest of the input and its parameters (None: absent). 32K bf16 rows with fp32 weight and
+    bias spilled 168 B per thread in the LayerNorm forward; they take the looping tier."""
+    return FWD_MAX_BYTES // max(t.dtype.itemsize for t in (input, *params) if t is not None)
 
 
 def vector_aligned(n, *tensors):
@@ -173,20 +164,6 @@ def vector_aligned(n, *tensors):
     vectors: n a multiple of 16 (the only divisibility Triton specializes an integer argument
     on) and every tensor starting on a 16-byte boundary."""
     return n % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors if t is not None)
-
-
-def bwd_max_block(n, *tensors):
-    """Largest row the row-tile backward holds whole: BWD_MAX_BLOCK, half that where rows of
-    the tensors (None: absent) cannot be 16-byte vectors, an address per element and tensor:
-    bf16 rows of 4097 (block 8192 over 16 warps) spilled 56-212 B per thread (triton 3.8)."""
-    return BWD_MAX_BLOCK if vector_aligned(n, *tensors) else BWD_MAX_BLOCK // 2
-
-
-def cols_block(n, *tensors):
-    """Column block of the two-pass backward's column kernel: LOOP_BLOCK (8 elements a thread
-    over 16 warps), half that where rows of the tensors (None: absent) cannot be 16-byte
-    vectors: at 4096 the fp32 kernels with a residual spilled 56-96 B per thread, N = 16411."""
-    return LOOP_BLOCK if vector_aligned(n, *tensors) else LOOP_BLOCK // 2
 
 
 def pipeline_stages(dtype):
@@ -200,7 +177,7 @@ def pipeline_stages(dtype):
 
 
 def long_row_backward(n, dtype, partials):
-    """How the backward takes rows past its row tiles (bwd_max_block): "fused" (one kernel
+    """How the backward takes rows past its row tiles (row_config): "fused" (one kernel
     reading each row tile twice, the second time from L2, and adding into a partial row per
     program: 3 passes over memory, the least a backward needs) where a program's working set,
     its row of x and dy and its `partials` fp32 (fp64) rows of dW / dB, is at most
@@ -218,16 +195,24 @@ def fwd_grid(device, rows, block_m, single):
     return persistent_programs(device, triton.cdiv(rows, block_m), FWD_LOOP_PROGRAMS_PER_SM)
 
 
-def row_config(rows, n, dtype, max_block, per_thread):
+def row_config(rows, n, dtype, max_block, per_thread, aligned):
     """(BLOCK_M, BLOCK_N, single, num_warps) for a row-wise kernel: whole rows (several per
     program for short rows) up to `max_block`, else one row in LOOP_BLOCK column blocks.
     num_warps (4..32) gives each thread about `per_thread` 16-bit elements, half as many wider
     ones: 32 for the forward (x and its fp32 copy), 16 for the backward (x, dy, dW accumulator
     and temporaries). bench/kernel_resources.py: at 16 warps the fp32 LayerNorm backward of 8K
-    rows with a residual spilled 60 B per thread (triton 3.6), at 32 warps it does not."""
+    rows with a residual spilled 60 B per thread (triton 3.6), at 32 warps it does not.
+
+    Rows that cannot be 16-byte vectors (`aligned` False: vector_aligned) take an address
+    register per element, so each of the three is halved for them. At the full ones 16-bit
+    forward rows of 16K-32K spilled 32-258 B per thread, bf16 backward rows of 4097 56-212 B
+    and the fp32 column kernel with a residual 56-96 B (N = 16411); the backward at N = 1000
+    took 173-218 registers at 8 warps, one program per SM (triton 3.8)."""
+    if not aligned:
+        max_block, per_thread = max_block // 2, per_thread // 2
     block_n = triton.next_power_of_2(n)
     if block_n > max_block:
-        return 1, LOOP_BLOCK, False, 16
+        return 1, LOOP_BLOCK if aligned else LOOP_BLOCK // 2, False, 16
     block_m = max(1, min(TILE // block_n, triton.next_power_of_2(rows)))
     tile = block_m * block_n
     per_thread = per_thread if dtype.itemsize <= 2 else per_thread // 2
@@ -523,7 +508,7 @@ def rms_norm_fwd(input, residual, weight, eps):
     elif rows > 0:
         x, r, w = input.contiguous(), contiguous(residual), contiguous(weight)
         block_m, block_n, single, num_warps = row_config(
-            rows, n, input.dtype, fwd_max_block(x, r, w), 32
+            rows, n, input.dtype, fwd_max_block(x, w), 32, vector_aligned(n, x, r, w)
         )
         grid = (fwd_grid(input.device, rows, block_m, single),)
         stages = 1 if single else pipeline_stages(input.dtype)
@@ -572,8 +557,8 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
         HAS_DRES=dres is not None, HAS_W=has_w, ACC=tl_acc_dtype(x.dtype),
         STAGES=pipeline_stages(x.dtype),
     )  # fmt: skip
-    max_block = bwd_max_block(n, dy, dres, xc, w)
-    block_m, block_n, single, num_warps = row_config(rows, n, x.dtype, max_block, 16)
+    aligned = vector_aligned(n, dy, dres, xc, w)
+    block_m, block_n, single, num_warps = row_config(rows, n, x.dtype, BWD_MAX_BLOCK, 16, aligned)
     with device_context(x):
         if single:
             row_blocks = triton.cdiv(rows, block_m)
@@ -597,13 +582,12 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
                 dy, xc, w, rs, c, n, HAS_W=has_w, ACC=flags["ACC"], BLOCK_N=block_n,
                 STAGES=flags["STAGES"], num_warps=num_warps,
             )  # fmt: skip
-            col_block = cols_block(n, dy, dres, xc, w)
-            col_blocks = triton.cdiv(n, col_block)
+            col_blocks = triton.cdiv(n, block_n)
             g = persistent_programs(x.device, rows, 4, share=col_blocks)
             part = torch.empty((g, n), dtype=acc, device=x.device) if has_w else None
             _rms_bwd_cols_kernel[(col_blocks, g)](
                 dy, dres, xc, w, rs, c, dx.buf, part, rows, n,
-                BLOCK_N=col_block, num_warps=num_warps, **flags,
+                BLOCK_N=block_n, num_warps=num_warps, **flags,
             )  # fmt: skip
         dw = reduce_partials(part, weight) if has_w else x.new_empty(0)
     return dx.finish(), dw

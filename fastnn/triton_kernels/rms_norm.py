@@ -22,7 +22,7 @@ Layout of the work:
   runs on one device, since P depends only on the device and the shape;
 - rows that cannot be loaded as 16-byte vectors (vector_aligned: N not a multiple of 16, or a
   pointer off a 16-byte boundary) cost an address register per element: their caps, column
-  blocks and elements per thread are half the others' (row_config).
+  blocks, row tiles and elements per thread are half the others' (row_config).
 
 The helpers at the top (checks, allocation, program counts, the partial reduction) are shared
 with layer_norm.py.
@@ -204,16 +204,19 @@ def row_config(rows, n, dtype, max_block, per_thread, aligned):
     rows with a residual spilled 60 B per thread (triton 3.6), at 32 warps it does not.
 
     Rows that cannot be 16-byte vectors (`aligned` False: vector_aligned) take an address
-    register per element, so each of the three is halved for them. At the full ones 16-bit
-    forward rows of 16K-32K spilled 32-258 B per thread, bf16 backward rows of 4097 56-212 B
-    and the fp32 column kernel with a residual 56-96 B (N = 16411); the backward at N = 1000
-    took 173-218 registers at 8 warps, one program per SM (triton 3.8)."""
+    register per element, so their cap, column block, row tile and elements per thread are
+    half the others'. At the full sizes 16-bit forward rows of 16K-32K spilled 32-258 B per
+    thread, bf16 backward rows of 4097 56-212 B and the fp32 column kernel with a residual
+    56-96 B (N = 16411); the bf16 backward at N = 1000 took 173-218 registers at 8 warps (one
+    program per SM), 95-128 with half the row tile (two). Twice the warps instead spilled 80 B
+    there under triton 3.6 (16 warps cap a thread at 128 registers)."""
+    tile = TILE
     if not aligned:
-        max_block, per_thread = max_block // 2, per_thread // 2
+        max_block, per_thread, tile = max_block // 2, per_thread // 2, tile // 2
     block_n = triton.next_power_of_2(n)
     if block_n > max_block:
         return 1, LOOP_BLOCK if aligned else LOOP_BLOCK // 2, False, 16
-    block_m = max(1, min(TILE // block_n, triton.next_power_of_2(rows)))
+    block_m = max(1, min(tile // block_n, triton.next_power_of_2(rows)))
     tile = block_m * block_n
     per_thread = per_thread if dtype.itemsize <= 2 else per_thread // 2
     num_warps = min(32, max(4, tile // (32 * per_thread)))

@@ -36,9 +36,9 @@ SHAPES = [
     ((24,), (24,)),
     ((6, 4, 5), (4, 5)),
 ]
-# Prime N above the Triton backward's whole-row tiles (8192) and the forward's in fp32 (16384:
-# their looping paths; a bf16 forward holds it whole, up to 32768), and N = 70000 above any
-# tile, which only the GPU and the native / torch backends run at full speed (the Triton
+# Prime N above the Triton backward's and forward's whole-row tiles (rows that are not a
+# multiple of 16 are held whole up to 4096 elements and 32 KB): their looping paths; N = 70000
+# above any tile, which only the GPU and the native / torch backends run at full speed (the Triton
 # interpreter would take minutes).
 LARGE_SHAPES = [((2, 16411), (16411,)), ((3, 70000), (70000,))]
 INTERPRETER_MAX_N = 16411
@@ -292,15 +292,67 @@ def check_triton_looping_forward(kind, dtype, monkeypatch):
 
     monkeypatch.setattr(rms_norm, "LOOP_BLOCK", 256)
     monkeypatch.setattr(rms_norm, "FWD_MAX_BYTES", 1024)
-    grids = []
+    grids, configs = [], []
+    real_config = rms_norm.row_config
     for module in (rms_norm, layer_norm):
         real = module.fwd_grid
         monkeypatch.setattr(
             module, "fwd_grid", lambda *args, real=real: grids.append(args[1:]) or real(*args)
         )
+        monkeypatch.setattr(
+            module, "row_config", lambda *args: configs.append(real_config(*args)) or configs[-1]
+        )
     case = make_case(kind, (9, 1000), (1000,), dtype, "cpu")
     check_against_oracle(kind, "triton", "cpu", case, (1000,), 1e-6, dtype)
     assert grids == [(9, 1, False)], f"the forward did not loop: fwd_grid{grids}"
+    assert configs[0] == (1, 128, False, 16), f"forward config {configs[0]}"
+
+
+def check_triton_alignment_seen(kind, monkeypatch):
+    """The Triton launchers tell row_config that rows cannot be 16-byte vectors when N is not a
+    multiple of 16 or any one of the tensors their kernels read row by row starts off a 16-byte
+    boundary: input, residual, weight (and bias) in the forward; grad_out, grad_residual_out,
+    x and weight in the backward."""
+    from fastnn.triton_kernels import layer_norm, rms_norm
+
+    seen = []
+    real = rms_norm.row_config
+    for module in (rms_norm, layer_norm):
+        monkeypatch.setattr(
+            module, "row_config", lambda *args: seen.append(args[-1]) or real(*args)
+        )
+
+    def shifted(t):  # the same values, one fp32 element (4 bytes) into their buffer
+        view = t.new_empty(t.numel() + 1)[1:].view(t.shape)
+        return view.copy_(t)
+
+    def aligned_as_seen(call, args):
+        seen.clear()
+        call(**args)
+        return seen
+
+    stat = torch.ones(2)
+    if kind == "rms":
+        fwd = lambda x, r, w: rms_norm.rms_norm_fwd(x, r, w, 1e-6)  # noqa: E731
+        bwd = lambda dy, dres, x, w: rms_norm.rms_norm_bwd(dy, dres, x, w, stat)  # noqa: E731
+    else:
+        fwd = lambda x, r, w, b: layer_norm.layer_norm_fwd(x, r, w, b, 1e-5)  # noqa: E731
+        bwd = lambda dy, dres, x, w: layer_norm.layer_norm_bwd(  # noqa: E731
+            dy, dres, x, w, None, stat, stat
+        )
+    for n in (64, 63):
+        rows = {name: randn((2, n), torch.float32, "cpu", seed=i) for i, name in
+                enumerate(["x", "r", "dy", "dres"])}  # fmt: skip
+        params = {"w": randn((n,), torch.float32, "cpu", seed=4)}
+        if kind == "ln":
+            params["b"] = randn((n,), torch.float32, "cpu", seed=5)
+        fwd_args = {"x": rows["x"], "r": rows["r"], **params}
+        bwd_args = {"dy": rows["dy"], "dres": rows["dres"], "x": rows["x"], "w": params["w"]}
+        for call, args in ((fwd, fwd_args), (bwd, bwd_args)):
+            assert aligned_as_seen(call, args) == [n % 16 == 0], f"N = {n}"
+            for name in args:
+                moved = dict(args, **{name: shifted(args[name])})
+                assert aligned_as_seen(call, moved) == [False], f"{name} off 16 bytes, N = {n}"
 
 
 def check_eps(kind, backend, device, eps):

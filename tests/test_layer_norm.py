@@ -19,6 +19,7 @@ from norm_cases import (
     check_module_dropin,
     check_noncontiguous,
     check_nonfinite_confined,
+    check_triton_alignment_seen,
     check_triton_long_row_backward,
     check_triton_looping_forward,
     check_zero_rows,
@@ -268,3 +269,8 @@ def test_triton_long_row_backward(path, n, weight, bias, monkeypatch):
 def test_triton_looping_forward(dtype, monkeypatch):
     skip(KIND, "triton", "cpu")
     check_triton_looping_forward(KIND, dtype, monkeypatch)
+
+
+def test_triton_alignment_seen(monkeypatch):
+    skip(KIND, "triton", "cpu")
+    check_triton_alignment_seen(KIND, monkeypatch)

@@ -6,12 +6,12 @@ fp64 input, so gradcheck can run on these kernels under the interpreter); out, r
 grad_input have the input's dtype, grad_weight the weight's.
 
 Layout of the work:
-- forward, rows up to FWD_MAX_BYTES (64 KB): one [BLOCK_M, BLOCK_N] tile of rows per program,
+- forward, rows up to FWD_MAX_BYTES (64 KB; half for unaligned rows, below): one [BLOCK_M, BLOCK_N] tile of rows per program,
   the rows kept in registers between the sum of squares and the scaling (one read of x);
 - forward, longer rows: a persistent grid, each program looping over its rows' column blocks
   twice (the second read of a row hits L2 while few enough rows are in flight: a 64K bf16 row is
   128 KB);
-- backward, N <= BWD_MAX_BLOCK: a persistent grid of P programs, each looping over row tiles and
+- backward, N <= BWD_MAX_BLOCK (half for unaligned rows): a persistent grid of P programs, each looping over row tiles and
   summing dW for its rows in fp32 registers, one [P, N] partial write;
 - backward, larger N: one fused persistent kernel reading each row twice, the second time from
   L2 (long_row_backward), or for the longest rows a row-dot kernel (sum(g * xhat) per row), then
@@ -181,8 +181,8 @@ def long_row_backward(n, dtype, partials):
     reading each row tile twice, the second time from L2, and adding into a partial row per
     program: 3 passes over memory, the least a backward needs) where a program's working set,
     its row of x and dy and its `partials` fp32 (fp64) rows of dW / dB, is at most
-    FUSED_MAX_PROGRAM_BYTES; else "two-pass" (a row-dot kernel, then the column kernel: x and dy read twice from DRAM, 5
-    passes)."""
+    FUSED_MAX_PROGRAM_BYTES; else "two-pass" (a row-dot kernel, then the column kernel: x and
+    dy read twice from DRAM, 5 passes)."""
     program_bytes = n * (2 * dtype.itemsize + acc_dtype(dtype).itemsize * partials)
     return "fused" if program_bytes <= FUSED_MAX_PROGRAM_BYTES else "two-pass"
 

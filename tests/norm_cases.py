@@ -360,19 +360,19 @@ def check_eps(kind, backend, device, eps):
     check_against_oracle(kind, backend, device, case, (96,), eps, torch.float32)
 
 
-def check_nonfinite_confined(kind, backend, device):
+def check_nonfinite_confined(kind, backend, device, n=40):
     """A NaN in one row and an Inf in another stay in their rows (and in dW / dB, which sum over
     rows); every other row and its input gradient match the finite-input result."""
-    case = make_case(kind, (6, 40), (40,), torch.float32, device, residual=False)
+    case = make_case(kind, (6, n), (n,), torch.float32, device, residual=False)
     bad = case["x"].clone()
     bad[1, 3] = float("nan")
-    bad[4, 0] = float("inf")
+    bad[4, n - 1] = float("inf")
     with fastnn.use_backend(backend):
         x = _leaf(bad)
-        out = fastnn_norm(kind, x, (40,), case["w"], case["b"], 1e-5, None)
+        out = fastnn_norm(kind, x, (n,), case["w"], case["b"], 1e-5, None)
         (dx,) = torch.autograd.grad(out, [x], case["dy"])
         x_ok = _leaf(case["x"])
-        out_ok = fastnn_norm(kind, x_ok, (40,), case["w"], case["b"], 1e-5, None)
+        out_ok = fastnn_norm(kind, x_ok, (n,), case["w"], case["b"], 1e-5, None)
         (dx_ok,) = torch.autograd.grad(out_ok, [x_ok], case["dy"])
     good = [0, 2, 3, 5]
     for got, want, what in ((out, out_ok, "out"), (dx, dx_ok, "grad input")):

@@ -171,10 +171,12 @@ def test_eps_extremes(backend, device, eps):
     check_eps(KIND, backend, device, eps)
 
 
+# N = 6001 and 40001: the Triton backward's fused and two-pass long-row paths.
+@pytest.mark.parametrize("n", [40, 6001, 40001])
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
-def test_nan_and_inf_stay_in_their_row(backend, device):
+def test_nan_and_inf_stay_in_their_row(backend, device, n):
     skip(KIND, backend, device)
-    check_nonfinite_confined(KIND, backend, device)
+    check_nonfinite_confined(KIND, backend, device, n)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)

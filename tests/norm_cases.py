@@ -38,8 +38,8 @@ SHAPES = [
 ]
 # Prime N above the Triton backward's and forward's whole-row tiles (rows that are not a
 # multiple of 16 are held whole up to 4096 elements and 32 KB): their looping paths; N = 70000
-# above any tile, which only the GPU and the native / torch backends run at full speed (the Triton
-# interpreter would take minutes).
+# above any tile, which only the GPU and the native / torch backends run at full speed (the
+# Triton interpreter would take minutes).
 LARGE_SHAPES = [((2, 16411), (16411,)), ((3, 70000), (70000,))]
 INTERPRETER_MAX_N = 16411
 
@@ -283,6 +283,19 @@ def check_triton_long_row_backward(kind, path, n, weight, bias, monkeypatch):
     assert asked, "the backward never asked long_row_backward"
 
 
+def spy_row_config(monkeypatch):
+    """row_config of the Triton norms recording each call: a list of (args, answer)."""
+    from fastnn.triton_kernels import layer_norm, rms_norm
+
+    calls = []
+    real = rms_norm.row_config
+    for module in (rms_norm, layer_norm):
+        monkeypatch.setattr(
+            module, "row_config", lambda *args: calls.append((args, real(*args))) or calls[-1][1]
+        )
+    return calls
+
+
 def check_triton_looping_forward(kind, dtype, monkeypatch):
     """The Triton forward's looping tier (rows over its whole-row caps, lowered here so the
     interpreter runs it on short rows): 9 rows over the interpreter's 4 persistent programs,
@@ -292,20 +305,17 @@ def check_triton_looping_forward(kind, dtype, monkeypatch):
 
     monkeypatch.setattr(rms_norm, "LOOP_BLOCK", 256)
     monkeypatch.setattr(rms_norm, "FWD_MAX_BYTES", 1024)
-    grids, configs = [], []
-    real_config = rms_norm.row_config
+    grids = []
     for module in (rms_norm, layer_norm):
         real = module.fwd_grid
         monkeypatch.setattr(
             module, "fwd_grid", lambda *args, real=real: grids.append(args[1:]) or real(*args)
         )
-        monkeypatch.setattr(
-            module, "row_config", lambda *args: configs.append(real_config(*args)) or configs[-1]
-        )
+    configs = spy_row_config(monkeypatch)
     case = make_case(kind, (9, 1000), (1000,), dtype, "cpu")
     check_against_oracle(kind, "triton", "cpu", case, (1000,), 1e-6, dtype)
     assert grids == [(9, 1, False)], f"the forward did not loop: fwd_grid{grids}"
-    assert configs[0] == (1, 128, False, 16), f"forward config {configs[0]}"
+    assert configs[0][1] == (1, 128, False, 16), f"forward config {configs[0][1]}"
 
 
 def check_triton_alignment_seen(kind, monkeypatch):
@@ -315,21 +325,16 @@ def check_triton_alignment_seen(kind, monkeypatch):
     x and weight in the backward."""
     from fastnn.triton_kernels import layer_norm, rms_norm
 
-    seen = []
-    real = rms_norm.row_config
-    for module in (rms_norm, layer_norm):
-        monkeypatch.setattr(
-            module, "row_config", lambda *args: seen.append(args[-1]) or real(*args)
-        )
+    calls = spy_row_config(monkeypatch)
 
     def shifted(t):  # the same values, one fp32 element (4 bytes) into their buffer
         view = t.new_empty(t.numel() + 1)[1:].view(t.shape)
         return view.copy_(t)
 
-    def aligned_as_seen(call, args):
-        seen.clear()
+    def aligned_as_seen(call, args):  # row_config's `aligned` argument, per call
+        calls.clear()
         call(**args)
-        return seen
+        return [row_config_args[-1] for row_config_args, _ in calls]
 
     stat = torch.ones(2)
     if kind == "rms":

@@ -6,13 +6,15 @@ fp64 input, so gradcheck can run on these kernels under the interpreter); out, r
 grad_input have the input's dtype, grad_weight the weight's.
 
 Layout of the work:
-- forward, rows up to FWD_MAX_BYTES (64 KB; half for unaligned rows, below): one [BLOCK_M, BLOCK_N] tile of rows per program,
-  the rows kept in registers between the sum of squares and the scaling (one read of x);
+- forward, rows up to FWD_MAX_BYTES (64 KB; half for unaligned rows, below): one
+  [BLOCK_M, BLOCK_N] tile of rows per program, the rows kept in registers between the sum of
+  squares and the scaling (one read of x);
 - forward, longer rows: a persistent grid, each program looping over its rows' column blocks
   twice (the second read of a row hits L2 while few enough rows are in flight: a 64K bf16 row is
   128 KB);
-- backward, N <= BWD_MAX_BLOCK (half for unaligned rows): a persistent grid of P programs, each looping over row tiles and
-  summing dW for its rows in fp32 registers, one [P, N] partial write;
+- backward, N <= BWD_MAX_BLOCK (half for unaligned rows): a persistent grid of P programs,
+  each looping over row tiles and summing dW for its rows in fp32 registers, one [P, N]
+  partial write;
 - backward, larger N: one fused persistent kernel reading each row twice, the second time from
   L2 (long_row_backward), or for the longest rows a row-dot kernel (sum(g * xhat) per row), then
   a [column block, row group] grid that writes dx and a [G, N] partial;
@@ -210,13 +212,15 @@ def row_config(rows, n, dtype, max_block, per_thread, aligned):
     56-96 B (N = 16411); the bf16 backward at N = 1000 took 173-218 registers at 8 warps (one
     program per SM), 95-128 with half the row tile (two). Twice the warps instead spilled 80 B
     there under triton 3.6 (16 warps cap a thread at 128 registers)."""
-    tile = TILE
+    max_tile, loop_block = TILE, LOOP_BLOCK
     if not aligned:
-        max_block, per_thread, tile = max_block // 2, per_thread // 2, tile // 2
+        max_block, per_thread, max_tile, loop_block = (
+            v // 2 for v in (max_block, per_thread, max_tile, loop_block)
+        )
     block_n = triton.next_power_of_2(n)
     if block_n > max_block:
-        return 1, LOOP_BLOCK if aligned else LOOP_BLOCK // 2, False, 16
-    block_m = max(1, min(tile // block_n, triton.next_power_of_2(rows)))
+        return 1, loop_block, False, 16
+    block_m = max(1, min(max_tile // block_n, triton.next_power_of_2(rows)))
     tile = block_m * block_n
     per_thread = per_thread if dtype.itemsize <= 2 else per_thread // 2
     num_warps = min(32, max(4, tile // (32 * per_thread)))

@@ -377,23 +377,24 @@ def copy_bandwidth(device):
 
 @contextlib.contextmanager
 def nan_filled_allocations():
-    """Inside, torch.empty / torch.empty_like fill floating tensors with NaN: the launchers'
-    outputs and partial sums start as NaN, so a config that leaves any of them unwritten shows
-    as a disagreement (the caching allocator would otherwise hand it the block the previous
-    call just filled with the right values)."""
+    """Inside, torch.empty, torch.empty_like and Tensor.new_empty fill floating tensors with
+    NaN: the launchers' outputs and partial sums start as NaN, so a config that leaves any of
+    them unwritten shows as a disagreement (the caching allocator would otherwise hand it the
+    block the previous call just filled with the right values; fresh CPU memory, zeros)."""
     import torch
 
-    real_empty, real_empty_like = torch.empty, torch.empty_like
+    real = torch.empty, torch.empty_like, torch.Tensor.new_empty
 
     def poisoned(t):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
-    torch.empty = lambda *args, **kwargs: poisoned(real_empty(*args, **kwargs))
-    torch.empty_like = lambda *args, **kwargs: poisoned(real_empty_like(*args, **kwargs))
+    torch.empty = lambda *args, **kwargs: poisoned(real[0](*args, **kwargs))
+    torch.empty_like = lambda *args, **kwargs: poisoned(real[1](*args, **kwargs))
+    torch.Tensor.new_empty = lambda *args, **kwargs: poisoned(real[2](*args, **kwargs))
     try:
         yield
     finally:
-        torch.empty, torch.empty_like = real_empty, real_empty_like
+        torch.empty, torch.empty_like, torch.Tensor.new_empty = real
 
 
 def warm_compile_cache(jobs, rows, device, timeout_s):

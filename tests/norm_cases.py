@@ -15,6 +15,7 @@ from conftest import DEVICES, skip_unless_available
 from tolerances import FORWARD, INPUT_GRAD, PARAM_GRAD, RTOL, assert_rel_close
 
 import fastnn
+from bench.triton_sweep import nan_filled_allocations
 from fastnn import functional as FF
 
 KINDS = {"rms": "rms_norm", "ln": "layer_norm"}
@@ -147,8 +148,14 @@ def assert_ratio(out, ref64, eager, slack, what):
 
 def check_against_oracle(kind, backend, device, case, nshape, eps, dtype):
     """Forward and every gradient of fastnn against the fp64 oracle (and eager torch in
-    low precision); residual_out equal to the rounded sum x + r."""
-    out, res_out, dx, dr, dw, db = run_fastnn(kind, backend, case, nshape, eps)
+    low precision); residual_out equal to the rounded sum x + r.
+
+    fastnn runs with torch.empty / empty_like filling floats with NaN: fresh CPU memory is
+    mostly zeros, so an output element or partial sum a launcher leaves unwritten, or a buffer
+    it needs zeroed but allocates empty, would otherwise pass here and fail on a GPU, whose
+    caching allocator hands back used blocks."""
+    with nan_filled_allocations():
+        out, res_out, dx, dr, dw, db = run_fastnn(kind, backend, case, nshape, eps)
     assert out.dtype == case["x"].dtype and out.shape == case["x"].shape
     if case["r"] is not None:
         exact = case["x"] + case["r"]

@@ -94,8 +94,9 @@ def test_a_config_that_leaves_outputs_unwritten_disagrees():
     with triton_sweep.launched_with(None):
         ref = triton_sweep.run_op("rms_norm", "fwd", inputs)
     short_rows = triton_sweep.Config(1, 256, True, 4)  # whole rows of 256 < 300 columns
-    real_empty, real_empty_like = torch.empty, torch.empty_like
+    real = torch.empty, torch.empty_like, torch.Tensor.new_empty
     with triton_sweep.launched_with(short_rows), triton_sweep.nan_filled_allocations():
+        assert torch.zeros(2).new_empty(3).isnan().all()
         got = triton_sweep.run_op("rms_norm", "fwd", inputs)
     assert triton_sweep.disagreement(got, ref) == float("inf")
-    assert (torch.empty, torch.empty_like) == (real_empty, real_empty_like)
+    assert (torch.empty, torch.empty_like, torch.Tensor.new_empty) == real

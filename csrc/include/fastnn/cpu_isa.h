@@ -5,8 +5,9 @@
 //
 // Two clone targets: FASTNN_TARGET_AVX2 allows FMA (norms, GLU family: accumulations whose
 // tolerance allows contracted a * b + c), FASTNN_TARGET_AVX2_NO_FMA does not (optimizer updates:
-// without FMA instructions the compiler cannot contract, so every lane rounds exactly as torch's
-// for-loop step does).
+// without FMA instructions the compiler cannot contract, so every lane rounds as the baseline
+// copy's does: the same bits on every x86-64 machine, each operation IEEE-rounded in the order
+// of torch's for-loop step).
 #pragma once
 
 #include <cstdlib>

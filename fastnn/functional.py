@@ -112,6 +112,32 @@ def _rows(t, shape):
     return t.reshape(math.prod(t.shape[: t.dim() - len(shape)]), math.prod(shape))
 
 
+def _residual_rows(input, residual, shape):
+    """_rows(residual), its gradient copied where it would otherwise alias input's .grad.
+
+    The op hands input and residual one gradient tensor, as torch's add does. Behind the
+    reshapes to rows autograd gives each a view of it, and a leaf accumulates a view it is
+    handed without a copy: two leaves (or views of leaves) would keep .grad tensors sharing
+    memory, which an in-place clip_grad_norm_ or unscale_ then scales twice. Activations (the
+    usual input and residual stream) are left alone: nothing is copied for them. (torch.compile
+    traces the hook too.)"""
+    rows = _rows(residual, shape)
+    if (
+        rows is not None
+        and rows.requires_grad
+        and input.requires_grad
+        and (_leaf_with_grad(input) or _leaf_with_grad(residual))
+    ):
+        rows.register_hook(torch.clone)
+    return rows
+
+
+def _leaf_with_grad(t):
+    """Whether t, or the tensor t views, is a leaf that accumulates a .grad."""
+    base = t if t._base is None else t._base
+    return base.is_leaf and base.requires_grad
+
+
 def _autocast_to_fp32(input):
     """True inside torch.autocast on CUDA, where torch runs layer_norm and rms_norm in fp32 (its
     autocast fp32 list: fp32 results from fp16 / bf16 inputs); the norms here do the same. torch
@@ -148,7 +174,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
         eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     backend = _backend.resolve("rms_norm", input.device.type)
     out, residual_out, _ = _forward(backend, "rms_norm_fwd")(
-        _rows(input, shape), _rows(residual, shape), _vector(weight, n), float(eps)
+        _rows(input, shape), _residual_rows(input, residual, shape), _vector(weight, n), float(eps)
     )
     out = out.view(input.shape)
     return out if residual is None else (out, residual_out.view(input.shape))
@@ -174,7 +200,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
     backend = _backend.resolve("layer_norm", input.device.type)
     out, residual_out, _, _ = _forward(backend, "layer_norm_fwd")(
         _rows(input, shape),
-        _rows(residual, shape),
+        _residual_rows(input, residual, shape),
         _vector(weight, n),
         _vector(bias, n),
         float(eps),

@@ -67,6 +67,27 @@ def check_single_element_rows(backend, case):
     torch.testing.assert_close(db, case["dy"].sum(0).to(db.dtype), rtol=RTOL[db.dtype][2], atol=0)
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("n", [1000, INTERPRETER_MAX_N])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_constant_rows_give_the_bias(backend, device, dtype, n, residual):
+    """A row of one value has variance 0, so its output is the bias exactly, as torch's: its
+    mean must be that value exactly. Taken as a rounded sum / N, rows of 0.1 or -7.3 came out
+    an ulp off, which rstd = 1 / sqrt(1e-12) made outputs of 0.03 to 0.9. N = 16411 runs the
+    Triton forward's looping tier (rows past its whole-row caps)."""
+    skip(KIND, backend, device)
+    values = torch.tensor([0.1, -7.3, 100.0, 3.0, 0.0, -1e-3], device=device)
+    x = values[:, None].expand(-1, n).to(dtype)
+    r = torch.zeros_like(x) if residual else None  # x + 0: the sum the kernel normalises
+    w, b = randn((n,), dtype, device), randn((n,), dtype, device, seed=1)
+    with fastnn.use_backend(backend):
+        out = FF.layer_norm(x, (n,), w, b, 1e-12, residual=r)
+    out = out[0] if residual else out
+    torch.testing.assert_close(out, b.expand_as(out), rtol=0, atol=0)
+    torch.testing.assert_close(out, F.layer_norm(x, (n,), w, b, 1e-12), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,nshape", LARGE_SHAPES, ids=[str(s[0]) for s in LARGE_SHAPES])
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)

@@ -1,6 +1,6 @@
 // LayerNorm on the CPU, optionally fused with the residual add (schemas in csrc/library.cpp,
 // semantics of fastnn/reference/layer_norm.py):
-//   forward   s = input + residual (rounded to input's dtype), mean = mean(s),
+//   forward   s = input + residual (rounded to input's dtype), mean = s[0] + mean(s - s[0]),
 //             rstd = 1 / sqrt(mean((s - mean)^2) + eps), out = (s - mean) * rstd * weight + bias
 //   backward  xhat = (x - mean) * rstd, g = dy * w,
 //             dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) + d(residual_out)
@@ -55,7 +55,10 @@ struct FwdRows {
       const int64_t off = r * n;
       // May be xb, which y then overwrites in place.
       const A* x = norm_input_row<kAvx2>(a.x, a.res, a.res_out, off, xb, rb, n);
-      const A mean = row_sum<Term::kX>(x, x, A(0), n) * inv_n;
+      // The first element plus the mean deviation from it: a constant row's mean exactly
+      // (fastnn/reference/layer_norm.py, row_mean).
+      const A shift = n > 0 ? x[0] : A(0);
+      const A mean = shift + row_sum<Term::kDev>(x, x, shift, n) * inv_n;
       // While this row is L1-resident, start the next row's loads from memory: perf showed the
       // first pass's loads and the output stores as nearly all of the time at [4096, 4096] fp32.
       const A* next = nullptr;

@@ -1,6 +1,6 @@
 // LayerNorm on CUDA, optionally fused with the residual add (schemas in csrc/library.cpp,
 // semantics of fastnn/reference/layer_norm.py):
-//   forward   s = input + residual (rounded to input's dtype), mean = mean(s),
+//   forward   s = input + residual (rounded to input's dtype), mean = s[0] + mean(s - s[0]),
 //             rstd = 1 / sqrt(mean((s - mean)^2) + eps), out = (s - mean) * rstd * weight + bias
 //   backward  xhat = (x - mean) * rstd, g = dy * w,
 //             dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) + d(residual_out),
@@ -53,33 +53,37 @@ struct FwdArgs {
   acc_t<T> eps;
 };
 
-template <typename T, int VEC, int ITEMS>
-__device__ __forceinline__ acc_t<T> sum(const Vec<T, VEC> (&s)[ITEMS]) {
-  acc_t<T> total = 0;
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i)
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) total += static_cast<acc_t<T>>(s[i].v[j]);
-  return total;
-}
-
-// Sum of (s - mean)^2 over the slots that hold the row's vectors: the others hold zeros, whose
-// deviation from the mean is not the row's, so they take mean 0.
-template <typename T, int VEC, int ITEMS>
-__device__ __forceinline__ acc_t<T> sum_sq_dev(const Vec<T, VEC> (&s)[ITEMS], acc_t<T> mean,
-                                               int64_t first, int64_t nvec) {
+// Sum of the deviations s - c (kSquare: their squares) over the slots that hold the row's
+// vectors: the others hold zeros, whose deviation from c is not the row's, so they take c = 0
+// and add nothing.
+template <bool kSquare, typename T, int VEC, int ITEMS>
+__device__ __forceinline__ acc_t<T> sum_dev(const Vec<T, VEC> (&s)[ITEMS], acc_t<T> c,
+                                            int64_t first, int64_t nvec) {
   acc_t<T> total = 0;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     // A select: skipping the slot took 43 registers at 1 vector a thread, against 32 (ptxas).
-    const acc_t<T> m = tile_vector(first, i) < nvec ? mean : acc_t<T>(0);
+    const acc_t<T> m = tile_vector(first, i) < nvec ? c : acc_t<T>(0);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const acc_t<T> d = static_cast<acc_t<T>>(s[i].v[j]) - m;
-      total += d * d;
+      total += kSquare ? d * d : d;
     }
   }
   return total;
+}
+
+// The row's first element (input + residual rounded as load_sum_tile rounds it), which the mean
+// is taken from: mean = s[0] + mean(s - s[0]), so a constant row's mean is its value exactly
+// (fastnn/reference/layer_norm.py, row_mean). Every thread of the row reads it: one broadcast
+// load from a line the tile loads anyway.
+template <typename T, typename W>
+__device__ __forceinline__ acc_t<T> first_element(const FwdArgs<T, W>& a, int64_t off, bool valid) {
+  using A = acc_t<T>;
+  if (!valid || a.n == 0) return A(0);
+  T v = a.x[off];
+  if (a.res != nullptr) v = static_cast<T>(static_cast<A>(v) + static_cast<A>(a.res[off]));
+  return static_cast<A>(v);
 }
 
 // s = (s - mean) * rstd (* w where has_w) (+ b where has_b) for the ITEMS vectors of a tile
@@ -121,8 +125,9 @@ __global__ void __launch_bounds__(1024) ln_fwd_reg_kernel(FwdArgs<T, W> a) {
   const int64_t off = row * a.n, nvec = a.n / VEC;
   Vec<T, VEC> s[ITEMS];
   load_sum_tile(a, off, 0, valid, s);
-  const A mean = row_sum(sum(s), scratch) / static_cast<A>(a.n);
-  const A var = row_sum(sum_sq_dev(s, mean, 0, nvec), scratch) / static_cast<A>(a.n);
+  const A shift = first_element(a, off, valid);
+  const A mean = shift + row_sum(sum_dev<false>(s, shift, 0, nvec), scratch) / static_cast<A>(a.n);
+  const A var = row_sum(sum_dev<true>(s, mean, 0, nvec), scratch) / static_cast<A>(a.n);
   const A rstd = rsqrt_acc(var + a.eps);
   constexpr int kChunk = ITEMS < kParamItems ? ITEMS : kParamItems;
 #pragma unroll
@@ -149,21 +154,22 @@ __global__ void __launch_bounds__(kStagedThreads) ln_fwd_staged_kernel(FwdArgs<T
   const bool valid = row < a.rows;
   const int64_t off = row * a.n;
   const T* src = (a.res != nullptr ? a.res_out : a.x) + off;
+  const A shift = first_element(a, off, valid);
   A total = 0;
 #pragma unroll 1
   for (int64_t first = 0; valid && first < nvec; first += step) {
     Vec<T, VEC> s[kStagedItems];
     load_sum_tile(a, off, first, true, s);
     if constexpr (SMEM) stage_tile(stage, first, nvec, s);
-    total += sum(s);
+    total += sum_dev<false>(s, shift, first, nvec);
   }
-  const A mean = row_sum(total, scratch) / static_cast<A>(a.n);
+  const A mean = shift + row_sum(total, scratch) / static_cast<A>(a.n);
   A sq = 0;
 #pragma unroll 1
   for (int64_t first = 0; valid && first < nvec; first += step) {
     Vec<T, VEC> s[kStagedItems];
     reload_tile<SMEM>(stage, src, first, nvec, s);
-    sq += sum_sq_dev(s, mean, first, nvec);
+    sq += sum_dev<true>(s, mean, first, nvec);
   }
   const A rstd = rsqrt_acc(row_sum(sq, scratch) / static_cast<A>(a.n) + a.eps);
   if (!valid) return;  // no barrier follows

@@ -16,7 +16,7 @@ def layer_norm_fwd(input, residual, weight, bias, eps):
     x = input if residual is None else input + residual
     residual_out = x if residual is not None else input.new_empty(0)
     xc = x.to(cdt)
-    mean = xc.mean(-1)
+    mean = row_mean(xc)
     centered = xc - mean[:, None]
     rstd = torch.rsqrt(centered.square().mean(-1) + eps)
     y = centered * rstd[:, None]
@@ -25,6 +25,15 @@ def layer_norm_fwd(input, residual, weight, bias, eps):
     if bias is not None:
         y = y + bias.to(cdt)
     return y.to(input.dtype), residual_out, mean, rstd
+
+
+def row_mean(x):
+    """The mean of each row of x [rows, N] as its first element plus the mean deviation from
+    it (every backend computes it so). A constant row's mean is then its value exactly, and its
+    output 0 as torch's: a rounded sum / N can be an ulp off, which the rstd of a zero-variance
+    row, 1 / sqrt(eps), magnifies (0.9 for a row of -7.3 at eps = 1e-12)."""
+    shift = x[:, :1] if x.shape[1] > 0 else x.new_zeros(x.shape[0], 1)
+    return (shift + (x - shift).mean(-1, keepdim=True)).squeeze(-1)
 
 
 def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):

@@ -1,10 +1,10 @@
 """Triton LayerNorm forward and backward over the last dim of a 2-D input, optionally fused with
 a residual add: the `triton` backend of `fastnn::layer_norm_fwd` / `fastnn::layer_norm_bwd`.
 
-Semantics are fastnn/reference/layer_norm.py's: mean, then the variance as the mean of squared
-deviations (within a register-resident tile, two passes over registers; over the column blocks
-of a long row, each block's exact pair merged into the row's, so no cancellation either),
-statistics in fp32 (fp64 for fp64 input).
+Semantics are fastnn/reference/layer_norm.py's: mean (as the row's first element plus the mean
+deviation from it), then the variance as the mean of squared deviations (within a register-resident
+tile, two passes over registers; over the column blocks of a long row, each block's exact pair
+merged into the row's, so no cancellation either), statistics in fp32 (fp64 for fp64 input).
 The work is laid out as in rms_norm.py (whose shared helpers this module uses): register-resident
 row tiles up to FWD_MAX_BYTES / BWD_MAX_BLOCK, pipelined column-block loops beyond, a persistent
 backward grid writing fp32 [P, N] partials of dW and dB, then fixed-order column sums.
@@ -56,7 +56,8 @@ def _ln_fwd_kernel(
         base = row[:, None] * N
         cols, cmask, mask = column_block(0, rmask, N, BLOCK_N)
         x = load_sum_saved(X, R, S, base + cols[None, :], mask, HAS_RES, ACC)
-        mean = tl.sum(x, axis=1) / N
+        shift = load_sum(X, R, row * N, rmask, HAS_RES, ACC).to(ACC)
+        mean = shift + tl.sum(tl.where(mask, x - shift[:, None], 0.0), axis=1) / N
         xc = tl.where(mask, x - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
         y = xc * rstd[:, None]
@@ -88,9 +89,11 @@ def _ln_fwd_long_rows(
     """The rows `row` in two passes over column blocks. The first adds up the block sums for
     the mean and merges each block's exact (mean, sum of squared deviations), computed in
     registers, into the row's running pair for the variance (Chan et al.'s parallel update: no
-    E[x^2] - E[x]^2 cancellation, one read less); the second writes the output, its re-read of
-    the rows mostly hitting L2. Returns (mean, rstd)."""
+    E[x^2] - E[x]^2 cancellation, one read less), all of deviations from the row's first
+    element (row_mean in fastnn/reference/layer_norm.py); the second writes the output, its
+    re-read of the rows mostly hitting L2. Returns (mean, rstd)."""
     base = row[:, None] * N
+    shift = load_sum(X, R, row * N, rmask, HAS_RES, ACC).to(ACC)
     row_sum = tl.zeros([BLOCK_M], dtype=ACC)
     merged_mean = tl.zeros([BLOCK_M], dtype=ACC)
     m2 = tl.zeros([BLOCK_M], dtype=ACC)
@@ -98,6 +101,7 @@ def _ln_fwd_long_rows(
     for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
         cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
         x = load_sum_saved(X, R, S, base + cols[None, :], mask, HAS_RES, ACC)
+        x = tl.where(mask, x - shift[:, None], 0.0)
         block_sum = tl.sum(x, axis=1)
         row_sum += block_sum
         count = tl.sum(cmask.to(ACC), axis=0)
@@ -110,7 +114,7 @@ def _ln_fwd_long_rows(
         # square of a first block's mean could overflow (fp32 beyond 1.8e19) into inf * 0.
         m2 += tl.sum(xc * xc, axis=1) + delta * (delta * (seen * count / total))
         seen = total
-    mean = row_sum / N
+    mean = shift + row_sum / N
     rstd = tl.rsqrt(m2 / N + eps)
     for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
         cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)

@@ -227,17 +227,17 @@ FASTNN_ALWAYS_INLINE A fold_lanes(A* lanes) {
   return lanes[0];
 }
 
-// The summed terms: x, x^2, x*y, (x - c)^2. Templates, not lambdas: an outlined lambda would be
+// The summed terms: x^2, x*y, x - c, (x - c)^2. Templates, not lambdas: an outlined lambda would be
 // compiled for the baseline ISA, not inlined into the AVX2 copy.
-enum class Term { kX, kXX, kXY, kDevSq };
+enum class Term { kXX, kXY, kDev, kDevSq };
 
 // acc += term(x[0:W], y[0:W]); vectors pass by pointer / reference only (see above).
 template <Term kTerm, typename A>
 FASTNN_ALWAYS_INLINE void add_term(vec_t<A>& acc, const A* x, const A* y, const vec_t<A>& c) {
   const vec_t<A> xv = vload(x);
-  if constexpr (kTerm == Term::kX) acc += xv;
   if constexpr (kTerm == Term::kXX) acc += xv * xv;
   if constexpr (kTerm == Term::kXY) acc += xv * vload(y);
+  if constexpr (kTerm == Term::kDev) acc += xv - c;
   if constexpr (kTerm == Term::kDevSq) acc += (xv - c) * (xv - c);
 }
 
@@ -271,9 +271,9 @@ FASTNN_ALWAYS_INLINE A row_sum(const A* x, const A* y, A c, int64_t n,
     std::memcpy(lanes + 3 * W, &a3, sizeof a3);
     for (int64_t l = 0; i < end; ++i, ++l) {  // tail: fewer than kLanes elements
       const A xi = x[i], yi = y[i];
-      if constexpr (kTerm == Term::kX) lanes[l] += xi;
       if constexpr (kTerm == Term::kXX) lanes[l] += xi * xi;
       if constexpr (kTerm == Term::kXY) lanes[l] += xi * yi;
+      if constexpr (kTerm == Term::kDev) lanes[l] += xi - c;
       if constexpr (kTerm == Term::kDevSq) lanes[l] += (xi - c) * (xi - c);
     }
     total += fold_lanes<kLanes>(lanes);

@@ -18,11 +18,11 @@ from fastnn.reference.glu import ACTIVATIONS
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _check_float(t, name):
+def _check_float(t, name, error=RuntimeError):
+    """An input of another dtype raises NotImplementedError (a RuntimeError), as torch's kernels
+    do for integer input; a parameter, RuntimeError."""
     if t.dtype not in _FLOAT_DTYPES:
-        raise RuntimeError(
-            f"fastnn: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}"
-        )
+        raise error(f"fastnn: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
 
 
 def _check_same_device(t, name, ref, ref_name="input"):
@@ -34,23 +34,34 @@ def _check_same_device(t, name, ref, ref_name="input"):
 
 
 def _normalized_shape(normalized_shape):
-    if isinstance(normalized_shape, numbers.Integral):
+    integral = (numbers.Integral, torch.SymInt)  # SymInt: a dynamic size under torch.compile
+    if isinstance(normalized_shape, integral):
         return (int(normalized_shape),)
+    if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
+        isinstance(n, integral) for n in normalized_shape
+    ):
+        raise TypeError(
+            f"fastnn: normalized_shape must be an int or a tuple of ints, got {normalized_shape!r}"
+        )
     return tuple(int(n) for n in normalized_shape)
 
 
-def _check_norm_args(input, normalized_shape, residual, params):
-    """Checks shapes, dtypes and devices; returns (normalized_shape tuple, N)."""
+def _check_norm_args(op, input, normalized_shape, residual, params):
+    """Checks shapes, dtypes and devices with torch's error types for `op`; returns
+    (normalized_shape tuple, N)."""
     shape = _normalized_shape(normalized_shape)
-    _check_float(input, "input")
-    if len(shape) == 0 or tuple(input.shape[input.dim() - len(shape) :]) != shape:
-        raise RuntimeError(
-            f"fastnn: input of shape {list(input.shape)} does not end with normalized_shape "
+    _check_float(input, "input", NotImplementedError)
+    if len(shape) == 0:
+        raise RuntimeError("fastnn: normalized_shape must have at least one dim, got []")
+    if input.dim() < len(shape):
+        # torch's rms_norm raises ValueError here, its layer_norm RuntimeError.
+        raise (ValueError if op == "rms_norm" else RuntimeError)(
+            f"fastnn: input of shape {list(input.shape)} has fewer dims than normalized_shape "
             f"{list(shape)}"
         )
-    if input.dim() < len(shape):
+    if tuple(input.shape[input.dim() - len(shape) :]) != shape:
         raise RuntimeError(
-            f"fastnn: input of shape {list(input.shape)} has fewer dims than normalized_shape "
+            f"fastnn: input of shape {list(input.shape)} does not end with normalized_shape "
             f"{list(shape)}"
         )
     for name, p in params:
@@ -163,7 +174,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     The result has input's dtype. With `residual` (input's shape and dtype) returns
     (rms_norm(input + residual), input + residual), the add fused into the kernel.
     """
-    shape, n = _check_norm_args(input, normalized_shape, residual, [("weight", weight)])
+    shape, n = _check_norm_args("rms_norm", input, normalized_shape, residual, [("weight", weight)])
     if _autocast_to_fp32(input):
         # As the unfused code under autocast: the add in the input's dtype, the norm in fp32.
         if residual is not None:
@@ -188,7 +199,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
     (layer_norm(input + residual), input + residual), the add fused into the kernel.
     """
     shape, n = _check_norm_args(
-        input, normalized_shape, residual, [("weight", weight), ("bias", bias)]
+        "layer_norm", input, normalized_shape, residual, [("weight", weight), ("bias", bias)]
     )
     if _autocast_to_fp32(input):
         # As the unfused code under autocast: the add in the input's dtype, the norm in fp32.
@@ -230,7 +241,7 @@ def glu_family(gate, up=None, activation="silu", *, inplace_backward=False):
         raise ValueError(
             f"fastnn: unknown GLU activation {activation!r}; expected one of {ACTIVATIONS}"
         )
-    _check_float(gate, "gate")
+    _check_float(gate, "gate", NotImplementedError)
     if up is None:
         if gate.dim() == 0 or gate.shape[-1] % 2 != 0:
             raise RuntimeError(
@@ -238,7 +249,7 @@ def glu_family(gate, up=None, activation="silu", *, inplace_backward=False):
                 "holding [gate | up]"
             )
     else:
-        _check_float(up, "up")
+        _check_float(up, "up", NotImplementedError)
         if gate.shape != up.shape:
             raise RuntimeError(
                 f"fastnn: gate of shape {list(gate.shape)} and up of shape {list(up.shape)} differ"

@@ -43,32 +43,49 @@ def test_swiglu_matches_torch(backend):
 
 
 def _bad_norm_calls():
+    """(fastnn call, the same call of torch's or None, the error type, message)."""
     x = torch.randn(3, 4)
+    i64 = torch.ones(3, 4, dtype=torch.int64)
     return [
-        (lambda: FF.rms_norm(x, (4,), torch.randn(5)), "weight of shape \\[5\\]"),
-        (lambda: FF.rms_norm(x, (5,)), "does not end with normalized_shape \\[5\\]"),
-        (lambda: FF.layer_norm(x, (4,), None, torch.randn(3)), "bias of shape \\[3\\]"),
-        (lambda: FF.rms_norm(torch.ones(3, 4, dtype=torch.int64), (4,)), "torch.int64"),
-        (lambda: FF.layer_norm(torch.randn(3, 4, dtype=torch.complex64), (4,)), "complex64"),
-        (lambda: FF.rms_norm(x, (4,), torch.ones(4, dtype=torch.int32)), "weight must be float"),
-        (lambda: FF.rms_norm(x, (4,), residual=torch.randn(3, 5)), "residual of shape"),
+        (lambda m: m.rms_norm(x, (4,), torch.randn(5)), None, RuntimeError, "weight of shape \\[5\\]"),
+        (lambda m: m.rms_norm(x, (5,)), F, RuntimeError, "does not end with normalized_shape \\[5\\]"),
+        (lambda m: m.layer_norm(x, (4,), None, torch.randn(3)), F, RuntimeError, "bias of shape \\[3\\]"),
+        (lambda m: m.rms_norm(i64, (4,)), F, NotImplementedError, "torch.int64"),
+        (lambda m: m.layer_norm(i64, (4,)), F, NotImplementedError, "torch.int64"),
+        (lambda m: m.layer_norm(x.to(torch.complex64), (4,)), F, NotImplementedError, "complex64"),
+        (lambda m: m.rms_norm(x, (4,), torch.ones(4, dtype=torch.int32)), None, RuntimeError, "weight must be float"),
+        (lambda m: m.layer_norm(x, (4,), torch.ones(4, dtype=torch.int32)), F, RuntimeError, "weight must be float"),
+        (lambda m: m.rms_norm(x, ()), F, RuntimeError, "at least one dim"),
+        (lambda m: m.layer_norm(x, ()), F, RuntimeError, "at least one dim"),
+        (lambda m: m.rms_norm(x, 4.0), F, TypeError, "an int or a tuple of ints, got 4.0"),
+        (lambda m: m.layer_norm(x, (4.0,)), F, TypeError, "an int or a tuple of ints"),
+        (lambda m: m.rms_norm(x, (2, 3, 4)), F, ValueError, "fewer dims than normalized_shape"),
+        (lambda m: m.rms_norm(torch.tensor(1.0), (1,)), F, ValueError, "fewer dims"),
+        (lambda m: m.layer_norm(x, (2, 3, 4)), F, RuntimeError, "fewer dims than normalized_shape"),
+        (lambda m: m.rms_norm(x, (4,), residual=torch.randn(3, 5)), None, RuntimeError, "residual of shape"),
         (
-            lambda: FF.rms_norm(x, (4,), residual=torch.randn(3, 4, dtype=torch.float64)),
-            "residual has dtype torch.float64",
+            lambda m: m.rms_norm(x, (4,), residual=torch.randn(3, 4, dtype=torch.float64)),
+            None, RuntimeError, "residual has dtype torch.float64",
         ),
-        (lambda: FF.rms_norm(x, (4,), torch.randn(4, device="meta")), "weight is on meta"),
+        (lambda m: m.rms_norm(x, (4,), torch.randn(4, device="meta")), None, RuntimeError, "weight is on meta"),
         (
-            lambda: FF.layer_norm(x, (4,), residual=torch.randn(3, 4, device="meta")),
-            "residual is on meta",
+            lambda m: m.layer_norm(x, (4,), residual=torch.randn(3, 4, device="meta")),
+            None, RuntimeError, "residual is on meta",
         ),
-    ]
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", range(len(_bad_norm_calls())))
 def test_bad_norm_input_is_named(case):
-    call, message = _bad_norm_calls()[case]
-    with pytest.raises(RuntimeError, match=message):
-        call()
+    """A clear message, and the exception type torch raises for the same call, so that code
+    catching torch's error catches fastnn's (NotImplementedError is a RuntimeError)."""
+    call, torch_module, error, message = _bad_norm_calls()[case]
+    with pytest.raises(error, match=message) as raised:
+        call(FF)
+    if torch_module is not None:
+        with pytest.raises(Exception) as theirs:
+            call(torch_module)
+        assert isinstance(raised.value, type(theirs.value)), (type(theirs.value), theirs.value)
 
 
 def test_bad_glu_input_is_named():

@@ -692,6 +692,26 @@ def test_duplicate_params_and_empty_list_errors_are_torchs(cls):
         assert _errors(lambda params=params: getattr(fastnn.optim, cls)(params)) == expected
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
+def test_a_param_listed_twice_steps_twice_as_torchs_for_loop(backend, cls):
+    """torch warns of it and its for-loop step updates the param twice in turn, each update
+    counting its own step; fastnn makes one op call per occurrence (one call holding a tensor
+    twice would update its memory from two places at once)."""
+    params = make_params(backend=backend)
+    ours, ref = clone_leaves(params), clone_leaves(params)
+    kw = dict(lr=1e-2, momentum=0.9, centered=True) if cls == "RMSprop" else dict(lr=1e-2)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = getattr(fastnn.optim, cls)([*ours, ours[0]], **kw)
+        ref_opt = getattr(torch.optim, cls)([*ref, ref[0]], foreach=False, **kw)
+    grads = [[*g, g[0]] for g in make_grads(params, 5)]
+    with use(backend):
+        run(opt, [*ours, ours[0]], grads)
+    run(ref_opt, [*ref, ref[0]], grads)
+    assert_params_close(ours, ref)
+    assert_states_close(opt, ref_opt, ours, ref)
+
+
 @pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
 def test_differentiable_is_refused_clearly(cls):
     p = torch.nn.Parameter(torch.randn(3))

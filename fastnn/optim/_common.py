@@ -192,9 +192,10 @@ class FusedStepMixin:
         for group, params in work:
             for p in params:
                 self._init_state(p, group)
-            for key, idx in _buckets(params).items():
-                bucket = [params[i] for i in idx]
-                self._update_bucket(group, key[0], bucket, key[2], grad_scale, found_inf)
+            for occurrence in _occurrences(params):
+                for key, idx in _buckets(occurrence).items():
+                    bucket = [occurrence[i] for i in idx]
+                    self._update_bucket(group, key[0], bucket, key[2], grad_scale, found_inf)
         return loss
 
     def _check_group(self, group):
@@ -284,6 +285,21 @@ def _on(t, device):
     if t is None or t.device == device:
         return t
     return t.to(device, non_blocking=True)
+
+
+def _occurrences(params):
+    """params in rounds, round k holding each param's k-th occurrence in the list, in order:
+    one round without repeats. A param listed twice in a group (torch warns of it) is then
+    stepped twice in turn, each time counting its own step, as torch's for-loop step does;
+    in one op call its two copies would update the same memory at once."""
+    rounds, seen = [], {}
+    for p in params:
+        k = seen.get(p, 0)
+        seen[p] = k + 1
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append(p)
+    return rounds
 
 
 def _buckets(params):

@@ -123,30 +123,41 @@ def _rows(t, shape):
     return t.reshape(math.prod(t.shape[: t.dim() - len(shape)]), math.prod(shape))
 
 
-def _residual_rows(input, residual, shape):
-    """_rows(residual), its gradient copied where it would otherwise alias input's .grad.
+class _RowsPair(torch.autograd.Function):
+    """input and residual -> their [rows, N] reshapes, for the fused residual norms.
 
-    The op hands input and residual one gradient tensor, as torch's add does. Behind the
-    reshapes to rows autograd gives each a view of it, and a leaf accumulates a view it is
-    handed without a copy: two leaves (or views of leaves) would keep .grad tensors sharing
-    memory, which an in-place clip_grad_norm_ or unscale_ then scales twice. Activations (the
-    usual input and residual stream) are left alone: nothing is copied for them. (torch.compile
-    traces the hook too.)"""
-    rows = _rows(residual, shape)
-    if (
-        rows is not None
-        and rows.requires_grad
-        and input.requires_grad
-        and (_leaf_with_grad(input) or _leaf_with_grad(residual))
-    ):
-        rows.register_hook(torch.clone)
-    return rows
+    The op hands input and residual one gradient tensor, as torch's add does, and autograd,
+    given one tensor for two inputs, copies before any leaf keeps it while the other still
+    holds it. Behind two separate reshapes each input got a view of its own instead: two leaves
+    (or leaves behind pass-through ops such as add) kept .grad tensors sharing memory, which an
+    in-place clip_grad_norm_ or unscale_ then scaled twice. Here the backward hands both one
+    view of the one gradient, the same tensor twice, so leaves end as after `input + residual`;
+    activations (the usual input and residual stream) are never copied. (As with torch's add,
+    views of leaves taken by the caller still share one; under torch.compile, leaves passed in
+    directly may too: AOTAutograd hands each its own view.)"""
+
+    @staticmethod
+    def forward(ctx, input, residual, rows, n):
+        ctx.shape = input.shape
+        return input.reshape(rows, n), residual.reshape(rows, n)
+
+    @staticmethod
+    def backward(ctx, grad_input, grad_residual):
+        if grad_input is grad_residual:
+            both = grad_input.reshape(ctx.shape)
+            return both, both, None, None
+        reshape = [None if g is None else g.reshape(ctx.shape) for g in (grad_input, grad_residual)]
+        return *reshape, None, None
 
 
-def _leaf_with_grad(t):
-    """Whether t, or the tensor t views, is a leaf that accumulates a .grad."""
-    base = t if t._base is None else t._base
-    return base.is_leaf and base.requires_grad
+def _rows_pair(input, residual, shape):
+    """(_rows(input), _rows(residual)) for the fused residual norms (see _RowsPair)."""
+    if residual is None:
+        return _rows(input, shape), None
+    rows, n = math.prod(input.shape[: input.dim() - len(shape)]), math.prod(shape)
+    if _under_transform():  # torch.func: plain reshapes, which every transform knows
+        return input.reshape(rows, n), residual.reshape(rows, n)
+    return _RowsPair.apply(input, residual, rows, n)
 
 
 def _autocast_to_fp32(input):
@@ -185,7 +196,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
         eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     backend = _backend.resolve("rms_norm", input.device.type)
     out, residual_out, _ = _forward(backend, "rms_norm_fwd")(
-        _rows(input, shape), _residual_rows(input, residual, shape), _vector(weight, n), float(eps)
+        *_rows_pair(input, residual, shape), _vector(weight, n), float(eps)
     )
     out = out.view(input.shape)
     return out if residual is None else (out, residual_out.view(input.shape))
@@ -210,8 +221,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
         input, weight, bias = _fp32(input), _fp32(weight), _fp32(bias)
     backend = _backend.resolve("layer_norm", input.device.type)
     out, residual_out, _, _ = _forward(backend, "layer_norm_fwd")(
-        _rows(input, shape),
-        _residual_rows(input, residual, shape),
+        *_rows_pair(input, residual, shape),
         _vector(weight, n),
         _vector(bias, n),
         float(eps),

@@ -68,14 +68,15 @@ def check_single_element_rows(backend, case):
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("n", [1000, INTERPRETER_MAX_N])
+@pytest.mark.parametrize("n", [1000, INTERPRETER_MAX_N, 32768])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_constant_rows_give_the_bias(backend, device, dtype, n, residual):
     """A row of one value has variance 0, so its output is the bias exactly, as torch's: its
     mean must be that value exactly. Taken as a rounded sum / N, rows of 0.1 or -7.3 came out
-    an ulp off, which rstd = 1 / sqrt(1e-12) made outputs of 0.03 to 0.9. N = 16411 runs the
-    Triton forward's looping tier (rows past its whole-row caps)."""
+    an ulp off, which rstd = 1 / sqrt(1e-12) made outputs of 0.03 to 0.9. The sizes reach each
+    kernel tier: N = 1000 whole rows (CUDA: the register tier), 16411 the Triton forward's
+    looping tier (CUDA: the scalar staged kernel, N odd), 32768 the CUDA vector staged one."""
     skip(KIND, backend, device)
     values = torch.tensor([0.1, -7.3, 100.0, 3.0, 0.0, -1e-3], device=device)
     x = values[:, None].expand(-1, n).to(dtype)

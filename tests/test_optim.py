@@ -692,12 +692,14 @@ def test_duplicate_params_and_empty_list_errors_are_torchs(cls):
         assert _errors(lambda params=params: getattr(fastnn.optim, cls)(params)) == expected
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["", "grad_scale"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
-def test_a_param_listed_twice_steps_twice_as_torchs_for_loop(backend, cls):
+def test_a_param_listed_twice_steps_twice_as_torchs_for_loop(backend, cls, scaled):
     """torch warns of it and its for-loop step updates the param twice in turn, each update
     counting its own step; fastnn makes one op call per occurrence (one call holding a tensor
-    twice would update its memory from two places at once)."""
+    twice would update its memory from two places at once). With the fused GradScaler
+    protocol both updates read the grad unscaled once, as after GradScaler's unscale_."""
     params = make_params(backend=backend)
     ours, ref = clone_leaves(params), clone_leaves(params)
     kw = dict(lr=1e-2, momentum=0.9, centered=True) if cls == "RMSprop" else dict(lr=1e-2)
@@ -706,7 +708,12 @@ def test_a_param_listed_twice_steps_twice_as_torchs_for_loop(backend, cls):
         ref_opt = getattr(torch.optim, cls)([*ref, ref[0]], foreach=False, **kw)
     grads = [[*g, g[0]] for g in make_grads(params, 5)]
     with use(backend):
-        run(opt, [*ours, ours[0]], grads)
+        for step_grads in grads:
+            for p, g in zip(ours, step_grads[:-1], strict=True):  # the last: ours[0]'s again
+                p.grad = g * 1024.0 if scaled else g.clone()
+            if scaled:
+                opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+            opt.step()
     run(ref_opt, [*ref, ref[0]], grads)
     assert_params_close(ours, ref)
     assert_states_close(opt, ref_opt, ours, ref)

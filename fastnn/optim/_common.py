@@ -192,10 +192,13 @@ class FusedStepMixin:
         for group, params in work:
             for p in params:
                 self._init_state(p, group)
-            for occurrence in _occurrences(params):
+            for k, occurrence in enumerate(_occurrences(params)):
+                # The first round unscales the grads in place (fused GradScaler protocol); a
+                # param's later rounds read its grad unscaled.
+                scale = grad_scale if k == 0 else None
                 for key, idx in _buckets(occurrence).items():
                     bucket = [occurrence[i] for i in idx]
-                    self._update_bucket(group, key[0], bucket, key[2], grad_scale, found_inf)
+                    self._update_bucket(group, key[0], bucket, key[2], scale, found_inf)
         return loss
 
     def _check_group(self, group):

@@ -150,10 +150,11 @@ def check_against_oracle(kind, backend, device, case, nshape, eps, dtype):
     """Forward and every gradient of fastnn against the fp64 oracle (and eager torch in
     low precision); residual_out equal to the rounded sum x + r.
 
-    fastnn runs with torch.empty / empty_like filling floats with NaN: fresh CPU memory is
-    mostly zeros, so an output element or partial sum a launcher leaves unwritten, or a buffer
-    it needs zeroed but allocates empty, would otherwise pass here and fail on a GPU, whose
-    caching allocator hands back used blocks."""
+    fastnn runs with torch.empty / empty_like filling floats with NaN (allocations made in
+    Python: the Triton launchers' and the reference's; the native ops allocate in C++): fresh
+    CPU memory is mostly zeros, so an output element or partial sum a launcher leaves
+    unwritten, or a buffer it needs zeroed but allocates empty, would otherwise pass here and
+    fail on a GPU, whose caching allocator hands back used blocks."""
     with nan_filled_allocations():
         out, res_out, dx, dr, dw, db = run_fastnn(kind, backend, case, nshape, eps)
     assert out.dtype == case["x"].dtype and out.shape == case["x"].shape

@@ -140,9 +140,10 @@ __global__ void __launch_bounds__(1024) ln_fwd_reg_kernel(FwdArgs<T, W> a) {
   }
 }
 
-// Any N: three passes over the row (sum, squared deviations, output) in tiles of kStagedItems
-// vectors per thread; the later ones read it from shared memory (SMEM) or global memory (res_out
-// when a residual was added: the same thread wrote those elements).
+// Any N: three passes over the row (deviations from its first element, squared deviations from the
+// mean, output) in tiles of kStagedItems vectors per thread; the later ones read it from shared
+// memory (SMEM) or global memory (res_out when a residual was added: the same thread wrote those
+// elements).
 template <typename T, typename W, int VEC, bool SMEM>
 __global__ void __launch_bounds__(kStagedThreads) ln_fwd_staged_kernel(FwdArgs<T, W> a) {
   using A = acc_t<T>;

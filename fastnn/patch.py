@@ -14,21 +14,26 @@ What it replaces:
   nothing else to learn, an `eps` or `variance_epsilon` number, and a forward that computes
   RMSNorm with that weight and eps -> `fastnn.RMSNorm` holding the same weight.
 
-No other library is imported. Every structural match is verified before it is swapped: the old
-forward and fastnn's are run on a probe input (without hooks, under no_grad, in training and in
-eval mode) and must agree within the forward tolerance of the parameters' dtype; look-alikes that
-compute something else (Gemma's (1 + weight) scale, eps outside the square root, dropout in
-either mode) are left alone and listed in the report's `skipped`. The probes use random weights
-(swapped in for the call, the module's own tensors are never written): for norms with rows of
-mean square near eps, so a formula that matches only at weight = 1 or only far from eps is not
-mistaken for RMSNorm; for MLPs because zero-initialised projections would make any activation
-agree.
+No other library is imported. Every structural match is verified before it is swapped: its forward
+must take the input alone, and the old forward and fastnn's are run on a probe input (without hooks,
+under no_grad, in training and in eval mode; norms on [2, 2, N], so a norm over another dim fails)
+and must agree within the forward tolerance of the parameters' dtype; look-alikes that compute
+something else (Gemma's (1 + weight) scale, eps outside the square root, dropout in either mode, a
+norm over channels) or whose activation module carries hooks are left alone and listed in the
+report's `skipped`. A norm whose output takes a wider weight's dtype (HF's LlamaRMSNorm kept in
+fp32: fp32 out of bf16 input) is replaced by one that does too. The probes use random weights
+(swapped in for the call, the module's own tensors are never written): for norms with rows of mean
+square near eps, so a formula that matches only at weight = 1 or only far from eps is not mistaken
+for RMSNorm; for MLPs because zero-initialised projections would make any activation agree.
 
 Patch before wrapping the model in DDP / FSDP or compiling it. Outputs keep their dtype rules:
-fastnn's norms return the input's dtype, as torch.nn.RMSNorm does.
+fastnn's norms return the input's dtype, as torch.nn.RMSNorm does (the look-alikes above whose
+output follows their weight's aside).
 """
 
+import contextlib
 import dataclasses
+import inspect
 import math
 
 import torch
@@ -111,6 +116,19 @@ def _instance_forward(module):
     return "forward" in vars(module)
 
 
+def _takes_one_input(module):
+    """Whether forward takes exactly one argument (the input): a module called with more (a
+    scale, a skip tensor fastnn would take for its fused residual) cannot be replaced."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1 and params[0].kind in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
+
+
 def _forward_both_modes(module, x):
     """module.forward(x) in training mode, then in eval mode (no grad, the modes of module and
     its children restored after, and the RNG state too: dropout draws from it), so that what
@@ -178,22 +196,51 @@ def _verify_rms_norm(module):
     # Row scales: ordinary, large, small, and mean square = eps / 4 where eps's place matters.
     scales = torch.tensor([1.0, 30.0, 0.05, math.sqrt(eps) / 2 if eps > 0 else 1e-3])
     x = x * scales.to(x.device, x.dtype)[:, None]
+    # 3-D, its middle dim not N: a norm over dim 1 (channels first) fails or disagrees.
+    x = x.view(2, 2, n) if n != 2 else x.view(1, 4, n)
     probe_weight = 1 + 0.5 * _randn((n,), weight, seed=1)
+    # A bf16 input too where the weight is wider: fastnn returns the input's dtype (as
+    # torch.nn.RMSNorm), norms that multiply by the weight last (HF's LlamaRMSNorm) the
+    # promotion of both, which the replacement must keep (the next layer expects it).
+    probes = [x] if weight.dtype.itemsize <= 2 else [x, x.to(torch.bfloat16)]
     original = module._parameters["weight"]
     module._parameters["weight"] = nn.Parameter(probe_weight, requires_grad=False)
     try:
-        outputs = _forward_both_modes(module, x)
-    except Exception as e:  # any forward that cannot take [rows, N] is not one we can replace
-        return f"its forward failed on a [4, {n}] probe ({type(e).__name__}: {e})"
+        outputs = [_forward_both_modes(module, probe) for probe in probes]
+    except Exception as e:  # any forward that cannot take [..., N] is not one we can replace
+        return f"its forward failed on a {list(x.shape)} probe ({type(e).__name__}: {e})", False
     finally:
         module._parameters["weight"] = original
-    with torch.no_grad():
-        ours = F.rms_norm(x, (n,), probe_weight, eps)
-    return _mismatch(outputs, ours, x, f"RMSNorm(weight, eps={eps:g})", same_dtype=True)
+    promotes = False
+    for probe, theirs in zip(probes, outputs, strict=True):
+        with torch.no_grad():
+            ours = F.rms_norm(probe, (n,), probe_weight, eps)
+        promoted = torch.promote_types(probe.dtype, weight.dtype)
+        got = {t.dtype for t in theirs if isinstance(t, torch.Tensor)}
+        if got == {promoted} != {probe.dtype}:
+            promotes, ours = True, ours.to(promoted)
+        why = _mismatch(
+            theirs, ours, probe, f"RMSNorm(weight, eps={eps:g})", same_dtype=not promotes
+        )
+        if why:
+            return why, False
+    return None, promotes
 
 
-def _new_rms_norm(module):
-    new = RMSNorm(module.weight.shape[0], eps=_norm_eps(module), device="meta")
+class _PromotingRMSNorm(RMSNorm):
+    """fastnn.RMSNorm whose output has the promotion of the input's and the weight's dtypes, as
+    the look-alikes that multiply by the weight last (an fp32 weight: fp32 out of bf16 input)."""
+
+    def forward(self, x, residual=None):
+        result = super().forward(x, residual)
+        out = result if residual is None else result[0]
+        out = out.to(torch.promote_types(out.dtype, self.weight.dtype))
+        return out if residual is None else (out, result[1])
+
+
+def _new_rms_norm(module, promotes):
+    cls = _PromotingRMSNorm if promotes else RMSNorm
+    new = cls(module.weight.shape[0], eps=_norm_eps(module), device="meta")
     new.weight = module.weight  # the same Parameter: nothing allocated or copied
     return new
 
@@ -220,6 +267,10 @@ def _looks_like_llama_mlp(module):
     ):
         return False
     if (gate.bias is None) != (up.bias is None) or (gate.bias is None) != (down.bias is None):
+        return False
+    # Plain weights: a legacy weight_norm Linear holds weight_g / weight_v and rebuilds weight
+    # in a pre-hook (from the probe's tensors, during the probe).
+    if any(set(lin._parameters) - {"weight", "bias"} for lin in linears):
         return False
     others = [m for name, m in children.items() if name not in _MLP_LINEARS]
     if any(True for m in others for _ in m.parameters()) or any(
@@ -251,15 +302,38 @@ def _verify_llama_mlp(module):
                 probe = _randn(p.shape, p, seed=seed * 2 + (name == "bias"))
                 lin._parameters[name] = nn.Parameter(probe / math.sqrt(lin.in_features), False)
     try:
-        outputs = _forward_both_modes(module, x)
-        with torch.no_grad():
-            ours = _swiglu_mlp_forward(*linears, x)
+        with _hooks_off(linears):  # the Linears' hooks see the model's calls, not the probe's
+            outputs = _forward_both_modes(module, x)
+            with torch.no_grad():
+                ours = _swiglu_mlp_forward(*linears, x)
     except Exception as e:
-        return f"its forward failed on a [3, {x.shape[1]}] probe ({type(e).__name__}: {e})"
+        return f"its forward failed on a [3, {x.shape[1]}] probe ({type(e).__name__}: {e})", None
     finally:
         for lin, params in zip(linears, originals, strict=True):
             lin._parameters.update(params)
-    return _mismatch(outputs, ours, x, "down_proj(silu(gate_proj(x)) * up_proj(x))")
+    return _mismatch(outputs, ours, x, "down_proj(silu(gate_proj(x)) * up_proj(x))"), None
+
+
+@contextlib.contextmanager
+def _hooks_off(modules):
+    """The modules' own hooks set aside for the block, then put back."""
+    saved = [(m, key, getattr(m, key)) for m in modules for key in _hook_dicts(m)]
+    for m, key, hooks in saved:
+        setattr(m, key, type(hooks)())
+    try:
+        yield
+    finally:
+        for m, key, hooks in saved:
+            setattr(m, key, hooks)
+
+
+def _hook_dicts(module):
+    """Names of the module's hook dicts (_forward_hooks, _forward_pre_hooks, ...)."""
+    return [
+        k
+        for k, v in vars(module).items()
+        if k.startswith("_") and "hook" in k and isinstance(v, dict)
+    ]
 
 
 def _new_swiglu_mlp(module):
@@ -276,32 +350,46 @@ def _new_swiglu_mlp(module):
 def _carry_over(old, new):
     """Keeps the old module's train/eval mode and every hook registered on it."""
     new.train(old.training)
-    for key, value in vars(old).items():
-        if key.startswith("_") and "hook" in key:
-            setattr(new, key, value)
+    for key in _hook_dicts(old):
+        setattr(new, key, getattr(old, key))
 
 
 def _plan(module, norms, mlps):
-    """(kind, why_not) for one module: kind is 'swap', 'replace' or None."""
+    """(kind, why_not, detail) for one module: kind is 'swap', 'replace' or None; detail, for a
+    replaced norm, whether its output follows the weight's dtype (_PromotingRMSNorm)."""
     if type(module) in (nn.RMSNorm, nn.LayerNorm):
         if not norms:
-            return None, None
+            return None, None, None
         if _instance_forward(module):
-            return None, "forward is overridden on the instance"
-        return "swap", None
+            return None, "forward is overridden on the instance", None
+        return "swap", None, None
     if isinstance(module, (RMSNorm, LayerNorm, SwiGLUMLP)):
-        return None, None  # fastnn's already
+        return None, None, None  # fastnn's already
     candidate = None
     if mlps and _looks_like_llama_mlp(module):
         candidate = _verify_llama_mlp
     elif norms and _looks_like_rms_norm(module):
         candidate = _verify_rms_norm
     if candidate is None:
-        return None, None
+        return None, None, None
     if _instance_forward(module):
-        return None, "forward is overridden on the instance"
-    why = candidate(module)
-    return (None, why) if why else ("replace", None)
+        return None, "forward is overridden on the instance", None
+    if not _takes_one_input(module):
+        return None, "its forward takes more than the input", None
+    if candidate is _verify_llama_mlp and _children_hooked(module):
+        return None, "hooks on its other children (the activation) would be dropped", None
+    why, detail = candidate(module)
+    return (None, why, None) if why else ("replace", None, detail)
+
+
+def _children_hooked(module):
+    """Whether a child other than the three Linears (kept in the new module) has hooks."""
+    return any(
+        getattr(child, key)
+        for name, child in module.named_children()
+        if name not in _MLP_LINEARS
+        for key in _hook_dicts(child)
+    )
 
 
 def patch(model, *, norms=True, mlps=True):
@@ -322,7 +410,7 @@ def patch(model, *, norms=True, mlps=True):
     for path, module in list(model.named_modules()):
         if any(path.startswith(p + ".") for p in done_prefixes):
             continue
-        kind, why = _plan(module, norms, mlps)
+        kind, why, detail = _plan(module, norms, mlps)
         if why is not None:
             report.skipped.append((path, why))
         if kind == "swap":
@@ -333,13 +421,13 @@ def patch(model, *, norms=True, mlps=True):
             if module is model:
                 report.skipped.append((path, "it is the root module; patch its parent instead"))
                 continue
-            new = _new_swiglu_mlp(module) if hasattr(module, "gate_proj") else _new_rms_norm(module)
+            mlp = hasattr(module, "gate_proj")
+            new = _new_swiglu_mlp(module) if mlp else _new_rms_norm(module, detail)
             _carry_over(module, new)
             replacements[id(module)] = new
             done_prefixes.append(path)
-            report.replaced.append(
-                Replacement(path, _qualname(module), f"fastnn.{type(new).__name__}")
-            )
+            name = "SwiGLUMLP" if mlp else "RMSNorm"
+            report.replaced.append(Replacement(path, _qualname(module), f"fastnn.{name}"))
     if replacements:
         for parent in list(model.modules()):
             for name, child in list(parent._modules.items()):

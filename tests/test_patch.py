@@ -139,7 +139,7 @@ def test_report_lists_what_was_replaced_and_what_was_left_alone():
     assert "layers.1.input_layernorm: test_patch.ThirdPartyRMSNorm -> fastnn.RMSNorm" in text
     assert "gelu_mlp" in text
     for path, _, after in EXPECTED:
-        assert type(model.get_submodule(path)).__name__ == after.split(".")[1]
+        assert isinstance(model.get_submodule(path), getattr(fastnn, after.split(".")[1]))
     for path in LEFT_ALONE:
         assert type(model.get_submodule(path)).__module__ == "test_patch"
     assert len(patch(model)) == 0  # a second patch finds nothing left to do
@@ -246,6 +246,82 @@ def test_mlp_probe_does_not_trust_zero_initialised_weights():
         report = patch(model)
         assert len(report) == 0 and "not down_proj(silu" in dict(report.skipped)["mlp"]
         assert torch.count_nonzero(getattr(mlp, zeroed).weight) == 0  # its own weight kept
+
+
+class ChannelsFirstRMSNorm(nn.Module):
+    """RMSNorm over dim 1 of [B, C, ...] (image models): right structure, other dim."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)
+        return x * self.weight.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class ScaledMLP(ThirdPartyMLP):
+    def forward(self, x, scale=1.0):
+        return super().forward(x) * scale
+
+
+class SkipNorm(ThirdPartyRMSNorm):
+    def forward(self, x, skip=None):
+        out = super().forward(x)
+        return out if skip is None else out + skip
+
+
+def test_look_alikes_called_otherwise_are_left_alone():
+    # A norm over channels (dim 1), a forward taking more than the input (fastnn's norm would
+    # take the second argument for its fused residual), hooks on the activation the new module
+    # would drop, a legacy weight_norm Linear (its weight rebuilt from weight_g / weight_v).
+    hooked = ThirdPartyMLP(8, 16)
+    calls = []
+    hooked.act_fn.register_forward_hook(lambda *args: calls.append(args))
+    hooked.gate_proj.register_forward_hook(lambda *args: calls.append(args))
+    normed = ThirdPartyMLP(8, 16)
+    with pytest.warns(FutureWarning):  # deprecated, still in use
+        normed.gate_proj = torch.nn.utils.weight_norm(normed.gate_proj)
+    model = nn.ModuleDict(
+        {"channels": ChannelsFirstRMSNorm(8), "scaled": ScaledMLP(8, 16), "skip": SkipNorm(8),
+         "hooked": hooked, "normed": normed, "plain": ThirdPartyMLP(8, 16)}
+    )  # fmt: skip
+    report = patch(model)
+    assert [r.path for r in report] == ["plain"]
+    skipped = dict(report.skipped)
+    assert skipped.keys() == {"channels", "scaled", "skip", "hooked"}  # normed: no match at all
+    assert "probe" in skipped["channels"]
+    assert "takes more than the input" in skipped["scaled"] == skipped["skip"]
+    assert "hooks on its other children" in skipped["hooked"]
+    assert not calls  # no probe went through the user's hooks
+    x = torch.randn(2, 8, 5, 5)
+    assert model["channels"](x).shape == x.shape
+
+
+def test_mlp_probe_leaves_the_linears_hooks_alone():
+    mlp = ThirdPartyMLP(8, 16)
+    calls = []
+    mlp.gate_proj.register_forward_hook(lambda *args: calls.append(args))
+    model = nn.ModuleDict({"mlp": mlp})
+    assert len(patch(model)) == 1 and not calls  # not fired by the probe
+    model["mlp"](torch.randn(3, 8))
+    assert len(calls) == 1  # still there, on the Linear the new module holds
+
+
+def test_a_norm_whose_output_follows_its_fp32_weight_keeps_doing_so():
+    """HF-style norms kept in fp32 inside a bf16 model return fp32 (the weight multiplies
+    last); the next layer expects it. The replacement keeps that dtype rule."""
+    model = nn.Sequential(nn.Linear(8, 8).bfloat16(), ThirdPartyRMSNorm(8), nn.Linear(8, 4))
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    want = model(x)
+    assert want.dtype == torch.float32
+    report = patch(model)
+    assert [r.after for r in report] == ["fastnn.RMSNorm"]
+    got = model(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # bf16 activations
+    assert model[1](torch.randn(2, 8)).dtype == torch.float32
 
 
 def test_rejects_non_modules():

@@ -429,6 +429,9 @@ def parse_args(argv=None):
         args.mlp_hidden = -(-8 * args.dim // 3 // 32) * 32
     if args.resume and not args.ckpt:
         ap.error("--resume needs --ckpt")
+    for flag in ("log_every", "eval_batches"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.dim % args.heads or (args.dim // args.heads) % 2:
         ap.error("--dim must be a multiple of --heads with an even head size")
     return args

@@ -223,3 +223,18 @@ def test_corpus_is_deterministic_and_batches_depend_only_on_seed_step_rank(examp
     data.check_windows(16)
     with pytest.raises(SystemExit, match="validation text has"):
         data.check_windows(len(data.val))
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--eval-batches", "0"], "--eval-batches must be at least 1"),
+        (["--log-every", "0"], "--log-every must be at least 1"),
+        (["--resume"], "--resume needs --ckpt"),
+        (["--heads", "3"], "multiple of --heads"),
+    ],
+)
+def test_bad_flags_are_argument_errors(example, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        example.parse_args(argv)
+    assert message in capsys.readouterr().err

@@ -231,7 +231,7 @@ def test_corpus_is_deterministic_and_batches_depend_only_on_seed_step_rank(examp
         (["--eval-batches", "0"], "--eval-batches must be at least 1"),
         (["--log-every", "0"], "--log-every must be at least 1"),
         (["--resume"], "--resume needs --ckpt"),
-        (["--heads", "3"], "multiple of --heads"),
+        (["--heads", "5"], "multiple of --heads"),
     ],
 )
 def test_bad_flags_are_argument_errors(example, argv, message, capsys):

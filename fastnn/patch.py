@@ -350,8 +350,9 @@ def _new_swiglu_mlp(module):
 def _carry_over(old, new):
     """Keeps the old module's train/eval mode and every hook registered on it."""
     new.train(old.training)
-    for key in _hook_dicts(old):
-        setattr(new, key, getattr(old, key))
+    for key, value in vars(old).items():  # the hook dicts and _is_full_backward_hook
+        if key.startswith("_") and "hook" in key:
+            setattr(new, key, value)
 
 
 def _plan(module, norms, mlps):

@@ -191,9 +191,11 @@ def test_hooks_and_mode_carry_over():
     model.layers[1].input_layernorm.register_forward_hook(lambda m, i, o: calls.append("norm"))
     model.layers[0].mlp.register_forward_pre_hook(lambda m, i: calls.append("mlp"))
     model.norm.register_forward_hook(lambda m, i, o: calls.append("torch norm"))
+    model.layers[1].input_layernorm.register_full_backward_hook(lambda *a: calls.append("grad"))
     patch(model)
-    model(torch.randn(2, 24))
-    assert sorted(calls) == ["mlp", "norm", "torch norm"]
+    model(torch.randn(2, 24, requires_grad=True)).sum().backward()
+    assert sorted(calls) == ["grad", "mlp", "norm", "torch norm"]
+    assert model.layers[1].input_layernorm._is_full_backward_hook  # a full hook still
     assert not any(m.training for m in model.modules())
 
 

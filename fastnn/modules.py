@@ -9,7 +9,20 @@ from fastnn import functional as F
 from fastnn.reference.glu import ACTIVATIONS
 
 
-class RMSNorm(nn.RMSNorm):
+class _NotScriptable:
+    """torch.jit.script calls __prepare_scriptable__ on every module before compiling it: fail
+    there with a message that names the module and the alternatives, instead of TorchScript's
+    error from deep inside fastnn.functional (keyword-only arguments)."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"fastnn.{type(self).__name__} cannot be compiled by torch.jit.script (its kernels "
+            "are torch.library custom ops called from Python); use torch.compile, torch.export "
+            "or torch.jit.trace"
+        )
+
+
+class RMSNorm(_NotScriptable, nn.RMSNorm):
     """torch.nn.RMSNorm with fused kernels.
 
     forward(input) -> rms_norm(input); forward(input, residual) -> (rms_norm(input + residual),
@@ -20,7 +33,7 @@ class RMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, residual=residual)
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(_NotScriptable, nn.LayerNorm):
     """torch.nn.LayerNorm with fused kernels; forward optionally takes `residual` as RMSNorm."""
 
     def forward(self, input, residual=None):
@@ -29,7 +42,7 @@ class LayerNorm(nn.LayerNorm):
         )
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(_NotScriptable, nn.Module):
     """act(gate) * up with a fused kernel; act is silu by default (SwiGLU), or one of gelu,
     gelu_tanh (GeGLU), relu (ReGLU), sigmoid (GLU). forward(gate, up=None): with up=None the last
     dim of gate holds [gate | up]. inplace_backward=True: see fastnn.functional.glu_family."""
@@ -51,7 +64,7 @@ class SwiGLU(nn.Module):
         return f"activation={self.activation!r}{extra}"
 
 
-class SwiGLUMLP(nn.Module):
+class SwiGLUMLP(_NotScriptable, nn.Module):
     """The LLaMA MLP: down_proj(act(gate_proj(x)) * up_proj(x)), act = silu by default.
 
     x: [..., hidden_size] -> [..., hidden_size], any float dtype the Linear layers accept.

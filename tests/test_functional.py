@@ -275,3 +275,17 @@ def test_eager_calls_run_the_backends_ops(backend, monkeypatch):
         FF.layer_norm(x, (8,)).sum().backward()
         FF.swiglu(x, x).sum().backward()
         FF.swiglu(x).sum().backward()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape checks fixed by the trace
+def test_modules_refuse_torch_jit_script_clearly_and_trace():
+    """TorchScript cannot compile the custom-op calls: the error names the module and what to
+    use instead (scripting a model that holds one too); torch.jit.trace works."""
+    x = torch.randn(2, 8)
+    for module in (fastnn.RMSNorm(8), fastnn.LayerNorm(8), fastnn.SwiGLUMLP(8, 16)):
+        for target in (module, torch.nn.Sequential(torch.nn.Linear(8, 8), module)):
+            with pytest.raises(RuntimeError, match=f"fastnn.{type(module).__name__} cannot be"):
+                torch.jit.script(target)
+        traced = torch.jit.trace(module, x)
+        torch.testing.assert_close(traced(x), module(x))

@@ -116,11 +116,14 @@ def _forward(backend, name):
     return _REFERENCE_FORWARDS[name] if _under_transform() else ops.get(backend, name)
 
 
+def _rows_shape(t, shape):
+    """[..., *normalized_shape] -> (rows, N) (rows counted, not inferred: N may be 0)."""
+    return math.prod(t.shape[: t.dim() - len(shape)]), math.prod(shape)
+
+
 def _rows(t, shape):
-    """[..., *normalized_shape] -> [rows, N] (rows counted, not inferred: N may be 0)."""
-    if t is None:
-        return None
-    return t.reshape(math.prod(t.shape[: t.dim() - len(shape)]), math.prod(shape))
+    """[..., *normalized_shape] -> [rows, N]."""
+    return None if t is None else t.reshape(_rows_shape(t, shape))
 
 
 class _RowsPair(torch.autograd.Function):
@@ -154,7 +157,7 @@ def _rows_pair(input, residual, shape):
     """(_rows(input), _rows(residual)) for the fused residual norms (see _RowsPair)."""
     if residual is None:
         return _rows(input, shape), None
-    rows, n = math.prod(input.shape[: input.dim() - len(shape)]), math.prod(shape)
+    rows, n = _rows_shape(input, shape)
     if _under_transform():  # torch.func: plain reshapes, which every transform knows
         return input.reshape(rows, n), residual.reshape(rows, n)
     return _RowsPair.apply(input, residual, rows, n)

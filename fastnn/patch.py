@@ -327,13 +327,14 @@ def _hooks_off(modules):
             setattr(m, key, hooks)
 
 
+def _hook_attributes(module):
+    """Names of the module's hook state: its hook dicts and _is_full_backward_hook."""
+    return [k for k in vars(module) if k.startswith("_") and "hook" in k]
+
+
 def _hook_dicts(module):
     """Names of the module's hook dicts (_forward_hooks, _forward_pre_hooks, ...)."""
-    return [
-        k
-        for k, v in vars(module).items()
-        if k.startswith("_") and "hook" in k and isinstance(v, dict)
-    ]
+    return [k for k in _hook_attributes(module) if isinstance(getattr(module, k), dict)]
 
 
 def _new_swiglu_mlp(module):
@@ -350,9 +351,8 @@ def _new_swiglu_mlp(module):
 def _carry_over(old, new):
     """Keeps the old module's train/eval mode and every hook registered on it."""
     new.train(old.training)
-    for key, value in vars(old).items():  # the hook dicts and _is_full_backward_hook
-        if key.startswith("_") and "hook" in key:
-            setattr(new, key, value)
+    for key in _hook_attributes(old):  # the hook dicts and _is_full_backward_hook
+        setattr(new, key, getattr(old, key))
 
 
 def _plan(module, norms, mlps):

@@ -8,6 +8,7 @@ import math
 import numbers
 
 import torch
+from torch.torch_version import TorchVersion
 
 from fastnn import _backend, ops
 from fastnn.reference import glu as reference_glu
@@ -163,11 +164,18 @@ def _rows_pair(input, residual, shape):
     return _RowsPair.apply(input, residual, rows, n)
 
 
-def _autocast_to_fp32(input):
-    """True inside torch.autocast on CUDA, where torch runs layer_norm and rms_norm in fp32 (its
-    autocast fp32 list: fp32 results from fp16 / bf16 inputs); the norms here do the same. torch
-    does not autocast them on the CPU."""
-    return input.is_cuda and torch.is_autocast_enabled("cuda")
+# torch put rms_norm on CUDA autocast's fp32 list in 2.12; torch 2.11's autocast leaves it alone
+# (measured on an H100: bf16 input, fp32 weight, bf16 out, as without autocast).
+_AUTOCAST_FP32 = ("layer_norm", "rms_norm") if TorchVersion(torch.__version__) >= (2, 12) else (
+    "layer_norm",
+)  # fmt: skip
+
+
+def _autocast_to_fp32(op, input):
+    """True inside torch.autocast on CUDA where torch runs `op` in fp32 (its autocast fp32 list:
+    fp32 results from fp16 / bf16 inputs); the norms here do the same. torch does not autocast
+    them on the CPU."""
+    return op in _AUTOCAST_FP32 and input.is_cuda and torch.is_autocast_enabled("cuda")
 
 
 def _fp32(t):
@@ -189,7 +197,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     (rms_norm(input + residual), input + residual), the add fused into the kernel.
     """
     shape, n = _check_norm_args("rms_norm", input, normalized_shape, residual, [("weight", weight)])
-    if _autocast_to_fp32(input):
+    if _autocast_to_fp32("rms_norm", input):
         # As the unfused code under autocast: the add in the input's dtype, the norm in fp32.
         if residual is not None:
             s = input + residual
@@ -215,7 +223,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
     shape, n = _check_norm_args(
         "layer_norm", input, normalized_shape, residual, [("weight", weight), ("bias", bias)]
     )
-    if _autocast_to_fp32(input):
+    if _autocast_to_fp32("layer_norm", input):
         # As the unfused code under autocast: the add in the input's dtype, the norm in fp32.
         if residual is not None:
             s = input + residual

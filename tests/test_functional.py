@@ -163,7 +163,7 @@ def test_residual_and_input_grads_do_not_share_memory(backend, kind, how, shape)
 def test_autocast_policy_runs_the_norms_in_fp32(monkeypatch):
     # The CUDA autocast policy (checked against torch under autocast in test_norms_gpu.py), with
     # its switch forced on here: the norm of bf16 input in fp32, the fused add in bf16.
-    monkeypatch.setattr(FF, "_autocast_to_fp32", lambda input: True)
+    monkeypatch.setattr(FF, "_autocast_to_fp32", lambda op, input: True)
     x, r = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
     w, b = torch.randn(8), torch.randn(8)
     out = FF.rms_norm(x, (8,), w.bfloat16())

@@ -72,11 +72,13 @@ def check_single_element_rows(backend, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_constant_rows_give_the_bias(backend, device, dtype, n, residual):
-    """A row of one value has variance 0, so its output is the bias exactly, as torch's: its
-    mean must be that value exactly. Taken as a rounded sum / N, rows of 0.1 or -7.3 came out
-    an ulp off, which rstd = 1 / sqrt(1e-12) made outputs of 0.03 to 0.9. The sizes reach each
-    kernel tier: N = 1000 whole rows (CUDA: the register tier), 16411 the Triton forward's
-    looping tier (CUDA: the scalar staged kernel, N odd), 32768 the CUDA vector staged one."""
+    """A row of one value has variance 0, so its output is the bias exactly, as torch's on the
+    CPU: its mean must be that value exactly. Taken as a rounded sum / N, rows of 0.1 or -7.3
+    came out an ulp off, which rstd = 1 / sqrt(1e-12) made outputs of 0.03 to 0.9. The sizes
+    reach each kernel tier: N = 1000 whole rows (CUDA: the register tier), 16411 the Triton
+    forward's looping tier (CUDA: the scalar staged kernel, N odd), 32768 the CUDA vector staged
+    one. torch's own CUDA layer_norm misses at N = 1000 (H100, torch 2.11: half the elements
+    off, by up to 6.9), so only the CPU compares with it."""
     skip(KIND, backend, device)
     values = torch.tensor([0.1, -7.3, 100.0, 3.0, 0.0, -1e-3], device=device)
     x = values[:, None].expand(-1, n).to(dtype)
@@ -86,7 +88,8 @@ def test_constant_rows_give_the_bias(backend, device, dtype, n, residual):
         out = FF.layer_norm(x, (n,), w, b, 1e-12, residual=r)
     out = out[0] if residual else out
     torch.testing.assert_close(out, b.expand_as(out), rtol=0, atol=0)
-    torch.testing.assert_close(out, F.layer_norm(x, (n,), w, b, 1e-12), rtol=0, atol=0)
+    if device == "cpu":
+        torch.testing.assert_close(out, F.layer_norm(x, (n,), w, b, 1e-12), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

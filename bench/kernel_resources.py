@@ -51,8 +51,6 @@ PERSISTENT_KERNELS = {
     "_rms_bwd_cols_kernel",
     "_ln_bwd_kernel",
     "_ln_bwd_cols_kernel",
-    "_rms_bwd_fused_kernel",
-    "_ln_bwd_fused_kernel",
 }
 
 

@@ -2,7 +2,7 @@
 
 One call of a lent GPU machine times dozens of configs per case without a rebuild (Triton
 compiles at first use), so the launchers' policies in fastnn/triton_kernels/rms_norm.py
-(row_config, persistent_programs, and pipeline_stages where the kernels take STAGES) can be set
+(row_config and persistent_programs: the FWD / BWD launch shapes and BWD_WARPS_PER_SM) can be set
 from measurements afterwards, on any machine.
 
     python -m bench.triton_sweep [--budget-s 240] [--ops rms_norm,layer_norm] [--dirs bwd,fwd]
@@ -56,24 +56,11 @@ class Config:
     single: bool  # whole rows in one tile; else column blocks of block_n
     num_warps: int
     per_sm: int | None = None  # programs per SM of a persistent grid (None: the launcher's)
-    stages: int | None = None  # software pipeline depth (None: the launcher's)
-    # Backward rows over the tiles: one fused kernel reading each row twice (the second time
-    # from L2) instead of the row-dot and column kernels (None: the launcher's choice).
-    fused: bool | None = None
 
     def label(self):
-        if self.single:
-            tier = f"rows {self.block_m}x{self.block_n}"
-        elif self.fused:
-            tier = f"fused {self.block_m} rows x cols {self.block_n}"
-        else:
-            tier = f"cols {self.block_n}"
-        extra = "".join(
-            f", {name} {value}"
-            for name, value in (("per_sm", self.per_sm), ("stages", self.stages))
-            if value is not None
-        )
-        return f"{tier}, {self.num_warps} warps{extra}"
+        tier = f"rows {self.block_m}x{self.block_n}" if self.single else f"cols {self.block_n}"
+        per_sm = "" if self.per_sm is None else f", per_sm {self.per_sm}"
+        return f"{tier}, {self.num_warps} warps{per_sm}"
 
 
 def _pow2(n):
@@ -90,7 +77,7 @@ class Space:
     # Elements per thread: forward x and its fp32 copy; backward x, dy, the dW accumulator.
     fwd_per_thread: tuple = (8, 64)
     bwd_per_thread: tuple = (4, 16)
-    per_sm: tuple = (1, 2, 4, 8)  # persistent backward programs per SM (64 warps at most)
+    per_sm: tuple = (1, 2, 4, 8)  # persistent grids' programs per SM (64 warps at most)
 
 
 GPU_SPACE = Space()
@@ -101,32 +88,15 @@ CHECK_SPACE = Space(
 )  # fmt: skip
 
 
-def features():
-    """What the Triton norm kernels of this checkout can be asked for: STAGES (pipelined loops),
-    a persistent grid for the forward's looping tier, a fused long-row backward."""
-    from fastnn.triton_kernels import rms_norm
-
-    return dict(
-        stages=hasattr(rms_norm, "pipeline_stages"),
-        fwd_persistent=hasattr(rms_norm, "fwd_grid"),
-        fused=hasattr(rms_norm, "long_row_backward"),
-    )
-
-
-NO_FEATURES = dict(stages=False, fwd_persistent=False, fused=False)
-
-
-def candidates(direction, n, features=NO_FEATURES, space=GPU_SPACE):
+def candidates(direction, n, space=GPU_SPACE):
     """Configs worth timing at hidden size n: whole-row tiles of one or more rows (forward rows
     up to 32K elements, backward up to 16K), column-block loops for rows longer than a block
-    (backward: the two-kernel path, and the fused one of 1 or 2 rows at a time where the kernels
-    have it), the warps giving each thread the space's elements, each programs-per-SM option of
-    a persistent grid (the backward's; the forward loops' where persistent), pipelined or not
-    where the kernels take STAGES."""
+    (the backward's row-dot and column kernels), the warps giving each thread the space's
+    elements, each programs-per-SM option of a persistent grid (the backward's, and the forward
+    loops')."""
     bn = _pow2(n)
     fwd = direction == "fwd"
     lo, hi = space.fwd_per_thread if fwd else space.bwd_per_thread
-    stage_options = (1, 2) if features["stages"] else (None,)
 
     def options(block, persistent):
         for w in (4, 8, 16, 32):
@@ -145,26 +115,16 @@ def candidates(direction, n, features=NO_FEATURES, space=GPU_SPACE):
     if bn <= (32768 if fwd else 16384):
         for tile in sorted({max(bn, t) for t in (bn, *space.tiles)}):
             for w, p in options(tile, not fwd):
-                for s in (None,) if fwd else stage_options:
-                    out.append(Config(tile // bn, bn, True, w, p, s))
-    fused_options = (False, True) if features["fused"] and not fwd else (None,)
-    # Backward rows of 4K or less: the row tile moves 3 units, the column paths 4-5; not timed.
+                out.append(Config(tile // bn, bn, True, w, p))
+    # Backward rows of 4K or less: the row tile moves 3 units, the column paths 5; not timed.
     blocks = space.loop_blocks if fwd else space.col_blocks if n > space.tiles[0] else ()
     for block in blocks:
-        if block >= n:
-            continue
-        for fused in fused_options:
-            for rows in (1, 2) if fused else (1,):
-                persistent = not fwd or features["fwd_persistent"]
-                for w, p in options(rows * block, persistent):
-                    # A fused program keeps its rows and its dW row in L2: 4 per SM at most.
-                    if not (fused and p is not None and p > 4):
-                        for s in stage_options:
-                            out.append(Config(rows, block, False, w, p, s, fused))
+        if block < n:
+            out += [Config(1, block, False, w, p) for w, p in options(block, True)]
     return out
 
 
-_POLICIES = ("row_config", "persistent_programs", "pipeline_stages", "long_row_backward")
+_POLICIES = ("row_config", "persistent_programs")
 
 
 @contextlib.contextmanager
@@ -193,26 +153,18 @@ def launched_with(config):
         if config is None:
             return None
         if name == "row_config":
-            return lambda rows, n, dtype, max_block, per_thread, aligned: (
-                config.block_m, config.block_n, config.single, config.num_warps
-            )  # fmt: skip
-        if name == "persistent_programs":
-            return lambda device, work, per_sm, share=1: real(
-                device, work, config.per_sm or per_sm, share
-            )
-        if name == "pipeline_stages" and config.stages is not None:
-            return lambda dtype: config.stages
-        if name == "long_row_backward" and config.fused is not None:
-            return lambda *args: "fused" if config.fused else "two-pass"
-        return None
+            return lambda *args: (config.block_m, config.block_n, config.single, config.num_warps)
+        return lambda device, work, per_sm, share=1: real(
+            device, work, config.per_sm or per_sm, share
+        )
 
     return replaced_policies(replace)
 
 
 def current_config(call, direction):
     """The Config the launchers choose themselves in `call()` (its policies' answers, recorded
-    on the way; per_sm and stages None where the launcher asked for none or ignores them: the
-    forward's whole-row tier is neither persistent nor pipelined)."""
+    on the way; per_sm None where the launcher asked for none: the forward's whole-row tier is
+    not persistent)."""
     seen = {}
 
     def recording(name, real):
@@ -226,13 +178,7 @@ def current_config(call, direction):
         call()
     block_m, block_n, single, num_warps = seen["row_config"][1]
     per_sm = seen["persistent_programs"][0][2] if "persistent_programs" in seen else None
-    stages = seen["pipeline_stages"][1] if "pipeline_stages" in seen else None
-    if direction == "fwd" and single:
-        per_sm = stages = None
-    fused = None
-    if "long_row_backward" in seen and direction == "bwd" and not single:
-        fused = seen["long_row_backward"][1] == "fused"
-    return Config(block_m, block_n, single, num_warps, per_sm, stages, fused)
+    return Config(block_m, block_n, single, num_warps, per_sm)
 
 
 def make_inputs(op, direction, rows, n, dtype, device, seed=0, stats=None):
@@ -299,7 +245,7 @@ def check(ns=(40, 300, 2500), rows=6, verbose=False):
             for n in ns:
                 inputs = make_inputs(op, direction, rows, n, torch.bfloat16, "cpu")
                 ref = run_op(op, direction, inputs)  # the launchers' own choice
-                for config in candidates(direction, n, features(), CHECK_SPACE):
+                for config in candidates(direction, n, CHECK_SPACE):
                     try:
                         with launched_with(config):
                             err = disagreement(run_op(op, direction, inputs), ref)
@@ -439,7 +385,7 @@ def device_healthy(device):
         return False
 
 
-def sweep_case(op, direction, n, rows, device, kinds, copy):
+def sweep_case(op, direction, n, rows, device, space, copy):
     """Records of one case: the launchers' own choice, every candidate, the own choice again
     (how much the GPU drifted over the case)."""
     import torch
@@ -452,7 +398,7 @@ def sweep_case(op, direction, n, rows, device, kinds, copy):
     ref = call()  # the launchers' own choice
     results = [("current", None, time_calls(call, device), 0.0, None)]
     chosen = current_config(call, direction)
-    for config in candidates(direction, n, **kinds):
+    for config in candidates(direction, n, space):
         seconds = err = error = None
         try:
             with launched_with(config):
@@ -493,8 +439,7 @@ def sweep(cases, rows, budget_s, out):
         raise RuntimeError("triton_sweep: run it on a GPU with TRITON_INTERPRET=0, or on the CPU "
                            "with TRITON_INTERPRET=1 (a dry run)")  # fmt: skip
     space = GPU_SPACE if device == "cuda" else CHECK_SPACE
-    kinds = dict(features=features(), space=space)
-    jobs = [(op, d, n, c) for op, d, n in cases for c in candidates(d, n, **kinds)]
+    jobs = [(op, d, n, c) for op, d, n in cases for c in candidates(d, n, space)]
     print(f"triton_sweep: {len(jobs)} configs over {len(cases)} cases; compiling", flush=True)
     compile_rows = PRECOMPILE_ROWS if device == "cuda" else rows
     compiled = warm_compile_cache(jobs, compile_rows, device, timeout_s=budget_s / 2)
@@ -508,7 +453,7 @@ def sweep(cases, rows, budget_s, out):
             print(f"triton_sweep: budget spent; skipped {op} {direction} {n} and after")
             break
         try:
-            case = sweep_case(op, direction, n, rows, device, kinds, copy)
+            case = sweep_case(op, direction, n, rows, device, space, copy)
         except DeviceLost as e:
             print(f"triton_sweep: the device is lost after {e}; stopping", flush=True)
             break
@@ -567,14 +512,13 @@ def static_resources(cases, path):
 
     from bench.kernel_resources import compiling_for_sm90
 
-    kinds = dict(features=features())
     records = []
     with open(path, "w") as out:
         for op, direction, n in cases:
             stat = torch.ones(16)  # 16 rows: specialised as 32768
             stats = (stat,) if op == "rms_norm" else (stat, stat)
             inputs = make_inputs(op, direction, 16, n, torch.bfloat16, "cpu", stats=stats)
-            for config in candidates(direction, n, **kinds):
+            for config in candidates(direction, n):
                 launches, error = [], None
                 try:
                     with launched_with(config), compiling_for_sm90() as launches:

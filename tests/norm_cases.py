@@ -276,19 +276,18 @@ def _norm_and_grads(kind, backend, x, r, w, b, dy):
     return [out.detach(), res_out.detach(), *grads]
 
 
-def check_triton_long_row_backward(kind, path, n, weight, bias, monkeypatch):
-    """The Triton backward of rows over its whole-row tiles on either path of
-    long_row_backward: 5 rows over the interpreter's 4 programs, so a fused program adds a
-    second row into its partial rows of dW / dB. N = 8208 is past the aligned rows' cap; N =
-    6001 (not a multiple of 16) only past the lower cap of rows loaded element by element."""
-    from fastnn.triton_kernels import layer_norm, rms_norm
+def check_triton_long_row_backward(kind, n, weight, bias, monkeypatch):
+    """The Triton backward of rows over its whole-row tiles (the row-dot and column kernels):
+    5 rows over the interpreter's 4 row groups, so a group sums two rows into its partial rows
+    of dW / dB. N = 8208 is past the aligned rows' cap; N = 6001 (not a multiple of 16) only
+    past the lower cap of rows loaded element by element."""
+    from fastnn.triton_kernels import rms_norm
 
-    asked = []
-    for module in (rms_norm, layer_norm):
-        monkeypatch.setattr(module, "long_row_backward", lambda *args: asked.append(args) or path)
+    configs = spy_row_config(monkeypatch)
     case = make_case(kind, (5, n), (n,), torch.bfloat16, "cpu", weight=weight, bias=bias)
     check_against_oracle(kind, "triton", "cpu", case, (n,), 1e-6, torch.bfloat16)
-    assert asked, "the backward never asked long_row_backward"
+    backward = [answer for args, answer in configs if args[-1] == rms_norm.BWD]
+    assert backward and not any(single for _, _, single, _ in backward), backward
 
 
 def spy_row_config(monkeypatch):
@@ -311,7 +310,9 @@ def check_triton_looping_forward(kind, dtype, monkeypatch):
     last one partial."""
     from fastnn.triton_kernels import layer_norm, rms_norm
 
-    monkeypatch.setattr(rms_norm, "LOOP_BLOCK", 256)
+    shape = rms_norm.FWD._replace(loop_block=256)
+    for module in (rms_norm, layer_norm):
+        monkeypatch.setattr(module, "FWD", shape)
     monkeypatch.setattr(rms_norm, "FWD_MAX_BYTES", 1024)
     grids = []
     for module in (rms_norm, layer_norm):
@@ -323,7 +324,7 @@ def check_triton_looping_forward(kind, dtype, monkeypatch):
     case = make_case(kind, (9, 1000), (1000,), dtype, "cpu")
     check_against_oracle(kind, "triton", "cpu", case, (1000,), 1e-6, dtype)
     assert grids == [(9, 1, False)], f"the forward did not loop: fwd_grid{grids}"
-    assert configs[0][1] == (1, 128, False, 16), f"forward config {configs[0][1]}"
+    assert configs[0][1] == (1, 128, False, shape.loop_warps), f"forward config {configs[0][1]}"
 
 
 def check_triton_alignment_seen(kind, monkeypatch):
@@ -342,7 +343,7 @@ def check_triton_alignment_seen(kind, monkeypatch):
     def aligned_as_seen(call, args):  # row_config's `aligned` argument, per call
         calls.clear()
         call(**args)
-        return [row_config_args[-1] for row_config_args, _ in calls]
+        return [row_config_args[4] for row_config_args, _ in calls]
 
     stat = torch.ones(2)
     if kind == "rms":

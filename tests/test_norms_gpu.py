@@ -134,10 +134,9 @@ def test_against_fp64_reference(backend, kind, dtype, rows, n, residual):
 @pytest.mark.parametrize("kind", ["rms", "ln"])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_long_rows_several_per_program(backend, kind, dtype, rows, n):
-    """More rows than a persistent grid has programs (the Triton fused backward runs one a
-    SM), so programs loop over several rows, adding each into their partial dW / dB rows
-    (fused) or summing them for one partial row write (column kernel, where long_row_backward
-    picks two passes); N = 17000 is not a multiple of 16 (element-wise loads)."""
+    """More rows than a persistent grid has row groups, so the Triton column kernel's programs
+    sum several rows into one partial dW / dB row write; N = 17000 is not a multiple of 16
+    (element-wise loads)."""
     skip_unless_available(backend, FAMILY[kind], "cuda")
     check(kind, backend, make(kind, rows, n, dtype))
 

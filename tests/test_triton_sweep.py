@@ -26,9 +26,9 @@ def test_launched_with_restores_the_policies():
     before = [
         getattr(m, name, None) for m in (rms_norm, layer_norm) for name in triton_sweep._POLICIES
     ]
-    config = triton_sweep.Config(2, 1024, True, 8, per_sm=2, stages=2)
+    config = triton_sweep.Config(2, 1024, True, 8, per_sm=2)
     with triton_sweep.launched_with(config):
-        assert rms_norm.row_config(5, 1000, None, 0, 0, True) == (2, 1024, True, 8)
+        assert rms_norm.row_config(5, 1000, None, 0, True, rms_norm.BWD) == (2, 1024, True, 8)
         assert layer_norm.row_config is rms_norm.row_config
     after = [
         getattr(m, name, None) for m in (rms_norm, layer_norm) for name in triton_sweep._POLICIES
@@ -38,8 +38,7 @@ def test_launched_with_restores_the_policies():
 
 def test_gpu_cases_have_candidates():
     for op, direction, n in triton_sweep.CASES:
-        every = dict(stages=True, fwd_persistent=True, fused=True)
-        configs = triton_sweep.candidates(direction, n, every)
+        configs = triton_sweep.candidates(direction, n)
         assert configs, (op, direction, n)
         assert len(set(configs)) == len(configs)
         assert all(c.single == (c.block_n >= n) for c in configs)
@@ -52,14 +51,14 @@ def test_dry_run_writes_the_tables(tmp_path, monkeypatch):
     monkeypatch.setattr(triton_sweep, "ROUNDS", 1)
     monkeypatch.setattr(triton_sweep, "CALLS", 1)
     records = triton_sweep.sweep([("rms_norm", "bwd", 300)], 4, 600, str(tmp_path))
-    configs = triton_sweep.candidates("bwd", 300, triton_sweep.features(), triton_sweep.CHECK_SPACE)
+    configs = triton_sweep.candidates("bwd", 300, triton_sweep.CHECK_SPACE)
     assert len(records) == 2 + len(configs)  # the current choice, before and after
     assert [r["role"] for r in records[:: len(records) - 1]] == ["current", "current (again)"]
     assert all(r["us"] and r["error"] is None for r in records), records
     table = (tmp_path / "sweep.md").read_text()
     chosen = records[0]["label"]
     assert (
-        chosen.startswith("current: rows 4x512, ")
+        chosen.startswith("current: rows 1x512, ")
         and f"| rms_norm | bwd | 300 | {chosen} |" in table
     )
     assert len((tmp_path / "sweep.jsonl").read_text().splitlines()) == len(records)
@@ -80,7 +79,7 @@ def test_static_mode_compiles_configs_for_sm90(tmp_path):
         pytest.skip(proc.stderr.strip().splitlines()[-1])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = [json.loads(line) for line in (tmp_path / "static.jsonl").read_text().splitlines()]
-    assert len(records) == len(triton_sweep.candidates("fwd", 1024, triton_sweep.features()))
+    assert len(records) == len(triton_sweep.candidates("fwd", 1024))
     assert all(r["kernels"] and r["kernels"][0]["regs"] > 0 for r in records)
 
 

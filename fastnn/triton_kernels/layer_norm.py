@@ -6,8 +6,8 @@ deviation from it), then the variance as the mean of squared deviations (within 
 tile, two passes over registers; over the column blocks of a long row, each block's exact pair
 merged into the row's, so no cancellation either), statistics in fp32 (fp64 for fp64 input).
 The work is laid out as in rms_norm.py (whose shared helpers this module uses): register-resident
-row tiles up to FWD_MAX_BYTES / BWD_MAX_BLOCK, pipelined column-block loops beyond, a persistent
-backward grid writing fp32 [P, N] partials of dW and dB, then fixed-order column sums.
+row tiles up to FWD_MAX_BYTES / BWD_MAX_BLOCK, column-block loops beyond, persistent backward
+grids writing fp32 [P, N] partials of dW and dB, then fixed-order column sums.
 """
 
 import torch
@@ -16,10 +16,12 @@ import triton.language as tl
 
 from fastnn.triton_kernels import device_context
 from fastnn.triton_kernels.rms_norm import (
+    BWD,
     BWD_MAX_BLOCK,
-    FUSED_PROGRAMS_PER_SM,
+    FWD,
     Output,
     acc_dtype,
+    bwd_programs_per_sm,
     check_norm_inputs,
     check_same_device,
     column_block,
@@ -28,10 +30,7 @@ from fastnn.triton_kernels.rms_norm import (
     fwd_max_block,
     load_sum,
     load_sum_saved,
-    load_x_dy_g,
-    long_row_backward,
     persistent_programs,
-    pipeline_stages,
     reduce_partials,
     row_config,
     tl_acc_dtype,
@@ -43,7 +42,7 @@ from fastnn.triton_kernels.rms_norm import (
 def _ln_fwd_kernel(
     X, R, W, B, Y, S, MEAN, RSTD, rows, N, eps: tl.float64,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
 ):  # fmt: skip
     """Whole rows: program p normalises row tile p. Long rows: a persistent grid, program p
     normalises row tiles p, p + P, ..., each in two passes over its column blocks."""
@@ -74,7 +73,7 @@ def _ln_fwd_kernel(
             rmask = row < rows
             mean, rstd = _ln_fwd_long_rows(
                 X, R, W, B, Y, S, row, rmask, N, eps,
-                HAS_RES, HAS_W, HAS_B, ACC, BLOCK_M, BLOCK_N, STAGES,
+                HAS_RES, HAS_W, HAS_B, ACC, BLOCK_M, BLOCK_N,
             )  # fmt: skip
             tl.store(MEAN + row, mean, mask=rmask)
             tl.store(RSTD + row, rstd, mask=rmask)
@@ -84,7 +83,7 @@ def _ln_fwd_kernel(
 def _ln_fwd_long_rows(
     X, R, W, B, Y, S, row, rmask, N, eps,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The rows `row` in two passes over column blocks. The first adds up the block sums for
     the mean and merges each block's exact (mean, sum of squared deviations), computed in
@@ -98,7 +97,7 @@ def _ln_fwd_long_rows(
     merged_mean = tl.zeros([BLOCK_M], dtype=ACC)
     m2 = tl.zeros([BLOCK_M], dtype=ACC)
     seen = tl.zeros([BLOCK_M], dtype=ACC)
-    for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
+    for start in tl.range(0, N, BLOCK_N, num_stages=1):
         cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
         x = load_sum_saved(X, R, S, base + cols[None, :], mask, HAS_RES, ACC)
         x = tl.where(mask, x - shift[:, None], 0.0)
@@ -116,7 +115,7 @@ def _ln_fwd_long_rows(
         seen = total
     mean = shift + row_sum / N
     rstd = tl.rsqrt(m2 / N + eps)
-    for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
+    for start in tl.range(0, N, BLOCK_N, num_stages=1):
         cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
         x = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC).to(ACC)
         y = (x - mean[:, None]) * rstd[:, None]
@@ -137,7 +136,7 @@ def _add_pairs(a0, a1, b0, b1):
 def _ln_bwd_kernel(
     DY, DRES, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, rows, N, num_row_blocks,
     HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Persistent: program p handles row tiles p, p + P, ...; writes DW_PART / DB_PART[p, :]."""
     pid = tl.program_id(0)
@@ -148,7 +147,7 @@ def _ln_bwd_kernel(
         w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     db = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for rb in tl.range(pid.to(tl.int64), num_row_blocks, nprog, num_stages=STAGES):
+    for rb in tl.range(pid.to(tl.int64), num_row_blocks, nprog, num_stages=1):
         row = rb * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = row < rows
         mask = rmask[:, None] & cmask[None, :]
@@ -179,7 +178,7 @@ def _ln_bwd_kernel(
 @triton.jit
 def _ln_rowdot_kernel(
     DY, X, W, MEAN, RSTD, C_GX, C_G, N, HAS_W: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Long rows: C_GX[row] = mean(g * xhat), C_G[row] = mean(g), g = dy * w."""
     row = tl.program_id(0).to(tl.int64)
@@ -187,7 +186,7 @@ def _ln_rowdot_kernel(
     rstd = tl.load(RSTD + row).to(ACC)
     acc_gx = tl.zeros([BLOCK_N], dtype=ACC)
     acc_g = tl.zeros([BLOCK_N], dtype=ACC)
-    for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
+    for start in tl.range(0, N, BLOCK_N, num_stages=1):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < N
         x = tl.load(X + row * N + cols, mask=cmask, other=0.0).to(ACC)
@@ -204,7 +203,7 @@ def _ln_rowdot_kernel(
 def _ln_bwd_cols_kernel(
     DY, DRES, X, W, MEAN, RSTD, C_GX, C_G, DX, DW_PART, DB_PART, rows, N,
     HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Long rows: program (j, g) handles column block j of rows g, g + G, ...; partial row g."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -215,7 +214,7 @@ def _ln_bwd_cols_kernel(
         w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
     dw = tl.zeros([BLOCK_N], dtype=ACC)
     db = tl.zeros([BLOCK_N], dtype=ACC)
-    for row in tl.range(grp.to(tl.int64), rows, ngrp, num_stages=STAGES):
+    for row in tl.range(grp.to(tl.int64), rows, ngrp, num_stages=1):
         offs = row * N + cols
         x = tl.load(X + offs, mask=cmask, other=0.0).to(ACC)
         dy = tl.load(DY + offs, mask=cmask, other=0.0).to(ACC)
@@ -235,52 +234,6 @@ def _ln_bwd_cols_kernel(
         tl.store(DW_PART + part, dw, mask=cmask)
     if HAS_B:
         tl.store(DB_PART + part, db, mask=cmask)
-
-
-@triton.jit
-def _ln_bwd_fused_kernel(
-    DY, DRES, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, rows, N,
-    HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    """Long rows in one persistent kernel (rms_norm.py's _rms_bwd_fused_kernel): program p
-    handles row tiles p, p + P, ..., the row dots in a first pass over the column blocks, dx
-    in a second, dy * xhat and dy added into its partial rows DW_PART / DB_PART[p, :]."""
-    pid = tl.program_id(0)
-    part = pid.to(tl.int64) * N
-    for rb in range(pid.to(tl.int64), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
-        row = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = row < rows
-        base = row[:, None] * N
-        mean = tl.load(MEAN + row, mask=rmask, other=0.0).to(ACC)
-        rstd = tl.load(RSTD + row, mask=rmask, other=0.0).to(ACC)
-        acc_gx = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
-            cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
-            x, _, g = load_x_dy_g(X, DY, W, base + cols[None, :], cols, mask, cmask, HAS_W, ACC)
-            acc_gx += tl.where(mask, g * (x - mean[:, None]) * rstd[:, None], 0.0)
-            acc_g += g
-        c_gx, c_g = tl.reduce((acc_gx, acc_g), 1, _add_pairs)
-        c_gx, c_g = c_gx / N, c_g / N
-        # The partial rows are read back by other threads than wrote them (see the RMSNorm
-        # kernel): the last tile's stores must be visible to the whole program first.
-        tl.debug_barrier()
-        for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
-            cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
-            offs = base + cols[None, :]
-            x, dy, g = load_x_dy_g(X, DY, W, offs, cols, mask, cmask, HAS_W, ACC)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-            dx = rstd[:, None] * (g - c_g[:, None] - xhat * c_gx[:, None])
-            if HAS_DRES:
-                dx += tl.load(DRES + offs, mask=mask, other=0.0).to(ACC)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-            if HAS_W:
-                dw = tl.load(DW_PART + part + cols, mask=cmask, other=0.0)
-                tl.store(DW_PART + part + cols, dw + tl.sum(dy * xhat, axis=0), mask=cmask)
-            if HAS_B:
-                db = tl.load(DB_PART + part + cols, mask=cmask, other=0.0)
-                tl.store(DB_PART + part + cols, db + tl.sum(dy, axis=0), mask=cmask)
 
 
 def layer_norm_fwd(input, residual, weight, bias, eps):
@@ -304,16 +257,15 @@ def layer_norm_fwd(input, residual, weight, bias, eps):
         x, r = input.contiguous(), contiguous(residual)
         w, b = contiguous(weight), contiguous(bias)
         block_m, block_n, single, num_warps = row_config(
-            rows, n, input.dtype, fwd_max_block(x, w, b), 32, vector_aligned(n, x, r, w, b)
+            rows, n, input.dtype, fwd_max_block(x, w, b), vector_aligned(n, x, r, w, b), FWD
         )
         grid = (fwd_grid(input.device, rows, block_m, single),)
-        stages = 1 if single else pipeline_stages(input.dtype)
         with device_context(input):
             _ln_fwd_kernel[grid](
                 x, r, w, b, out.buf, res_out.buf if res_out else None, mean, rstd, rows, n, eps,
                 HAS_RES=r is not None, HAS_W=w is not None, HAS_B=b is not None,
                 ACC=tl_acc_dtype(input.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-                SINGLE=single, STAGES=stages, num_warps=num_warps,
+                SINGLE=single, num_warps=num_warps,
             )  # fmt: skip
     residual_out = res_out.finish() if res_out else input.new_empty(0)
     return out.finish(), residual_out, mean, rstd
@@ -346,34 +298,22 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
         return dx.finish(), dw, db
     xc, dy, w = x.contiguous(), grad_out.contiguous(), contiguous(weight)
     dres, mu, rs = contiguous(grad_residual_out), mean.contiguous(), rstd.contiguous()
-    flags = dict(
-        HAS_DRES=dres is not None, HAS_W=has_w, HAS_B=has_b, ACC=tl_acc_dtype(x.dtype),
-        STAGES=pipeline_stages(x.dtype),
-    )  # fmt: skip
+    flags = dict(HAS_DRES=dres is not None, HAS_W=has_w, HAS_B=has_b, ACC=tl_acc_dtype(x.dtype))
     aligned = vector_aligned(n, dy, dres, xc, w)
-    block_m, block_n, single, num_warps = row_config(rows, n, x.dtype, BWD_MAX_BLOCK, 16, aligned)
+    block_m, block_n, single, num_warps = row_config(rows, n, x.dtype, BWD_MAX_BLOCK, aligned, BWD)
+    per_sm = bwd_programs_per_sm(num_warps)
     with device_context(x):
-        fused = not single and long_row_backward(n, x.dtype, has_w + has_b) == "fused"
         row_blocks = triton.cdiv(rows, block_m)
         if single:
-            p = persistent_programs(x.device, row_blocks, max(1, 32 // num_warps))
-        elif fused:
-            p = persistent_programs(x.device, row_blocks, FUSED_PROGRAMS_PER_SM)
+            p = persistent_programs(x.device, row_blocks, per_sm)
         else:
             col_blocks = triton.cdiv(n, block_n)
-            p = persistent_programs(x.device, rows, 4, share=col_blocks)
-        # The fused kernel adds into its partial rows; the others write theirs whole.
-        new_part = torch.zeros if fused else torch.empty
-        dw_part = new_part((p, n), dtype=acc, device=x.device) if has_w else None
-        db_part = new_part((p, n), dtype=acc, device=x.device) if has_b else None
+            p = persistent_programs(x.device, rows, per_sm, share=col_blocks)
+        dw_part = torch.empty((p, n), dtype=acc, device=x.device) if has_w else None
+        db_part = torch.empty((p, n), dtype=acc, device=x.device) if has_b else None
         if single:
             _ln_bwd_kernel[(p,)](
                 dy, dres, xc, w, mu, rs, dx.buf, dw_part, db_part, rows, n, row_blocks,
-                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
-            )  # fmt: skip
-        elif fused:
-            _ln_bwd_fused_kernel[(p,)](
-                dy, dres, xc, w, mu, rs, dx.buf, dw_part, db_part, rows, n,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
             )  # fmt: skip
         else:
@@ -381,7 +321,7 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
             c_g = torch.empty(rows, dtype=acc, device=x.device)
             _ln_rowdot_kernel[(rows,)](
                 dy, xc, w, mu, rs, c_gx, c_g, n, HAS_W=has_w, ACC=flags["ACC"],
-                BLOCK_N=block_n, STAGES=flags["STAGES"], num_warps=num_warps,
+                BLOCK_N=block_n, num_warps=num_warps,
             )  # fmt: skip
             _ln_bwd_cols_kernel[(col_blocks, p)](
                 dy, dres, xc, w, mu, rs, c_gx, c_g, dx.buf, dw_part, db_part, rows, n,

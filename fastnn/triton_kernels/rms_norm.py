@@ -5,7 +5,7 @@ Semantics are fastnn/reference/rms_norm.py's. Statistics and accumulation are fp
 fp64 input, so gradcheck can run on these kernels under the interpreter); out, residual_out and
 grad_input have the input's dtype, grad_weight the weight's.
 
-Layout of the work:
+Layout of the work (launch shapes: FWD and BWD, below):
 - forward, rows up to FWD_MAX_BYTES (64 KB; half for unaligned rows, below): one
   [BLOCK_M, BLOCK_N] tile of rows per program, the rows kept in registers between the sum of
   squares and the scaling (one read of x);
@@ -15,11 +15,11 @@ Layout of the work:
 - backward, N <= BWD_MAX_BLOCK (half for unaligned rows): a persistent grid of P programs,
   each looping over row tiles and summing dW for its rows in fp32 registers, one [P, N]
   partial write;
-- backward, larger N: one fused persistent kernel reading each row twice, the second time from
-  L2 (long_row_backward), or for the longest rows a row-dot kernel (sum(g * xhat) per row), then
-  a [column block, row group] grid that writes dx and a [G, N] partial;
-- loops over column blocks and row tiles are software-pipelined (pipeline_stages): the next
-  block's loads are in flight while one is reduced;
+- backward, larger N: a row-dot kernel (sum(g * xhat) per row), then a [column block, row
+  group] grid that writes dx and a [G, N] partial;
+- no loop is software-pipelined (num_stages=1): on an H100 (bf16, 32768 rows, N = 1K-64K, both
+  norms) two stages never beat one by more than 0.5% of copy and lost up to 6% (the LayerNorm
+  forward at 64K: 63% against 69%);
 - dW = a fixed-order column sum of the partials (reduce_partials): bitwise reproducible across
   runs on one device, since P depends only on the device and the shape;
 - rows that cannot be loaded as 16-byte vectors (vector_aligned: N not a multiple of 16, or a
@@ -31,6 +31,7 @@ with layer_norm.py.
 """
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -41,25 +42,39 @@ from fastnn.triton_kernels import device_context
 # Largest row held whole in registers. Forward: 64 KB of row, x and its fp32 copy per element
 # (32K 16-bit elements over 32 warps is 32 per thread: 63 registers, no spills, ptxas of triton
 # 3.8 for sm_90; 16K fp32 the same). Backward keeps x, dy and the fp32 dW accumulator: 8K
-# elements over 16 warps is 16 of each per thread.
+# elements over 32 warps is 8 of each per thread.
 FWD_MAX_BYTES = 65536
 BWD_MAX_BLOCK = 8192
-# Column block of the looping paths (N above the caps).
-LOOP_BLOCK = 4096
+
+
+class LaunchShape(NamedTuple):
+    """How row_config lays out one direction's kernels."""
+
+    max_tile: int  # elements of a whole-row tile (rows x next_pow2(N)) at most
+    per_thread: tuple  # elements per thread of a whole-row tile: (16-bit, wider dtypes)
+    loop_block: int  # column block of rows past the whole-row cap
+    loop_warps: int  # warps of the column-block kernels
+
+
+# Measured on an H100 (bench/results/nvidia-h100-80gb-hbm3-2026-11-27/: sweep/, sweep-ln-bwd/
+# and sweep-fwd-64k/; bf16, 32768 rows, % of copy; RMSNorm / LayerNorm). Forward: tiles of up to
+# 4K elements at 32 per thread (RMSNorm N = 1K-32K: 93-101%; LayerNorm 1K-4K: 90-97%); past the
+# cap, 16K-column blocks over 32 warps (N = 64K: 76% / 69%, against 54% / 44% with 4K over 16
+# warps). Backward: 8 elements per thread in tiles of one row from 1K up (N = 1K / 4K / 8K:
+# 84 / 92 / 88% and 75 / 88 / 84%; the previous shape, 16 per thread in 4K tiles, pipelined, gave
+# 76 / 88 / 84% and 66 / 83 / 81%, and the LayerNorm backward at 4K over 8 warps, 16 per thread,
+# 67%); past the cap, 1K-column blocks over 4 warps (N = 16K and 32K: 60% both, against 43-57% /
+# 30-57% with 4K over 16 warps and a fused one-kernel variant that re-read rows from L2).
+FWD = LaunchShape(max_tile=4096, per_thread=(32, 16), loop_block=16384, loop_warps=32)
+BWD = LaunchShape(max_tile=1024, per_thread=(8, 8), loop_block=1024, loop_warps=4)
+# Warps per SM of the backward's persistent grids (programs per SM = this / num_warps): the
+# sweeps' best at every N above (32 warps: 4 x 8, 16 x 2, 32 x 1 programs).
+BWD_WARPS_PER_SM = 32
 # Programs per SM of the forward's looping tier (a persistent grid). Each program reads its row
 # twice, the second time from L2 if the row is still there: 2 programs per SM keep 264 rows in
-# flight on 132 SMs, 33 MB of 64K bf16 rows, within an H100's 50 MB of L2. The grid of one
-# program per row this replaces ran 4 per SM (64 warps), 67 MB of rows in flight, and measured
-# 67-70% of copy at 32K / 64K bf16 (H200): what 3 passes over DRAM give where 2 are needed.
+# flight on 132 SMs, 33 MB of 64K bf16 rows, within an H100's 50 MB of L2 (1 per SM: 75% / 68%
+# of copy at 64K on the H100 above, against 2's 76% / 69%).
 FWD_LOOP_PROGRAMS_PER_SM = 2
-# The fused long-row backward: one program per SM, its working set (a row of x and dy, its fp32
-# partial rows of dW / dB) within half an H100's L2 together (132 x 192 KB = 25 MB of 50 MB):
-# rows of up to 24K bf16 elements in RMSNorm, 16K in LayerNorm and fp32 RMSNorm, 12K in fp32
-# LayerNorm (all with weight; the launch policy is long_row_backward).
-FUSED_PROGRAMS_PER_SM = 1
-FUSED_MAX_PROGRAM_BYTES = 192 * 1024
-# Elements per program tile for short rows (several rows per program).
-TILE = 4096
 
 
 # ---- shared helpers (also used by layer_norm.py) -------------------------------------------------
@@ -168,27 +183,6 @@ def vector_aligned(n, *tensors):
     return n % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors if t is not None)
 
 
-def pipeline_stages(dtype):
-    """Software pipeline depth of the kernels' loops over column blocks and row tiles (STAGES):
-    with 2 the next block's loads are in flight (cp.async into shared memory) while this one
-    is reduced and stored. Without it a looping forward thread had 2 global loads in flight
-    (SASS, triton 3.8); with it the loops issue 6-20 LDGSTS. 16-bit rows only: pipelined, the
-    fp32 row-tile backward spilled 12-40 B per thread (triton 3.6, N = 1000 and 8192 with a
-    residual)."""
-    return 2 if dtype.itemsize == 2 else 1
-
-
-def long_row_backward(n, dtype, partials):
-    """How the backward takes rows past its row tiles (row_config): "fused" (one kernel
-    reading each row tile twice, the second time from L2, and adding into a partial row per
-    program: 3 passes over memory, the least a backward needs) where a program's working set,
-    its row of x and dy and its `partials` fp32 (fp64) rows of dW / dB, is at most
-    FUSED_MAX_PROGRAM_BYTES; else "two-pass" (a row-dot kernel, then the column kernel: x and
-    dy read twice from DRAM, 5 passes)."""
-    program_bytes = n * (2 * dtype.itemsize + acc_dtype(dtype).itemsize * partials)
-    return "fused" if program_bytes <= FUSED_MAX_PROGRAM_BYTES else "two-pass"
-
-
 def fwd_grid(device, rows, block_m, single):
     """Programs of a forward launch: one per row tile for whole rows, else a persistent grid
     of FWD_LOOP_PROGRAMS_PER_SM per SM looping over rows."""
@@ -197,13 +191,13 @@ def fwd_grid(device, rows, block_m, single):
     return persistent_programs(device, triton.cdiv(rows, block_m), FWD_LOOP_PROGRAMS_PER_SM)
 
 
-def row_config(rows, n, dtype, max_block, per_thread, aligned):
-    """(BLOCK_M, BLOCK_N, single, num_warps) for a row-wise kernel: whole rows (several per
-    program for short rows) up to `max_block`, else one row in LOOP_BLOCK column blocks.
-    num_warps (4..32) gives each thread about `per_thread` 16-bit elements, half as many wider
-    ones: 32 for the forward (x and its fp32 copy), 16 for the backward (x, dy, dW accumulator
-    and temporaries). bench/kernel_resources.py: at 16 warps the fp32 LayerNorm backward of 8K
-    rows with a residual spilled 60 B per thread (triton 3.6), at 32 warps it does not.
+def row_config(rows, n, dtype, max_block, aligned, shape):
+    """(BLOCK_M, BLOCK_N, single, num_warps) for a row-wise kernel laid out by `shape` (FWD or
+    BWD): whole rows (several per program for short rows, shape.max_tile elements at most) up
+    to `max_block`, else one row in shape.loop_block column blocks over shape.loop_warps warps.
+    num_warps (4..32) gives each thread about shape.per_thread elements. bench/kernel_resources.py:
+    at 16 warps the fp32 LayerNorm backward of 8K rows with a residual spilled 60 B per thread
+    (triton 3.6), at 32 warps it does not.
 
     Rows that cannot be 16-byte vectors (`aligned` False: vector_aligned) take an address
     register per element, so their cap, column block, row tile and elements per thread are
@@ -212,19 +206,24 @@ def row_config(rows, n, dtype, max_block, per_thread, aligned):
     56-96 B (N = 16411); the bf16 backward at N = 1000 took 173-218 registers at 8 warps (one
     program per SM), 95-128 with half the row tile (two). Twice the warps instead spilled 80 B
     there under triton 3.6 (16 warps cap a thread at 128 registers)."""
-    max_tile, loop_block = TILE, LOOP_BLOCK
+    per_thread = shape.per_thread[0] if dtype.itemsize <= 2 else shape.per_thread[1]
+    max_tile, loop_block = shape.max_tile, shape.loop_block
     if not aligned:
         max_block, per_thread, max_tile, loop_block = (
-            v // 2 for v in (max_block, per_thread, max_tile, loop_block)
+            max(1, v // 2) for v in (max_block, per_thread, max_tile, loop_block)
         )
     block_n = triton.next_power_of_2(n)
     if block_n > max_block:
-        return 1, loop_block, False, 16
+        return 1, loop_block, False, shape.loop_warps
     block_m = max(1, min(max_tile // block_n, triton.next_power_of_2(rows)))
     tile = block_m * block_n
-    per_thread = per_thread if dtype.itemsize <= 2 else per_thread // 2
     num_warps = min(32, max(4, tile // (32 * per_thread)))
     return block_m, block_n, True, num_warps
+
+
+def bwd_programs_per_sm(num_warps):
+    """Programs per SM of a persistent backward grid of num_warps-warp programs."""
+    return max(1, BWD_WARPS_PER_SM // num_warps)
 
 
 @triton.jit
@@ -302,19 +301,10 @@ def load_sum_saved(X, R, S, offs, mask, HAS_RES: tl.constexpr, ACC: tl.constexpr
 
 
 @triton.jit
-def load_x_dy_g(X, DY, W, offs, cols, mask, cmask, HAS_W: tl.constexpr, ACC: tl.constexpr):
-    """x, dy and g = dy * w (dy without a weight) of a block of rows, in ACC."""
-    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-    g = dy * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :] if HAS_W else dy
-    return x, dy, g
-
-
-@triton.jit
 def _rms_fwd_kernel(
     X, R, W, Y, S, RSTD, rows, N, eps: tl.float64,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
 ):  # fmt: skip
     """Whole rows: program p normalises row tile p. Long rows: a persistent grid, program p
     normalises row tiles p, p + P, ..., each in two passes over its column blocks."""
@@ -338,7 +328,7 @@ def _rms_fwd_kernel(
             row = rb * BLOCK_M + tl.arange(0, BLOCK_M)
             rmask = row < rows
             rstd = _rms_fwd_long_rows(
-                X, R, W, Y, S, row, rmask, N, eps, HAS_RES, HAS_W, ACC, BLOCK_M, BLOCK_N, STAGES
+                X, R, W, Y, S, row, rmask, N, eps, HAS_RES, HAS_W, ACC, BLOCK_M, BLOCK_N
             )
             tl.store(RSTD + row, rstd, mask=rmask)
 
@@ -346,18 +336,18 @@ def _rms_fwd_kernel(
 @triton.jit
 def _rms_fwd_long_rows(
     X, R, W, Y, S, row, rmask, N, eps, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The rows `row` in two passes over column blocks: the sum of squares, then the output
     (its re-read of the rows mostly hitting L2). Returns rstd."""
     base = row[:, None] * N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
+    for start in tl.range(0, N, BLOCK_N, num_stages=1):
         cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
         x = load_sum_saved(X, R, S, base + cols[None, :], mask, HAS_RES, ACC)
         acc += x * x
     rstd = tl.rsqrt(tl.sum(acc, axis=1) / N + eps)
-    for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
+    for start in tl.range(0, N, BLOCK_N, num_stages=1):
         cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
         # Recomputing x + r (instead of reading S back) keeps this pass free of any ordering
         # question between this program's stores and loads.
@@ -372,7 +362,7 @@ def _rms_fwd_long_rows(
 def _rms_bwd_kernel(
     DY, DRES, X, W, RSTD, DX, DW_PART, rows, N, num_row_blocks,
     HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Persistent: program p handles row tiles p, p + P, ...; writes DW_PART[p, :]."""
     pid = tl.program_id(0)
@@ -383,7 +373,7 @@ def _rms_bwd_kernel(
         w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     # An int64 loop variable: row offsets stay int64 (and the interpreter yields Python ints).
-    for rb in tl.range(pid.to(tl.int64), num_row_blocks, nprog, num_stages=STAGES):
+    for rb in tl.range(pid.to(tl.int64), num_row_blocks, nprog, num_stages=1):
         row = rb * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = row < rows
         mask = rmask[:, None] & cmask[None, :]
@@ -407,13 +397,12 @@ def _rms_bwd_kernel(
 @triton.jit
 def _rms_rowdot_kernel(
     DY, X, W, RSTD, C, N, HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-    STAGES: tl.constexpr,
 ):  # fmt: skip
     """Long rows: C[row] = mean(g * xhat) with g = dy * w, looping over column blocks."""
     row = tl.program_id(0).to(tl.int64)
     rstd = tl.load(RSTD + row).to(ACC)
     acc = tl.zeros([BLOCK_N], dtype=ACC)
-    for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
+    for start in tl.range(0, N, BLOCK_N, num_stages=1):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < N
         x = tl.load(X + row * N + cols, mask=cmask, other=0.0).to(ACC)
@@ -428,7 +417,6 @@ def _rms_rowdot_kernel(
 def _rms_bwd_cols_kernel(
     DY, DRES, X, W, RSTD, C, DX, DW_PART, rows, N,
     HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-    STAGES: tl.constexpr,
 ):  # fmt: skip
     """Long rows: program (j, g) handles column block j of rows g, g + G, ...; DW_PART[g, block j]."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -438,7 +426,7 @@ def _rms_bwd_cols_kernel(
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
     dw = tl.zeros([BLOCK_N], dtype=ACC)
-    for row in tl.range(grp.to(tl.int64), rows, ngrp, num_stages=STAGES):
+    for row in tl.range(grp.to(tl.int64), rows, ngrp, num_stages=1):
         offs = row * N + cols
         x = tl.load(X + offs, mask=cmask, other=0.0).to(ACC)
         dy = tl.load(DY + offs, mask=cmask, other=0.0).to(ACC)
@@ -454,47 +442,6 @@ def _rms_bwd_cols_kernel(
             dw += dy * xhat
     if HAS_W:
         tl.store(DW_PART + grp.to(tl.int64) * N + cols, dw, mask=cmask)
-
-
-@triton.jit
-def _rms_bwd_fused_kernel(
-    DY, DRES, X, W, RSTD, DX, DW_PART, rows, N,
-    HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    """Long rows in one persistent kernel: program p handles row tiles p, p + P, ..., each in
-    two passes over its column blocks, the row dots, then dx (re-reading x and dy, from L2
-    while the tile is still there) with dy * xhat added into its partial row DW_PART[p, :]
-    (zeroed by the launcher, kept in L2 too)."""
-    pid = tl.program_id(0)
-    part = pid.to(tl.int64) * N
-    for rb in range(pid.to(tl.int64), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
-        row = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = row < rows
-        base = row[:, None] * N
-        rstd = tl.load(RSTD + row, mask=rmask, other=0.0).to(ACC)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
-            cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
-            x, _, g = load_x_dy_g(X, DY, W, base + cols[None, :], cols, mask, cmask, HAS_W, ACC)
-            acc += g * x * rstd[:, None]
-        c = tl.sum(acc, axis=1) / N
-        # The partial row's elements are read back by other threads than wrote them (the
-        # pipelined loads go through shared memory in their own layout): the last tile's
-        # stores must be visible to the whole program first.
-        tl.debug_barrier()
-        for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
-            cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
-            offs = base + cols[None, :]
-            x, dy, g = load_x_dy_g(X, DY, W, offs, cols, mask, cmask, HAS_W, ACC)
-            xhat = x * rstd[:, None]
-            dx = rstd[:, None] * (g - xhat * c[:, None])
-            if HAS_DRES:
-                dx += tl.load(DRES + offs, mask=mask, other=0.0).to(ACC)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-            if HAS_W:
-                dw = tl.load(DW_PART + part + cols, mask=cmask, other=0.0)
-                tl.store(DW_PART + part + cols, dw + tl.sum(dy * xhat, axis=0), mask=cmask)
 
 
 # ---- launchers (the op signatures of csrc/library.cpp) ---------------------------------------------
@@ -515,16 +462,14 @@ def rms_norm_fwd(input, residual, weight, eps):
     elif rows > 0:
         x, r, w = input.contiguous(), contiguous(residual), contiguous(weight)
         block_m, block_n, single, num_warps = row_config(
-            rows, n, input.dtype, fwd_max_block(x, w), 32, vector_aligned(n, x, r, w)
+            rows, n, input.dtype, fwd_max_block(x, w), vector_aligned(n, x, r, w), FWD
         )
         grid = (fwd_grid(input.device, rows, block_m, single),)
-        stages = 1 if single else pipeline_stages(input.dtype)
         with device_context(input):
             _rms_fwd_kernel[grid](
                 x, r, w, out.buf, res_out.buf if res_out else None, rstd, rows, n, eps,
                 HAS_RES=r is not None, HAS_W=w is not None, ACC=tl_acc_dtype(input.dtype),
-                BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, STAGES=stages,
-                num_warps=num_warps,
+                BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=num_warps,
             )  # fmt: skip
     residual_out = res_out.finish() if res_out else input.new_empty(0)
     return out.finish(), residual_out, rstd
@@ -560,37 +505,27 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
     xc, dy, w = x.contiguous(), grad_out.contiguous(), contiguous(weight)
     dres, rs = contiguous(grad_residual_out), rstd.contiguous()
     has_w = w is not None
-    flags = dict(
-        HAS_DRES=dres is not None, HAS_W=has_w, ACC=tl_acc_dtype(x.dtype),
-        STAGES=pipeline_stages(x.dtype),
-    )  # fmt: skip
+    flags = dict(HAS_DRES=dres is not None, HAS_W=has_w, ACC=tl_acc_dtype(x.dtype))
     aligned = vector_aligned(n, dy, dres, xc, w)
-    block_m, block_n, single, num_warps = row_config(rows, n, x.dtype, BWD_MAX_BLOCK, 16, aligned)
+    block_m, block_n, single, num_warps = row_config(rows, n, x.dtype, BWD_MAX_BLOCK, aligned, BWD)
+    per_sm = bwd_programs_per_sm(num_warps)
     with device_context(x):
         if single:
             row_blocks = triton.cdiv(rows, block_m)
-            p = persistent_programs(x.device, row_blocks, max(1, 32 // num_warps))
+            p = persistent_programs(x.device, row_blocks, per_sm)
             part = torch.empty((p, n), dtype=acc, device=x.device) if has_w else None
             _rms_bwd_kernel[(p,)](
                 dy, dres, xc, w, rs, dx.buf, part, rows, n, row_blocks,
-                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
-            )  # fmt: skip
-        elif long_row_backward(n, x.dtype, int(has_w)) == "fused":
-            row_blocks = triton.cdiv(rows, block_m)
-            p = persistent_programs(x.device, row_blocks, FUSED_PROGRAMS_PER_SM)
-            part = torch.zeros((p, n), dtype=acc, device=x.device) if has_w else None
-            _rms_bwd_fused_kernel[(p,)](
-                dy, dres, xc, w, rs, dx.buf, part, rows, n,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
             )  # fmt: skip
         else:
             c = torch.empty(rows, dtype=acc, device=x.device)
             _rms_rowdot_kernel[(rows,)](
                 dy, xc, w, rs, c, n, HAS_W=has_w, ACC=flags["ACC"], BLOCK_N=block_n,
-                STAGES=flags["STAGES"], num_warps=num_warps,
+                num_warps=num_warps,
             )  # fmt: skip
             col_blocks = triton.cdiv(n, block_n)
-            g = persistent_programs(x.device, rows, 4, share=col_blocks)
+            g = persistent_programs(x.device, rows, per_sm, share=col_blocks)
             part = torch.empty((g, n), dtype=acc, device=x.device) if has_w else None
             _rms_bwd_cols_kernel[(col_blocks, g)](
                 dy, dres, xc, w, rs, c, dx.buf, part, rows, n,

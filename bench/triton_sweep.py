@@ -104,8 +104,10 @@ def candidates(direction, n, space=GPU_SPACE):
             if not lo <= per_thread <= hi:
                 continue
             # 32 warps cap a thread at 64 registers: backward tiles of 16 elements per thread
-            # spilled 100-312 B there (sm_90, triton 3.6), 8 did not.
-            if not fwd and w == 32 and per_thread > 8:
+            # spilled 100-312 B there (sm_90, triton 3.6), 8 did not. Timed anyway for one row
+            # of 16K, the only whole-row tile there: torch.compile's backward reached 88% of copy
+            # at N = 16K where the column kernels reach 60% (bf16, H100, 2026-11-27).
+            if not fwd and w == 32 and per_thread > 8 and block > bn:
                 continue
             for p in space.per_sm if persistent else (None,):
                 if p is None or p * w <= 64:

@@ -8,6 +8,8 @@ costs seconds, the checks themselves milliseconds."""
 
 import os
 import socket
+import traceback
+from datetime import timedelta
 
 import pytest
 import torch
@@ -96,7 +98,8 @@ def _worker(rank, port, tests_dir, out_dir):
 
     sys.path.insert(0, tests_dir)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A rank that fails makes the other's next collective fail within this, not torch's 30 min.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     try:
         from fastnn import _backend
 
@@ -111,6 +114,13 @@ def _worker(rank, port, tests_dir, out_dir):
             ran.append(backend)
         with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
             f.write(" ".join(ran))
+        # Both ranks past their last collective before either tears the group down: twice in CI
+        # (2026-11-27, not reproduced in 16 reruns) rank 0 aborted ("terminate called without an
+        # active exception") with no Python error to show.
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()  # spawn reports only the first rank's death, maybe not this one
+        raise
     finally:
         dist.destroy_process_group()
 

@@ -8,6 +8,7 @@ costs seconds, the checks themselves milliseconds."""
 
 import os
 import socket
+import sys
 import traceback
 from datetime import timedelta
 
@@ -94,8 +95,6 @@ def _check_fsdp2(rank, backend):
 
 def _worker(rank, port, tests_dir, out_dir):
     # Spawned processes start fresh: the tests directory (tolerances.py) is not on their path.
-    import sys
-
     sys.path.insert(0, tests_dir)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # A rank that fails makes the other's next collective fail within this, not torch's 30 min.
@@ -114,15 +113,19 @@ def _worker(rank, port, tests_dir, out_dir):
             ran.append(backend)
         with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
             f.write(" ".join(ran))
-        # Both ranks past their last collective before either tears the group down: twice in CI
-        # (2026-11-27, not reproduced in 16 reruns) rank 0 aborted ("terminate called without an
-        # active exception") with no Python error to show.
-        dist.barrier()
+        dist.barrier()  # both ranks past their last collective before either tears down
     except BaseException:
         traceback.print_exc()  # spawn reports only the first rank's death, maybe not this one
         raise
     finally:
         dist.destroy_process_group()
+    # Twice in CI (2026-11-27; not in 16 reruns) rank 0 died of SIGABRT with no Python error
+    # ("terminate called without an active exception"), as a process does when gloo's worker
+    # threads still hold tensors while the interpreter finalizes (pytorch PR 179291): a rank
+    # that passed leaves without finalizing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -156,19 +156,16 @@ class _RowsPair(torch.autograd.Function):
 
 def _rows_pair(input, residual, shape):
     """(_rows(input), _rows(residual)) for the fused residual norms (see _RowsPair)."""
-    if residual is None:
-        return _rows(input, shape), None
-    rows, n = _rows_shape(input, shape)
-    if _under_transform():  # torch.func: plain reshapes, which every transform knows
-        return input.reshape(rows, n), residual.reshape(rows, n)
-    return _RowsPair.apply(input, residual, rows, n)
+    if residual is None or _under_transform():  # torch.func transforms plain reshapes
+        return _rows(input, shape), _rows(residual, shape)
+    return _RowsPair.apply(input, residual, *_rows_shape(input, shape))
 
 
 # torch put rms_norm on CUDA autocast's fp32 list in 2.12; torch 2.11's autocast leaves it alone
 # (measured on an H100: bf16 input, fp32 weight, bf16 out, as without autocast).
-_AUTOCAST_FP32 = ("layer_norm", "rms_norm") if TorchVersion(torch.__version__) >= (2, 12) else (
-    "layer_norm",
-)  # fmt: skip
+_AUTOCAST_FP32 = ("layer_norm",) + (
+    ("rms_norm",) if TorchVersion(torch.__version__) >= (2, 12) else ()
+)
 
 
 def _autocast_to_fp32(op, input):

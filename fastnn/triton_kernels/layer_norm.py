@@ -303,8 +303,8 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
     block_m, block_n, single, num_warps = row_config(rows, n, x.dtype, BWD_MAX_BLOCK, aligned, BWD)
     per_sm = bwd_programs_per_sm(num_warps)
     with device_context(x):
-        row_blocks = triton.cdiv(rows, block_m)
         if single:
+            row_blocks = triton.cdiv(rows, block_m)
             p = persistent_programs(x.device, row_blocks, per_sm)
         else:
             col_blocks = triton.cdiv(n, block_n)

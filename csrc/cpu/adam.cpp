@@ -93,8 +93,8 @@ FASTNN_ALWAYS_INLINE void update_arrays(M* __restrict p, M* __restrict g, M* __r
 // 16-byte vectors on any x86-64, 32 in the AVX2 clone (no FMA: fastnn/cpu_isa.h).
 template <bool kL2, bool kDecoupled, bool kAmsgrad, typename M>
 void update_arrays_base(M* __restrict p, M* __restrict g, M* __restrict m, M* __restrict v,
-                        M* __restrict v_max, int64_t n, const om::AdamCoeffs<M>& c,
-                        bool store_grad, const StreamPrefetch& pf) {
+                        M* __restrict v_max, int64_t n, const om::AdamCoeffs<M>& c, bool store_grad,
+                        const StreamPrefetch& pf) {
   update_arrays<16, kL2, kDecoupled, kAmsgrad>(p, g, m, v, v_max, n, c, store_grad, pf);
 }
 

@@ -45,6 +45,17 @@ def test_python_schemas_equal_the_cpp_declarations(name):
         assert _args_of(other) == _args_of(native), f"{backend} {name}: {other} vs {native}"
 
 
+@pytest.mark.skipif(not _extension.load(), reason="native extension not built")
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_native_ops_that_write_bump_versions(name):
+    """A native op that writes an argument has the ADInplaceOrView kernel of csrc/library.cpp
+    (which bumps the written tensors' versions); the others need none."""
+    op = ops.get("native", name)
+    writes = any(a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments)
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(op._name, "ADInplaceOrView")
+    assert has_kernel == writes, f"{name}: writes {writes}, ADInplaceOrView kernel {has_kernel}"
+
+
 def _norm_cases(dtype):
     g = torch.Generator().manual_seed(0)
 

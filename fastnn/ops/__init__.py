@@ -48,36 +48,9 @@ def define(name, schema, reference, triton_module, fake, mutates_args=()):
         )
         op.register_fake(fake)
     if _extension.load():
+        # (the native ops' ADInplaceOrView kernel, which bumps the versions of the tensors they
+        # write, is in csrc/library.cpp)
         torch.library.register_fake(f"fastnn::{name}", fake)
-        if mutates_args:
-            _bump_versions_of_mutated_args(get("native", name))
-
-
-# Kernels of the native (C++-defined) ops at the ADInplaceOrView key: without one that key falls
-# through and the tensors an op writes keep their version counters, so autograd could not see
-# that a tensor saved for backward was overwritten (torch.library.custom_op adds the same kernel
-# to the Triton and torch backends' ops).
-_INPLACE_LIB = torch.library.Library("fastnn", "IMPL")
-
-
-def _bump_versions_of_mutated_args(op):
-    mutated = [
-        (i, a.name)
-        for i, a in enumerate(op._schema.arguments)
-        if a.alias_info is not None and a.alias_info.is_write
-    ]
-    below = torch._C._after_ADInplaceOrView_keyset
-
-    def ad_inplace_or_view(keyset, *args, **kwargs):
-        for index, name in mutated:
-            t = args[index] if index < len(args) else kwargs.get(name)
-            if t is not None:
-                torch.autograd.graph.increment_version(t)
-        return op.redispatch(keyset & below, *args, **kwargs)
-
-    _INPLACE_LIB.impl(
-        op._schema.name.split("::")[1], ad_inplace_or_view, "ADInplaceOrView", with_keyset=True
-    )
 
 
 def define_autograd(fwd_name, bwd_name, setup_context, make_backward, family):

@@ -6,7 +6,8 @@
 // The Triton and reference backends register the same schemas under the names
 // `fastnn::triton_<op>` and `fastnn::ref_<op>` (tests/test_registry.py keeps them identical).
 
-#include <Python.h>
+#include <Python.h>  // first, as Python asks
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 

@@ -225,7 +225,7 @@ class FusedStepMixin:
         gk, relaid = [], []
         for p, q in zip(pk, params, strict=True):
             g = view(q.grad)
-            if g.stride() != p.stride() and not (g.is_contiguous() and p.is_contiguous()):
+            if not (g.is_contiguous() and p.is_contiguous()) and g.stride() != p.stride():
                 # e.g. a DDP bucket view of a transposed param: the kernels read a copy
                 relaid.append((g, torch.empty_like(p).copy_(g)))
                 g = relaid[-1][1]
@@ -295,10 +295,12 @@ def _occurrences(params):
     one round without repeats. A param listed twice in a group (torch warns of it) is then
     stepped twice in turn, each time counting its own step, as torch's for-loop step does;
     in one op call its two copies would update the same memory at once."""
+    if len({id(p) for p in params}) == len(params):
+        return [params]  # the usual case, found without hashing tensors (a Python __hash__)
     rounds, seen = [], {}
     for p in params:
-        k = seen.get(p, 0)
-        seen[p] = k + 1
+        k = seen.get(id(p), 0)
+        seen[id(p)] = k + 1
         if k == len(rounds):
             rounds.append([])
         rounds[k].append(p)

@@ -6,9 +6,7 @@
 // The Triton and reference backends register the same schemas under the names
 // `fastnn::triton_<op>` and `fastnn::ref_<op>` (tests/test_registry.py keeps them identical).
 
-#include <Python.h>  // first, as Python asks
-
-#include <ATen/core/dispatch/Dispatcher.h>
+#include <Python.h>
 #include <torch/library.h>
 
 // Python module `fastnn._C`: importing it loads this library and its registrations. No Python

@@ -34,17 +34,30 @@ def _check_same_device(t, name, ref, ref_name="input"):
         )
 
 
+def _is_int(n):
+    # SymInt: a dynamic size under torch.compile. bool is an Integral, but torch refuses it.
+    return isinstance(n, (numbers.Integral, torch.SymInt)) and not isinstance(n, bool)
+
+
 def _normalized_shape(normalized_shape):
-    integral = (numbers.Integral, torch.SymInt)  # SymInt: a dynamic size under torch.compile
-    if isinstance(normalized_shape, integral):
+    if _is_int(normalized_shape):
         return (int(normalized_shape),)
     if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
-        isinstance(n, integral) for n in normalized_shape
+        _is_int(n) for n in normalized_shape
     ):
         raise TypeError(
             f"fastnn: normalized_shape must be an int or a tuple of ints, got {normalized_shape!r}"
         )
     return tuple(int(n) for n in normalized_shape)
+
+
+def _check_types(eps, **tensors):
+    """Arguments of the wrong Python type raise TypeError, as torch's argument parser does."""
+    for name, t in tensors.items():
+        if not (isinstance(t, torch.Tensor) or (t is None and name != "input")):
+            raise TypeError(f"fastnn: {name} must be a Tensor, got {type(t).__name__}")
+    if not (eps is None or isinstance(eps, (numbers.Real, torch.SymFloat))):
+        raise TypeError(f"fastnn: eps must be a float, got {type(eps).__name__}")
 
 
 def _check_norm_args(op, input, normalized_shape, residual, params):
@@ -123,8 +136,9 @@ def _rows_shape(t, shape):
 
 
 def _rows(t, shape):
-    """[..., *normalized_shape] -> [rows, N]."""
-    return None if t is None else t.reshape(_rows_shape(t, shape))
+    """[..., *normalized_shape] -> [rows, N], contiguous: the kernels read it so (they would copy
+    it themselves), and the result is then contiguous too, as torch's norms return it."""
+    return None if t is None else t.reshape(_rows_shape(t, shape)).contiguous()
 
 
 class _RowsPair(torch.autograd.Function):
@@ -143,7 +157,7 @@ class _RowsPair(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, residual, rows, n):
         ctx.shape = input.shape
-        return input.reshape(rows, n), residual.reshape(rows, n)
+        return input.reshape(rows, n).contiguous(), residual.reshape(rows, n).contiguous()
 
     @staticmethod
     def backward(ctx, grad_input, grad_residual):
@@ -180,6 +194,14 @@ def _fp32(t):
     return t if t is None or t.dtype == torch.float64 else t.float()
 
 
+def _unflatten(out, shape, residual_out, residual):
+    """The op's [rows, N] results in the input's shape: out, or (out, residual_out) when a
+    residual was fused. aten._unsafe_view, not view: the results are new tensors, not views
+    (torch's norms return none), so detach_() and in-place updates under no_grad work on them."""
+    out = torch.ops.aten._unsafe_view(out, shape)
+    return out if residual is None else (out, torch.ops.aten._unsafe_view(residual_out, shape))
+
+
 def _vector(t, n):
     """normalized_shape -> [N]."""
     return None if t is None else t.reshape(n)
@@ -193,6 +215,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     The result has input's dtype. With `residual` (input's shape and dtype) returns
     (rms_norm(input + residual), input + residual), the add fused into the kernel.
     """
+    _check_types(eps, input=input, weight=weight, residual=residual)
     shape, n = _check_norm_args("rms_norm", input, normalized_shape, residual, [("weight", weight)])
     if _autocast_to_fp32("rms_norm", input):
         # As the unfused code under autocast: the add in the input's dtype, the norm in fp32.
@@ -206,8 +229,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     out, residual_out, _ = _forward(backend, "rms_norm_fwd")(
         *_rows_pair(input, residual, shape), _vector(weight, n), float(eps)
     )
-    out = out.view(input.shape)
-    return out if residual is None else (out, residual_out.view(input.shape))
+    return _unflatten(out, input.shape, residual_out, residual)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None):
@@ -217,6 +239,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
     or None. The result has input's dtype. With `residual` returns
     (layer_norm(input + residual), input + residual), the add fused into the kernel.
     """
+    _check_types(eps, input=input, weight=weight, bias=bias, residual=residual)
     shape, n = _check_norm_args(
         "layer_norm", input, normalized_shape, residual, [("weight", weight), ("bias", bias)]
     )
@@ -227,6 +250,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
             args = (normalized_shape, _fp32(weight), _fp32(bias), eps)
             return layer_norm(_fp32(s), *args), s
         input, weight, bias = _fp32(input), _fp32(weight), _fp32(bias)
+    _check_layer_norm_param_dtypes(input, weight, bias)
     backend = _backend.resolve("layer_norm", input.device.type)
     out, residual_out, _, _ = _forward(backend, "layer_norm_fwd")(
         *_rows_pair(input, residual, shape),
@@ -234,8 +258,22 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
         _vector(bias, n),
         float(eps),
     )
-    out = out.view(input.shape)
-    return out if residual is None else (out, residual_out.view(input.shape))
+    return _unflatten(out, input.shape, residual_out, residual)
+
+
+def _check_layer_norm_param_dtypes(input, weight, bias):
+    """torch's rule for layer_norm (rms_norm takes any float params): weight and bias have the
+    input's dtype, or are both float32 for float16 / bfloat16 input."""
+    dtypes = {p.dtype for p in (weight, bias) if p is not None}
+    low_precision = input.dtype in (torch.float16, torch.bfloat16)
+    if not (dtypes <= {input.dtype} or (low_precision and dtypes == {torch.float32})):
+        names = ", ".join(
+            f"{n} {p.dtype}" for n, p in (("weight", weight), ("bias", bias)) if p is not None
+        )
+        raise RuntimeError(
+            f"fastnn: layer_norm of {input.dtype} input takes weight and bias of its dtype, or "
+            f"float32 ones for float16 / bfloat16 input; got {names}"
+        )
 
 
 def glu_family(gate, up=None, activation="silu", *, inplace_backward=False):
@@ -316,3 +354,10 @@ def _glu_inplace_backward(gate, up, activation, backend):
 def swiglu(gate, up=None, *, inplace_backward=False):
     """silu(gate) * up; with up=None the last dim of `gate` holds [gate | up]. See glu_family."""
     return glu_family(gate, up, "silu", inplace_backward=inplace_backward)
+
+
+# torch.fx.symbolic_trace records calls of these as graph nodes, as it does torch's own
+# F.rms_norm / F.layer_norm, instead of tracing into their argument checks (which branch on
+# tensor properties a Proxy does not have).
+for _name in ("rms_norm", "layer_norm", "glu_family", "swiglu"):
+    torch.fx.wrap(_name)

@@ -72,6 +72,14 @@ def _bad_norm_calls():
             lambda m: m.layer_norm(x, (4,), residual=torch.randn(3, 4, device="meta")),
             None, RuntimeError, "residual is on meta",
         ),
+        (lambda m: m.rms_norm(None, (4,)), F, TypeError, "input must be a Tensor, got NoneType"),
+        (lambda m: m.layer_norm(x, (4,), [1.0] * 4), F, TypeError, "weight must be a Tensor, got list"),
+        (lambda m: m.layer_norm(x, (4,), None, None, "a"), F, TypeError, "eps must be a float, got str"),
+        (lambda m: m.layer_norm(x, True), F, TypeError, "an int or a tuple of ints, got True"),
+        (
+            lambda m: m.layer_norm(x, (4,), torch.ones(4, dtype=torch.float64)),
+            F, RuntimeError, "float32 input takes weight and bias of its dtype",
+        ),
     ]  # fmt: skip
 
 
@@ -100,6 +108,55 @@ def test_bad_glu_input_is_named():
         FF.swiglu(torch.randn(3, 5))
     with pytest.raises(ValueError, match="unknown GLU activation 'tanh'"):
         FF.glu_family(g, g, "tanh")
+
+
+def test_layer_norm_takes_the_param_dtypes_torch_takes():
+    """weight and bias of the input's dtype, or both fp32 for fp16 / bf16 input; torch refuses
+    the other mixes (fastnn would round fp64 params to fp32 silently)."""
+    floats = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    for x_dtype in floats:
+        x = torch.randn(3, 8, dtype=x_dtype)
+        for w_dtype in floats:
+            for b_dtype in floats:
+                args = ((8,), torch.ones(8, dtype=w_dtype), torch.zeros(8, dtype=b_dtype))
+                try:
+                    F.layer_norm(x, *args)
+                except RuntimeError:
+                    with pytest.raises(RuntimeError, match="takes weight and bias of its dtype"):
+                        FF.layer_norm(x, *args)
+                else:
+                    assert FF.layer_norm(x, *args).dtype == x_dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["rms_norm", "layer_norm"])
+def test_norm_results_are_contiguous_new_tensors_as_torch_returns(backend, kind):
+    """Not views of the kernels' [rows, N] results (detach_() and in-place updates under
+    no_grad work, as on torch's), and contiguous for a transposed input, as torch's."""
+    skip_unless_available(backend, kind, "cpu")
+    norm, theirs = getattr(FF, kind), getattr(F, kind)
+    x = torch.randn(8, 4).t()  # [4, 8], dense, not contiguous
+    with fastnn.use_backend(backend):
+        out, (fused, s) = norm(x, (8,)), norm(x, (8,), residual=torch.randn(4, 8))
+        assert out.stride() == theirs(x, (8,)).stride() == (8, 1)
+        assert out._base is None and fused._base is None and s._base is None
+        out.detach_()
+        w = torch.randn(8, requires_grad=True)
+        with torch.no_grad():
+            y = norm(torch.randn(2, 3, 8), (8,))
+        y.mul_(w).sum().backward()  # torch's message for a view: "created in no_grad mode"
+    assert w.grad is not None
+
+
+def test_fx_symbolic_trace_records_the_norm_and_glu_calls():
+    """torch.fx.symbolic_trace records fastnn's functional calls as nodes, as it does torch's
+    F.rms_norm (tracing into their argument checks would branch on a Proxy)."""
+    x = torch.randn(2, 8)
+    for module in (fastnn.RMSNorm(8), fastnn.LayerNorm(8), fastnn.SwiGLUMLP(8, 16)):
+        traced = torch.fx.symbolic_trace(module)
+        called = {n.target.__name__ for n in traced.graph.nodes if n.op == "call_function"}
+        assert called & {"rms_norm", "layer_norm", "glu_family"}, called
+        torch.testing.assert_close(traced(x), module(x))
 
 
 def test_result_dtype_follows_torch_for_mixed_weight():

@@ -143,11 +143,12 @@ class FusedStepMixin:
             )
         out = []
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(self._sparse_message())
-            if _is_dtensor(p) and p.grad.placements != p.placements:
+            if _is_dtensor(p) and grad.placements != p.placements:
                 raise RuntimeError(
                     f"fastnn.optim: a DTensor param with placements {p.placements} has a grad "
                     f"with placements {p.grad.placements}; redistribute the grad to match"
@@ -159,6 +160,7 @@ class FusedStepMixin:
         return f"{type(self).__name__} does not support sparse gradients"
 
     def _init_state(self, p, group):
+        """p's state (created where missing), as the kernels need it."""
         state = self.state[p]
         master = _low_precision_master(group, p)
         if len(state) == 0 and group.get("fused"):
@@ -173,6 +175,7 @@ class FusedStepMixin:
             state["step"] = step.to(_get_scalar_dtype(is_fused=group.get("fused")))
         if master and MASTER not in state:
             state[MASTER] = p.detach().to(torch.float32, copy=True)
+        return state
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -190,15 +193,14 @@ class FusedStepMixin:
         for group, _ in work:
             self._check_group(group)
         for group, params in work:
-            for p in params:
-                self._init_state(p, group)
+            states = [self._init_state(p, group) for p in params]
             for k, occurrence in enumerate(_occurrences(params)):
                 # The first round unscales the grads in place (fused GradScaler protocol); a
                 # param's later rounds read its grad unscaled.
                 scale = grad_scale if k == 0 else None
-                for key, idx in _buckets(occurrence).items():
-                    bucket = [occurrence[i] for i in idx]
-                    self._update_bucket(group, key[0], bucket, key[2], scale, found_inf)
+                for (device, _, special), idx in _buckets(params, occurrence).items():
+                    bucket = ([params[i] for i in idx], [states[i] for i in idx])
+                    self._update_bucket(group, device, *bucket, special, scale, found_inf)
         return loss
 
     def _check_group(self, group):
@@ -209,26 +211,26 @@ class FusedStepMixin:
                 for v in values:
                     host_float(v, key)
 
-    def _update_bucket(self, group, device, params, special, grad_scale, found_inf):
+    def _update_bucket(self, group, device, params, states, special, grad_scale, found_inf):
         # special: DTensor or complex params, whose tensors the kernels see through views.
+        # One pass over the params: in a training loop their tensors are cold in the caches
+        # (forward and backward evicted them), and each touch costs.
         view = kernel_view if special else _same
-        states = [self.state[p] for p in params]
-        pk = [view(p) for p in params]
-        # A param with gaps (a strided slice of a larger tensor): the kernels take dense tensors,
-        # so they update a dense copy (its state is dense too: zeros_like gives a contiguous
-        # tensor for it), written back after the op.
-        gapped = []
-        for i, p in enumerate(pk):
-            if not is_dense(p):
+        pk, gk, gapped, relaid = [], [], [], []
+        for q in params:
+            p, g = view(q), view(q.grad)
+            contiguous = p.is_contiguous()
+            if not contiguous and not is_dense(p):
+                # A param with gaps (a strided slice of a larger tensor): the kernels take dense
+                # tensors, so they update a dense copy (its state is dense too: zeros_like gives
+                # a contiguous tensor for it), written back after the op.
                 gapped.append((p, p.contiguous()))
-                pk[i] = gapped[-1][1]
-        gk, relaid = [], []
-        for p, q in zip(pk, params, strict=True):
-            g = view(q.grad)
-            if not (g.is_contiguous() and p.is_contiguous()) and g.stride() != p.stride():
+                p, contiguous = gapped[-1][1], True
+            if not (contiguous and g.is_contiguous()) and g.stride() != p.stride():
                 # e.g. a DDP bucket view of a transposed param: the kernels read a copy
                 relaid.append((g, torch.empty_like(p).copy_(g)))
                 g = relaid[-1][1]
+            pk.append(p)
             gk.append(g)
         master = [view(s[MASTER]) for s in states] if MASTER in states[0] else []
         lists, use_steps, kwargs = self._op_arguments(group, states)
@@ -291,26 +293,27 @@ def _on(t, device):
 
 
 def _occurrences(params):
-    """params in rounds, round k holding each param's k-th occurrence in the list, in order:
-    one round without repeats. A param listed twice in a group (torch warns of it) is then
-    stepped twice in turn, each time counting its own step, as torch's for-loop step does;
+    """Indices of params in rounds, round k holding each param's k-th occurrence in the list, in
+    order: one round without repeats. A param listed twice in a group (torch warns of it) is
+    then stepped twice in turn, each time counting its own step, as torch's for-loop step does;
     in one op call its two copies would update the same memory at once."""
     if len({id(p) for p in params}) == len(params):
-        return [params]  # the usual case, found without hashing tensors (a Python __hash__)
+        return [range(len(params))]  # the usual case, found without hashing tensors
     rounds, seen = [], {}
-    for p in params:
+    for i, p in enumerate(params):
         k = seen.get(id(p), 0)
         seen[id(p)] = k + 1
         if k == len(rounds):
             rounds.append([])
-        rounds[k].append(p)
+        rounds[k].append(i)
     return rounds
 
 
-def _buckets(params):
-    """Indices of params grouped by (device, dtype, needs a kernel view), in order."""
+def _buckets(params, indices):
+    """`indices` (into params) grouped by (device, dtype, needs a kernel view), in order."""
     out = defaultdict(list)
-    for i, p in enumerate(params):
+    for i in indices:
+        p = params[i]
         special = _is_dtensor(p) or p.is_complex()
         k = kernel_view(p) if special else p
         out[(k.device, k.dtype, special)].append(i)

@@ -199,7 +199,7 @@ def test_capturable_on_cpu(backend, cls):
         run(opt, ours, grads)
     run(ref_opt, ref, grads)
     assert_params_close(ours, ref)
-    assert opt._step_supports_amp_scaling
+    assert not opt._step_supports_amp_scaling  # as torch's: GradScaler's fused path is fused=True's
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -549,20 +549,25 @@ def test_master_weights_from_torch_state_dict():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
+@pytest.mark.parametrize("cls", ["Adam", "RMSprop", "Adam-fused"])
 @pytest.mark.parametrize("unscale_first", [False, True])
 def test_grad_scaler(backend, cls, unscale_first):
-    # The fused protocol: GradScaler hands grad_scale / found_inf to step(). A step with an inf
-    # in one grad changes nothing (params, state, step counts); the others match torch's run on
-    # the unscaled grads. unscale_first: the user unscales (e.g. to clip) before scaler.step.
+    # A step with an inf in one grad changes nothing (params, state, step counts); the others
+    # match torch's run on the unscaled grads. As for torch's optimizers, GradScaler unscales and
+    # skips step() itself, except with fused=True (Adam): the fused protocol, GradScaler hands
+    # grad_scale / found_inf to step(). unscale_first: the user unscales (e.g. to clip) before
+    # scaler.step.
+    cls, fused = cls.split("-")[0], cls.endswith("-fused")
     skip_unless_available(backend, cls.lower(), "cpu")
     params = make_params(backend=backend)
     grads = make_grads(params, 6)
     kw = dict(lr=0.01, weight_decay=0.1)
     ours, ref = clone_leaves(params), clone_leaves(params)
-    opt = getattr(fastnn.optim, cls)(ours, **kw)
+    opt = getattr(fastnn.optim, cls)(ours, **kw, **({"fused": True} if fused else {}))
     ref_opt = getattr(torch.optim, cls)(ref, foreach=False, **kw)
-    assert opt._step_supports_amp_scaling
+    assert opt._step_supports_amp_scaling == fused
+    post_hooks = []
+    opt.register_step_post_hook(lambda *args: post_hooks.append(1))
     k = next(i for i, p in enumerate(ours) if p.dim() == 2)  # the param that gets the inf
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
     with fastnn.use_backend(backend):
@@ -587,6 +592,7 @@ def test_grad_scaler(backend, cls, unscale_first):
             else:
                 run(ref_opt, ref, [gs])
     assert float(opt.state[ours[0]]["step"]) == 5
+    assert len(post_hooks) == (6 if fused else 5)  # skipped steps run no hooks, as torch's
     assert_params_close(ours, ref)
 
 

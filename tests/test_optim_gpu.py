@@ -120,7 +120,7 @@ def test_grad_scaler_fused_protocol_cuda(backend):
     grads = _grads(params, 5)
     ours = [torch.nn.Parameter(p.clone()) for p in params]
     ref = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = Adam(ours, lr=0.01, capturable=True)
+    opt = Adam(ours, lr=0.01, fused=True)
     ref_opt = torch.optim.Adam(ref, lr=0.01, foreach=False)
     assert opt._step_supports_amp_scaling
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12, growth_interval=1000)

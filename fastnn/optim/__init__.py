@@ -6,11 +6,11 @@ backend (`fastnn.use_backend`), and never synchronises the host with the device.
 - lr as a float or a tensor (read on the device), capturable=True (lr and step on the device,
   CUDA-graph capturable), foreach / fused accepted (the update is always fused; fused=True keeps
   the step on the device as torch's fused Adam does); differentiable=True is refused.
-- GradScaler: plain (unscale_, then step) and the fused protocol (grad_scale / found_inf read in
-  the kernel, which leaves .grad unscaled as torch's fused Adam does; a step with an inf found
-  changes nothing, grads and step counts included). The fused protocol
-  is offered when every step count lives on its params' device (capturable or fused groups, or
-  CPU params), so that undoing a skipped step needs no host sync.
+- GradScaler: as for torch's optimizers, it unscales the grads and skips a step with an inf
+  itself; with fused=True (Adam / AdamW, as torch's fused Adam) it uses the fused protocol
+  instead: grad_scale / found_inf read in the kernel, which leaves .grad unscaled as torch's
+  fused Adam does, and a step with an inf found changes nothing, grads and step counts included,
+  with no host sync.
 - master_weights=True (keyword-only, fastnn's): fp32 copies of fp16 / bf16 params and fp32
   moments kept in the state (key "master_param") and in the state_dict.
 - Params without grads are skipped (no state); zero-size params, several groups, complex params

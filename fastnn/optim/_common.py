@@ -118,18 +118,14 @@ class FusedStepMixin:
             group.setdefault("master_weights", self.defaults["master_weights"])
         self._register_fp32_hooks()
 
-    # GradScaler calls step() with grad_scale / found_inf set (the fused protocol) when this is
-    # True. It is True only when every step counter lives where found_inf does (capturable or
-    # fused groups, or CPU params): undoing a skipped step then needs no host sync. Otherwise
-    # GradScaler unscales the grads and skips step() itself, as for torch.optim.Adam.
+    # GradScaler calls step() with grad_scale / found_inf set (the fused protocol: the kernels
+    # unscale, and a step with an inf found writes nothing, with no host sync) when this is True:
+    # as for torch's optimizers, only with fused=True (its step counters live on the params'
+    # device). Otherwise GradScaler unscales the grads and skips step() itself, as it does for
+    # torch.optim.Adam: no step hooks, no state and unscaled grads on a skipped step.
     @property
     def _step_supports_amp_scaling(self):
-        return all(
-            g.get("capturable")
-            or g.get("fused")
-            or all(p.device.type == "cpu" for p in g["params"])
-            for g in self.param_groups
-        )
+        return all(g.get("fused") for g in self.param_groups)
 
     @_step_supports_amp_scaling.setter
     def _step_supports_amp_scaling(self, value):

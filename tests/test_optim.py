@@ -280,6 +280,40 @@ def test_noncontiguous_params_and_grads(backend, cls):
 
 
 @pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_follows_a_param_whose_layout_changes(backend, cls):
+    # Module.to(memory_format=...) after the first steps swaps each param's .data for one in the
+    # new layout (the state keeps the old one), and a state_dict saved for a transposed param
+    # loads into a contiguous one: torch's elementwise steps take any mix, and so does fastnn.
+    skip_unless_available(backend, cls.lower(), "cpu")
+    kw = dict(lr=0.01, amsgrad=True) if cls == "Adam" else dict(lr=0.01, momentum=0.9)
+    shape = (2, 3, 4, 4) if backend != "triton" else (2, 3, 2, 2)
+    ours, ref = clone_leaves(make_params(shapes=[shape])), clone_leaves(make_params(shapes=[shape]))
+    grads = make_grads(ref, 6)
+    opt = getattr(fastnn.optim, cls)(ours, **kw)
+    ref_opt = getattr(torch.optim, cls)(ref, foreach=False, **kw)
+    for k, layout in enumerate((torch.channels_last, torch.contiguous_format, torch.channels_last)):
+        for p in ours + ref:
+            p.data = p.data.contiguous(memory_format=layout)
+        with fastnn.use_backend(backend):
+            run(opt, ours, grads[2 * k : 2 * k + 2])
+        run(ref_opt, ref, grads[2 * k : 2 * k + 2])
+        assert_params_close(ours, ref)
+    transposed = torch.nn.Parameter(torch.randn(5, 4).t())
+    saved = getattr(torch.optim, cls)([transposed], **kw)
+    transposed.grad = torch.randn(4, 5)
+    saved.step()
+    contiguous = torch.nn.Parameter(transposed.detach().contiguous())
+    loaded = getattr(fastnn.optim, cls)([contiguous], **kw)
+    loaded.load_state_dict(copy.deepcopy(saved.state_dict()))  # (its step tensors are shared)
+    contiguous.grad = transposed.grad.contiguous()
+    with fastnn.use_backend(backend):
+        loaded.step()
+    saved.step()
+    assert_params_close([contiguous], [transposed])
+
+
+@pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
 def test_triton_multi_chunk(monkeypatch, cls):
     # Tensors over several 64-element chunks of 16-element tiles: each program finds its chunk
     # in the table, full tiles and tails; one tensor joins late so step counts differ.

@@ -207,13 +207,24 @@ class FusedStepMixin:
                 for v in values:
                     host_float(v, key)
 
+    def _lay_out_state_as(self, p, p_contiguous, state):
+        """The kernels read a param's state alongside it, element by element: a state tensor laid
+        out otherwise (the param made channels_last after its first step, a state_dict saved for
+        a transposed param) is replaced by a copy in the param's layout, as zeros_like(param)
+        lays out new state. (DTensor and complex params keep the kernels' error for it.)"""
+        for key in (*self.MOMENTS, MASTER):
+            t = state.get(key)
+            if t is not None and not (p_contiguous and t.is_contiguous()):
+                if t.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=t.dtype).copy_(t)
+
     def _update_bucket(self, group, device, params, states, special, grad_scale, found_inf):
         # special: DTensor or complex params, whose tensors the kernels see through views.
         # One pass over the params: in a training loop their tensors are cold in the caches
         # (forward and backward evicted them), and each touch costs.
         view = kernel_view if special else _same
         pk, gk, gapped, relaid = [], [], [], []
-        for q in params:
+        for q, state in zip(params, states, strict=True):
             p, g = view(q), view(q.grad)
             contiguous = p.is_contiguous()
             if not contiguous and not is_dense(p):
@@ -226,6 +237,8 @@ class FusedStepMixin:
                 # e.g. a DDP bucket view of a transposed param: the kernels read a copy
                 relaid.append((g, torch.empty_like(p).copy_(g)))
                 g = relaid[-1][1]
+            if not special:
+                self._lay_out_state_as(p, contiguous, state)
             pk.append(p)
             gk.append(g)
         master = [view(s[MASTER]) for s in states] if MASTER in states[0] else []

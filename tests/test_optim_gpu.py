@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from conftest import BACKENDS, skip_unless_available
+from test_optim import centered_rmsprop_at_cancellation
 from tolerances import FORWARD, assert_rel_close
 
 import fastnn
@@ -92,6 +93,12 @@ def test_step_does_not_sync(backend, capturable):
                 opt.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_centered_rmsprop_rounds_its_variance_once_as_torch_cuda(backend):
+    skip_unless_available(backend, "rmsprop", "cuda")
+    centered_rmsprop_at_cancellation(backend, "cuda")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -15,6 +15,14 @@ def host_or_device(t):
     return t.item() if t.device.type == "cpu" else t
 
 
+def add_scaled(x, alpha, y):
+    """x + alpha * y rounded once, as torch.add(x, y, alpha=alpha) computes it (a fused
+    multiply-add on the CPU and CUDA); alpha may be a device tensor (a capturable lr)."""
+    if isinstance(alpha, torch.Tensor):
+        return torch.addcmul(x, y, alpha)
+    return torch.add(x, y, alpha=alpha)
+
+
 def device_found_inf(found_inf):
     """(skip, found_inf): a CPU found_inf is read now (skip the whole step when non-zero); a
     device one is returned for skip_if_inf, which masks each write without a sync."""
@@ -79,9 +87,9 @@ def adam_step_(
             if decoupled_weight_decay:
                 p = p * (1 - lr * weight_decay)
             else:
-                g = g + weight_decay * p
-        m = m + (1 - beta1) * (g - m)  # lerp, as torch.optim.Adam
-        v = v * beta2 + (1 - beta2) * g * g
+                g = add_scaled(g, weight_decay, p)
+        m = torch.lerp(m, g, 1 - beta1)  # as torch.optim.Adam
+        v = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # (value * g) * g + v, rounded once
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         if amsgrad:

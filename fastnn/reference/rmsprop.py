@@ -4,7 +4,13 @@ math for low-precision tensors; graph-safe on a GPU as fastnn/reference/adam.py 
 
 import torch
 
-from fastnn.reference.adam import device_found_inf, host_or_device, skip_if_inf, update_grad
+from fastnn.reference.adam import (
+    add_scaled,
+    device_found_inf,
+    host_or_device,
+    skip_if_inf,
+    update_grad,
+)
 
 
 def rmsprop_step_(
@@ -38,20 +44,20 @@ def rmsprop_step_(
         p = weights.double() if weights.dtype == torch.float64 else weights.float()
         g = update_grad(grads, i, grad_scale, found_inf, maximize).to(p.dtype)
         if weight_decay != 0:
-            g = g + weight_decay * p
-        sq = square_avgs[i].to(p.dtype) * alpha + (1 - alpha) * g * g
+            g = add_scaled(g, weight_decay, p)
+        sq = torch.addcmul(square_avgs[i].to(p.dtype) * alpha, g, g, value=1 - alpha)
         square_avgs[i].copy_(skip_if_inf(found_inf, sq, square_avgs[i]))
         if centered:
             ga = grad_avgs[i].to(p.dtype)
-            ga = ga + (1 - alpha) * (g - ga)
+            ga = torch.lerp(ga, g, 1 - alpha)
             grad_avgs[i].copy_(skip_if_inf(found_inf, ga, grad_avgs[i]))
-            avg = (sq - ga * ga).sqrt() + eps
+            avg = torch.addcmul(sq, ga, ga, value=-1).sqrt() + eps  # sq - ga * ga rounded once
         else:
             avg = sq.sqrt() + eps
         if momentum > 0:
             buf = momentum_buffers[i].to(p.dtype) * momentum + g / avg
             momentum_buffers[i].copy_(skip_if_inf(found_inf, buf, momentum_buffers[i]))
-            p = p - lr * buf
+            p = add_scaled(p, -lr, buf)
         else:
             p = p - lr * g / avg
         weights.copy_(skip_if_inf(found_inf, p, weights))

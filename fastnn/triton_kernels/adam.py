@@ -51,10 +51,10 @@ def _adam_tile(
         if DECOUPLED:
             w = w * decay
         else:
-            g = g + weight_decay * w
+            g = tl.fma(weight_decay, w, g)  # grad.add(param, alpha=weight_decay), rounded once
     # torch.optim.Adam's order: m.lerp_(g, 1 - beta1); v.mul_(beta2).addcmul_(g, g, 1 - beta2)
-    m = m + one_minus_beta1 * (g - m)
-    v = v * beta2 + one_minus_beta2 * (g * g)
+    m = tl.fma(one_minus_beta1, g - m, m)
+    v = tl.fma(one_minus_beta2 * g, g, v * beta2)  # rounded once, as torch's addcmul
     if AMSGRAD:
         vmax = tl.load(vmax_ptr + offs, mask=mask).to(CDT)
         vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)  # NaN stays, as torch

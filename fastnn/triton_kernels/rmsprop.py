@@ -36,21 +36,21 @@ def _rmsprop_tile(
     )
     sq = tl.load(sq_ptr + offs, mask=mask).to(CDT)
     if HAS_WD:
-        g = g + weight_decay * w
-    sq = sq * alpha + one_minus_alpha * (g * g)  # square_avg.mul_(alpha).addcmul_(g, g, 1 - alpha)
+        g = tl.fma(weight_decay, w, g)  # grad.add(param, alpha=weight_decay), rounded once
+    sq = tl.fma(one_minus_alpha * g, g, sq * alpha)  # sq.mul_(alpha).addcmul_(g, g, 1 - alpha)
     tl.store(sq_ptr + offs, sq.to(SQ_T), mask=mask)
     if CENTERED:
         ga = tl.load(ga_ptr + offs, mask=mask).to(CDT)
-        ga = ga + one_minus_alpha * (g - ga)  # grad_avg.lerp_(g, 1 - alpha)
+        ga = tl.fma(one_minus_alpha, g - ga, ga)  # grad_avg.lerp_(g, 1 - alpha)
         tl.store(ga_ptr + offs, ga.to(GA_T), mask=mask)
-        avg = sqrt_ieee(sq - ga * ga, CDT) + eps
+        avg = sqrt_ieee(tl.fma(-ga, ga, sq), CDT) + eps  # sq - ga * ga rounded once (addcmul)
     else:
         avg = sqrt_ieee(sq, CDT) + eps
     if HAS_MOMENTUM:
         buf = tl.load(buf_ptr + offs, mask=mask).to(CDT)
         buf = buf * momentum + div_ieee(g, avg, CDT)  # buf.mul_(momentum).addcdiv_(g, avg)
         tl.store(buf_ptr + offs, buf.to(BUF_T), mask=mask)
-        w = w - lr * buf
+        w = tl.fma(-lr, buf, w)  # param.add_(buf, alpha=-lr)
     else:
         w = w - lr * div_ieee(g, avg, CDT)
     store_weight(offs, mask, p_ptr, w_ptr, w, P_T, W_T, HAS_MASTER)

@@ -5,8 +5,10 @@
 // Order of operations is torch.optim.Adam's for-loop (single-tensor) path, so trajectories match
 // it closely: every scalar coefficient is computed in double (as Python does) and rounded once to
 // the math type M; the per-element math runs in M: float for fp32 / fp16 / bf16 tensors, double
-// for fp64. No fast-math: IEEE division and square root. (nvcc contracts a * b + c into an FMA by
-// default, the host build does not: CPU and CUDA results may differ in the last bit.)
+// for fp64. No fast-math: IEEE division and square root. Where torch's ops compute a multiply-add
+// rounded once (addcmul, lerp, add with alpha: fused in its CPU and CUDA kernels) so does fma_
+// here, on every host and device; the host build contracts nothing else (nvcc may contract other
+// a * b + c on the GPU: CPU and CUDA results may differ in the last bit there).
 //
 // V, the type of the per-element values, is M, or on the host a GCC vector of M (the CPU kernels
 // run 16- or 32-byte vectors through the same code; see host_vec). The option flags are plain
@@ -30,6 +32,14 @@ namespace optim_math {
 FASTNN_OPT_HD float sqrt_(float x) { return ::sqrtf(x); }
 FASTNN_OPT_HD double sqrt_(double x) { return ::sqrt(x); }
 
+// fma_(a, b, c) = a * b + c rounded once: the addcmul of torch's steps (self + value * t1 * t2),
+// which torch's CPU kernels (built with FMA, contracted) and CUDA kernels compute so. One rounding
+// matters in centered RMSprop's square_avg - grad_avg^2: rounded twice, it cancels to exactly 0
+// under a steady gradient and the step divides by eps alone (a param 5e4x off torch's after 1500
+// steps of a constant gradient).
+FASTNN_OPT_HD float fma_(float a, float b, float c) { return ::fmaf(a, b, c); }
+FASTNN_OPT_HD double fma_(double a, double b, double c) { return ::fma(a, b, c); }
+
 #if !defined(__CUDACC__) && defined(__GNUC__)
 // Host vectors. GCC does not vectorise a loop that calls sqrt unless the whole build has
 // -fno-math-errno (sqrt(-1) must set errno; neither a pragma nor an attribute changes that per
@@ -43,6 +53,15 @@ using f32x4 = host_vec<float, 16>::type;
 using f64x2 = host_vec<double, 16>::type;
 using f32x8 = host_vec<float, 32>::type;
 using f64x4 = host_vec<double, 32>::type;
+
+// Baseline x86-64 has no FMA instruction: 16-byte vectors lane by lane (libm's fma, exact).
+template <typename V>
+FASTNN_OPT_HD V fma_lanes(V a, V b, V c) {
+  for (int i = 0; i < int(sizeof(V) / sizeof(a[0])); ++i) c[i] = std::fma(a[i], b[i], c[i]);
+  return c;
+}
+FASTNN_OPT_HD f32x4 fma_(f32x4 a, f32x4 b, f32x4 c) { return fma_lanes(a, b, c); }
+FASTNN_OPT_HD f64x2 fma_(f64x2 a, f64x2 b, f64x2 c) { return fma_lanes(a, b, c); }
 
 #if defined(__x86_64__)
 // SSE2 is part of x86-64: no target attribute needed.
@@ -61,6 +80,15 @@ FASTNN_OPT_HD f64x4 sqrt_(f64x4 x) {
   f64x4 r;
   asm("vsqrtpd %1, %0" : "=x"(r) : "x"(x));
   return r;
+}
+// c = a * b + c, rounded once (the clones run only on CPUs with FMA: has_avx2()).
+FASTNN_OPT_HD f32x8 fma_(f32x8 a, f32x8 b, f32x8 c) {
+  asm("vfmadd231ps %2, %1, %0" : "+x"(c) : "x"(a), "x"(b));
+  return c;
+}
+FASTNN_OPT_HD f64x4 fma_(f64x4 a, f64x4 b, f64x4 c) {
+  asm("vfmadd231pd %2, %1, %0" : "+x"(c) : "x"(a), "x"(b));
+  return c;
 }
 #else
 // Other hosts: lane by lane (scalar, still exact).
@@ -82,8 +110,22 @@ FASTNN_OPT_HD V max_nan_(V a, V b) {
   return ((a > b) | (a != a)) ? a : b;
 }
 
-// at::lerp(self, end, w): two forms chosen by |w| < 0.5 for accuracy at both ends. `w` is the
-// weight rounded from double (float(1 - beta)), one_minus_w = 1 - w computed in M, as torch does.
+// A scalar as a V (a host vector's every lane; the scalar itself for V = M).
+template <typename V, typename M>
+FASTNN_OPT_HD V splat(M m) {
+  return V{} + m;
+}
+
+// x + alpha * y rounded once: torch's add(x, y, alpha=...) (a fused multiply-add in its CPU and
+// CUDA kernels).
+template <typename V, typename M>
+FASTNN_OPT_HD V add_scaled(V x, M alpha, V y) {
+  return fma_(splat<V>(alpha), y, x);
+}
+
+// at::lerp(self, end, w): two forms chosen by |w| < 0.5 for accuracy at both ends, each a
+// multiply-add rounded once, as torch's kernels compute it. `w` is the weight rounded from double
+// (float(1 - beta)), one_minus_w = 1 - w computed in M, as torch does.
 template <typename M>
 struct LerpWeight {
   M w;
@@ -102,7 +144,8 @@ FASTNN_OPT_HD LerpWeight<M> lerp_weight(double w) {
 
 template <typename V, typename M>
 FASTNN_OPT_HD V lerp_(V self, V end, const LerpWeight<M>& lw) {
-  return lw.small ? self + lw.w * (end - self) : end - (end - self) * lw.one_minus_w;
+  const V diff = end - self;
+  return lw.small ? add_scaled(self, lw.w, diff) : add_scaled(end, -lw.one_minus_w, diff);
 }
 
 // The gradient unscale g / d (d = grad_scale, negated for maximize; 1 without a scaler). When |d|
@@ -196,9 +239,9 @@ FASTNN_OPT_HD void adam_update(V& p, V& grad, V& m, V& v, V& v_max, const AdamCo
                                bool decoupled, bool amsgrad) {
   V g = unscale_(grad, c.grad);
   if (decoupled) p = p * c.decay;
-  if (l2) g = g + c.weight_decay * p;
+  if (l2) g = add_scaled(g, c.weight_decay, p);  // grad.add(param, alpha=weight_decay)
   m = lerp_(m, g, c.beta1_lerp);
-  v = v * c.beta2 + c.one_minus_beta2 * g * g;  // addcmul: self + (value * t1) * t2
+  v = fma_(c.one_minus_beta2 * g, g, v * c.beta2);  // addcmul: self + (value * t1) * t2
   V v_hat = v;
   if (amsgrad) {
     v_max = max_nan_(v_max, v);

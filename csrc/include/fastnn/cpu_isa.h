@@ -5,9 +5,9 @@
 //
 // Two clone targets: FASTNN_TARGET_AVX2 allows FMA (norms, GLU family: accumulations whose
 // tolerance allows contracted a * b + c), FASTNN_TARGET_AVX2_NO_FMA does not (optimizer updates:
-// without FMA instructions the compiler cannot contract, so every lane rounds as the baseline
-// copy's does: the same bits on every x86-64 machine, each operation IEEE-rounded in the order
-// of torch's for-loop step).
+// the compiler cannot contract, so every lane rounds as the baseline copy's does: the same bits
+// on every x86-64 machine, each operation IEEE-rounded in the order of torch's for-loop step;
+// the multiply-adds torch rounds once are explicit fma_ calls, fastnn/adam_math.h).
 #pragma once
 
 #include <cstdlib>

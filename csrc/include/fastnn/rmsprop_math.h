@@ -49,18 +49,18 @@ FASTNN_OPT_HD void rmsprop_update(V& p, V& grad, V& sq, V& grad_avg, V& buf,
                                   const RmspropCoeffs<M>& c, bool l2, bool centered,
                                   bool momentum) {
   V g = unscale_(grad, c.grad);
-  if (l2) g = g + c.weight_decay * p;
-  sq = sq * c.alpha + c.one_minus_alpha * g * g;  // addcmul: self + (value * t1) * t2
+  if (l2) g = add_scaled(g, c.weight_decay, p);  // grad.add(param, alpha=weight_decay)
+  sq = fma_(c.one_minus_alpha * g, g, sq * c.alpha);  // addcmul: self + (value * t1) * t2
   V avg;
   if (centered) {
     grad_avg = lerp_(grad_avg, g, c.grad_avg_lerp);
-    avg = sqrt_(sq - grad_avg * grad_avg) + c.eps;  // addcmul(ga, ga, value=-1), sqrt, add eps
+    avg = sqrt_(fma_(-grad_avg, grad_avg, sq)) + c.eps;  // addcmul(ga, ga, value=-1), sqrt, +eps
   } else {
     avg = sqrt_(sq) + c.eps;
   }
   if (momentum) {
     buf = buf * c.momentum + g / avg;  // addcdiv with value 1
-    p = p + c.neg_lr * buf;            // add_(buf, alpha=-lr)
+    p = add_scaled(p, c.neg_lr, buf);  // add_(buf, alpha=-lr)
   } else {
     p = p + c.neg_lr * g / avg;  // addcdiv(g, avg, value=-lr)
   }

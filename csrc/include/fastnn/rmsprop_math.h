@@ -49,7 +49,7 @@ FASTNN_OPT_HD void rmsprop_update(V& p, V& grad, V& sq, V& grad_avg, V& buf,
                                   const RmspropCoeffs<M>& c, bool l2, bool centered,
                                   bool momentum) {
   V g = unscale_(grad, c.grad);
-  if (l2) g = add_scaled(g, c.weight_decay, p);  // grad.add(param, alpha=weight_decay)
+  if (l2) g = add_scaled(g, c.weight_decay, p);       // grad.add(param, alpha=weight_decay)
   sq = fma_(c.one_minus_alpha * g, g, sq * c.alpha);  // addcmul: self + (value * t1) * t2
   V avg;
   if (centered) {

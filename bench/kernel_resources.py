@@ -339,7 +339,8 @@ def optimizer_launches(name, param_dtype, state_dtype, everything):
             rmsprop.rmsprop_step_(
                 square_avgs=zeros(), grad_avgs=zeros() if everything else [],
                 momentum_buffers=zeros() if everything else [], alpha=0.99,
-                momentum=0.9 if everything else 0.0, centered=everything, **common,
+                momentum=0.9 if everything else 0.0, centered=everything,
+                steps=[torch.tensor(1.0)], **common,
             )  # fmt: skip
     return launches
 

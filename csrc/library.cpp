@@ -49,21 +49,23 @@ TORCH_LIBRARY(fastnn, m) {
   m.def("glu_packed_bwd_(Tensor grad_out, Tensor(a!) gate_up, str activation) -> ()");
 
   // ---- Optimizer updates over lists of tensors (one multi-tensor pass). -------------------------
-  // steps: per-parameter step counts, already incremented by the caller (fp32 scalars, on the
-  // host or, when capturable, on the parameters' device). lr_tensor, when given, overrides lr and
+  // steps: per-parameter step counts (torch.optim's state["step"]: fp32 / fp64 scalars, on the
+  // host or, when capturable, on the parameters' device), incremented by the op before it uses
+  // them (and left as they were when found_inf != 0). lr_tensor, when given, overrides lr and
   // is read on the device. grad_scale / found_inf follow torch's fused optimizer protocol: grads
   // are divided by grad_scale inside the kernel and written back unscaled (torch's fused Adam
   // leaves .grad so), and with found_inf != 0 nothing is written.
   // master_params: fp32 copies updated in place of low-precision params (empty list: none).
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor(f!)[] grads, Tensor(b!)[] exp_avgs,"
-      " Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] steps,"
+      " Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(g!)[] steps,"
       " Tensor(e!)[] master_params, Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, *,"
       " float lr, float beta1, float beta2, float eps, float weight_decay,"
       " bool decoupled_weight_decay, bool amsgrad, bool maximize) -> ()");
   m.def(
       "rmsprop_step_(Tensor(a!)[] params, Tensor(f!)[] grads, Tensor(b!)[] square_avgs,"
-      " Tensor(c!)[] grad_avgs, Tensor(d!)[] momentum_buffers, Tensor(e!)[] master_params,"
+      " Tensor(c!)[] grad_avgs, Tensor(d!)[] momentum_buffers, Tensor(g!)[] steps,"
+      " Tensor(e!)[] master_params,"
       " Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, *, float lr, float alpha,"
       " float eps, float weight_decay, float momentum, bool centered, bool maximize) -> ()");
 }

@@ -421,21 +421,20 @@ def test_triton_low_precision_step_within_one_ulp(dtype, master, op):
     sdt = torch.float32 if master else dtype
     if op == "adam_step_":
         states = [rand(shape).to(sdt), rand(shape, True).to(sdt), rand(shape, True).to(sdt)]
-        extra = [[torch.tensor(7.0)]]
         kw = dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-3, weight_decay=0.1)
         kw.update(decoupled_weight_decay=False, amsgrad=True, maximize=False)
     else:
         sq = rand(shape, True).to(sdt) + 2
         # |grad_avg| < 1 < sqrt(square_avg): the centered variance stays positive.
         states = [sq, (rand(shape).float().clamp(-2, 2) / 3).to(sdt), rand(shape).to(sdt)]
-        extra = []
         kw = dict(lr=0.01, alpha=0.9, eps=1e-3, weight_decay=0.1, momentum=0.5, centered=True)
         kw["maximize"] = True
     outs = []
     for backend in ("triton", "torch"):
         ps, ss = [p.clone()], [[s.clone()] for s in states]
         masters = [p.float()] if master else []
-        args = [ps, [grad * 4], *ss, *extra, masters, None, torch.tensor(4.0), torch.tensor(0.0)]
+        steps = [torch.tensor(7.0)]
+        args = [ps, [grad * 4], *ss, steps, masters, None, torch.tensor(4.0), torch.tensor(0.0)]
         fastnn.ops.get(backend, op)(*args, **kw)
         outs.append([ps[0], *(s[0] for s in ss), *masters])
     for i, (a, b) in enumerate(zip(*outs, strict=True)):
@@ -956,15 +955,52 @@ def test_opcheck(backend, op):
 
     scalars = [torch.tensor(0.01), torch.tensor(2.0), torch.tensor(0.0)]  # lr, scale, found_inf
     if op == "adam_step_":
-        args = [ps, like(), like(), like(True), like(True), [torch.tensor(2.0)] * 2, [], *scalars]
+        steps = [torch.tensor(2.0), torch.tensor(5.0)]
+        args = [ps, like(), like(), like(True), like(True), steps, [], *scalars]
         kw = dict(lr=0.0, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
         kw.update(decoupled_weight_decay=True, amsgrad=True, maximize=False)
     else:
         sq = [t + 4 for t in like(True)]
-        args = [ps, like(), sq, like(), like(), [], *scalars]
+        args = [
+            ps,
+            like(),
+            sq,
+            like(),
+            like(),
+            [torch.tensor(2.0), torch.tensor(5.0)],
+            [],
+            *scalars,
+        ]
         kw = dict(lr=0.0, alpha=0.9, eps=1e-8, weight_decay=0.1, momentum=0.9, centered=True)
         kw["maximize"] = False
     torch.library.opcheck(fastnn.ops.get(backend, op), args, kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["adam_step_", "rmsprop_step_"])
+def test_ops_count_the_steps(backend, op):
+    # Each op adds one to every step count (torch.optim's state["step"]; a zero-size param's
+    # too) before it uses them, and with found_inf != 0 writes nothing, counts included.
+    skip_unless_available(backend, op.split("_")[0], "cpu")
+    ps = [torch.randn(3), torch.zeros(0)]
+
+    def like(positive=False):
+        return [torch.rand(p.shape) + 1 if positive else torch.randn(p.shape) for p in ps]
+
+    for found_inf, want in ((0.0, [2.0, 5.0]), (1.0, [1.0, 4.0])):
+        steps = [torch.tensor(1.0), torch.tensor(4.0, dtype=torch.float64)]
+        scalars = [None, None, torch.tensor(found_inf)]
+        if op == "adam_step_":
+            args = [ps, like(), like(), like(True), [], steps, [], *scalars]
+            kw = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+            kw.update(decoupled_weight_decay=False, amsgrad=False, maximize=False)
+        else:
+            args = [ps, like(), like(True), [], [], steps, [], *scalars]
+            kw = dict(lr=0.1, alpha=0.9, eps=1e-8, weight_decay=0.0, momentum=0.0)
+            kw.update(centered=False, maximize=False)
+        fastnn.ops.get(backend, op)(*args, **kw)
+        assert [float(s) for s in steps] == want, f"found_inf={found_inf}"
+        assert steps[1].dtype == torch.float64
 
 
 def test_betas_as_a_list_as_checkpoint_loaders_hand_them_back():

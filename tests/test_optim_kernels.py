@@ -68,7 +68,8 @@ def _adam_state(sizes, dtype, state_dtype, amsgrad, master, seed=0, scale=1.0):
 def _adam(backend, lists, steps, lr_tensor=None, grad_scale=None, found_inf=None, **kw):
     params, grads, m, v, vmax, masters = lists
     op = ops.get(backend, "adam_step_") if backend == "native" else ref_adam.adam_step_
-    op(params, grads, m, v, vmax, steps, masters, lr_tensor, grad_scale, found_inf, **kw)
+    counts = [s.clone() for s in steps]  # the op counts them: each call starts from `steps`
+    op(params, grads, m, v, vmax, counts, masters, lr_tensor, grad_scale, found_inf, **kw)
 
 
 def _rel_errors(outs, refs):
@@ -327,7 +328,8 @@ def _rmsprop_state(sizes, dtype, state_dtype, centered, momentum, master, seed=0
 def _rmsprop(backend, lists, lr_tensor=None, grad_scale=None, found_inf=None, **kw):
     params, grads, sq, ga, buf, masters = lists
     op = ops.get(backend, "rmsprop_step_") if backend == "native" else ref_rmsprop.rmsprop_step_
-    op(params, grads, sq, ga, buf, masters, lr_tensor, grad_scale, found_inf, **kw)
+    steps = [torch.zeros((), device=p.device) for p in params]
+    op(params, grads, sq, ga, buf, steps, masters, lr_tensor, grad_scale, found_inf, **kw)
 
 
 RMSPROP_NAMES = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "master_params")
@@ -487,11 +489,14 @@ def test_bad_rmsprop_input_is_a_clear_error():
     lists = _rmsprop_state(((3,), (4,)), torch.float32, torch.float32, True, True, False)
     op = ops.get("native", "rmsprop_step_")
     kw = dict(RMSPROP_KW, weight_decay=0.0, momentum=0.9, centered=True, maximize=False)
+    steps = [torch.zeros(()), torch.zeros(())]
+    with pytest.raises(RuntimeError, match="steps has 1 tensors but params has 2"):
+        op(*lists[:5], steps[:1], [], None, None, None, **kw)
     with pytest.raises(RuntimeError, match="grad_avgs \\(centered=True\\) has 0 tensors"):
-        op(lists[0], lists[1], lists[2], [], lists[4], [], None, None, None, **kw)
+        op(lists[0], lists[1], lists[2], [], lists[4], steps, [], None, None, None, **kw)
     bufs = [lists[4][0].half(), lists[4][1]]
     with pytest.raises(RuntimeError, match="momentum_buffers\\[0\\] is Half, expected Float"):
-        op(lists[0], lists[1], lists[2], lists[3], bufs, [], None, None, None, **kw)
+        op(lists[0], lists[1], lists[2], lists[3], bufs, steps, [], None, None, None, **kw)
 
 
 def test_opcheck_native_ops():
@@ -506,7 +511,8 @@ def test_opcheck_native_ops():
     lists = _rmsprop_state(((7,), (3, 4)), dtype, torch.float32, True, True, True)
     torch.library.opcheck(
         ops.get("native", "rmsprop_step_"),
-        (*lists, torch.tensor(1e-3), torch.tensor(2.0), torch.tensor(0.0)),
+        (*lists[:5], [torch.tensor(3.0), torch.tensor(4.0)], lists[5], torch.tensor(1e-3))
+        + (torch.tensor(2.0), torch.tensor(0.0)),
         dict(RMSPROP_KW, weight_decay=0.01, momentum=0.9, centered=True, maximize=False),
     )
 

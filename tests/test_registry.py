@@ -116,7 +116,8 @@ def _optimizer_args(name):
             maximize=False,
         )
     else:
-        args = (params, grads, state[0], state[1], state[2], [], None, None, None)
+        steps = [torch.tensor(3.0) for _ in params]
+        args = (params, grads, state[0], state[1], state[2], steps, [], None, None, None)
         kwargs = dict(
             lr=1e-2,
             alpha=0.99,

@@ -161,7 +161,8 @@ def _cases():
         rms_args = (
             [p.clone() for p in params], grads, [rand(*s, positive=True) for s in shapes],
             [rand(*s) * 0.1 for s in shapes] if centered else [],
-            [rand(*s) for s in shapes] if momentum else [], [], None, None, None,
+            [rand(*s) for s in shapes] if momentum else [],
+            [torch.tensor(3.0) for _ in shapes], [], None, None, None,
         )  # fmt: skip
         rms_kw = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=momentum,
                       centered=centered, maximize=False)  # fmt: skip

@@ -176,6 +176,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const bool store_grads = has(grad_scale);
   if (has(lr_tensor)) lr = oh::host_scalar(kOp, lr_tensor, "lr_tensor", lr);
 
+  oh::check_steps(kOp, steps, at::Device(at::kCPU));
   const om::AdamHyper hyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize};
   std::vector<AdamWork> work;
   std::vector<int64_t> ends;  // cumulative element counts: tensor t covers [ends[t-1], ends[t])
@@ -209,15 +210,9 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                   master_params[i].scalar_type());
       oh::check_like(kOp, master_params[i], "master_params", i, p, std::nullopt);
     }
-    const at::Tensor& s = steps[i];
-    TORCH_CHECK(s.numel() == 1 && s.device().is_cpu() &&
-                    (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                "fastnn: adam_step_: steps[", i,
-                "] must be a one-element float32 / float64 CPU tensor, got ", s.scalar_type(),
-                " of shape ", s.sizes(), " on ", s.device());
     if (p.numel() == 0) continue;
 
-    const double step = oh::host_step(s);
+    const double step = oh::next_host_step(steps[i]);  // counted below, once all checks pass
     double bc1, bc2_sqrt;
     om::adam_bias_corrections(beta1, beta2, step, &bc1, &bc2_sqrt);
     AdamWork w;
@@ -236,6 +231,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     total += p.numel();
     ends.push_back(total);
   }
+  oh::count_steps(kOp, steps, false, std::nullopt);
   if (total == 0) return;
 
   const bool decay = weight_decay != 0.0;

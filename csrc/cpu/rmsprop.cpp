@@ -162,15 +162,17 @@ UpdateFn pick(bool centered, bool momentum) {
 
 void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                       at::TensorList grad_avgs, at::TensorList momentum_buffers,
-                      at::TensorList master_params, const std::optional<at::Tensor>& lr_tensor,
+                      at::TensorList steps, at::TensorList master_params,
+                      const std::optional<at::Tensor>& lr_tensor,
                       const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf, double lr, double alpha,
                       double eps, double weight_decay, double momentum, bool centered,
                       bool maximize) {
   const size_t n = params.size();
   const bool use_momentum = momentum > 0.0;
-  oh::check_rmsprop_lists(n, grads, square_avgs, grad_avgs, momentum_buffers, master_params,
+  oh::check_rmsprop_lists(n, grads, square_avgs, grad_avgs, momentum_buffers, steps, master_params,
                           centered, use_momentum);
+  oh::check_steps(kOp, steps, at::Device(at::kCPU));
   const bool has_master = !master_params.empty();
 
   if (oh::host_scalar(kOp, found_inf, "found_inf", 0.0) != 0.0) return;  // nothing is written
@@ -212,6 +214,7 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     total += p.numel();
     ends.push_back(total);
   }
+  oh::count_steps(kOp, steps, false, std::nullopt);
   if (total == 0) return;
 
   const UpdateFn fn = weight_decay != 0.0 ? pick<true>(centered, use_momentum)

@@ -156,7 +156,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   a.decoupled = weight_decay != 0.0 && decoupled_weight_decay;
   a.amsgrad = amsgrad;
   a.store_grads = has(grad_scale);
-  a.steps_on_device = !steps[0].device().is_cpu();
+  a.steps_on_device = oh::check_steps(kOp, steps, device);
   a.step_is_double = steps[0].scalar_type() == at::kDouble;
 
   std::vector<at::Tensor> grads_used(grads.begin(), grads.end());
@@ -177,22 +177,11 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
       oh::check_master_param(kOp, i, p);
       oh::check_like(kOp, master_params[i], "master_params", i, p, at::kFloat);
     }
-    const at::Tensor& s = steps[i];
-    TORCH_CHECK(s.numel() == 1 && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                "fastnn: adam_step_: steps[", i,
-                "] must be a one-element float32 / float64 tensor, got ", s.scalar_type(),
-                " of shape ", s.sizes());
-    if (a.steps_on_device) {
-      TORCH_CHECK(s.device() == device && s.scalar_type() == steps[0].scalar_type(),
-                  "fastnn: adam_step_: steps[", i, "] is ", s.scalar_type(), " on ", s.device(),
-                  " but steps[0] is ", steps[0].scalar_type(), " on ", steps[0].device(),
-                  "; steps must all be on the host or all on the params' device");
-    } else {
-      TORCH_CHECK(s.device().is_cpu(), "fastnn: adam_step_: steps[", i, "] is on ", s.device(),
-                  " but steps[0] is on the host; steps must all be on the host or all on ", device);
-    }
     keys[i] = {int(p.scalar_type()), int(st), has_master};
   }
+  // Counted before the launches: host counts are read below, device ones by the kernel.
+  oh::count_steps(kOp, steps, a.steps_on_device,
+                  a.found_inf.ptr != nullptr ? found_inf : std::nullopt);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   mta::for_each_dtype_group(
@@ -210,7 +199,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
           e.bc1 = e.bc2_sqrt = 1.0;
           if (a.steps_on_device) {
             e.step = steps[i].const_data_ptr();
-          } else {  // a host counter: read it here (no device synchronisation)
+          } else {  // a host counter (already counted): read it here (no device sync)
             om::adam_bias_corrections(beta1, beta2, oh::host_step(steps[i]), &e.bc1, &e.bc2_sqrt);
           }
           return params[i].numel();

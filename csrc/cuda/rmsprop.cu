@@ -115,14 +115,15 @@ __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
 
 void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                        at::TensorList grad_avgs, at::TensorList momentum_buffers,
-                       at::TensorList master_params, const std::optional<at::Tensor>& lr_tensor,
+                       at::TensorList steps, at::TensorList master_params,
+                       const std::optional<at::Tensor>& lr_tensor,
                        const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf, double lr, double alpha,
                        double eps, double weight_decay, double momentum, bool centered,
                        bool maximize) {
   const size_t n = params.size();
   const bool use_momentum = momentum > 0.0;
-  oh::check_rmsprop_lists(n, grads, square_avgs, grad_avgs, momentum_buffers, master_params,
+  oh::check_rmsprop_lists(n, grads, square_avgs, grad_avgs, momentum_buffers, steps, master_params,
                           centered, use_momentum);
   const bool has_master = !master_params.empty();
   if (n == 0) return;
@@ -151,6 +152,8 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
         i, p, square_avgs, grad_avgs, momentum_buffers, master_params, centered, use_momentum);
     keys[i] = {int(p.scalar_type()), int(st), has_master};
   }
+  oh::count_steps(kOp, steps, oh::check_steps(kOp, steps, device),
+                  a.found_inf.ptr != nullptr ? found_inf : std::nullopt);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   mta::for_each_dtype_group(

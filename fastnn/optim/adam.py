@@ -44,7 +44,7 @@ class _AdamStep(_common.FusedStepMixin):
             amsgrad=bool(amsgrad),
             maximize=bool(group["maximize"]),
         )
-        return lists, True, kwargs
+        return lists, kwargs
 
 
 class Adam(_AdamStep, torch.optim.Adam):

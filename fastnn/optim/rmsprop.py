@@ -84,4 +84,4 @@ class RMSprop(_common.FusedStepMixin, torch.optim.RMSprop):
             centered=bool(group["centered"]),
             maximize=bool(group["maximize"]),
         )
-        return lists, False, kwargs
+        return lists, kwargs

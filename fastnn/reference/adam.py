@@ -31,6 +31,24 @@ def device_found_inf(found_inf):
     return False, found_inf
 
 
+def count_steps_(steps, found_inf):
+    """steps[i] += 1, the step count the update then uses (torch.optim's state["step"]), unless
+    found_inf is non-zero: read on the host when it is a CPU tensor, else added on the device as
+    a 0 / 1 increment (no sync)."""
+    if not steps or (found_inf is not None and found_inf.device.type == "cpu" and found_inf.item()):
+        return
+    if found_inf is None or found_inf.device.type == "cpu":
+        torch._foreach_add_(steps, 1)
+        return
+    if steps[0].device != found_inf.device:
+        raise RuntimeError(
+            f"fastnn: found_inf is on {found_inf.device} but the step counts are on "
+            f"{steps[0].device}; the fused GradScaler protocol needs them on the params' device "
+            "(fused=True or capturable=True)"
+        )
+    torch._foreach_add_(steps, (found_inf == 0).to(steps[0].dtype))
+
+
 def skip_if_inf(found_inf, new, old):
     """`new`, or `old` where found_inf (a device tensor) is non-zero."""
     return new if found_inf is None else torch.where(found_inf != 0, old, new)
@@ -70,10 +88,11 @@ def adam_step_(
     maximize,
 ):
     """Updates params, exp_avgs, exp_avg_sqs (and max_exp_avg_sqs when amsgrad, master_params
-    when given) in place. steps[i] is the step count after this step (already incremented)."""
+    when given) in place; steps[i] += 1 first (the count this step uses)."""
     skip, found_inf = device_found_inf(found_inf)
     if skip:
         return
+    count_steps_(steps, found_inf)
     if lr_tensor is not None:
         lr = host_or_device(lr_tensor)
     for i, param in enumerate(params):

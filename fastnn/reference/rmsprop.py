@@ -6,6 +6,7 @@ import torch
 
 from fastnn.reference.adam import (
     add_scaled,
+    count_steps_,
     device_found_inf,
     host_or_device,
     skip_if_inf,
@@ -19,6 +20,7 @@ def rmsprop_step_(
     square_avgs,
     grad_avgs,
     momentum_buffers,
+    steps,
     master_params,
     lr_tensor,
     grad_scale,
@@ -33,10 +35,11 @@ def rmsprop_step_(
     maximize,
 ):
     """Updates params and square_avgs (grad_avgs when centered, momentum_buffers when
-    momentum > 0, master_params when given) in place."""
+    momentum > 0, master_params when given) in place; steps[i] += 1 (torch's step count)."""
     skip, found_inf = device_found_inf(found_inf)
     if skip:
         return
+    count_steps_(steps, found_inf)
     if lr_tensor is not None:
         lr = host_or_device(lr_tensor)
     for i, param in enumerate(params):

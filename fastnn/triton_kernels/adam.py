@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastnn.reference.adam import count_steps_, device_found_inf
 from fastnn.triton_kernels import multi_tensor as mt
 from fastnn.triton_kernels.multi_tensor import (
     chunk_pointers,
@@ -155,7 +156,10 @@ def adam_step_(
 
     params, grads, exp_avgs, exp_avg_sqs: same shapes; fp32 / fp16 / bf16 / fp64 (states may be
     fp32 for low-precision params). max_exp_avg_sqs: when amsgrad, else []. steps: 0-d step
-    counts, already incremented. master_params: fp32 copies of the params (or [])."""
+    counts, incremented here first. master_params: fp32 copies of the params (or [])."""
+    skip, found_inf = device_found_inf(found_inf)
+    if skip:
+        return  # a CPU found_inf != 0: nothing is written, the step counts included
     if amsgrad and len(max_exp_avg_sqs) != len(params):
         raise ValueError("fastnn.adam_step_: amsgrad needs one max_exp_avg_sq per param")
     if len(steps) != len(params) or len(exp_avgs) != len(params):
@@ -169,6 +173,7 @@ def adam_step_(
         ("max_exp_avg_sqs", max_exp_avg_sqs if amsgrad else []),
         ("master_params", master_params),
     )
+    count_steps_(steps, found_inf)
     if plan is None:
         return
     vmaxs = max_exp_avg_sqs if amsgrad else []

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
@@ -107,10 +108,12 @@ inline void check_adam_lists(size_t n, at::TensorList grads, at::TensorList exp_
 // rmsprop_step_: one tensor per param in every list the options use.
 inline void check_rmsprop_lists(size_t n, at::TensorList grads, at::TensorList square_avgs,
                                 at::TensorList grad_avgs, at::TensorList momentum_buffers,
-                                at::TensorList master_params, bool centered, bool use_momentum) {
+                                at::TensorList steps, at::TensorList master_params, bool centered,
+                                bool use_momentum) {
   const char* op = "rmsprop_step_";
   check_len(op, grads, "grads", n);
   check_len(op, square_avgs, "square_avgs", n);
+  check_len(op, steps, "steps", n);
   if (centered) check_len(op, grad_avgs, "grad_avgs (centered=True)", n);
   if (use_momentum) check_len(op, momentum_buffers, "momentum_buffers (momentum > 0)", n);
   if (!master_params.empty()) check_len(op, master_params, "master_params", n);
@@ -148,10 +151,67 @@ inline double host_scalar(const char* op, const std::optional<at::Tensor>& t, co
   return t->item<double>();
 }
 
-// A host step counter (one-element float32 / float64 CPU tensor, already checked) as a double.
+// ---- Step counts (torch.optim's state["step"]), counted by the ops -----------------------------
+
+// steps[i]: one-element float32 / float64 tensors, all on the host, or (capturable, fused) all on
+// the params' `device` in one dtype. Returns whether they are on the device.
+inline bool check_steps(const char* op, at::TensorList steps, const at::Device& device) {
+  const bool on_device = !steps.empty() && !steps[0].device().is_cpu();
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.numel() == 1 && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                "fastnn: ", op, ": steps[", i,
+                "] must be a one-element float32 / float64 tensor, got ", s.scalar_type(),
+                " of shape ", s.sizes());
+    if (on_device) {
+      TORCH_CHECK(s.device() == device && s.scalar_type() == steps[0].scalar_type(), "fastnn: ", op,
+                  ": steps[", i, "] is ", s.scalar_type(), " on ", s.device(), " but steps[0] is ",
+                  steps[0].scalar_type(), " on ", steps[0].device(),
+                  "; steps must all be on the host or all on the params' device, ", device);
+    } else {
+      TORCH_CHECK(s.device().is_cpu(), "fastnn: ", op, ": steps[", i, "] is on ", s.device(),
+                  " but steps[0] is on the host; steps must all be on the host or all on ", device);
+    }
+  }
+  return on_device;
+}
+
+// A host step counter (checked) as a double.
 inline double host_step(const at::Tensor& s) {
   return s.scalar_type() == at::kFloat ? double(*s.const_data_ptr<float>())
                                        : *s.const_data_ptr<double>();
+}
+
+// The value host counter s holds after this step's += 1, in its dtype's arithmetic (torch's
+// `step_t += 1`): the count the update uses.
+inline double next_host_step(const at::Tensor& s) {
+  return s.scalar_type() == at::kFloat ? double(*s.const_data_ptr<float>() + 1.0f)
+                                       : *s.const_data_ptr<double>() + 1.0;
+}
+
+// steps += 1, called once every check has passed (a refused call changes nothing). Host counters
+// are written here, device ones in one foreach add; with found_inf on the device (the fused
+// GradScaler protocol) that adds (found_inf == 0), so a skipped step leaves them, with no sync.
+// (A found_inf on the host is read before: the op returns at once when it is non-zero.)
+inline void count_steps(const char* op, at::TensorList steps, bool on_device,
+                        const std::optional<at::Tensor>& device_found_inf) {
+  if (!on_device) {
+    TORCH_CHECK(!device_found_inf.has_value() || steps.empty(), "fastnn: ", op,
+                ": found_inf is on ", device_found_inf->device(),
+                " but the step counts are on the host, where skipping a step would need a host "
+                "sync; keep them on the params' device (capturable=True or fused=True)");
+    for (const at::Tensor& s : steps) {
+      if (s.scalar_type() == at::kFloat) {
+        *s.mutable_data_ptr<float>() += 1.0f;
+      } else {
+        *s.mutable_data_ptr<double>() += 1.0;
+      }
+    }
+  } else if (device_found_inf.has_value()) {
+    at::_foreach_add_(steps, device_found_inf->eq(0).to(steps[0].scalar_type()));
+  } else {
+    at::_foreach_add_(steps, 1);
+  }
 }
 
 }  // namespace fastnn::optim_host

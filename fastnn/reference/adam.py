@@ -46,7 +46,7 @@ def count_steps_(steps, found_inf):
             f"{steps[0].device}; the fused GradScaler protocol needs them on the params' device "
             "(fused=True or capturable=True)"
         )
-    torch._foreach_add_(steps, (found_inf == 0).to(steps[0].dtype))
+    torch._foreach_add_(steps, (found_inf.reshape(()) == 0).to(steps[0].dtype))
 
 
 def skip_if_inf(found_inf, new, old):

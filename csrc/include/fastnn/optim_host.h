@@ -208,7 +208,8 @@ inline void count_steps(const char* op, at::TensorList steps, bool on_device,
       }
     }
   } else if (device_found_inf.has_value()) {
-    at::_foreach_add_(steps, device_found_inf->eq(0).to(steps[0].scalar_type()));
+    // reshape: a one-element found_inf of any shape (the foreach add takes a 0-d tensor)
+    at::_foreach_add_(steps, device_found_inf->reshape({}).eq(0).to(steps[0].scalar_type()));
   } else {
     at::_foreach_add_(steps, 1);
   }

@@ -8,7 +8,8 @@
 // (fp32 and fp64 arrays are used in place), the shared update runs over host vectors of 16 bytes
 // (32 in the AVX2 clone: 25.5 -> 31 GB/s, fp32 Adam over 5 x 2^20 params, 2-core AMD EPYC dev VM,
 // 2026-11-26) and the results are rounded back. Per-tensor coefficients (bias corrections from
-// the host-side step counts) are computed once, in double, before the pass. Each stream's storage
+// the host-side step counts, which the op increments once every check has passed) are computed
+// once, in double, before the pass. Each stream's storage
 // is prefetched 2 KB ahead (StreamPrefetch: the whole step 0.93x -> 1.00-1.08x torch's fused
 // Adam on the Intel Xeon dev VM). Tiles, prefetch and the thread split are in
 // fastnn/cpu_convert.h, the argument checks shared with csrc/cuda/adam.cu in fastnn/optim_host.h.

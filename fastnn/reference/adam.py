@@ -32,12 +32,12 @@ def device_found_inf(found_inf):
 
 
 def count_steps_(steps, found_inf):
-    """steps[i] += 1, the step count the update then uses (torch.optim's state["step"]), unless
-    found_inf is non-zero: read on the host when it is a CPU tensor, else added on the device as
-    a 0 / 1 increment (no sync)."""
-    if not steps or (found_inf is not None and found_inf.device.type == "cpu" and found_inf.item()):
+    """steps[i] += 1, the step count the update then uses (torch.optim's state["step"]).
+    found_inf: None, or a device tensor (device_found_inf has read a CPU one): a non-zero value
+    leaves the counts, added on the device as a 0 / 1 increment (no sync)."""
+    if not steps:
         return
-    if found_inf is None or found_inf.device.type == "cpu":
+    if found_inf is None:
         torch._foreach_add_(steps, 1)
         return
     if steps[0].device != found_inf.device:

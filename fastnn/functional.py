@@ -51,18 +51,15 @@ def _normalized_shape(normalized_shape):
     return tuple(int(n) for n in normalized_shape)
 
 
-def _check_types(eps, **tensors):
-    """Arguments of the wrong Python type raise TypeError, as torch's argument parser does."""
-    for name, t in tensors.items():
+def _check_norm_args(op, input, normalized_shape, residual, params, eps):
+    """Checks argument types, shapes, dtypes and devices with torch's error types for `op`
+    (TypeError for a wrong Python type, as torch's argument parser); returns
+    (normalized_shape tuple, N)."""
+    for name, t in [("input", input), ("residual", residual), *params]:
         if not (isinstance(t, torch.Tensor) or (t is None and name != "input")):
             raise TypeError(f"fastnn: {name} must be a Tensor, got {type(t).__name__}")
     if not (eps is None or isinstance(eps, (numbers.Real, torch.SymFloat))):
         raise TypeError(f"fastnn: eps must be a float, got {type(eps).__name__}")
-
-
-def _check_norm_args(op, input, normalized_shape, residual, params):
-    """Checks shapes, dtypes and devices with torch's error types for `op`; returns
-    (normalized_shape tuple, N)."""
     shape = _normalized_shape(normalized_shape)
     _check_float(input, "input", NotImplementedError)
     if len(shape) == 0:
@@ -215,8 +212,9 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     The result has input's dtype. With `residual` (input's shape and dtype) returns
     (rms_norm(input + residual), input + residual), the add fused into the kernel.
     """
-    _check_types(eps, input=input, weight=weight, residual=residual)
-    shape, n = _check_norm_args("rms_norm", input, normalized_shape, residual, [("weight", weight)])
+    shape, n = _check_norm_args(
+        "rms_norm", input, normalized_shape, residual, [("weight", weight)], eps
+    )
     if _autocast_to_fp32("rms_norm", input):
         # As the unfused code under autocast: the add in the input's dtype, the norm in fp32.
         if residual is not None:
@@ -239,9 +237,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
     or None. The result has input's dtype. With `residual` returns
     (layer_norm(input + residual), input + residual), the add fused into the kernel.
     """
-    _check_types(eps, input=input, weight=weight, bias=bias, residual=residual)
     shape, n = _check_norm_args(
-        "layer_norm", input, normalized_shape, residual, [("weight", weight), ("bias", bias)]
+        "layer_norm", input, normalized_shape, residual, [("weight", weight), ("bias", bias)], eps
     )
     if _autocast_to_fp32("layer_norm", input):
         # As the unfused code under autocast: the add in the input's dtype, the norm in fp32.

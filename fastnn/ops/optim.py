@@ -18,9 +18,8 @@ ADAM_SCHEMA = (
 RMSPROP_SCHEMA = (
     "(Tensor(a!)[] params, Tensor(f!)[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs,"
     " Tensor(d!)[] momentum_buffers, Tensor(g!)[] steps, Tensor(e!)[] master_params,"
-    " Tensor? lr_tensor,"
-    " Tensor? grad_scale, Tensor? found_inf, *, float lr, float alpha, float eps,"
-    " float weight_decay, float momentum, bool centered, bool maximize) -> ()"
+    " Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, *, float lr, float alpha,"
+    " float eps, float weight_decay, float momentum, bool centered, bool maximize) -> ()"
 )
 
 

@@ -156,6 +156,7 @@ class StreamPrefetch {
  public:
   // The stream at `base` (dtype st), from element `off` on.
   void add(const void* base, c10::ScalarType st, int64_t off) {
+    TORCH_INTERNAL_ASSERT_DEBUG_ONLY(count_ < kMaxStreams);
     const int64_t size = static_cast<int64_t>(c10::elementSize(st));
     bytes_[count_] = size;
     next_[count_] = reinterpret_cast<uintptr_t>(base) + uintptr_t((off + kPrefetchAhead) * size);

@@ -108,10 +108,12 @@ def test_low_precision_within_eager_error(backend, activation, dtype):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_extreme_gates_finite(backend, activation, dtype):
-    """Gates of +-1000 (and +-60000 in fp16 range) give finite outputs and gradients that match
-    the limits of the fp64 reference."""
+    """Gates of +-1000 (and +-60000 in fp16 range, +-1e38 in fp32 / bf16 range) give finite
+    outputs and gradients that match the limits of the fp64 reference."""
     skip_unless_available(backend, "glu", "cpu")
     g64 = torch.tensor([-60000.0, -1000.0, -100.0, -30.0, -1.0, 0.0, 1.0, 30.0, 100.0, 1000.0])
+    if dtype != torch.float16:
+        g64 = torch.cat([torch.tensor([-1e38, -1e30, -88.8, -86.6]), g64, torch.tensor([1e38])])
     g64 = g64.double()
     u64 = torch.linspace(-2, 2, g64.numel(), dtype=torch.float64)
     dh64 = torch.ones_like(g64)

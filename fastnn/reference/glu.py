@@ -27,9 +27,12 @@ def activation_and_derivative(x, activation):
         pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
         return x * cdf, cdf + x * pdf
     if activation == "gelu_tanh":
-        inner = _SQRT_2_OVER_PI * (x + _GELU_TANH_CUBIC * x * x * x)
+        # Past |x| = 22 tanh(inner) is exactly +-1 even in fp64; the clamp keeps x^3 finite
+        # there (1 - t * t = 0 times an inf d_inner would be NaN). NaN stays NaN.
+        xc = x.clamp(-22, 22)
+        inner = _SQRT_2_OVER_PI * (xc + _GELU_TANH_CUBIC * xc * xc * xc)
         t = torch.tanh(inner)
-        d_inner = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_CUBIC * x * x)
+        d_inner = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_CUBIC * xc * xc)
         return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * d_inner
     raise ValueError(
         f"fastnn: unknown GLU activation {activation!r}; expected one of {ACTIVATIONS}"

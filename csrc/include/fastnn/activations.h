@@ -2,9 +2,10 @@
 // and CUDA (csrc/cuda/glu.cu) kernels, so the CPU tests check the formulas the GPU runs.
 // T is the compute type: float for fp32 / fp16 / bf16 tensors, double for fp64.
 //
-// Stability: every sigmoid goes through z = exp(-|x|), which lies in (0, 1] and never overflows,
-// and yields both sigmoid(x) and sigmoid(-x) = 1 - sigmoid(x) without cancellation. So gates of
-// +-1000 (or +-1e30) give finite outputs and derivatives: no inf * 0 anywhere.
+// Stability: every sigmoid is 1 / (1 + exp(-x)), as torch's: exp(-x) overflows to inf for
+// x < -88.7 and the sigmoid to 0, never NaN; sigmoid(-x) = 1 - sigmoid(x) is formed without
+// cancellation (sigmoid_pair). So gates of +-1000 (or +-1e30) give finite outputs and
+// derivatives: no inf * 0 anywhere. Each select below keeps a NaN input NaN.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -31,20 +32,21 @@ enum class Activation : int { kSilu, kGelu, kGeluTanh, kRelu, kSigmoid };
 
 namespace glu_math {
 
-// exp(y) for y <= 0 (the only range the formulas below need), so it never overflows.
+// exp(y): 0 below -86.5 (where exp < 2.9e-38, near FLT_MIN), inf above 88.72, NaN for NaN.
 // On the host a branch-free polynomial that GCC vectorises (glibc's expf is a call, which keeps
 // the loop scalar: about 4x slower on AVX2); on the device the CUDA expf.
-FASTNN_HD float exp_nonpos(float y) {
+FASTNN_HD float exp_(float y) {
 #if defined(__CUDA_ARCH__)
   return ::expf(y);
 #else
-  // Below -87 exp(y) < 1.7e-38 (under FLT_MIN once rounded further): return 0. NaN stays NaN.
-  const float yc = y > -87.0f ? y : -87.0f;
-  // y = n ln2 + r, |r| <= ln2 / 2; n in [-126, 0] keeps 2^n a normal float.
+  // Clamped so that 2^(n - 1) below is a normal float; these compare-selects pass NaN through
+  // (GCC emits vmaxps / vminps for them), and the polynomial keeps it NaN.
+  const float yc = y < -86.5f ? -86.5f : (y > 89.0f ? 89.0f : y);
+  // y = n ln2 + r, |r| <= ln2 / 2, n in [-125, 128].
   // 1.5 * 2^23 rounds to nearest integer without a rounding-mode dependent call.
   const float kRound = 12582912.0f;
   const float n = (yc * 1.44269504088896341f + kRound) - kRound;
-  // ln2 split in two (hi has 9 trailing zero bits) so n * hi is exact for |n| <= 126.
+  // ln2 split in two (hi has 9 trailing zero bits) so n * hi is exact for |n| <= 128.
   const float r = (yc - n * 0.693145751953125f) - n * 1.428606765330187e-6f;
   // Taylor to degree 7: truncation error 0.347^8 / 8! = 5e-9 relative, under one fp32 ulp.
   float p = 1.0f / 5040.0f;
@@ -55,14 +57,15 @@ FASTNN_HD float exp_nonpos(float y) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float e = p * scale;
-  return y > -87.0f ? e : (y == y ? 0.0f : y);
+  // p 2^n as (p 2^(n-1)) * 2: exact, and inf once it passes FLT_MAX (y > 88.72; n = 128 there).
+  const int32_t bits = (static_cast<int32_t>(n) + 126) << 23;
+  float half_scale;
+  std::memcpy(&half_scale, &bits, sizeof(half_scale));
+  const float e = p * half_scale;
+  return y < -86.5f ? 0.0f : e + e;
 #endif
 }
-FASTNN_HD double exp_nonpos(double y) { return ::exp(y); }
+FASTNN_HD double exp_(double y) { return ::exp(y); }
 
 FASTNN_HD float erfc_(float x) { return ::erfcf(x); }
 FASTNN_HD double erfc_(double x) { return ::erfc(x); }
@@ -72,21 +75,25 @@ FASTNN_HD T abs_(T x) {
   return x < T(0) ? -x : x;  // NaN stays NaN
 }
 
-// s = sigmoid(x), sm = sigmoid(-x) = 1 - s, both to full relative precision.
+// x * sigmoid(y) as torch computes silu: one division, 0 * x (signed) once exp(-y) is inf.
+template <typename T>
+FASTNN_HD T times_sigmoid(T x, T y) {
+  return x / (T(1) + exp_(-y));
+}
+
+// s = sigmoid(x), sm = sigmoid(-x) = 1 - s, both to full relative precision: sm is exp(-x) s
+// for x >= 0 (where 1 - s cancels) and 1 - s for x < 0 (where exp(-x) may be inf and s 0).
 template <typename T>
 FASTNN_HD void sigmoid_pair(T x, T& s, T& sm) {
-  const T z = exp_nonpos(-abs_(x));  // in (0, 1]
-  const T r = T(1) / (T(1) + z);
-  const T zr = z * r;
-  const bool nonneg = x >= T(0);
-  s = nonneg ? r : zr;
-  sm = nonneg ? zr : r;
+  const T e = exp_(-x);
+  s = T(1) / (T(1) + e);
+  sm = x >= T(0) ? e * s : T(1) - s;
 }
 
 // GeGLU (tanh): 0.5 x (1 + tanh(y)) = x sigmoid(2y), y = k0 (x + k1 x^3), and
 // sech^2(y) = 4 sigmoid(2y) sigmoid(-2y). The cubic uses x clamped to [-22, 22]: beyond it
-// exp(-2|y|) < exp(-795) underflows to 0 even in fp64, so sigmoid(2y) is exactly 0 or 1 with or
-// without the clamp, while x^3 and the derivative's 3 k1 x^2 cannot overflow into inf * 0.
+// |2y| > 795, where exp(-2|y|) underflows to 0 even in fp64, so sigmoid(2y) is exactly 0 or 1
+// with or without the clamp, while x^3 and the derivative's 3 k1 x^2 cannot overflow into inf * 0.
 constexpr double kSqrt2OverPi = 0.79788456080286535588;
 constexpr double kGeluTanhCubic = 0.044715;
 constexpr double kSqrtHalf = 0.70710678118654752440;
@@ -103,17 +110,14 @@ FASTNN_HD T clamp22(T x) {
 template <Activation A, typename T>
 FASTNN_HD T glu_act(T x) {
   using namespace glu_math;
-  if constexpr (A == Activation::kSilu || A == Activation::kSigmoid) {
-    T s, sm;
-    sigmoid_pair(x, s, sm);
-    if constexpr (A == Activation::kSilu) return x * s;
-    return s;
+  if constexpr (A == Activation::kSilu) {
+    return times_sigmoid(x, x);
+  } else if constexpr (A == Activation::kSigmoid) {
+    return times_sigmoid(T(1), x);
   } else if constexpr (A == Activation::kGeluTanh) {
     const T xc = clamp22(x);
     const T y2 = T(2 * kSqrt2OverPi) * xc * (T(1) + T(kGeluTanhCubic) * xc * xc);
-    T s, sm;
-    sigmoid_pair(y2, s, sm);
-    return x * s;
+    return times_sigmoid(x, y2);
   } else if constexpr (A == Activation::kGelu) {
     return x * (T(0.5) * erfc_(-x * T(kSqrtHalf)));
   } else {                        // kRelu
@@ -148,7 +152,7 @@ FASTNN_HD void glu_act_grad(T x, T& act, T& dact) {
   } else if constexpr (A == Activation::kGelu) {
     // erfc(-x / sqrt2) keeps the cdf accurate for negative x (1 + erf cancels there).
     const T cdf = T(0.5) * erfc_(-x * T(kSqrtHalf));
-    const T pdf = T(kInvSqrt2Pi) * exp_nonpos(T(-0.5) * x * x);
+    const T pdf = T(kInvSqrt2Pi) * exp_(T(-0.5) * x * x);
     act = x * cdf;
     dact = cdf + x * pdf;
   } else {  // kRelu: derivative 0 at 0, as torch

@@ -1,12 +1,13 @@
-"""The baseline-ISA code of the CPU kernels, which a machine with AVX2 never runs.
+"""The CPU kernels' ISA clones that this machine does not pick, against the ones it does.
 
 Every hot CPU loop exists twice (csrc/include/fastnn/cpu_isa.h): baseline x86-64 (SSE2, 16-byte
-vectors) and an AVX2 clone chosen at run time. FASTNN_CPU_NO_AVX2=1 makes fastnn take the
-baseline code; a subprocess computes every native CPU op that way on fixed inputs, this process
-computes the same with the AVX2 clones, and the two must agree: bit for bit for the optimizer
+vectors) and an AVX2 clone chosen at run time; the GLU family's loops a third time, as an
+AVX-512 clone. FASTNN_CPU_NO_AVX2=1 makes fastnn take the baseline code, FASTNN_CPU_NO_AVX512=1
+the AVX2 clones; a subprocess computes every native CPU op that way on fixed inputs, this process
+computes the same with the clones it picks, and the two must agree: bit for bit for the optimizer
 updates (the same IEEE operations per lane, no FMA in either), within the fp32 / bf16 tolerance
-of the testing guide for the norms and the GLU family (the AVX2 clones contract into FMAs and
-sum in another order). Sizes are odd so that both vector loops and their scalar tails run. The
+of the testing guide for the norms and the GLU family (the clones contract into FMAs and sum in
+another order). Sizes are odd so that both vector loops and their scalar tails run. The
 subprocess also sets FASTNN_CPU_NO_HUGE_PAGES=1, the other CPU knob (fastnn/cpu_alloc.h).
 """
 
@@ -90,28 +91,37 @@ def outputs():
     return {k: (t.detach(), dtype, kind) for k, (t, dtype, kind) in out.items()}
 
 
-if __name__ == "__main__":  # the subprocess: baseline-ISA results into sys.argv[1]
+if __name__ == "__main__":  # the subprocess: its results into sys.argv[1]
     torch.save(outputs(), sys.argv[1])
 
 
-def test_baseline_isa_matches_the_avx2_clones(tmp_path):
+def _cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":")[1].split() for line in f if line.startswith("flags")), [])
+
+
+@pytest.mark.parametrize("disabled", ["FASTNN_CPU_NO_AVX2", "FASTNN_CPU_NO_AVX512"])
+def test_other_isa_matches_the_clones_picked(tmp_path, disabled):
     for family in ("rms_norm", "layer_norm", "glu", "adam", "rmsprop"):
         skip_unless_available("native", family, "cpu")
     if not (sys.platform == "linux" and os.uname().machine == "x86_64"):
-        pytest.skip("the AVX2 clones exist on x86-64 only")
-    path = tmp_path / "baseline.pt"
-    env = dict(os.environ, FASTNN_CPU_NO_AVX2="1", FASTNN_CPU_NO_HUGE_PAGES="1")
+        pytest.skip("the ISA clones exist on x86-64 only")
+    needed = {"FASTNN_CPU_NO_AVX2": "avx2", "FASTNN_CPU_NO_AVX512": "avx512bw"}[disabled]
+    if needed not in _cpu_flags():
+        pytest.skip(f"this CPU has no {needed}: {disabled}=1 would change nothing")
+    path = tmp_path / "other.pt"
+    env = dict(os.environ, FASTNN_CPU_NO_HUGE_PAGES="1", **{disabled: "1"})
     subprocess.run(
         [sys.executable, __file__, str(path)], env=env, check=True, timeout=300,
         cwd=os.path.dirname(__file__),
     )  # fmt: skip
-    baseline = torch.load(path)
+    other = torch.load(path)
     clones = outputs()
-    assert baseline.keys() == clones.keys()
+    assert other.keys() == clones.keys()
     for name, (want, dtype, kind) in clones.items():
-        got = baseline[name][0]
+        got = other[name][0]
         if kind is None:
-            assert torch.equal(got, want), f"{name}: baseline and AVX2 updates differ"
+            assert torch.equal(got, want), f"{name}: updates differ with {disabled}=1"
         else:
             err = rel_error(got, want)
-            assert err <= RTOL[dtype][kind], f"{name}: {err:.2e} between baseline and AVX2"
+            assert err <= RTOL[dtype][kind], f"{name}: {err:.2e} apart with {disabled}=1"

@@ -23,7 +23,7 @@ def activation_and_derivative(x, activation):
     if activation == "relu":
         return torch.relu(x), torch.where(x <= 0, 0.0, 1.0).to(x.dtype)  # NaN: 1, as torch
     if activation == "gelu":
-        cdf = 0.5 * (1 + torch.erf(x * math.sqrt(0.5)))
+        cdf = 0.5 * torch.special.erfc(-x * math.sqrt(0.5))  # 1 + erf(x) cancels for x < 0
         pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
         return x * cdf, cdf + x * pdf
     if activation == "gelu_tanh":

@@ -1,8 +1,8 @@
 """The CPU kernels' ISA clones that this machine does not pick, against the ones it does.
 
 Every hot CPU loop exists twice (csrc/include/fastnn/cpu_isa.h): baseline x86-64 (SSE2, 16-byte
-vectors) and an AVX2 clone chosen at run time; the GLU family's loops a third time, as an
-AVX-512 clone. FASTNN_CPU_NO_AVX2=1 makes fastnn take the baseline code, FASTNN_CPU_NO_AVX512=1
+vectors) and an AVX2 clone chosen at run time; the GLU family's and the norms' loops a third
+time, as an AVX-512 clone. FASTNN_CPU_NO_AVX2=1 makes fastnn take the baseline code, FASTNN_CPU_NO_AVX512=1
 the AVX2 clones; a subprocess computes every native CPU op that way on fixed inputs, this process
 computes the same with the clones it picks, and the two must agree: bit for bit for the optimizer
 updates (the same IEEE operations per lane, no FMA in either), within the fp32 / bf16 tolerance

@@ -131,6 +131,30 @@ def test_extreme_gates_finite(backend, activation, dtype):
     torch.testing.assert_close(du.double(), du64.to(dtype).double(), rtol=rtol, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_native_16bit_conversions_are_exact(dtype):
+    """The CPU kernels' own conversions (fastnn/cpu_lowp.h: bf16 by bit arithmetic, fp16 by
+    F16C rows). Every one of the 65536 values goes through widen and narrow unchanged (ReGLU's
+    grad_gate is dh * up * 1 = dh for gate 1, up 1; NaNs stay NaN), and products of random finite
+    values (exact in fp32) round as torch rounds them, subnormal, overflowing and tied ones
+    included."""
+    skip_unless_available("native", "glu", "cpu")
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    ones = torch.ones_like(every)
+    dg, _ = ops.get("native", "glu_bwd")(every, ones, ones, "relu")
+    finite = ~every.isnan()
+    assert torch.equal(dg[finite].view(torch.int16), every[finite].view(torch.int16))
+    assert dg[~finite].isnan().all()
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 2**15, (2, 200_000), generator=gen, dtype=torch.int32)
+    g, u = bits.to(torch.int16).view(dtype)  # non-negative, so relu(g) = g; inf / NaN dropped
+    keep = g.isfinite() & u.isfinite()
+    signs = torch.where(torch.rand(int(keep.sum()), generator=gen) < 0.5, -1.0, 1.0)
+    g, u = g[keep], u[keep] * signs.to(dtype)
+    out = ops.get("native", "glu_fwd")(g, u, "relu")
+    assert torch.equal(out.view(torch.int16), (g.float() * u.float()).to(dtype).view(torch.int16))
+
+
 # The torch backend computes erfc of the rounded g / sqrt2: up to g^2 / 2 ulp (1.2e-5 relative
 # at g = -13); the native CPU kernel splits -g^2 / 2 exactly (activations.h): 5e-7 at worst.
 @pytest.mark.parametrize(("backend", "rtol"), [("torch", 2e-5), ("native", 1e-6)])

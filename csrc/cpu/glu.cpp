@@ -21,7 +21,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 // From here on (our kernels and the shared math, not torch's headers): no-trapping-math lets GCC
@@ -37,6 +36,7 @@
 #include "fastnn/checks.h"
 #include "fastnn/cpu_alloc.h"
 #include "fastnn/cpu_isa.h"
+#include "fastnn/cpu_lowp.h"
 #include "fastnn/glu_host.h"
 
 namespace fastnn {
@@ -72,46 +72,6 @@ FASTNN_ALWAYS_INLINE void bwd_math(const T* dh, const T* g, const T* u, T* dg, T
   }
 }
 
-// Conversions GCC can vectorise (c10's operators are out-of-line calls in this loop). Both round
-// to nearest even, as c10's: bf16 by bit arithmetic, fp16 through the compiler's _Float16
-// (vcvtps2ph / vcvtph2ps in the F16C clone).
-FASTNN_ALWAYS_INLINE float to_float(c10::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-FASTNN_ALWAYS_INLINE void from_float(float f, c10::BFloat16& y) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  y.x = static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);  // NaN stays a quiet NaN
-}
-#if defined(__FLT16_MAX__)
-FASTNN_ALWAYS_INLINE float to_float(c10::Half x) {
-  _Float16 h;
-  std::memcpy(&h, &x.x, sizeof(h));
-  return static_cast<float>(h);
-}
-FASTNN_ALWAYS_INLINE void from_float(float f, c10::Half& y) {
-  const _Float16 h = static_cast<_Float16>(f);
-  std::memcpy(&y.x, &h, sizeof(h));
-}
-#else
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
-inline void from_float(float f, c10::Half& y) { y = static_cast<c10::Half>(f); }
-#endif
-
-template <typename scalar_t>
-FASTNN_ALWAYS_INLINE void widen(const scalar_t* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = to_float(x[i]);
-}
-
-template <typename scalar_t>
-FASTNN_ALWAYS_INLINE void narrow(const float* x, scalar_t* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) from_float(x[i], y[i]);
-}
-
 template <Activation A, typename scalar_t>
 FASTNN_ALWAYS_INLINE void fwd_run(const scalar_t* g, const scalar_t* u, scalar_t* h, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
@@ -120,10 +80,10 @@ FASTNN_ALWAYS_INLINE void fwd_run(const scalar_t* g, const scalar_t* u, scalar_t
     float gf[kChunk], uf[kChunk], hf[kChunk];
     for (int64_t s = 0; s < n; s += kChunk) {
       const int64_t len = std::min(kChunk, n - s);
-      widen(g + s, gf, len);
-      widen(u + s, uf, len);
+      cpu::widen(g + s, gf, len);
+      cpu::widen(u + s, uf, len);
       fwd_math<A>(gf, uf, hf, len);
-      narrow(hf, h + s, len);
+      cpu::narrow(hf, h + s, len);
     }
   }
 }
@@ -137,12 +97,12 @@ FASTNN_ALWAYS_INLINE void bwd_run(const scalar_t* dh, const scalar_t* g, const s
     float dhf[kChunk], gf[kChunk], uf[kChunk], dgf[kChunk], duf[kChunk];
     for (int64_t s = 0; s < n; s += kChunk) {
       const int64_t len = std::min(kChunk, n - s);
-      widen(dh + s, dhf, len);
-      widen(g + s, gf, len);
-      widen(u + s, uf, len);
+      cpu::widen(dh + s, dhf, len);
+      cpu::widen(g + s, gf, len);
+      cpu::widen(u + s, uf, len);
       bwd_math<A>(dhf, gf, uf, dgf, duf, len);
-      narrow(dgf, dg + s, len);
-      narrow(duf, du + s, len);
+      cpu::narrow(dgf, dg + s, len);
+      cpu::narrow(duf, du + s, len);
     }
   }
 }

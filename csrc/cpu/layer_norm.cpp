@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 
 #include "fastnn/checks.h"
 #include "fastnn/cpu_alloc.h"
@@ -40,36 +41,44 @@ struct FwdArgs {
   A eps;
 };
 
+// One row of x -> y, returns (mean, rstd): three passes over the row, bf16 widened in registers
+// (a widened copy in a scratch row cost two more passes). `next`: the next input row, prefetched
+// during the second pass, or nullptr.
+template <typename X, typename A>
+FASTNN_ALWAYS_INLINE std::pair<A, A> normalize_row(const X* x, X* y, const A* __restrict__ w,
+                                                   const A* __restrict__ bias, A eps, int64_t n,
+                                                   const X* next) {
+  const A inv_n = A(1) / static_cast<A>(n);
+  // The first element plus the mean deviation from it: a constant row's mean exactly
+  // (fastnn/reference/layer_norm.py, row_mean).
+  const A shift = n > 0 ? to_acc<A>(x[0]) : A(0);
+  const A mean = shift + row_sum<Term::kDev>(x, x, shift, n) * inv_n;
+  const A var = row_sum<Term::kDevSq>(x, x, mean, n, next) * inv_n;
+  const A rstd = A(1) / std::sqrt(var + eps);
+  for (int64_t i = 0; i < n; ++i)
+    store_acc(((to_acc<A>(x[i]) - mean) * rstd) * w[i] + bias[i], y[i]);
+  return {mean, rstd};
+}
+
 struct FwdRows {
-  template <bool kAvx2, typename T, typename A>
+  template <typename T, typename A>
   static FASTNN_ALWAYS_INLINE void run(const FwdArgs<T, A>& a, int64_t begin, int64_t end) {
-    constexpr bool kSame = std::is_same_v<T, A>;
     const int64_t n = a.n;
-    const ScratchRows<T, A> scratch(2, n);
-    A* xb = scratch.row(0);  // not restrict: the lowp residual path adds into it in place
-    A* rb = scratch.row(1);
-    const A* __restrict__ w = a.w;
-    const A* __restrict__ bias = a.b;
-    const A inv_n = A(1) / static_cast<A>(n);
+    const RowViews<T> rows(2, n);  // scratch (fp16): input and output 0 (in place), residual 1
     for (int64_t r = begin; r < end; ++r) {
       const int64_t off = r * n;
-      // May be xb, which y then overwrites in place.
-      const A* x = norm_input_row<kAvx2>(a.x, a.res, a.res_out, off, xb, rb, n);
-      // The first element plus the mean deviation from it: a constant row's mean exactly
-      // (fastnn/reference/layer_norm.py, row_mean).
-      const A shift = n > 0 ? x[0] : A(0);
-      const A mean = shift + row_sum<Term::kDev>(x, x, shift, n) * inv_n;
       // While this row is L1-resident, start the next row's loads from memory: perf showed the
       // first pass's loads and the output stores as nearly all of the time at [4096, 4096] fp32.
-      const A* next = nullptr;
-      if constexpr (kSame) next = a.res == nullptr && r + 1 < end ? a.x + off + n : nullptr;
-      const A var = row_sum<Term::kDevSq>(x, x, mean, n, next) * inv_n;
-      const A rstd = A(1) / std::sqrt(var + a.eps);
+      const row_t<T>* next = nullptr;
+      if constexpr (!kStagedRows<T>)
+        next = a.res == nullptr && r + 1 < end ? a.x + off + n : nullptr;
+      const row_t<T>* x = a.res == nullptr
+                              ? rows.in(a.x + off, 0)
+                              : rows.sum_in(a.x + off, a.res + off, a.res_out + off, 0);
+      const auto [mean, rstd] = normalize_row(x, rows.out(a.y + off, 0), a.w, a.b, a.eps, n, next);
+      rows.done(a.y + off, 0);
       a.mean[r] = mean;
       a.rstd[r] = rstd;
-      A* y = out_row<T>(a.y + off, xb);  // xb: y[i] only needs x[i]
-      for (int64_t i = 0; i < n; ++i) y[i] = ((x[i] - mean) * rstd) * w[i] + bias[i];
-      if constexpr (!kSame) store_row<kAvx2>(xb, a.y + off, n);
     }
   }
 };
@@ -92,20 +101,22 @@ struct BwdArgs {
   RowBlocks blocks;
 };
 
+// dx of one element, the residual's gradient aside: rstd (g - mean(g) - xhat mean(g xhat)).
+template <typename A>
+FASTNN_ALWAYS_INLINE A input_grad(A x, A dy, A w, A mean, A rstd, A g_mean, A gh_mean) {
+  return rstd * (dy * w - g_mean - ((x - mean) * rstd) * gh_mean);
+}
+
 // Per row, two passes over the (L1/L2-resident) row: pass 1 accumulates sum(g) and
 // sum(g * xhat) in a fixed lane order and adds dy * xhat and dy into the block's dW / dB
 // partials; pass 2 writes dx. xhat and g are recomputed in pass 2 rather than stored.
 struct BwdBlocks {
-  template <bool kAvx2, typename T, typename A>
+  template <typename T, typename A>
   static FASTNN_ALWAYS_INLINE void run(const BwdArgs<T, A>& a, int64_t blk_begin, int64_t blk_end) {
     using V = vec_t<A>;
     constexpr int64_t W = kVecWidth<A>, kStep = 2 * W;
-    constexpr bool kSame = std::is_same_v<T, A>;
     const int64_t n = a.n;
-    const ScratchRows<T, A> scratch(3, n);
-    A* xb = scratch.row(0);
-    A* db = scratch.row(1);
-    A* rb = scratch.row(2);
+    const RowViews<T> rows(3, n);  // scratch (fp16): x and dx 0 (in place), dy 1, residual grad 2
     const A* __restrict__ w = a.w;
     const A inv_n = A(1) / static_cast<A>(n);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
@@ -116,8 +127,8 @@ struct BwdBlocks {
       const int64_t row_end = std::min(a.rows, (blk + 1) * a.blocks.per_block);
       for (int64_t r = blk * a.blocks.per_block; r < row_end; ++r) {
         const int64_t off = r * n;
-        const A* x = load_row<kAvx2>(a.x + off, xb, n);
-        const A* __restrict__ dy = load_row<kAvx2>(a.dy + off, db, n);
+        const row_t<T>* x = rows.in(a.x + off, 0);  // dx may overwrite it (same index only)
+        const row_t<T>* __restrict__ dy = rows.in(a.dy + off, 1);
         const A mean = a.mean[r], rstd = a.rstd[r];
         const V mv = V{} + mean, rs = V{} + rstd;
         A g_sum = 0, gh_sum = 0;  // sum(g), sum(g * xhat)
@@ -126,8 +137,8 @@ struct BwdBlocks {
           V g0{}, g1{}, s0{}, s1{};
           int64_t i = base;
           for (; i + kStep <= end; i += kStep) {
-            const V d0 = vload(dy + i), d1 = vload(dy + i + W);
-            const V h0 = (vload(x + i) - mv) * rs, h1 = (vload(x + i + W) - mv) * rs;
+            const V d0 = vload_as<A>(dy + i), d1 = vload_as<A>(dy + i + W);
+            const V h0 = (vload_as<A>(x + i) - mv) * rs, h1 = (vload_as<A>(x + i + W) - mv) * rs;
             const V e0 = d0 * vload(w + i), e1 = d1 * vload(w + i + W);
             g0 += e0;
             g1 += e1;
@@ -148,26 +159,31 @@ struct BwdBlocks {
           std::memcpy(ls, &s0, sizeof s0);
           std::memcpy(ls + W, &s1, sizeof s1);
           for (int64_t l = 0; i < end; ++i, ++l) {
-            const A h = (x[i] - mean) * rstd, e = dy[i] * w[i];
+            const A h = (to_acc<A>(x[i]) - mean) * rstd, e = to_acc<A>(dy[i]) * w[i];
             lg[l] += e;
             ls[l] += e * h;
-            if (pw != nullptr) pw[i] += dy[i] * h;
-            if (pb != nullptr) pb[i] += dy[i];
+            if (pw != nullptr) pw[i] += to_acc<A>(dy[i]) * h;
+            if (pb != nullptr) pb[i] += to_acc<A>(dy[i]);
           }
           g_sum += fold_lanes<kStep>(lg);
           gh_sum += fold_lanes<kStep>(ls);
         }
         const A g_mean = g_sum * inv_n, gh_mean = gh_sum * inv_n;
-        A* dx = out_row<T>(a.dx + off, xb);  // in place over x (same index only) when T != A
+        row_t<T>* dx = rows.out(a.dx + off, 0);
         if (a.gres != nullptr) {
-          const A* __restrict__ gr = load_row<kAvx2>(a.gres + off, rb, n);
+          const row_t<T>* __restrict__ gr = rows.in(a.gres + off, 2);
           for (int64_t i = 0; i < n; ++i)
-            dx[i] = rstd * (dy[i] * w[i] - g_mean - ((x[i] - mean) * rstd) * gh_mean) + gr[i];
+            store_acc(
+                input_grad(to_acc<A>(x[i]), to_acc<A>(dy[i]), w[i], mean, rstd, g_mean, gh_mean) +
+                    to_acc<A>(gr[i]),
+                dx[i]);
         } else {
           for (int64_t i = 0; i < n; ++i)
-            dx[i] = rstd * (dy[i] * w[i] - g_mean - ((x[i] - mean) * rstd) * gh_mean);
+            store_acc(
+                input_grad(to_acc<A>(x[i]), to_acc<A>(dy[i]), w[i], mean, rstd, g_mean, gh_mean),
+                dx[i]);
         }
-        if constexpr (!kSame) store_row<kAvx2>(xb, a.dx + off, n);
+        rows.done(a.dx + off, 0);
       }
     }
   }
@@ -211,9 +227,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
         rstd.mutable_data_ptr<A>(),
         n,
         static_cast<A>(eps)};
-    const bool avx2 = has_avx2();
     at::parallel_for(0, rows, row_grain(n),
-                     [&](int64_t begin, int64_t end) { run_isa<FwdRows>(avx2, args, begin, end); });
+                     [&](int64_t begin, int64_t end) { run_isa<FwdRows>(args, begin, end); });
   });
   // Strided as the fake says (input's strides when dense), after the contiguous kernel writes.
   if (has(residual)) residual_out = strided_like(residual_out, input);
@@ -269,10 +284,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
                                     n,
                                     rows,
                                     blocks};
-    const bool avx2 = has_avx2();
-    at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
-      run_isa<BwdBlocks>(avx2, args, begin, end);
-    });
+    at::parallel_for(0, blocks.count, 1,
+                     [&](int64_t begin, int64_t end) { run_isa<BwdBlocks>(args, begin, end); });
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       if (with_w)
         reduce_partials(partial_w.const_data_ptr<A>(), blocks.count, n, dw.mutable_data_ptr<A>(),

@@ -1,6 +1,7 @@
 // Tiles of the CPU optimizer updates (csrc/cpu/adam.cpp, csrc/cpu/rmsprop.cpp): storage dtypes
-// (fp32, fp16, bf16, fp64) widened to the math type M in a tile buffer and rounded back, and the
-// split of the tensors' concatenated index space over the threads.
+// (fp32, fp16, bf16, fp64) widened to the math type M in a tile buffer and rounded back
+// (fastnn/cpu_lowp.h's widen / narrow), and the split of the tensors' concatenated index space
+// over the threads.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -16,84 +17,11 @@
 #include <vector>
 
 #include "fastnn/cpu_isa.h"
-
-#if FASTNN_X86_AVX2
-#include <immintrin.h>  // F16C conversions
-#endif
+#include "fastnn/cpu_lowp.h"
 
 namespace fastnn::cpu {
 
-// ---- Tiles: storage dtype <-> math type M -------------------------------------------------------
-
-template <typename S, typename M>
-inline void widen(const S* __restrict src, M* __restrict dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<M>(static_cast<float>(src[i]));
-}
-
-template <typename S, typename M>
-inline void narrow(const M* __restrict src, S* __restrict dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<S>(static_cast<float>(src[i]));
-}
-
-// bf16 <-> fp32 by bit operations, which GCC vectorises (the c10::BFloat16 conversions stay
-// scalar): widening is a 16-bit shift; narrowing rounds to nearest even with NaN -> 0x7FC0,
-// bit for bit as c10::BFloat16(float) does.
-inline void widen(const c10::BFloat16* __restrict src, float* __restrict dst, int64_t n) {
-  const uint16_t* __restrict s = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = uint32_t(s[i]) << 16;
-    std::memcpy(dst + i, &u, sizeof(u));
-  }
-}
-
-inline void narrow(const float* __restrict src, c10::BFloat16* __restrict dst, int64_t n) {
-  uint16_t* __restrict d = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, src + i, sizeof(u));
-    const uint16_t rounded = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    d[i] = src[i] != src[i] ? uint16_t(0x7FC0) : rounded;
-  }
-}
-
-// fp16 <-> fp32: c10::Half's conversions are scalar bit manipulation (about 10x slower than the
-// update itself); x86 CPUs since 2012 convert 8 values per instruction (F16C, round to nearest
-// even, as c10 does), chosen at run time with the AVX2 clones (fastnn/cpu_isa.h).
-#if FASTNN_X86_AVX2
-inline __attribute__((target("avx,f16c"))) void widen_f16c(const c10::Half* src, float* dst,
-                                                           int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-inline __attribute__((target("avx,f16c"))) void narrow_f16c(const float* src, c10::Half* dst,
-                                                            int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
-  }
-  for (; i < n; ++i) dst[i] = c10::Half(src[i]);
-}
-#endif
-
-inline void widen(const c10::Half* __restrict src, float* __restrict dst, int64_t n) {
-#if FASTNN_X86_AVX2
-  if (has_avx2()) return widen_f16c(src, dst, n);
-#endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-inline void narrow(const float* __restrict src, c10::Half* __restrict dst, int64_t n) {
-#if FASTNN_X86_AVX2
-  if (has_avx2()) return narrow_f16c(src, dst, n);
-#endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
-}
+// ---- Tiles: storage dtype <-> math type M (widen / narrow: fastnn/cpu_lowp.h) ----------------
 
 template <typename M>
 constexpr c10::ScalarType scalar_type_of() {

@@ -9,10 +9,10 @@
 // on every x86-64 machine, each operation IEEE-rounded in the order of torch's for-loop step;
 // the multiply-adds torch rounds once are explicit fma_ calls, fastnn/adam_math.h).
 //
-// The GLU family, compute-bound where its operands sit in cache (an exp and a division per
-// element), has a third clone, FASTNN_TARGET_AVX512 (64-byte vectors), chosen by has_avx512().
-// The memory-bound loops gain nothing from it (optimizer update, 2-core Xeon VM, 2026-11-27:
-// 67 GB/s with AVX-512 against 71 GB/s with AVX2).
+// The GLU family and the norms, compute-bound where their rows sit in cache (an exp and a
+// division per GLU element; bf16 widened in registers), have a third clone, FASTNN_TARGET_AVX512
+// (64-byte vectors), chosen by has_avx512(). The optimizer updates, memory-bound, gain nothing
+// from it (2-core Xeon VM, 2026-11-27: 67 GB/s with AVX-512 against 71 GB/s with AVX2).
 #pragma once
 
 #include <cstdlib>

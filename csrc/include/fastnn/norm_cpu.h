@@ -1,7 +1,7 @@
 // Shared pieces of the CPU RMSNorm / LayerNorm kernels (csrc/cpu/rms_norm.cpp, layer_norm.cpp):
-// ISA dispatch, the residual add, fixed-order row reductions (16-bit rows widened to the
-// accumulation type in registers, fastnn/cpu_lowp.h), and the fixed row blocking that makes weight
-// gradients bitwise reproducible.
+// the rows as the kernels see them (bf16 widened in registers, fp16 through F16C scratch rows)
+// with the residual add, ISA dispatch, fixed-order row reductions, and the fixed row blocking that
+// makes weight gradients bitwise reproducible.
 //
 // Vectorisation: the row loops below are plain loops over contiguous arrays that GCC / clang
 // vectorise at -O3, instantiated for the baseline ISA and in AVX2 and AVX-512 clones

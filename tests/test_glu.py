@@ -157,14 +157,16 @@ def test_native_16bit_conversions_are_exact(dtype):
 
 # The torch backend computes erfc of the rounded g / sqrt2: up to g^2 / 2 ulp (1.2e-5 relative
 # at g = -13); the native CPU kernel splits -g^2 / 2 exactly (activations.h): 5e-7 at worst.
-@pytest.mark.parametrize(("backend", "rtol"), [("torch", 2e-5), ("native", 1e-6)])
+# Triton's formula is native's, but a GPU's tl.exp (ex2.approx of y log2e) rounds the product
+# y log2e: up to 3e-6 relative at y = -85.
+@pytest.mark.parametrize(("backend", "rtol"), [("torch", 2e-5), ("native", 1e-6), ("triton", 2e-5)])
 def test_gelu_accurate_in_the_lower_tail(backend, rtol):
     """GeGLU (erf) in fp32 for gates down to -13, where Phi(g) falls to 1e-38: the output within
     rtol of fp64, grad_gate within rtol of the size of its terms (Phi(g) + |g phi(g)|: they
     cancel at g = -0.75). 0.5 (1 + erf(g / sqrt2)), eager torch's formula, cancels to 0 from
-    g = -5.8 (relative error 1). The Triton kernels still use that formula."""
+    g = -5.8 (relative error 1)."""
     skip_unless_available(backend, "glu", "cpu")
-    g = torch.linspace(-13, 6, 4001)
+    g = torch.linspace(-13, 6, 4001)  # 4 programs of the Triton kernels
     u, dh = torch.ones_like(g), torch.ones_like(g)
     out = ops.get(backend, "glu_fwd")(g, u, "gelu").double()
     dg, _ = ops.get(backend, "glu_bwd")(dh, g, u, "gelu")

@@ -8,9 +8,9 @@ tl.constexpr, so each combination compiles to its own straight-line code:
 - packed [rows, 2H] = [gate | up] rows: a 1-D grid of rows x cdiv(H, BLOCK) programs, a column
   block of a row each, that reads both halves in place (row stride 2H, up at +H) and, backward,
   writes one [rows, 2H] gradient.
-Math is fp32 (fp64 for fp64 tensors, so gradcheck runs here too), and every sigmoid goes
-through exp(-|x|) in (0, 1], as csrc/include/fastnn/activations.h: gates of +-1000 give finite
-outputs and gradients. The backward recomputes act(gate) from gate; nothing else is saved.
+Math is fp32 (fp64 for fp64 tensors, so gradcheck runs here too), every sigmoid goes through
+exp(-|x|) in (0, 1]: gates of +-1000 give finite outputs and gradients; GELU's normal cdf is
+csrc/include/fastnn/activations.h's, precise in its lower tail. The backward recomputes act(gate) from gate; nothing else is saved.
 """
 
 import torch
@@ -57,12 +57,46 @@ def _gelu_tanh_arg(x):
 
 
 @triton.jit
+def _normal_cdf_pdf(x):
+    """(Phi(x), phi(x)), the standard normal cdf and pdf. fp32: activations.h's normal_cdf,
+    erfc(a) = t exp(-a^2 + P(u)) for a = |x| / sqrt2 with -x^2 / 2 split into an exact hi and a
+    small lo (tools/fit_erfc.py fits P), so the lower tail keeps its precision; eager torch's
+    0.5 (1 + erf(x / sqrt2)) cancels to 0 below x = -5.8. fp64 (gradcheck under the interpreter):
+    0.5 (1 + erf), whose cancellation sets in past x = -37 only. A NaN x gives NaN through the
+    products with x that use these (the clamp below drops it)."""
+    if x.dtype == tl.float64:
+        cdf = 0.5 + 0.5 * tl.erf(x * 0.7071067811865476)  # 1/sqrt(2)
+        pdf = 0.3989422804014327 * tl.exp(-0.5 * x * x)  # 1/sqrt(2 pi)
+    else:
+        xa = tl.minimum(tl.abs(x), 14.5)  # Phi(-14.5) = 6e-48: 0 in fp32
+        t = 1.0 / (1.0 + 0.5 * (xa * 0.7071067811865476))
+        u = (t - 0.575) * (1.0 / 0.425)
+        p = 6.975276723e-05 * u + 7.119121880e-05
+        p = p * u - 6.342521674e-04
+        p = p * u - 1.652322374e-04
+        p = p * u + 4.123349715e-03
+        p = p * u - 1.555802914e-03
+        p = p * u - 3.116925720e-02
+        p = p * u + 1.822052923e-02
+        p = p * u + 5.810347901e-01
+        p = p * u - 5.699950141e-01
+        # xa with its 12 low mantissa bits cleared: hi = -x_hi^2 / 2 is exact.
+        x_hi = (xa.to(tl.uint32, bitcast=True) & 0xFFFFF000).to(tl.float32, bitcast=True)
+        e = tl.exp(-0.5 * (x_hi * x_hi)) * tl.exp(0.5 * ((x_hi - xa) * (x_hi + xa)))
+        erfc_a = t * e * tl.exp(p)
+        cdf = tl.where(x > 0, 1.0 - 0.5 * erfc_a, 0.5 * erfc_a)
+        pdf = 0.3989422804014327 * e
+    return cdf, pdf
+
+
+@triton.jit
 def _act(x, ACT: tl.constexpr):
     if ACT == 0:  # silu
         s, _ = _sigmoid_pair(x)
         a = x * s
     elif ACT == 1:  # gelu (erf)
-        a = x * (0.5 + 0.5 * tl.erf(x * 0.7071067811865476))  # 1/sqrt(2)
+        cdf, _ = _normal_cdf_pdf(x)
+        a = x * cdf
     elif ACT == 2:  # gelu_tanh: x sigmoid(2y)
         _, y2 = _gelu_tanh_arg(x)
         s, _ = _sigmoid_pair(y2)
@@ -81,9 +115,9 @@ def _act_grad(x, ACT: tl.constexpr):
         a = x * s
         da = s * (1.0 + x * sm)
     elif ACT == 1:
-        cdf = 0.5 + 0.5 * tl.erf(x * 0.7071067811865476)  # 1/sqrt(2)
+        cdf, pdf = _normal_cdf_pdf(x)
         a = x * cdf
-        da = cdf + x * (0.3989422804014327 * tl.exp(-0.5 * x * x))  # 1/sqrt(2 pi)
+        da = cdf + x * pdf
     elif ACT == 2:
         xc, y2 = _gelu_tanh_arg(x)
         s, sm = _sigmoid_pair(y2)

@@ -74,22 +74,32 @@ FASTNN_HD T abs_(T x) {
 }
 
 // The standard normal cdf Phi(x) = erfc(-x / sqrt2) / 2 and, when pdf is non-null, the pdf
-// phi(x) = exp(-x^2 / 2) / sqrt(2 pi). On the device CUDA's erfcf and expf; on the host a
-// branch-free formula GCC vectorises (glibc's erfcf is a call: the GeGLU loop ran scalar, 0.08 G
-// elements/s on one Xeon core), within 5.4 ulp of the true erfc wherever that is a normal float
-// (tools/fit_erfc.py measures the formula; tests/test_glu.py the kernels' Phi). For a = |x| /
-// sqrt2: erfc(a) = t exp(-a^2 + P(u)), t = 1 / (1 + a / 2), u = (t - 0.575) / 0.425 in [-1, 1], P a
-// degree-9 fit of ln(erfc(a) / t) + a^2 (5.5e-8 in fp64); erfc(-a) = 2 - erfc(a). The exponent
-// -x^2 / 2 is split into hi + lo with hi exact: a rounded x^2 would cost up to x^2 / 4 ulp of the
-// result (40 at x = -13), which torch's 0.5 (1 + erf(x / sqrt2)) loses to cancellation anyway.
+// phi(x) = exp(-x^2 / 2) / sqrt(2 pi), by one branch-free formula on the host (where GCC
+// vectorises it: glibc's erfcf is a call, and the GeGLU loop ran scalar, 0.08 G elements/s on one
+// Xeon core) and the device (with CUDA's expf): within 5.4 ulp of the true erfc wherever that is
+// a normal float (tools/fit_erfc.py measures the formula; tests/test_glu.py the kernels' Phi).
+// For a = |x| / sqrt2: erfc(a) = t exp(-a^2 + P(u)), t = 1 / (1 + a / 2), u = (t - 0.575) / 0.425
+// in [-1, 1], P a degree-9 fit of ln(erfc(a) / t) + a^2 (5.5e-8 in fp64); erfc(-a) = 2 - erfc(a).
+// The exponent -x^2 / 2 is split into hi + lo with hi exact: erfc of a rounded x / sqrt2 (as
+// CUDA's erfcf would get it) costs up to x^2 / 2 ulp of the result (1e-5 relative at x = -13),
+// and torch's 0.5 (1 + erf(x / sqrt2)) cancels to 0 below x = -5.8.
 constexpr double kSqrtHalf = 0.70710678118654752440;
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;
 
-FASTNN_HD float normal_cdf(float x, float* pdf = nullptr) {
+// x with its 12 low mantissa bits cleared: its square is exact in fp32.
+FASTNN_HD float high_half(float x) {
 #if defined(__CUDA_ARCH__)
-  if (pdf != nullptr) *pdf = float(kInvSqrt2Pi) * ::expf(-0.5f * x * x);
-  return 0.5f * ::erfcf(-x * float(kSqrtHalf));
+  return __uint_as_float(__float_as_uint(x) & 0xFFFFF000u);
 #else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits &= 0xFFFFF000u;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+#endif
+}
+
+FASTNN_HD float normal_cdf(float x, float* pdf = nullptr) {
   const float x_abs = abs_(x);
   const float xa = x_abs > 14.5f ? 14.5f : x_abs;  // Phi(-14.5) = 6e-48, 0 in fp32; NaN stays NaN
   const float t = 1.0f / (1.0f + 0.5f * (xa * float(kSqrtHalf)));
@@ -104,12 +114,7 @@ FASTNN_HD float normal_cdf(float x, float* pdf = nullptr) {
   p = p * u + 1.822052923e-02f;
   p = p * u + 5.810347901e-01f;
   p = p * u + -5.699950141e-01f;
-  // x_hi: xa with its 12 low mantissa bits cleared, so that hi = -x_hi^2 / 2 is exact.
-  uint32_t bits;
-  std::memcpy(&bits, &xa, sizeof(bits));
-  bits &= 0xFFFFF000u;
-  float x_hi;
-  std::memcpy(&x_hi, &bits, sizeof(x_hi));
+  const float x_hi = high_half(xa);
   const float hi = -0.5f * (x_hi * x_hi);
   const float lo = 0.5f * ((x_hi - xa) * (x_hi + xa));
   float erfc_a;
@@ -121,7 +126,6 @@ FASTNN_HD float normal_cdf(float x, float* pdf = nullptr) {
     erfc_a = t * exp_(hi) * exp_(lo + p);
   }
   return x > 0.0f ? 1.0f - 0.5f * erfc_a : 0.5f * erfc_a;
-#endif
 }
 FASTNN_HD double normal_cdf(double x, double* pdf = nullptr) {
   if (pdf != nullptr) *pdf = kInvSqrt2Pi * ::exp(-0.5 * x * x);

@@ -24,7 +24,7 @@
 #include <type_traits>
 
 // From here on (our kernels and the shared math, not torch's headers): no-trapping-math lets GCC
-// if-convert the math's selects (x >= 0 ? r : z * r) into vector blends, which the vectoriser
+// if-convert the math's selects (x >= 0 ? e * s : 1 - s) into vector blends, which the vectoriser
 // needs. It changes no result (it only stops GCC from preserving FP exception flags); this is
 // not fast-math. The pragma must precede the math's inlining: a function attribute on the AVX2
 // clone alone leaves the inlined loop scalar (measured: no ymm instruction in the clone).

@@ -27,13 +27,15 @@ def activation_and_derivative(x, activation):
         pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
         return x * cdf, cdf + x * pdf
     if activation == "gelu_tanh":
-        # Past |x| = 22 tanh(inner) is exactly +-1 even in fp64; the clamp keeps x^3 finite
-        # there (1 - t * t = 0 times an inf d_inner would be NaN). NaN stays NaN.
+        # 0.5 (1 + tanh(y)) = sigmoid(2y) and 1 - tanh(y)^2 = 4 sigmoid(2y) sigmoid(-2y), as
+        # the kernels compute them: 1 + tanh(y) cancels in the lower tail (to 0 below x = -7.2
+        # in fp64). Past |x| = 22 sigmoid(2y) is exactly 0 or 1 even in fp64; the clamp keeps
+        # x^3 finite there (and the derivative's limits at +-inf). NaN stays NaN.
         xc = x.clamp(-22, 22)
-        inner = _SQRT_2_OVER_PI * (xc + _GELU_TANH_CUBIC * xc * xc * xc)
-        t = torch.tanh(inner)
+        y2 = 2 * _SQRT_2_OVER_PI * (xc + _GELU_TANH_CUBIC * xc * xc * xc)
+        s, s_neg = torch.sigmoid(y2), torch.sigmoid(-y2)
         d_inner = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_CUBIC * xc * xc)
-        return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * d_inner
+        return x * s, s + 2 * xc * s * s_neg * d_inner
     raise ValueError(
         f"fastnn: unknown GLU activation {activation!r}; expected one of {ACTIVATIONS}"
     )

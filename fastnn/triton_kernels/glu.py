@@ -9,8 +9,9 @@ tl.constexpr, so each combination compiles to its own straight-line code:
   block of a row each, that reads both halves in place (row stride 2H, up at +H) and, backward,
   writes one [rows, 2H] gradient.
 Math is fp32 (fp64 for fp64 tensors, so gradcheck runs here too), every sigmoid goes through
-exp(-|x|) in (0, 1]: gates of +-1000 give finite outputs and gradients; GELU's normal cdf is
-csrc/include/fastnn/activations.h's, precise in its lower tail. The backward recomputes act(gate) from gate; nothing else is saved.
+exp(-|x|) in (0, 1]: gates of +-1000 give finite outputs and gradients; GELU's fp32 normal cdf
+is csrc/include/fastnn/activations.h's, precise in its lower tail. The backward recomputes
+act(gate) from gate; nothing else is saved.
 """
 
 import torch
@@ -61,9 +62,10 @@ def _normal_cdf_pdf(x):
     """(Phi(x), phi(x)), the standard normal cdf and pdf. fp32: activations.h's normal_cdf,
     erfc(a) = t exp(-a^2 + P(u)) for a = |x| / sqrt2 with -x^2 / 2 split into an exact hi and a
     small lo (tools/fit_erfc.py fits P), so the lower tail keeps its precision; eager torch's
-    0.5 (1 + erf(x / sqrt2)) cancels to 0 below x = -5.8. fp64 (gradcheck under the interpreter):
-    0.5 (1 + erf), whose cancellation sets in past x = -37 only. A NaN x gives NaN through the
-    products with x that use these (the clamp below drops it)."""
+    0.5 (1 + erf(x / sqrt2)) cancels to 0 below x = -5.8. fp64 (gradcheck under the interpreter,
+    on values near 0): 0.5 (1 + erf), which cancels too, 2e-6 off at x = -7 and 0 below -8.5
+    (tl has no erfc; P is fitted to fp32 precision only). A NaN x gives NaN through the products
+    with x that use these (the clamp below drops it)."""
     if x.dtype == tl.float64:
         cdf = 0.5 + 0.5 * tl.erf(x * 0.7071067811865476)  # 1/sqrt(2)
         pdf = 0.3989422804014327 * tl.exp(-0.5 * x * x)  # 1/sqrt(2 pi)

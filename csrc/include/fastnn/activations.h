@@ -45,8 +45,11 @@ FASTNN_HD float exp_(float y) {
   const float yc = y_lo > 89.0f ? 89.0f : y_lo;
   // y = n ln2 + r, |r| <= ln2 / 2, n in [-125, 128].
   // 1.5 * 2^23 rounds to nearest integer without a rounding-mode dependent call.
-  const float kRound = 12582912.0f;
-  const float n = (yc * 1.44269504088896341f + kRound) - kRound;
+  // n + 1.5 * 2^23 holds n in its low mantissa bits: n is read from there, as an unsigned
+  // integer (a NaN's bits give a NaN result; casting a NaN float to int would be undefined).
+  const float kRound = 12582912.0f;  // bits 0x4B400000
+  const float shifted = yc * 1.44269504088896341f + kRound;
+  const float n = shifted - kRound;
   // ln2 split in two (hi has 9 trailing zero bits) so n * hi is exact for |n| <= 128.
   const float r = (yc - n * 0.693145751953125f) - n * 1.428606765330187e-6f;
   // Taylor to degree 7: truncation error 0.347^8 / 8! = 5e-9 relative, under one fp32 ulp.
@@ -59,7 +62,9 @@ FASTNN_HD float exp_(float y) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   // p 2^n as (p 2^(n-1)) * 2: exact, and inf once it passes FLT_MAX (y > 88.72; n = 128 there).
-  const int32_t bits = (static_cast<int32_t>(n) + 126) << 23;
+  uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits - 0x4B400000u + 126u) << 23;
   float half_scale;
   std::memcpy(&half_scale, &bits, sizeof(half_scale));
   const float e = p * half_scale;
@@ -76,8 +81,9 @@ FASTNN_HD T abs_(T x) {
 // The standard normal cdf Phi(x) = erfc(-x / sqrt2) / 2 and, when pdf is non-null, the pdf
 // phi(x) = exp(-x^2 / 2) / sqrt(2 pi), by one branch-free formula on the host (where GCC
 // vectorises it: glibc's erfcf is a call, and the GeGLU loop ran scalar, 0.08 G elements/s on one
-// Xeon core) and the device (with CUDA's expf): within 5.4 ulp of the true erfc wherever that is
-// a normal float (tools/fit_erfc.py measures the formula; tests/test_glu.py the kernels' Phi).
+// Xeon core) and the device (with CUDA's expf). Where Phi is a normal float: within 5.7 ulp with
+// a correctly rounded exp (tools/fit_erfc.py), x Phi(x) of the CPU kernels within 7.7 ulp
+// (5.5e-7 relative; tests/test_glu.py holds it to 1e-6), up to 5 ulp near 0 (glibc's erfcf: 2).
 // For a = |x| / sqrt2: erfc(a) = t exp(-a^2 + P(u)), t = 1 / (1 + a / 2), u = (t - 0.575) / 0.425
 // in [-1, 1], P a degree-9 fit of ln(erfc(a) / t) + a^2 (5.5e-8 in fp64); erfc(-a) = 2 - erfc(a).
 // The exponent -x^2 / 2 is split into hi + lo with hi exact: erfc of a rounded x / sqrt2 (as

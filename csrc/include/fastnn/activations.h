@@ -32,6 +32,26 @@ enum class Activation : int { kSilu, kGelu, kGeluTanh, kRelu, kSigmoid };
 
 namespace glu_math {
 
+// A float's bits and back (host: memcpy, which GCC vectorises as a plain move).
+FASTNN_HD uint32_t bits_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+#endif
+}
+FASTNN_HD float float_of(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+#endif
+}
+
 // exp(y): 0 below -86.5 (where exp < 2.9e-38, near FLT_MIN), inf above 88.72, NaN for NaN.
 // On the host a branch-free polynomial that GCC vectorises (glibc's expf is a call, which keeps
 // the loop scalar: about 4x slower on AVX2); on the device the CUDA expf.
@@ -62,11 +82,7 @@ FASTNN_HD float exp_(float y) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   // p 2^n as (p 2^(n-1)) * 2: exact, and inf once it passes FLT_MAX (y > 88.72; n = 128 there).
-  uint32_t bits;
-  std::memcpy(&bits, &shifted, sizeof(bits));
-  bits = (bits - 0x4B400000u + 126u) << 23;
-  float half_scale;
-  std::memcpy(&half_scale, &bits, sizeof(half_scale));
+  const float half_scale = float_of((bits_of(shifted) - 0x4B400000u + 126u) << 23);
   const float e = p * half_scale;
   return y < -86.5f ? 0.0f : e + e;
 #endif
@@ -93,17 +109,7 @@ constexpr double kSqrtHalf = 0.70710678118654752440;
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;
 
 // x with its 12 low mantissa bits cleared: its square is exact in fp32.
-FASTNN_HD float high_half(float x) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(__float_as_uint(x) & 0xFFFFF000u);
-#else
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  bits &= 0xFFFFF000u;
-  std::memcpy(&x, &bits, sizeof(x));
-  return x;
-#endif
-}
+FASTNN_HD float high_half(float x) { return float_of(bits_of(x) & 0xFFFFF000u); }
 
 FASTNN_HD float normal_cdf(float x, float* pdf = nullptr) {
   const float x_abs = abs_(x);

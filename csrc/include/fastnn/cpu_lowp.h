@@ -23,6 +23,8 @@
 
 namespace fastnn::cpu {
 
+// memcpy, not std::bit_cast: with std::bit_cast GCC 12 left the norms' bf16 row loops scalar
+// (a bf16 norm forward's AVX-512 clone: 102 zmm instructions with memcpy, 6 with bit_cast).
 FASTNN_ALWAYS_INLINE float bits_to_float(uint32_t bits) {
   float f;
   std::memcpy(&f, &bits, sizeof(f));

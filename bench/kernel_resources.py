@@ -358,7 +358,9 @@ def _norm_cases():
     for op in ("rms_norm", "layer_norm"):
         for dtype in (torch.bfloat16, torch.float32, torch.float16, torch.float64):
             for residual in (False, True):
-                for n in sizes if dtype in (torch.bfloat16, torch.float32) else [1024, 40001]:
+                for n in (
+                    sizes if dtype in (torch.bfloat16, torch.float32) else [1024, 16384, 40001]
+                ):
                     name = f"{op} N={n} {str(dtype)[6:]}{' residual' if residual else ''}"
                     yield name, partial(norm_launches, op, n, dtype, residual)
             name = f"{op} N=24576 {str(dtype)[6:]} residual misaligned"

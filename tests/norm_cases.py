@@ -276,18 +276,25 @@ def _norm_and_grads(kind, backend, x, r, w, b, dy):
     return [out.detach(), res_out.detach(), *grads]
 
 
-def check_triton_long_row_backward(kind, n, weight, bias, monkeypatch):
-    """The Triton backward of rows over its whole-row tiles (the row-dot and column kernels):
-    5 rows over the interpreter's 4 row groups, so a group sums two rows into its partial rows
-    of dW / dB. N = 8208 is past the aligned rows' cap; N = 6001 (not a multiple of 16) only
-    past the lower cap of rows loaded element by element."""
+def check_triton_long_row_backward(kind, n, weight, bias, monkeypatch, reread=False):
+    """The Triton backward of rows past its register-resident tiles: 5 rows over the
+    interpreter's 4 row groups, so a group sums two rows into its partial rows of dW / dB.
+    reread: rows it still takes whole, read a second time after their reduction (RMSNorm's
+    16-bit rows up to BWD_REREAD_MAX_BYTES); else rows past those, over its row-dot and column
+    kernels."""
     from fastnn.triton_kernels import rms_norm
 
     configs = spy_row_config(monkeypatch)
+    rereads = []
+    real = rms_norm.bwd_rereads
+    monkeypatch.setattr(
+        rms_norm, "bwd_rereads", lambda *args: rereads.append(real(*args)) or rereads[-1]
+    )
     case = make_case(kind, (5, n), (n,), torch.bfloat16, "cpu", weight=weight, bias=bias)
     check_against_oracle(kind, "triton", "cpu", case, (n,), 1e-6, torch.bfloat16)
     backward = [answer for args, answer in configs if args[-1] == rms_norm.BWD]
-    assert backward and not any(single for _, _, single, _ in backward), backward
+    assert backward and all(single == reread for _, _, single, _ in backward), backward
+    assert rereads == ([True] if reread else []), rereads
 
 
 def spy_row_config(monkeypatch):

@@ -227,11 +227,22 @@ def test_triton_partial_sums_over_several_rounds():
     assert as_bf16.dtype == torch.bfloat16
 
 
+# bf16 rows: 16400 is past the whole-row tiles, 8200 (not a multiple of 16) past their lower cap
+# for rows loaded element by element.
 @pytest.mark.parametrize("weight", [True, False], ids=["weight", "no-weight"])
-@pytest.mark.parametrize("n", [8208, 6001])
+@pytest.mark.parametrize("n", [16400, 8200])
 def test_triton_long_row_backward(n, weight, monkeypatch):
     skip(KIND, "triton", "cpu")
     check_triton_long_row_backward(KIND, n, weight, False, monkeypatch)
+
+
+# bf16 rows past the register-resident tiles but whole, read twice: 8208 in a tile of 16K, 6001
+# (not a multiple of 16) in one of 8K.
+@pytest.mark.parametrize("weight", [True, False], ids=["weight", "no-weight"])
+@pytest.mark.parametrize("n", [8208, 6001])
+def test_triton_reread_backward(n, weight, monkeypatch):
+    skip(KIND, "triton", "cpu")
+    check_triton_long_row_backward(KIND, n, weight, False, monkeypatch, reread=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -15,6 +15,9 @@ Layout of the work (launch shapes: FWD and BWD, below):
 - backward, N <= BWD_MAX_BLOCK (half for unaligned rows): a persistent grid of P programs,
   each looping over row tiles and summing dW for its rows in fp32 registers, one [P, N]
   partial write;
+- RMSNorm backward, 16-bit rows up to BWD_REREAD_MAX_BYTES: the same, but each tile is read
+  again after its reduction (an L1 hit: the program read it just before) instead of held in
+  registers across it, where only the dW accumulator stays (rms_bwd_max_block, bwd_rereads);
 - backward, larger N: a row-dot kernel (sum(g * xhat) per row), then a [column block, row
   group] grid that writes dx and a [G, N] partial;
 - no loop is software-pipelined (num_stages=1): on an H100 (bf16, 32768 rows, N = 1K-64K, both
@@ -45,6 +48,16 @@ from fastnn.triton_kernels import device_context
 # elements over 32 warps is 8 of each per thread.
 FWD_MAX_BYTES = 65536
 BWD_MAX_BLOCK = 8192
+# RMSNorm backward rows of up to 32 KB (16K 16-bit elements) are taken whole and read twice: over
+# 32 warps a bf16 row of 16K then takes 50 registers and spills nothing, where holding it across
+# the reduction spilled 52-108 B (ptxas of triton 3.8, sm_90). Past that the row-dot and column
+# kernels read rows twice from memory: 5 units of traffic against 3, 60% of copy at most
+# (H100, bf16, N = 16K and 32K, bench/results/nvidia-h100-80gb-hbm3-2026-11-27/sweep). fp32 rows
+# of 16K spilled 156 B even read twice, and LayerNorm's (a dB accumulator too) 92 B in bf16.
+# Not timed yet (written without a GPU): torch.compile's backward, one kernel holding whole rows,
+# reached 88% of copy at bf16 N = 16K on that H100; the sweep's rms_norm bwd 16384 case times
+# this tier (its whole-row candidates) against the column kernels.
+BWD_REREAD_MAX_BYTES = 32768
 
 
 class LaunchShape(NamedTuple):
@@ -221,6 +234,20 @@ def row_config(rows, n, dtype, max_block, aligned, shape):
     return block_m, block_n, True, num_warps
 
 
+def rms_bwd_max_block(x, w):
+    """Longest row the RMSNorm backward handles whole: BWD_MAX_BLOCK held in registers, or
+    BWD_REREAD_MAX_BYTES of the wider of x and the weight (None: absent) read twice (a bf16 row
+    of 16K with an fp32 weight spilled 44 B)."""
+    widest = max(t.element_size() for t in (x, w) if t is not None)
+    return max(BWD_MAX_BLOCK, BWD_REREAD_MAX_BYTES // widest)
+
+
+def bwd_rereads(tile, aligned):
+    """Whether the backward's whole-row tile of `tile` elements is read again after its
+    reduction (past the register cap BWD_MAX_BLOCK, halved for unaligned rows)."""
+    return tile > (BWD_MAX_BLOCK if aligned else BWD_MAX_BLOCK // 2)
+
+
 def bwd_programs_per_sm(num_warps):
     """Programs per SM of a persistent backward grid of num_warps-warp programs."""
     return max(1, BWD_WARPS_PER_SM // num_warps)
@@ -359,18 +386,47 @@ def _rms_fwd_long_rows(
 
 
 @triton.jit
+def load_row(PTR, offs, mask, ACC: tl.constexpr, AGAIN: tl.constexpr):
+    """A tile of rows in ACC. AGAIN: the second read of a tile this program read before its
+    rows' reduction, as an evict_last load: the compiler merges two identical loads, and would
+    then keep the first one's values in registers across the reduction."""
+    if AGAIN:
+        v = tl.load(PTR + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+    else:
+        v = tl.load(PTR + offs, mask=mask, other=0.0)
+    return v.to(ACC)
+
+
+@triton.jit
+def _rms_bwd_terms(X, DY, W, w, offs, mask, cols, cmask, rstd, HAS_W: tl.constexpr,
+                   ACC: tl.constexpr, REREAD: tl.constexpr, AGAIN: tl.constexpr):  # fmt: skip
+    """(dy, xhat, g = dy * w) of a row tile; w is the weight held by the program, or read here
+    with the rows when REREAD."""
+    dy = load_row(DY, offs, mask, ACC, AGAIN)
+    xhat = load_row(X, offs, mask, ACC, AGAIN) * rstd[:, None]
+    if HAS_W:
+        if REREAD:
+            w = load_row(W, cols, cmask, ACC, AGAIN)
+        return dy, xhat, dy * w[None, :]
+    return dy, xhat, dy
+
+
+@triton.jit
 def _rms_bwd_kernel(
     DY, DRES, X, W, RSTD, DX, DW_PART, rows, N, num_row_blocks,
     HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REREAD: tl.constexpr,
 ):  # fmt: skip
-    """Persistent: program p handles row tiles p, p + P, ...; writes DW_PART[p, :]."""
+    """Persistent: program p handles row tiles p, p + P, ...; writes DW_PART[p, :]. REREAD:
+    the tile (and the weight) are read again after the rows' reduction instead of held in
+    registers across it."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
-    if HAS_W:
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
+    w = tl.zeros([BLOCK_N], dtype=ACC)  # a placeholder unless the weight is held
+    if HAS_W and not REREAD:
+        w = load_row(W, cols, cmask, ACC, False)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     # An int64 loop variable: row offsets stay int64 (and the interpreter yields Python ints).
     for rb in tl.range(pid.to(tl.int64), num_row_blocks, nprog, num_stages=1):
@@ -378,12 +434,15 @@ def _rms_bwd_kernel(
         rmask = row < rows
         mask = rmask[:, None] & cmask[None, :]
         offs = row[:, None] * N + cols[None, :]
-        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
         rstd = tl.load(RSTD + row, mask=rmask, other=0.0).to(ACC)
-        xhat = x * rstd[:, None]
-        g = dy * w[None, :] if HAS_W else dy
+        dy, xhat, g = _rms_bwd_terms(
+            X, DY, W, w, offs, mask, cols, cmask, rstd, HAS_W, ACC, REREAD, False
+        )
         c = tl.sum(g * xhat, axis=1) / N
+        if REREAD:
+            dy, xhat, g = _rms_bwd_terms(
+                X, DY, W, w, offs, mask, cols, cmask, rstd, HAS_W, ACC, REREAD, True
+            )
         dx = rstd[:, None] * (g - xhat * c[:, None])
         if HAS_DRES:
             dx += tl.load(DRES + offs, mask=mask, other=0.0).to(ACC)
@@ -507,7 +566,9 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
     has_w = w is not None
     flags = dict(HAS_DRES=dres is not None, HAS_W=has_w, ACC=tl_acc_dtype(x.dtype))
     aligned = vector_aligned(n, dy, dres, xc, w)
-    block_m, block_n, single, num_warps = row_config(rows, n, x.dtype, BWD_MAX_BLOCK, aligned, BWD)
+    block_m, block_n, single, num_warps = row_config(
+        rows, n, x.dtype, rms_bwd_max_block(xc, w), aligned, BWD
+    )
     per_sm = bwd_programs_per_sm(num_warps)
     with device_context(x):
         if single:
@@ -516,7 +577,8 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
             part = torch.empty((p, n), dtype=acc, device=x.device) if has_w else None
             _rms_bwd_kernel[(p,)](
                 dy, dres, xc, w, rs, dx.buf, part, rows, n, row_blocks,
-                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
+                BLOCK_M=block_m, BLOCK_N=block_n, REREAD=bwd_rereads(block_m * block_n, aligned),
+                num_warps=num_warps, **flags,
             )  # fmt: skip
         else:
             c = torch.empty(rows, dtype=acc, device=x.device)

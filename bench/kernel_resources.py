@@ -354,7 +354,7 @@ def _norm_cases():
     weight."""
     import torch
 
-    sizes = [1 << k for k in range(17)] + [1000, 4097, 17000, 40001]
+    sizes = [1 << k for k in range(17)] + [1000, 4097, 12000, 17000, 40001]
     for op in ("rms_norm", "layer_norm"):
         for dtype in (torch.bfloat16, torch.float32, torch.float16, torch.float64):
             for residual in (False, True):

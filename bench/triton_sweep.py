@@ -89,11 +89,13 @@ CHECK_SPACE = Space(
 
 
 def candidates(direction, n, space=GPU_SPACE):
-    """Configs worth timing at hidden size n: whole-row tiles of one or more rows (forward rows
-    up to 32K elements, backward up to 16K), column-block loops for rows longer than a block
+    """Configs worth timing at hidden size n: whole-row tiles of one or more rows (up to 32K
+    elements), column-block loops for rows longer than a block
     (the backward's row-dot and column kernels), the warps giving each thread the space's
     elements, each programs-per-SM option of a persistent grid (the backward's, and the forward
     loops')."""
+    from fastnn.triton_kernels.rms_norm import BWD_MAX_BLOCK
+
     bn = _pow2(n)
     fwd = direction == "fwd"
     lo, hi = space.fwd_per_thread if fwd else space.bwd_per_thread
@@ -101,12 +103,13 @@ def candidates(direction, n, space=GPU_SPACE):
     def options(block, persistent):
         for w in (4, 8, 16, 32):
             per_thread = block // (32 * w)
-            if not lo <= per_thread <= hi:
+            # Backward rows past the register cap, one per tile, are read twice (rms_norm's
+            # bwd_rereads) and hold only dW: up to 64 elements per thread (32K over 16 warps).
+            reread_row = not fwd and block == bn and block > BWD_MAX_BLOCK
+            if not lo <= per_thread <= (64 if reread_row else hi):
                 continue
             # 32 warps cap a thread at 64 registers: backward tiles of 16 elements per thread
-            # spilled 100-312 B there (sm_90, triton 3.6), 8 did not. Timed anyway for one row
-            # of 16K, the only whole-row tile there: torch.compile's backward reached 88% of copy
-            # at N = 16K where the column kernels reach 60% (bf16, H100, 2026-11-27).
+            # held across the reduction spilled 100-312 B there (sm_90, triton 3.6), 8 did not.
             if not fwd and w == 32 and per_thread > 8 and block > bn:
                 continue
             for p in space.per_sm if persistent else (None,):
@@ -114,7 +117,7 @@ def candidates(direction, n, space=GPU_SPACE):
                     yield w, p
 
     out = []
-    if bn <= (32768 if fwd else 16384):
+    if bn <= 32768:
         for tile in sorted({max(bn, t) for t in (bn, *space.tiles)}):
             for w, p in options(tile, not fwd):
                 out.append(Config(tile // bn, bn, True, w, p))

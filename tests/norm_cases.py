@@ -276,25 +276,43 @@ def _norm_and_grads(kind, backend, x, r, w, b, dy):
     return [out.detach(), res_out.detach(), *grads]
 
 
-def check_triton_long_row_backward(kind, n, weight, bias, monkeypatch, reread=False):
+def check_triton_long_row_backward(kind, n, weight, bias, monkeypatch, halves=0):
     """The Triton backward of rows past its register-resident tiles: 5 rows over the
     interpreter's 4 row groups, so a group sums two rows into its partial rows of dW / dB.
-    reread: rows it still takes whole, read a second time after their reduction (RMSNorm's
-    16-bit rows up to BWD_REREAD_MAX_BYTES); else rows past those, over its row-dot and column
-    kernels."""
-    from fastnn.triton_kernels import rms_norm
+    halves 1 or 2: rows it still takes whole, read a second time after their reduction
+    (16-bit rows: rms_bwd_max_block, ln_bwd_max_block), in that many column halves, without
+    masks when N is a power of two; 0: rows past those, over its row-dot and column kernels."""
+    from fastnn.triton_kernels import layer_norm, rms_norm
 
     configs = spy_row_config(monkeypatch)
-    rereads = []
-    real = rms_norm.bwd_rereads
-    monkeypatch.setattr(
-        rms_norm, "bwd_rereads", lambda *args: rereads.append(real(*args)) or rereads[-1]
-    )
+    if kind == "rms":
+        launches = spy_launches(
+            monkeypatch, rms_norm, "_rms_bwd_kernel", ("REREAD", "EVEN", "HALVES")
+        )
+    else:
+        launches = spy_launches(monkeypatch, layer_norm, "_ln_bwd_kernel", ("REREAD", "EVEN"))
     case = make_case(kind, (5, n), (n,), torch.bfloat16, "cpu", weight=weight, bias=bias)
     check_against_oracle(kind, "triton", "cpu", case, (n,), 1e-6, torch.bfloat16)
     backward = [answer for args, answer in configs if args[-1] == rms_norm.BWD]
-    assert backward and all(single == reread for _, _, single, _ in backward), backward
-    assert rereads == ([True] if reread else []), rereads
+    assert backward and all(single == bool(halves) for _, _, single, _ in backward), backward
+    expected = (True, n & (n - 1) == 0, halves)[: 3 if kind == "rms" else 2]
+    assert launches == ([expected] if halves else []), launches
+
+
+def spy_launches(monkeypatch, module, kernel, keys):
+    """module.kernel recording the `keys` arguments of each launch: a list of tuples."""
+    real, calls = getattr(module, kernel), []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(tuple(kwargs[k] for k in keys))
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(module, kernel, Recorder())
+    return calls
 
 
 def spy_row_config(monkeypatch):

@@ -291,6 +291,13 @@ def test_triton_long_row_backward(n, weight, bias, monkeypatch):
     check_triton_long_row_backward(KIND, n, weight, bias, monkeypatch)
 
 
+# bf16 rows of 16384: past the register-resident tiles, whole and read twice (no masks).
+@pytest.mark.parametrize("weight,bias", PARAMS, ids=["both", "weight", "bias", "neither"])
+def test_triton_reread_backward(weight, bias, monkeypatch):
+    skip(KIND, "triton", "cpu")
+    check_triton_long_row_backward(KIND, 16384, weight, bias, monkeypatch, halves=1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_looping_forward(dtype, monkeypatch):
     skip(KIND, "triton", "cpu")

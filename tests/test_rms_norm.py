@@ -236,13 +236,13 @@ def test_triton_long_row_backward(n, weight, monkeypatch):
     check_triton_long_row_backward(KIND, n, weight, False, monkeypatch)
 
 
-# bf16 rows past the register-resident tiles but whole, read twice: 8208 in a tile of 16K, 6001
-# (not a multiple of 16) in one of 8K.
+# bf16 rows past the register-resident tiles but whole, read twice: 8208 and 16384 in a tile of
+# 16K (masked, and not), 6001 (not a multiple of 16) in one of 8K, 32768 in two halves.
 @pytest.mark.parametrize("weight", [True, False], ids=["weight", "no-weight"])
-@pytest.mark.parametrize("n", [8208, 6001])
-def test_triton_reread_backward(n, weight, monkeypatch):
+@pytest.mark.parametrize("n,halves", [(8208, 1), (16384, 1), (6001, 1), (32768, 2)])
+def test_triton_reread_backward(n, halves, weight, monkeypatch):
     skip(KIND, "triton", "cpu")
-    check_triton_long_row_backward(KIND, n, weight, False, monkeypatch, reread=True)
+    check_triton_long_row_backward(KIND, n, weight, False, monkeypatch, halves)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -6,8 +6,9 @@ deviation from it), then the variance as the mean of squared deviations (within 
 tile, two passes over registers; over the column blocks of a long row, each block's exact pair
 merged into the row's, so no cancellation either), statistics in fp32 (fp64 for fp64 input).
 The work is laid out as in rms_norm.py (whose shared helpers this module uses): register-resident
-row tiles up to FWD_MAX_BYTES / BWD_MAX_BLOCK, column-block loops beyond, persistent backward
-grids writing fp32 [P, N] partials of dW and dB, then fixed-order column sums.
+row tiles up to FWD_MAX_BYTES / BWD_MAX_BLOCK (and 16-bit backward rows of exactly
+BWD_REREAD_MAX_BLOCK, read twice: ln_bwd_max_block), column-block loops beyond, persistent
+backward grids writing fp32 [P, N] partials of dW and dB, then fixed-order column sums.
 """
 
 import torch
@@ -18,16 +19,19 @@ from fastnn.triton_kernels import device_context
 from fastnn.triton_kernels.rms_norm import (
     BWD,
     BWD_MAX_BLOCK,
+    BWD_REREAD_MAX_BLOCK,
     FWD,
     Output,
     acc_dtype,
     bwd_programs_per_sm,
+    bwd_rereads,
     check_norm_inputs,
     check_same_device,
     column_block,
     contiguous,
     fwd_grid,
     fwd_max_block,
+    load_row,
     load_sum,
     load_sum_saved,
     persistent_programs,
@@ -133,18 +137,38 @@ def _add_pairs(a0, a1, b0, b1):
 
 
 @triton.jit
+def _ln_bwd_terms(X, DY, W, w, offs, mask, cols, cmask, mean, rstd, HAS_W: tl.constexpr,
+                  ACC: tl.constexpr, REREAD: tl.constexpr, EVEN: tl.constexpr,
+                  AGAIN: tl.constexpr):  # fmt: skip
+    """(dy, xhat, g = dy * w) of a row tile, xhat 0 past the rows; w is the weight held by the
+    program, or read here with the rows when REREAD."""
+    dy = load_row(DY, offs, mask, ACC, AGAIN, EVEN)
+    xhat = (load_row(X, offs, mask, ACC, AGAIN, EVEN) - mean[:, None]) * rstd[:, None]
+    if not EVEN:
+        xhat = tl.where(mask, xhat, 0.0)
+    if HAS_W:
+        if REREAD:
+            w = load_row(W, cols, cmask, ACC, AGAIN, EVEN)
+        return dy, xhat, dy * w[None, :]
+    return dy, xhat, dy
+
+
+@triton.jit
 def _ln_bwd_kernel(
     DY, DRES, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, rows, N, num_row_blocks,
     HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REREAD: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
-    """Persistent: program p handles row tiles p, p + P, ...; writes DW_PART / DB_PART[p, :]."""
+    """Persistent: program p handles row tiles p, p + P, ...; writes DW_PART / DB_PART[p, :].
+    REREAD: the tile (and the weight) are read again after the rows' reduction instead of held
+    in registers across it. EVEN: the tiles cover the rows exactly (no masks)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
-    if HAS_W:
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
+    w = tl.zeros([BLOCK_N], dtype=ACC)  # a placeholder unless the weight is held
+    if HAS_W and not REREAD:
+        w = load_row(W, cols, cmask, ACC, False, False)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     db = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for rb in tl.range(pid.to(tl.int64), num_row_blocks, nprog, num_stages=1):
@@ -152,18 +176,23 @@ def _ln_bwd_kernel(
         rmask = row < rows
         mask = rmask[:, None] & cmask[None, :]
         offs = row[:, None] * N + cols[None, :]
-        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
         mean = tl.load(MEAN + row, mask=rmask, other=0.0).to(ACC)
         rstd = tl.load(RSTD + row, mask=rmask, other=0.0).to(ACC)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        g = dy * w[None, :] if HAS_W else dy
+        _, xhat, g = _ln_bwd_terms(
+            X, DY, W, w, offs, mask, cols, cmask, mean, rstd, HAS_W, ACC, REREAD, EVEN, False
+        )
         c_gx, c_g = tl.reduce((g * xhat, g), 1, _add_pairs)
         c_gx, c_g = c_gx / N, c_g / N
+        dy, xhat, g = _ln_bwd_terms(
+            X, DY, W, w, offs, mask, cols, cmask, mean, rstd, HAS_W, ACC, REREAD, EVEN, REREAD
+        )
         dx = rstd[:, None] * (g - c_g[:, None] - xhat * c_gx[:, None])
         if HAS_DRES:
-            dx += tl.load(DRES + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            dx += load_row(DRES, offs, mask, ACC, False, EVEN)
+        if EVEN:
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty))
+        else:
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_W:
             dw += dy * xhat
         if HAS_B:
@@ -271,6 +300,16 @@ def layer_norm_fwd(input, residual, weight, bias, eps):
     return out.finish(), residual_out, mean, rstd
 
 
+def ln_bwd_max_block(n, x, w):
+    """Longest row the LayerNorm backward handles whole: BWD_MAX_BLOCK held in registers, and
+    16-bit rows (with a 16-bit weight or none) of exactly BWD_REREAD_MAX_BLOCK read twice. Over 16 warps those take 128 registers and spill 0-12 B (with a residual); rows of
+    12000, masked, spilled 76-180 B (ptxas of triton 3.8, sm_90): the dB accumulator is
+    RMSNorm's dW again."""
+    if n == BWD_REREAD_MAX_BLOCK and all(t.element_size() <= 2 for t in (x, w) if t is not None):
+        return n
+    return BWD_MAX_BLOCK
+
+
 def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
     """grad_out, grad_residual_out (optional), x: [rows, N]; weight, bias: [N] or None;
     mean, rstd: [rows] from the forward.
@@ -300,7 +339,9 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
     dres, mu, rs = contiguous(grad_residual_out), mean.contiguous(), rstd.contiguous()
     flags = dict(HAS_DRES=dres is not None, HAS_W=has_w, HAS_B=has_b, ACC=tl_acc_dtype(x.dtype))
     aligned = vector_aligned(n, dy, dres, xc, w)
-    block_m, block_n, single, num_warps = row_config(rows, n, x.dtype, BWD_MAX_BLOCK, aligned, BWD)
+    block_m, block_n, single, num_warps = row_config(
+        rows, n, x.dtype, ln_bwd_max_block(n, xc, w), aligned, BWD
+    )
     per_sm = bwd_programs_per_sm(num_warps)
     with device_context(x):
         if single:
@@ -312,9 +353,12 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
         dw_part = torch.empty((p, n), dtype=acc, device=x.device) if has_w else None
         db_part = torch.empty((p, n), dtype=acc, device=x.device) if has_b else None
         if single:
+            reread = bwd_rereads(block_m * block_n, aligned)
             _ln_bwd_kernel[(p,)](
                 dy, dres, xc, w, mu, rs, dx.buf, dw_part, db_part, rows, n, row_blocks,
-                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
+                BLOCK_M=block_m, BLOCK_N=block_n, REREAD=reread,
+                EVEN=reread and n == block_n and rows % block_m == 0, num_warps=num_warps,
+                **flags,
             )  # fmt: skip
         else:
             c_gx = torch.empty(rows, dtype=acc, device=x.device)

@@ -15,9 +15,11 @@ Layout of the work (launch shapes: FWD and BWD, below):
 - backward, N <= BWD_MAX_BLOCK (half for unaligned rows): a persistent grid of P programs,
   each looping over row tiles and summing dW for its rows in fp32 registers, one [P, N]
   partial write;
-- RMSNorm backward, 16-bit rows up to BWD_REREAD_MAX_BYTES: the same, but each tile is read
-  again after its reduction (an L1 hit: the program read it just before) instead of held in
-  registers across it, where only the dW accumulator stays (rms_bwd_max_block, bwd_rereads);
+- backward, 16-bit rows up to BWD_REREAD_MAX_BLOCK and of exactly twice that (RMSNorm;
+  LayerNorm: of exactly BWD_REREAD_MAX_BLOCK): the same, but each tile is read again after its
+  reduction (an L1 hit: the program read it just before) instead of held in registers across
+  it, where only the dW (dB) accumulators stay; the longer rows in two column halves with an
+  accumulator each (rms_bwd_max_block, ln_bwd_max_block, bwd_rereads, bwd_halves);
 - backward, larger N: a row-dot kernel (sum(g * xhat) per row), then a [column block, row
   group] grid that writes dx and a [G, N] partial;
 - no loop is software-pipelined (num_stages=1): on an H100 (bf16, 32768 rows, N = 1K-64K, both
@@ -48,16 +50,20 @@ from fastnn.triton_kernels import device_context
 # elements over 32 warps is 8 of each per thread.
 FWD_MAX_BYTES = 65536
 BWD_MAX_BLOCK = 8192
-# RMSNorm backward rows of up to 32 KB (16K 16-bit elements) are taken whole and read twice: over
-# 32 warps a bf16 row of 16K then takes 50 registers and spills nothing, where holding it across
-# the reduction spilled 52-108 B (ptxas of triton 3.8, sm_90). Past that the row-dot and column
-# kernels read rows twice from memory: 5 units of traffic against 3, 60% of copy at most
+# RMSNorm backward rows of 16-bit elements up to 16K are taken whole and read twice: over 16
+# warps a bf16 row of 16K then takes 102-128 registers and spills nothing, where holding it
+# across the reduction spilled 52-164 B over 16 or 32 warps (ptxas of triton 3.8, sm_90; over 32
+# warps read twice, masked rows of 12000 spilled 8-24 B). Rows of exactly 32K too, in two column
+# halves over 16 warps: 128 registers, no spills (masked halves, rows of 16K-32K that are not a
+# power of two, spilled 216 B: they stay on the column kernels). Unaligned rows (half the caps,
+# row_config) keep 32 warps: a tile of 8K over 16 warps spilled 156-288 B. Past those the row-dot and
+# column kernels read rows twice from memory: 5 units of traffic against 3, 60% of copy at most
 # (H100, bf16, N = 16K and 32K, bench/results/nvidia-h100-80gb-hbm3-2026-11-27/sweep). fp32 rows
-# of 16K spilled 156 B even read twice, and LayerNorm's (a dB accumulator too) 92 B in bf16.
-# Not timed yet (written without a GPU): torch.compile's backward, one kernel holding whole rows,
-# reached 88% of copy at bf16 N = 16K on that H100; the sweep's rms_norm bwd 16384 case times
-# this tier (its whole-row candidates) against the column kernels.
-BWD_REREAD_MAX_BYTES = 32768
+# of 16K spilled 156 B even read twice; LayerNorm (a dB accumulator too) reads twice only 16-bit
+# rows of exactly 16K (layer_norm.ln_bwd_max_block). Not timed yet (written without a GPU):
+# torch.compile's backward, one kernel holding whole rows, reached 88% of copy at bf16 N = 16K on
+# that H100; the sweep's bwd 16384 and 32768 cases time this tier against the column kernels.
+BWD_REREAD_MAX_BLOCK = 16384
 
 
 class LaunchShape(NamedTuple):
@@ -67,6 +73,7 @@ class LaunchShape(NamedTuple):
     per_thread: tuple  # elements per thread of a whole-row tile: (16-bit, wider dtypes)
     loop_block: int  # column block of rows past the whole-row cap
     loop_warps: int  # warps of the column-block kernels
+    reread_warps: int = 0  # warps of aligned backward tiles read twice (bwd_rereads)
 
 
 # Measured on an H100 (bench/results/nvidia-h100-80gb-hbm3-2026-11-27/: sweep/, sweep-ln-bwd/
@@ -79,7 +86,7 @@ class LaunchShape(NamedTuple):
 # 67%); past the cap, 1K-column blocks over 4 warps (N = 16K and 32K: 60% both, against 43-57% /
 # 30-57% with 4K over 16 warps and a fused one-kernel variant that re-read rows from L2).
 FWD = LaunchShape(max_tile=4096, per_thread=(32, 16), loop_block=16384, loop_warps=32)
-BWD = LaunchShape(max_tile=1024, per_thread=(8, 8), loop_block=1024, loop_warps=4)
+BWD = LaunchShape(max_tile=1024, per_thread=(8, 8), loop_block=1024, loop_warps=4, reread_warps=16)
 # Warps per SM of the backward's persistent grids (programs per SM = this / num_warps): the
 # sweeps' best at every N above (32 warps: 4 x 8, 16 x 2, 32 x 1 programs).
 BWD_WARPS_PER_SM = 32
@@ -231,21 +238,36 @@ def row_config(rows, n, dtype, max_block, aligned, shape):
     block_m = max(1, min(max_tile // block_n, triton.next_power_of_2(rows)))
     tile = block_m * block_n
     num_warps = min(32, max(4, tile // (32 * per_thread)))
+    if shape.reread_warps and aligned and bwd_rereads(tile, aligned):
+        num_warps = shape.reread_warps
     return block_m, block_n, True, num_warps
 
 
-def rms_bwd_max_block(x, w):
-    """Longest row the RMSNorm backward handles whole: BWD_MAX_BLOCK held in registers, or
-    BWD_REREAD_MAX_BYTES of the wider of x and the weight (None: absent) read twice (a bf16 row
-    of 16K with an fp32 weight spilled 44 B)."""
-    widest = max(t.element_size() for t in (x, w) if t is not None)
-    return max(BWD_MAX_BLOCK, BWD_REREAD_MAX_BYTES // widest)
+def rms_bwd_max_block(n, x, w):
+    """Longest row the RMSNorm backward handles whole: BWD_MAX_BLOCK held in registers; for
+    16-bit rows and weights (None: absent), rows read twice: up to BWD_REREAD_MAX_BLOCK, and
+    rows of exactly twice that in two column halves (no masks: masked halves spilled 216 B)."""
+    if any(t.element_size() > 2 for t in (x, w) if t is not None):
+        return BWD_MAX_BLOCK
+    return n if n == 2 * BWD_REREAD_MAX_BLOCK else BWD_REREAD_MAX_BLOCK
+
+
+def bwd_register_block(aligned):
+    """Largest backward tile held in registers across its reduction: BWD_MAX_BLOCK, halved for
+    rows that are not 16-byte vectors."""
+    return BWD_MAX_BLOCK if aligned else BWD_MAX_BLOCK // 2
 
 
 def bwd_rereads(tile, aligned):
     """Whether the backward's whole-row tile of `tile` elements is read again after its
-    reduction (past the register cap BWD_MAX_BLOCK, halved for unaligned rows)."""
-    return tile > (BWD_MAX_BLOCK if aligned else BWD_MAX_BLOCK // 2)
+    reduction: past bwd_register_block."""
+    return tile > bwd_register_block(aligned)
+
+
+def bwd_halves(tile, aligned):
+    """Column halves of a backward tile (each with its own dW accumulator): 2 past twice
+    bwd_register_block, else 1."""
+    return 2 if tile > 2 * bwd_register_block(aligned) else 1
 
 
 def bwd_programs_per_sm(num_warps):
@@ -386,71 +408,118 @@ def _rms_fwd_long_rows(
 
 
 @triton.jit
-def load_row(PTR, offs, mask, ACC: tl.constexpr, AGAIN: tl.constexpr):
-    """A tile of rows in ACC. AGAIN: the second read of a tile this program read before its
-    rows' reduction, as an evict_last load: the compiler merges two identical loads, and would
-    then keep the first one's values in registers across the reduction."""
-    if AGAIN:
-        v = tl.load(PTR + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+def load_row(PTR, offs, mask, ACC: tl.constexpr, AGAIN: tl.constexpr, EVEN: tl.constexpr):
+    """A tile of rows in ACC; EVEN: every element exists (no mask). AGAIN: the second read of a
+    tile this program read before its rows' reduction, as an evict_last load: the compiler
+    merges two identical loads, and would then keep the first one's values in registers across
+    the reduction."""
+    policy: tl.constexpr = "evict_last" if AGAIN else ""
+    if EVEN:
+        v = tl.load(PTR + offs, eviction_policy=policy)
     else:
-        v = tl.load(PTR + offs, mask=mask, other=0.0)
+        v = tl.load(PTR + offs, mask=mask, other=0.0, eviction_policy=policy)
     return v.to(ACC)
 
 
 @triton.jit
 def _rms_bwd_terms(X, DY, W, w, offs, mask, cols, cmask, rstd, HAS_W: tl.constexpr,
-                   ACC: tl.constexpr, REREAD: tl.constexpr, AGAIN: tl.constexpr):  # fmt: skip
+                   ACC: tl.constexpr, REREAD: tl.constexpr, EVEN: tl.constexpr,
+                   AGAIN: tl.constexpr):  # fmt: skip
     """(dy, xhat, g = dy * w) of a row tile; w is the weight held by the program, or read here
     with the rows when REREAD."""
-    dy = load_row(DY, offs, mask, ACC, AGAIN)
-    xhat = load_row(X, offs, mask, ACC, AGAIN) * rstd[:, None]
+    dy = load_row(DY, offs, mask, ACC, AGAIN, EVEN)
+    xhat = load_row(X, offs, mask, ACC, AGAIN, EVEN) * rstd[:, None]
     if HAS_W:
         if REREAD:
-            w = load_row(W, cols, cmask, ACC, AGAIN)
+            w = load_row(W, cols, cmask, ACC, AGAIN, EVEN)
         return dy, xhat, dy * w[None, :]
     return dy, xhat, dy
+
+
+@triton.jit
+def _rms_bwd_dot(X, DY, W, w, base, rmask, cols, cmask, rstd, HAS_W: tl.constexpr,
+                 ACC: tl.constexpr, REREAD: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+    """sum(g * xhat) over the columns `cols` of the rows at `base` (row offsets)."""
+    mask = rmask[:, None] & cmask[None, :]
+    _, xhat, g = _rms_bwd_terms(
+        X, DY, W, w, base + cols[None, :], mask, cols, cmask, rstd, HAS_W, ACC, REREAD, EVEN,
+        False,
+    )  # fmt: skip
+    return tl.sum(g * xhat, axis=1)
+
+
+@triton.jit
+def _rms_bwd_dx(DY, DRES, X, W, w, DX, base, rmask, cols, cmask, rstd, c, dw,
+                HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
+                REREAD: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+    """dx of the columns `cols` of the rows at `base`, given c = mean(g * xhat) per row; returns
+    dw + dy * xhat. Without REREAD its loads are those _rms_bwd_dot made, which the compiler
+    merges: the values stay in registers."""
+    offs = base + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    dy, xhat, g = _rms_bwd_terms(
+        X, DY, W, w, offs, mask, cols, cmask, rstd, HAS_W, ACC, REREAD, EVEN, REREAD
+    )
+    dx = rstd[:, None] * (g - xhat * c[:, None])
+    if HAS_DRES:
+        dx += load_row(DRES, offs, mask, ACC, False, EVEN)
+    if EVEN:
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty))
+    else:
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_W:
+        dw += dy * xhat
+    return dw
 
 
 @triton.jit
 def _rms_bwd_kernel(
     DY, DRES, X, W, RSTD, DX, DW_PART, rows, N, num_row_blocks,
     HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REREAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALVES: tl.constexpr, REREAD: tl.constexpr,
+    EVEN: tl.constexpr,
 ):  # fmt: skip
-    """Persistent: program p handles row tiles p, p + P, ...; writes DW_PART[p, :]. REREAD:
-    the tile (and the weight) are read again after the rows' reduction instead of held in
-    registers across it."""
+    """Persistent: program p handles row tiles p, p + P, ...; writes DW_PART[p, :]. A tile is
+    BLOCK_M rows of HALVES column blocks of BLOCK_N, each block with its own dW accumulator.
+    REREAD: the tile (and the weight) are read again after the rows' reduction instead of held
+    in registers across it. EVEN: the tiles cover the rows exactly (no masks)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
+    cols2 = BLOCK_N + cols  # the second half (HALVES == 2)
+    cmask2 = cols2 < N
     w = tl.zeros([BLOCK_N], dtype=ACC)  # a placeholder unless the weight is held
     if HAS_W and not REREAD:
-        w = load_row(W, cols, cmask, ACC, False)
+        w = load_row(W, cols, cmask, ACC, False, False)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    dw2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     # An int64 loop variable: row offsets stay int64 (and the interpreter yields Python ints).
     for rb in tl.range(pid.to(tl.int64), num_row_blocks, nprog, num_stages=1):
         row = rb * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = row < rows
-        mask = rmask[:, None] & cmask[None, :]
-        offs = row[:, None] * N + cols[None, :]
+        base = row[:, None] * N
         rstd = tl.load(RSTD + row, mask=rmask, other=0.0).to(ACC)
-        dy, xhat, g = _rms_bwd_terms(
-            X, DY, W, w, offs, mask, cols, cmask, rstd, HAS_W, ACC, REREAD, False
-        )
-        c = tl.sum(g * xhat, axis=1) / N
-        if REREAD:
-            dy, xhat, g = _rms_bwd_terms(
-                X, DY, W, w, offs, mask, cols, cmask, rstd, HAS_W, ACC, REREAD, True
+        c = _rms_bwd_dot(X, DY, W, w, base, rmask, cols, cmask, rstd, HAS_W, ACC, REREAD, EVEN)
+        if HALVES == 2:
+            c += _rms_bwd_dot(
+                X, DY, W, w, base, rmask, cols2, cmask2, rstd, HAS_W, ACC, REREAD, EVEN
             )
-        dx = rstd[:, None] * (g - xhat * c[:, None])
-        if HAS_DRES:
-            dx += tl.load(DRES + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-        if HAS_W:
-            dw += dy * xhat
+        c = c / N
+        dw = _rms_bwd_dx(
+            DY, DRES, X, W, w, DX, base, rmask, cols, cmask, rstd, c, dw,
+            HAS_DRES, HAS_W, ACC, REREAD, EVEN,
+        )  # fmt: skip
+        if HALVES == 2:
+            dw2 = _rms_bwd_dx(
+                DY, DRES, X, W, w, DX, base, rmask, cols2, cmask2, rstd, c, dw2,
+                HAS_DRES, HAS_W, ACC, REREAD, EVEN,
+            )  # fmt: skip
     if HAS_W:
-        tl.store(DW_PART + pid.to(tl.int64) * N + cols, tl.sum(dw, axis=0), mask=cmask)
+        part = DW_PART + pid.to(tl.int64) * N
+        tl.store(part + cols, tl.sum(dw, axis=0), mask=cmask)
+        if HALVES == 2:
+            tl.store(part + cols2, tl.sum(dw2, axis=0), mask=cmask2)
 
 
 @triton.jit
@@ -567,7 +636,7 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
     flags = dict(HAS_DRES=dres is not None, HAS_W=has_w, ACC=tl_acc_dtype(x.dtype))
     aligned = vector_aligned(n, dy, dres, xc, w)
     block_m, block_n, single, num_warps = row_config(
-        rows, n, x.dtype, rms_bwd_max_block(xc, w), aligned, BWD
+        rows, n, x.dtype, rms_bwd_max_block(n, xc, w), aligned, BWD
     )
     per_sm = bwd_programs_per_sm(num_warps)
     with device_context(x):
@@ -575,10 +644,13 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
             row_blocks = triton.cdiv(rows, block_m)
             p = persistent_programs(x.device, row_blocks, per_sm)
             part = torch.empty((p, n), dtype=acc, device=x.device) if has_w else None
+            reread = bwd_rereads(block_m * block_n, aligned)
+            halves = bwd_halves(block_m * block_n, aligned)
+            even = reread and n == block_n and rows % block_m == 0
             _rms_bwd_kernel[(p,)](
                 dy, dres, xc, w, rs, dx.buf, part, rows, n, row_blocks,
-                BLOCK_M=block_m, BLOCK_N=block_n, REREAD=bwd_rereads(block_m * block_n, aligned),
-                num_warps=num_warps, **flags,
+                BLOCK_M=block_m, BLOCK_N=block_n // halves, HALVES=halves, REREAD=reread,
+                EVEN=even, num_warps=num_warps, **flags,
             )  # fmt: skip
         else:
             c = torch.empty(rows, dtype=acc, device=x.device)

@@ -25,6 +25,7 @@ from fastnn.triton_kernels.rms_norm import (
     acc_dtype,
     bwd_programs_per_sm,
     bwd_rereads,
+    bwd_terms,
     check_norm_inputs,
     check_same_device,
     column_block,
@@ -37,6 +38,7 @@ from fastnn.triton_kernels.rms_norm import (
     persistent_programs,
     reduce_partials,
     row_config,
+    store_dx,
     tl_acc_dtype,
     vector_aligned,
 )
@@ -137,23 +139,6 @@ def _add_pairs(a0, a1, b0, b1):
 
 
 @triton.jit
-def _ln_bwd_terms(X, DY, W, w, offs, mask, cols, cmask, mean, rstd, HAS_W: tl.constexpr,
-                  ACC: tl.constexpr, REREAD: tl.constexpr, EVEN: tl.constexpr,
-                  AGAIN: tl.constexpr):  # fmt: skip
-    """(dy, xhat, g = dy * w) of a row tile, xhat 0 past the rows; w is the weight held by the
-    program, or read here with the rows when REREAD."""
-    dy = load_row(DY, offs, mask, ACC, AGAIN, EVEN)
-    xhat = (load_row(X, offs, mask, ACC, AGAIN, EVEN) - mean[:, None]) * rstd[:, None]
-    if not EVEN:
-        xhat = tl.where(mask, xhat, 0.0)
-    if HAS_W:
-        if REREAD:
-            w = load_row(W, cols, cmask, ACC, AGAIN, EVEN)
-        return dy, xhat, dy * w[None, :]
-    return dy, xhat, dy
-
-
-@triton.jit
 def _ln_bwd_kernel(
     DY, DRES, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, rows, N, num_row_blocks,
     HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
@@ -178,21 +163,18 @@ def _ln_bwd_kernel(
         offs = row[:, None] * N + cols[None, :]
         mean = tl.load(MEAN + row, mask=rmask, other=0.0).to(ACC)
         rstd = tl.load(RSTD + row, mask=rmask, other=0.0).to(ACC)
-        _, xhat, g = _ln_bwd_terms(
-            X, DY, W, w, offs, mask, cols, cmask, mean, rstd, HAS_W, ACC, REREAD, EVEN, False
-        )
+        _, xhat, g = bwd_terms(
+            X, DY, W, w, offs, mask, cols, cmask, mean, rstd, True, HAS_W, ACC, REREAD, EVEN,
+            False,
+        )  # fmt: skip
         c_gx, c_g = tl.reduce((g * xhat, g), 1, _add_pairs)
         c_gx, c_g = c_gx / N, c_g / N
-        dy, xhat, g = _ln_bwd_terms(
-            X, DY, W, w, offs, mask, cols, cmask, mean, rstd, HAS_W, ACC, REREAD, EVEN, REREAD
-        )
+        dy, xhat, g = bwd_terms(
+            X, DY, W, w, offs, mask, cols, cmask, mean, rstd, True, HAS_W, ACC, REREAD, EVEN,
+            REREAD,
+        )  # fmt: skip
         dx = rstd[:, None] * (g - c_g[:, None] - xhat * c_gx[:, None])
-        if HAS_DRES:
-            dx += load_row(DRES, offs, mask, ACC, False, EVEN)
-        if EVEN:
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty))
-        else:
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        store_dx(DX, DRES, offs, mask, dx, HAS_DRES, ACC, EVEN)
         if HAS_W:
             dw += dy * xhat
         if HAS_B:

@@ -422,13 +422,20 @@ def load_row(PTR, offs, mask, ACC: tl.constexpr, AGAIN: tl.constexpr, EVEN: tl.c
 
 
 @triton.jit
-def _rms_bwd_terms(X, DY, W, w, offs, mask, cols, cmask, rstd, HAS_W: tl.constexpr,
-                   ACC: tl.constexpr, REREAD: tl.constexpr, EVEN: tl.constexpr,
-                   AGAIN: tl.constexpr):  # fmt: skip
-    """(dy, xhat, g = dy * w) of a row tile; w is the weight held by the program, or read here
-    with the rows when REREAD."""
+def bwd_terms(X, DY, W, w, offs, mask, cols, cmask, mean, rstd, CENTERED: tl.constexpr,
+              HAS_W: tl.constexpr, ACC: tl.constexpr, REREAD: tl.constexpr,
+              EVEN: tl.constexpr, AGAIN: tl.constexpr):  # fmt: skip
+    """(dy, xhat, g = dy * w) of a row tile, xhat = (x - mean) * rstd when CENTERED (LayerNorm:
+    0 past the rows), else x * rstd (mean unused); w is the weight held by the program, or read
+    here with the rows when REREAD."""
     dy = load_row(DY, offs, mask, ACC, AGAIN, EVEN)
-    xhat = load_row(X, offs, mask, ACC, AGAIN, EVEN) * rstd[:, None]
+    x = load_row(X, offs, mask, ACC, AGAIN, EVEN)
+    if CENTERED:
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        if not EVEN:
+            xhat = tl.where(mask, xhat, 0.0)
+    else:
+        xhat = x * rstd[:, None]
     if HAS_W:
         if REREAD:
             w = load_row(W, cols, cmask, ACC, AGAIN, EVEN)
@@ -437,13 +444,25 @@ def _rms_bwd_terms(X, DY, W, w, offs, mask, cols, cmask, rstd, HAS_W: tl.constex
 
 
 @triton.jit
+def store_dx(DX, DRES, offs, mask, dx, HAS_DRES: tl.constexpr, ACC: tl.constexpr,
+             EVEN: tl.constexpr):  # fmt: skip
+    """Stores dx of a row tile, plus the gradient into residual_out when HAS_DRES."""
+    if HAS_DRES:
+        dx += load_row(DRES, offs, mask, ACC, False, EVEN)
+    if EVEN:
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty))
+    else:
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rms_bwd_dot(X, DY, W, w, base, rmask, cols, cmask, rstd, HAS_W: tl.constexpr,
                  ACC: tl.constexpr, REREAD: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
     """sum(g * xhat) over the columns `cols` of the rows at `base` (row offsets)."""
     mask = rmask[:, None] & cmask[None, :]
-    _, xhat, g = _rms_bwd_terms(
-        X, DY, W, w, base + cols[None, :], mask, cols, cmask, rstd, HAS_W, ACC, REREAD, EVEN,
-        False,
+    _, xhat, g = bwd_terms(
+        X, DY, W, w, base + cols[None, :], mask, cols, cmask, rstd, rstd, False, HAS_W, ACC,
+        REREAD, EVEN, False,
     )  # fmt: skip
     return tl.sum(g * xhat, axis=1)
 
@@ -457,16 +476,11 @@ def _rms_bwd_dx(DY, DRES, X, W, w, DX, base, rmask, cols, cmask, rstd, c, dw,
     merges: the values stay in registers."""
     offs = base + cols[None, :]
     mask = rmask[:, None] & cmask[None, :]
-    dy, xhat, g = _rms_bwd_terms(
-        X, DY, W, w, offs, mask, cols, cmask, rstd, HAS_W, ACC, REREAD, EVEN, REREAD
+    dy, xhat, g = bwd_terms(
+        X, DY, W, w, offs, mask, cols, cmask, rstd, rstd, False, HAS_W, ACC, REREAD, EVEN, REREAD
     )
     dx = rstd[:, None] * (g - xhat * c[:, None])
-    if HAS_DRES:
-        dx += load_row(DRES, offs, mask, ACC, False, EVEN)
-    if EVEN:
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty))
-    else:
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    store_dx(DX, DRES, offs, mask, dx, HAS_DRES, ACC, EVEN)
     if HAS_W:
         dw += dy * xhat
     return dw

@@ -29,6 +29,7 @@ from norm_cases import (
     opcheck_ops,
     randn,
     skip,
+    spy_launches,
     ulp_slack,
 )
 
@@ -243,6 +244,20 @@ def test_triton_long_row_backward(n, weight, monkeypatch):
 def test_triton_reread_backward(n, halves, weight, monkeypatch):
     skip(KIND, "triton", "cpu")
     check_triton_long_row_backward(KIND, n, weight, False, monkeypatch, halves)
+
+
+# bf16 rows of exactly 64K: whole, read twice after their reduction (rms_fwd_rereads); with a
+# residual the forward loops over column blocks.
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_triton_reread_forward(residual, monkeypatch):
+    skip(KIND, "triton", "cpu")
+    from fastnn.triton_kernels import rms_norm
+
+    launches = spy_launches(monkeypatch, rms_norm, "_rms_fwd_kernel", ("SINGLE", "REREAD"))
+    n = rms_norm.FWD_REREAD_BLOCK
+    case = make_case(KIND, (3, n), (n,), torch.bfloat16, "cpu", residual=residual)
+    check_against_oracle(KIND, "triton", "cpu", case, (n,), 1e-6, torch.bfloat16)
+    assert launches == [(False, False) if residual else (True, True)], launches
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

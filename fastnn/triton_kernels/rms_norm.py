@@ -11,7 +11,8 @@ Layout of the work (launch shapes: FWD and BWD, below):
   squares and the scaling (one read of x);
 - forward, longer rows: a persistent grid, each program looping over its rows' column blocks
   twice (the second read of a row hits L2 while few enough rows are in flight: a 64K bf16 row is
-  128 KB);
+  128 KB); but RMSNorm's 16-bit rows of exactly FWD_REREAD_BLOCK without a residual are one tile
+  per program, read a second time after the reduction (rms_fwd_rereads);
 - backward, N <= BWD_MAX_BLOCK (half for unaligned rows): a persistent grid of P programs,
   each looping over row tiles and summing dW for its rows in fp32 registers, one [P, N]
   partial write;
@@ -50,6 +51,13 @@ from fastnn.triton_kernels import device_context
 # elements over 32 warps is 8 of each per thread.
 FWD_MAX_BYTES = 65536
 BWD_MAX_BLOCK = 8192
+# RMSNorm forward rows of exactly 64K 16-bit elements (without a residual) are taken whole, read a
+# second time after their reduction: over 32 warps 64 registers, 8 B spilled (ptxas of triton
+# 3.8, sm_90), where holding them spilled 104 B and the residual's second tensor 76 B. Not timed
+# yet (written without a GPU): the looping tier they replace ran at 76% of copy (H100, bf16,
+# 32768 rows, bench/results/nvidia-h100-80gb-hbm3-2026-11-27/sweep-fwd-64k); the sweep's
+# rms_norm fwd 65536 case times both.
+FWD_REREAD_BLOCK = 65536
 # RMSNorm backward rows of 16-bit elements up to 16K are taken whole and read twice: over 16
 # warps a bf16 row of 16K then takes 102-128 registers and spills nothing, where holding it
 # across the reduction spilled 52-164 B over 16 or 32 warps (ptxas of triton 3.8, sm_90; over 32
@@ -194,6 +202,15 @@ def fwd_max_block(input, *params):
     widest of the input and its parameters (None: absent). 32K bf16 rows with fp32 weight and
     bias spilled 168 B per thread in the LayerNorm forward; they take the looping tier."""
     return FWD_MAX_BYTES // max(t.dtype.itemsize for t in (input, *params) if t is not None)
+
+
+def rms_fwd_rereads(n, x, r, w, aligned):
+    """Whether the RMSNorm forward takes rows of n elements whole past fwd_max_block, reading
+    them again after their reduction (an L1 hit) instead of looping over column blocks twice:
+    16-bit rows of exactly FWD_REREAD_BLOCK without a residual (r None), 16-bit weight or none,
+    16-byte vectors."""
+    narrow = all(t.element_size() <= 2 for t in (x, w) if t is not None)
+    return n == FWD_REREAD_BLOCK and r is None and narrow and aligned
 
 
 def vector_aligned(n, *tensors):
@@ -353,10 +370,11 @@ def load_sum_saved(X, R, S, offs, mask, HAS_RES: tl.constexpr, ACC: tl.constexpr
 def _rms_fwd_kernel(
     X, R, W, Y, S, RSTD, rows, N, eps: tl.float64,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, REREAD: tl.constexpr,
 ):  # fmt: skip
-    """Whole rows: program p normalises row tile p. Long rows: a persistent grid, program p
-    normalises row tiles p, p + P, ..., each in two passes over its column blocks."""
+    """Whole rows: program p normalises row tile p (REREAD: reading it again after the
+    reduction: rms_fwd_rereads). Long rows: a persistent grid, program p normalises row tiles
+    p, p + P, ..., each in two passes over its column blocks."""
     # eps arrives as fp64 (a Python float argument would be typed fp32 when compiled, though
     # the interpreter keeps it fp64) and is rounded to the statistics' dtype here, as torch does.
     eps = tl.full((), eps, ACC)
@@ -365,12 +383,21 @@ def _rms_fwd_kernel(
         rmask = row < rows
         base = row[:, None] * N
         cols, cmask, mask = column_block(0, rmask, N, BLOCK_N)
-        x = load_sum_saved(X, R, S, base + cols[None, :], mask, HAS_RES, ACC)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
-        y = x * rstd[:, None]
-        if HAS_W:
-            y = y * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
-        tl.store(Y + base + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        offs = base + cols[None, :]
+        if REREAD:  # rows without a residual that the tile covers exactly: no masks
+            x = load_row(X, offs, mask, ACC, False, True)
+            rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+            y = load_row(X, offs, mask, ACC, True, True) * rstd[:, None]
+            if HAS_W:
+                y = y * load_row(W, cols, cmask, ACC, True, True)[None, :]
+            tl.store(Y + offs, y.to(Y.dtype.element_ty))
+        else:
+            x = load_sum_saved(X, R, S, offs, mask, HAS_RES, ACC)
+            rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+            y = x * rstd[:, None]
+            if HAS_W:
+                y = y * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + row, rstd, mask=rmask)
     else:
         for rb in range(tl.program_id(0).to(tl.int64), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
@@ -603,15 +630,19 @@ def rms_norm_fwd(input, residual, weight, eps):
         rstd.fill_(float("nan"))  # the mean of an empty row, as the reference computes it
     elif rows > 0:
         x, r, w = input.contiguous(), contiguous(residual), contiguous(weight)
+        aligned = vector_aligned(n, x, r, w)
+        reread = rms_fwd_rereads(n, x, r, w, aligned)
+        max_block = n if reread else fwd_max_block(x, w)
         block_m, block_n, single, num_warps = row_config(
-            rows, n, input.dtype, fwd_max_block(x, w), vector_aligned(n, x, r, w), FWD
+            rows, n, input.dtype, max_block, aligned, FWD
         )
         grid = (fwd_grid(input.device, rows, block_m, single),)
         with device_context(input):
             _rms_fwd_kernel[grid](
                 x, r, w, out.buf, res_out.buf if res_out else None, rstd, rows, n, eps,
                 HAS_RES=r is not None, HAS_W=w is not None, ACC=tl_acc_dtype(input.dtype),
-                BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=num_warps,
+                BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single,
+                REREAD=reread and single and block_n == n, num_warps=num_warps,
             )  # fmt: skip
     residual_out = res_out.finish() if res_out else input.new_empty(0)
     return out.finish(), residual_out, rstd

@@ -440,11 +440,14 @@ def load_row(PTR, offs, mask, ACC: tl.constexpr, AGAIN: tl.constexpr, EVEN: tl.c
     tile this program read before its rows' reduction, as an evict_last load: the compiler
     merges two identical loads, and would then keep the first one's values in registers across
     the reduction."""
-    policy: tl.constexpr = "evict_last" if AGAIN else ""
-    if EVEN:
-        v = tl.load(PTR + offs, eviction_policy=policy)
+    if AGAIN and EVEN:
+        v = tl.load(PTR + offs, eviction_policy="evict_last")
+    elif AGAIN:
+        v = tl.load(PTR + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+    elif EVEN:
+        v = tl.load(PTR + offs)
     else:
-        v = tl.load(PTR + offs, mask=mask, other=0.0, eviction_policy=policy)
+        v = tl.load(PTR + offs, mask=mask, other=0.0)
     return v.to(ACC)
 
 
@@ -463,11 +466,12 @@ def bwd_terms(X, DY, W, w, offs, mask, cols, cmask, mean, rstd, CENTERED: tl.con
             xhat = tl.where(mask, xhat, 0.0)
     else:
         xhat = x * rstd[:, None]
+    g = dy
     if HAS_W:
         if REREAD:
             w = load_row(W, cols, cmask, ACC, AGAIN, EVEN)
-        return dy, xhat, dy * w[None, :]
-    return dy, xhat, dy
+        g = dy * w[None, :]
+    return dy, xhat, g
 
 
 @triton.jit

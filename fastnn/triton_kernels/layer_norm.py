@@ -284,9 +284,10 @@ def layer_norm_fwd(input, residual, weight, bias, eps):
 
 def ln_bwd_max_block(n, x, w):
     """Longest row the LayerNorm backward handles whole: BWD_MAX_BLOCK held in registers, and
-    16-bit rows (with a 16-bit weight or none) of exactly BWD_REREAD_MAX_BLOCK read twice. Over 16 warps those take 128 registers and spill 0-12 B (with a residual); rows of
-    12000, masked, spilled 76-180 B (ptxas of triton 3.8, sm_90): the dB accumulator is
-    RMSNorm's dW again."""
+    16-bit rows (with a 16-bit weight or none) of exactly BWD_REREAD_MAX_BLOCK read twice. Over
+    16 warps those take 128 registers and spill 0-12 B with a residual (8-16 B under triton
+    3.6); rows of 12000, masked, spilled 76-180 B (ptxas of triton 3.8, sm_90): the dB
+    accumulator is RMSNorm's dW again."""
     if n == BWD_REREAD_MAX_BLOCK and all(t.element_size() <= 2 for t in (x, w) if t is not None):
         return n
     return BWD_MAX_BLOCK

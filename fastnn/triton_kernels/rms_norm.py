@@ -53,7 +53,8 @@ FWD_MAX_BYTES = 65536
 BWD_MAX_BLOCK = 8192
 # RMSNorm forward rows of exactly 64K 16-bit elements (without a residual) are taken whole, read a
 # second time after their reduction: over 32 warps 64 registers, 8 B spilled (ptxas of triton
-# 3.8, sm_90), where holding them spilled 104 B and the residual's second tensor 76 B. Not timed
+# 3.8 and 3.6, sm_90), where holding them spilled 104 B and the residual's second tensor 76 B
+# (LayerNorm's weight and bias together, 156 B: its rows loop). Not timed
 # yet (written without a GPU): the looping tier they replace ran at 76% of copy (H100, bf16,
 # 32768 rows, bench/results/nvidia-h100-80gb-hbm3-2026-11-27/sweep-fwd-64k); the sweep's
 # rms_norm fwd 65536 case times both.
@@ -62,15 +63,16 @@ FWD_REREAD_BLOCK = 65536
 # warps a bf16 row of 16K then takes 102-128 registers and spills nothing, where holding it
 # across the reduction spilled 52-164 B over 16 or 32 warps (ptxas of triton 3.8, sm_90; over 32
 # warps read twice, masked rows of 12000 spilled 8-24 B). Rows of exactly 32K too, in two column
-# halves over 16 warps: 128 registers, no spills (masked halves, rows of 16K-32K that are not a
-# power of two, spilled 216 B: they stay on the column kernels). Unaligned rows (half the caps,
-# row_config) keep 32 warps: a tile of 8K over 16 warps spilled 156-288 B. Past those the row-dot and
-# column kernels read rows twice from memory: 5 units of traffic against 3, 60% of copy at most
-# (H100, bf16, N = 16K and 32K, bench/results/nvidia-h100-80gb-hbm3-2026-11-27/sweep). fp32 rows
-# of 16K spilled 156 B even read twice; LayerNorm (a dB accumulator too) reads twice only 16-bit
-# rows of exactly 16K (layer_norm.ln_bwd_max_block). Not timed yet (written without a GPU):
-# torch.compile's backward, one kernel holding whole rows, reached 88% of copy at bf16 N = 16K on
-# that H100; the sweep's bwd 16384 and 32768 cases time this tier against the column kernels.
+# halves over 16 warps: 128 registers, no spills (8-16 B under triton 3.6; masked halves, rows
+# of 16K-32K that are not a power of two, spilled 216 B: they stay on the column kernels).
+# Unaligned rows (half the caps, row_config) keep 32 warps: a tile of 8K over 16 warps spilled
+# 156-288 B. Past those the row-dot and column kernels read rows twice from memory: 5 units of
+# traffic against 3, 60% of copy at most (H100, bf16, N = 16K and 32K,
+# bench/results/nvidia-h100-80gb-hbm3-2026-11-27/sweep). fp32 rows of 16K spilled 156 B even
+# read twice; LayerNorm (a dB accumulator too) reads twice only 16-bit rows of exactly 16K
+# (layer_norm.ln_bwd_max_block). Not timed yet (written without a GPU): torch.compile's
+# backward, one kernel holding whole rows, reached 88% of copy at bf16 N = 16K on that H100;
+# the sweep's bwd 16384 and 32768 cases time this tier against the column kernels.
 BWD_REREAD_MAX_BLOCK = 16384
 
 

@@ -92,9 +92,20 @@ CHECK_SPACE = Space(
 )  # fmt: skip
 
 
-def candidates(direction, n, space=GPU_SPACE):
-    """Configs worth timing at hidden size n: whole-row tiles of one or more rows (up to 64K
-    elements forward, 32K backward), column-block loops for rows longer than a block
+# The longest rows each launcher can take whole (those past the register-resident tiles read
+# twice: rms_norm.rms_fwd_rereads and rms_bwd_max_block, layer_norm.ln_bwd_max_block); longer
+# whole-row tiles spill hundreds of bytes per thread.
+WHOLE_ROW_MAX = {
+    ("rms_norm", "fwd"): 65536,
+    ("layer_norm", "fwd"): 32768,
+    ("rms_norm", "bwd"): 32768,
+    ("layer_norm", "bwd"): 16384,
+}
+
+
+def candidates(op, direction, n, space=GPU_SPACE):
+    """Configs worth timing for `op` at hidden size n: whole-row tiles of one or more rows (up
+    to WHOLE_ROW_MAX), column-block loops for rows longer than a block
     (the backward's row-dot and column kernels), the warps giving each thread the space's
     elements, each programs-per-SM option of a persistent grid (the backward's, and the forward
     loops')."""
@@ -121,7 +132,7 @@ def candidates(direction, n, space=GPU_SPACE):
                     yield w, p
 
     out = []
-    if bn <= (65536 if fwd else 32768):  # RMSNorm's rows read twice: rms_fwd_rereads
+    if bn <= WHOLE_ROW_MAX[op, direction]:
         for tile in sorted({max(bn, t) for t in (bn, *space.tiles)}):
             for w, p in options(tile, not fwd):
                 out.append(Config(tile // bn, bn, True, w, p))
@@ -254,7 +265,7 @@ def check(ns=(40, 300, 2500), rows=6, verbose=False):
             for n in ns:
                 inputs = make_inputs(op, direction, rows, n, torch.bfloat16, "cpu")
                 ref = run_op(op, direction, inputs)  # the launchers' own choice
-                for config in candidates(direction, n, CHECK_SPACE):
+                for config in candidates(op, direction, n, CHECK_SPACE):
                     try:
                         with launched_with(config):
                             err = disagreement(run_op(op, direction, inputs), ref)
@@ -407,7 +418,7 @@ def sweep_case(op, direction, n, rows, device, space, copy):
     ref = call()  # the launchers' own choice
     results = [("current", None, time_calls(call, device), 0.0, None)]
     chosen = current_config(call, direction)
-    for config in candidates(direction, n, space):
+    for config in candidates(op, direction, n, space):
         seconds = err = error = None
         try:
             with launched_with(config):
@@ -448,7 +459,7 @@ def sweep(cases, rows, budget_s, out):
         raise RuntimeError("triton_sweep: run it on a GPU with TRITON_INTERPRET=0, or on the CPU "
                            "with TRITON_INTERPRET=1 (a dry run)")  # fmt: skip
     space = GPU_SPACE if device == "cuda" else CHECK_SPACE
-    jobs = [(op, d, n, c) for op, d, n in cases for c in candidates(d, n, space)]
+    jobs = [(op, d, n, c) for op, d, n in cases for c in candidates(op, d, n, space)]
     print(f"triton_sweep: {len(jobs)} configs over {len(cases)} cases; compiling", flush=True)
     compile_rows = PRECOMPILE_ROWS if device == "cuda" else rows
     compiled = warm_compile_cache(jobs, compile_rows, device, timeout_s=budget_s / 2)
@@ -527,7 +538,7 @@ def static_resources(cases, path):
             stat = torch.ones(16)  # 16 rows: specialised as 32768
             stats = (stat,) if op == "rms_norm" else (stat, stat)
             inputs = make_inputs(op, direction, 16, n, torch.bfloat16, "cpu", stats=stats)
-            for config in candidates(direction, n):
+            for config in candidates(op, direction, n):
                 launches, error = [], None
                 try:
                     with launched_with(config), compiling_for_sm90() as launches:

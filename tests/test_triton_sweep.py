@@ -38,7 +38,7 @@ def test_launched_with_restores_the_policies():
 
 def test_gpu_cases_have_candidates():
     for op, direction, n in triton_sweep.CASES:
-        configs = triton_sweep.candidates(direction, n)
+        configs = triton_sweep.candidates(op, direction, n)
         assert configs, (op, direction, n)
         assert len(set(configs)) == len(configs)
         assert all(c.single == (c.block_n >= n) for c in configs)
@@ -51,7 +51,7 @@ def test_dry_run_writes_the_tables(tmp_path, monkeypatch):
     monkeypatch.setattr(triton_sweep, "ROUNDS", 1)
     monkeypatch.setattr(triton_sweep, "CALLS", 1)
     records = triton_sweep.sweep([("rms_norm", "bwd", 300)], 4, 600, str(tmp_path))
-    configs = triton_sweep.candidates("bwd", 300, triton_sweep.CHECK_SPACE)
+    configs = triton_sweep.candidates("rms_norm", "bwd", 300, triton_sweep.CHECK_SPACE)
     assert len(records) == 2 + len(configs)  # the current choice, before and after
     assert [r["role"] for r in records[:: len(records) - 1]] == ["current", "current (again)"]
     assert all(r["us"] and r["error"] is None for r in records), records
@@ -79,7 +79,7 @@ def test_static_mode_compiles_configs_for_sm90(tmp_path):
         pytest.skip(proc.stderr.strip().splitlines()[-1])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = [json.loads(line) for line in (tmp_path / "static.jsonl").read_text().splitlines()]
-    assert len(records) == len(triton_sweep.candidates("fwd", 1024))
+    assert len(records) == len(triton_sweep.candidates("rms_norm", "fwd", 1024))
     assert all(r["kernels"] and r["kernels"][0]["regs"] > 0 for r in records)
 
 

@@ -26,11 +26,12 @@ FAMILY = {"rms": "rms_norm", "ln": "layer_norm"}
 
 # N chosen to hit each tier: 7 and 1001 (scalar fallback: N % 8 != 0), 256 (one warp per row,
 # several rows per block), 4096 and 8192 (register rows), 16384 (last register size of the
-# 16-bit LayerNorm forward; backward column tier above 8K, but for the Triton RMSNorm backward's
-# 16-bit rows read twice), 24576 (forward staged in shared memory for LayerNorm, registers for
-# RMSNorm), 32768 (the Triton RMSNorm backward's 16-bit rows in two halves), 65536 (bf16 RMSNorm forward staged), 70000 (scalar,
-# rows in global memory), 262144 (bf16 rows of 512 KB: larger than shared memory, re-read from
-# global memory / L2).
+# 16-bit LayerNorm forward; backward column tier above 8K, but for the Triton backwards' 16-bit
+# rows read twice), 24576 (forward staged in shared memory for LayerNorm, registers for
+# RMSNorm), 32768 (the Triton RMSNorm backward's 16-bit rows in two halves), 65536 (bf16 RMSNorm
+# forward staged; the Triton RMSNorm forward's 16-bit rows read twice, without a residual), 70000
+# (scalar, rows in global memory), 262144 (bf16 rows of 512 KB: larger than shared memory,
+# re-read from global memory / L2).
 SHAPES = [
     (33, 7),
     (5, 1001),

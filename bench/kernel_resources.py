@@ -349,7 +349,7 @@ def _norm_cases():
     """Every tier of both norms: N = 1 .. 64K in powers of two (each power of two up to the
     register caps is its own compile; beyond them the looping kernels take N at run time) and
     N that are not multiples of 16 (scalar loads: the tiers' caps are lower for them) in and
-    past the whole-row tiers, in bf16 and fp32, with and without the residual; rows off a
+    past the whole-row tiers, 12000 (a masked 16-bit backward row read twice), in bf16 and fp32, with and without the residual; rows off a
     16-byte boundary at 24K; fp16 and fp64 at one N of each tier; bf16 rows with an fp32
     weight."""
     import torch

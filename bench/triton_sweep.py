@@ -36,8 +36,9 @@ import statistics
 import sys
 import time
 
-# (op, direction, N) in the order they run: first the tiers that read rows twice (2026-11-27,
-# not yet timed), then the widest gaps to the targets.
+# (op, direction, N) in the order they run: first the long rows, where the tiers that read rows
+# twice (2026-11-27, not yet timed) replaced kernels at 57-76% of copy, then the other gaps to the
+# targets.
 CASES = [
     ("rms_norm", "bwd", 16384),
     ("rms_norm", "bwd", 32768),

@@ -276,7 +276,7 @@ def _norm_and_grads(kind, backend, x, r, w, b, dy):
     return [out.detach(), res_out.detach(), *grads]
 
 
-def check_triton_long_row_backward(kind, n, weight, bias, monkeypatch, halves=0):
+def check_triton_long_row_backward(kind, n, weight, bias, monkeypatch, halves=0, residual=True):
     """The Triton backward of rows past its register-resident tiles: 5 rows over the
     interpreter's 4 row groups, so a group sums two rows into its partial rows of dW / dB.
     halves 1 or 2: rows it still takes whole, read a second time after their reduction
@@ -291,7 +291,9 @@ def check_triton_long_row_backward(kind, n, weight, bias, monkeypatch, halves=0)
         )
     else:
         launches = spy_launches(monkeypatch, layer_norm, "_ln_bwd_kernel", ("REREAD", "EVEN"))
-    case = make_case(kind, (5, n), (n,), torch.bfloat16, "cpu", weight=weight, bias=bias)
+    case = make_case(
+        kind, (5, n), (n,), torch.bfloat16, "cpu", residual=residual, weight=weight, bias=bias
+    )
     check_against_oracle(kind, "triton", "cpu", case, (n,), 1e-6, torch.bfloat16)
     backward = [answer for args, answer in configs if args[-1] == rms_norm.BWD]
     assert backward and all(single == bool(halves) for _, _, single, _ in backward), backward
@@ -399,10 +401,10 @@ def check_eps(kind, backend, device, eps):
     check_against_oracle(kind, backend, device, case, (96,), eps, torch.float32)
 
 
-def check_nonfinite_confined(kind, backend, device, n=40):
+def check_nonfinite_confined(kind, backend, device, n=40, dtype=torch.float32):
     """A NaN in one row and an Inf in another stay in their rows (and in dW / dB, which sum over
     rows); every other row and its input gradient match the finite-input result."""
-    case = make_case(kind, (6, n), (n,), torch.float32, device, residual=False)
+    case = make_case(kind, (6, n), (n,), dtype, device, residual=False)
     bad = case["x"].clone()
     bad[1, 3] = float("nan")
     bad[4, n - 1] = float("inf")

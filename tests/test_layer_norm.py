@@ -298,6 +298,12 @@ def test_triton_reread_backward(weight, bias, monkeypatch):
     check_triton_long_row_backward(KIND, 16384, weight, bias, monkeypatch, halves=1)
 
 
+def test_triton_nan_and_inf_stay_in_rows_read_twice():
+    """A NaN and an Inf in 16-bit rows of 16K (read twice) stay in their rows."""
+    skip(KIND, "triton", "cpu")
+    check_nonfinite_confined(KIND, "triton", "cpu", 16384, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_looping_forward(dtype, monkeypatch):
     skip(KIND, "triton", "cpu")

@@ -239,23 +239,32 @@ def test_triton_long_row_backward(n, weight, monkeypatch):
 
 # bf16 rows past the register-resident tiles but whole, read twice: 8208 and 16384 in a tile of
 # 16K (masked, and not), 6001 (not a multiple of 16) in one of 8K, 32768 in two halves.
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "plain"])
 @pytest.mark.parametrize("weight", [True, False], ids=["weight", "no-weight"])
 @pytest.mark.parametrize("n,halves", [(8208, 1), (16384, 1), (6001, 1), (32768, 2)])
-def test_triton_reread_backward(n, halves, weight, monkeypatch):
+def test_triton_reread_backward(n, halves, weight, residual, monkeypatch):
     skip(KIND, "triton", "cpu")
-    check_triton_long_row_backward(KIND, n, weight, False, monkeypatch, halves)
+    check_triton_long_row_backward(KIND, n, weight, False, monkeypatch, halves, residual)
+
+
+# A NaN and an Inf in rows read twice (16-bit, 16K and 32K) stay in their rows.
+@pytest.mark.parametrize("n", [16384, 32768])
+def test_triton_nan_and_inf_stay_in_rows_read_twice(n):
+    skip(KIND, "triton", "cpu")
+    check_nonfinite_confined(KIND, "triton", "cpu", n, torch.bfloat16)
 
 
 # bf16 rows of exactly 64K: whole, read twice after their reduction (rms_fwd_rereads); with a
 # residual the forward loops over column blocks.
+@pytest.mark.parametrize("weight", [True, False], ids=["weight", "no-weight"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_triton_reread_forward(residual, monkeypatch):
+def test_triton_reread_forward(residual, weight, monkeypatch):
     skip(KIND, "triton", "cpu")
     from fastnn.triton_kernels import rms_norm
 
     launches = spy_launches(monkeypatch, rms_norm, "_rms_fwd_kernel", ("SINGLE", "REREAD"))
     n = rms_norm.FWD_REREAD_BLOCK
-    case = make_case(KIND, (3, n), (n,), torch.bfloat16, "cpu", residual=residual)
+    case = make_case(KIND, (3, n), (n,), torch.bfloat16, "cpu", residual=residual, weight=weight)
     check_against_oracle(KIND, "triton", "cpu", case, (n,), 1e-6, torch.bfloat16)
     assert launches == [(False, False) if residual else (True, True)], launches
 

@@ -21,10 +21,11 @@ from fastnn.triton_kernels.rms_norm import (
     BWD_MAX_BLOCK,
     BWD_REREAD_MAX_BLOCK,
     FWD,
+    READ_ONCE,
     Output,
     acc_dtype,
+    all_16bit,
     bwd_programs_per_sm,
-    bwd_rereads,
     bwd_terms,
     check_norm_inputs,
     check_same_device,
@@ -41,6 +42,7 @@ from fastnn.triton_kernels.rms_norm import (
     store_dx,
     tl_acc_dtype,
     vector_aligned,
+    whole_row_tile,
 )
 
 
@@ -153,7 +155,7 @@ def _ln_bwd_kernel(
     cmask = cols < N
     w = tl.zeros([BLOCK_N], dtype=ACC)  # a placeholder unless the weight is held
     if HAS_W and not REREAD:
-        w = load_row(W, cols, cmask, ACC, False, False)
+        w = load_row(W, cols, cmask, ACC, READ_ONCE, False)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     db = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for rb in tl.range(pid.to(tl.int64), num_row_blocks, nprog, num_stages=1):
@@ -282,13 +284,14 @@ def layer_norm_fwd(input, residual, weight, bias, eps):
     return out.finish(), residual_out, mean, rstd
 
 
-def ln_bwd_max_block(n, x, w):
+def ln_bwd_max_block(n, *tensors):
     """Longest row the LayerNorm backward handles whole: BWD_MAX_BLOCK held in registers, and
-    16-bit rows (with a 16-bit weight or none) of exactly BWD_REREAD_MAX_BLOCK read twice. Over
-    16 warps those take 128 registers and spill 0-12 B with a residual (8-16 B under triton
-    3.6); rows of 12000, masked, spilled 76-180 B (ptxas of triton 3.8, sm_90): the dB
-    accumulator is RMSNorm's dW again."""
-    if n == BWD_REREAD_MAX_BLOCK and all(t.element_size() <= 2 for t in (x, w) if t is not None):
+    when every tensor it loads per row (x, dy, the residual's gradient, the weight; None:
+    absent) is 16-bit, rows of exactly BWD_REREAD_MAX_BLOCK read twice. Over 16 warps those take
+    128 registers and spill nothing, 8-12 B with a residual (8-16 B under triton 3.6); rows of
+    12000, masked, spilled 76-180 B (ptxas of triton 3.8, sm_90): the dB accumulator is
+    RMSNorm's dW again."""
+    if n == BWD_REREAD_MAX_BLOCK and all_16bit(*tensors):
         return n
     return BWD_MAX_BLOCK
 
@@ -323,25 +326,27 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
     flags = dict(HAS_DRES=dres is not None, HAS_W=has_w, HAS_B=has_b, ACC=tl_acc_dtype(x.dtype))
     aligned = vector_aligned(n, dy, dres, xc, w)
     block_m, block_n, single, num_warps = row_config(
-        rows, n, x.dtype, ln_bwd_max_block(n, xc, w), aligned, BWD
+        rows, n, x.dtype, ln_bwd_max_block(n, xc, dy, dres, w), aligned, BWD
     )
-    per_sm = bwd_programs_per_sm(num_warps)
     with device_context(x):
         if single:
             row_blocks = triton.cdiv(rows, block_m)
-            p = persistent_programs(x.device, row_blocks, per_sm)
+            tile = whole_row_tile(rows, n, block_m, block_n, aligned)
+            p = persistent_programs(
+                x.device, row_blocks, bwd_programs_per_sm(num_warps, tile.reread)
+            )
         else:
             col_blocks = triton.cdiv(n, block_n)
-            p = persistent_programs(x.device, rows, per_sm, share=col_blocks)
+            p = persistent_programs(
+                x.device, rows, bwd_programs_per_sm(num_warps), share=col_blocks
+            )
         dw_part = torch.empty((p, n), dtype=acc, device=x.device) if has_w else None
         db_part = torch.empty((p, n), dtype=acc, device=x.device) if has_b else None
         if single:
-            reread = bwd_rereads(block_m * block_n, aligned)
             _ln_bwd_kernel[(p,)](
                 dy, dres, xc, w, mu, rs, dx.buf, dw_part, db_part, rows, n, row_blocks,
-                BLOCK_M=block_m, BLOCK_N=block_n, REREAD=reread,
-                EVEN=reread and n == block_n and rows % block_m == 0, num_warps=num_warps,
-                **flags,
+                BLOCK_M=block_m, BLOCK_N=block_n, REREAD=tile.reread, EVEN=tile.even,
+                num_warps=num_warps, **flags,
             )  # fmt: skip
         else:
             c_gx = torch.empty(rows, dtype=acc, device=x.device)

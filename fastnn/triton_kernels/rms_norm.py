@@ -18,7 +18,7 @@ Layout of the work (launch shapes: FWD and BWD, below):
   partial write;
 - backward, 16-bit rows up to BWD_REREAD_MAX_BLOCK and of exactly twice that (RMSNorm;
   LayerNorm: of exactly BWD_REREAD_MAX_BLOCK): the same, but each tile is read again after its
-  reduction (an L1 hit: the program read it just before) instead of held in registers across
+  reduction (an L1 or L2 hit, not measured: the program read it just before) instead of held in registers across
   it, where only the dW (dB) accumulators stay; the longer rows in two column halves with an
   accumulator each (rms_bwd_max_block, ln_bwd_max_block, bwd_rereads, bwd_halves);
 - backward, larger N: a row-dot kernel (sum(g * xhat) per row), then a [column block, row
@@ -206,13 +206,18 @@ def fwd_max_block(input, *params):
     return FWD_MAX_BYTES // max(t.dtype.itemsize for t in (input, *params) if t is not None)
 
 
+def all_16bit(*tensors):
+    """Whether every tensor (None: absent) has 16-bit elements: the tiers that read rows twice
+    take only such rows (wider ones spilled)."""
+    return all(t.element_size() <= 2 for t in tensors if t is not None)
+
+
 def rms_fwd_rereads(n, x, r, w, aligned):
     """Whether the RMSNorm forward takes rows of n elements whole past fwd_max_block, reading
-    them again after their reduction (an L1 hit) instead of looping over column blocks twice:
-    16-bit rows of exactly FWD_REREAD_BLOCK without a residual (r None), 16-bit weight or none,
-    16-byte vectors."""
-    narrow = all(t.element_size() <= 2 for t in (x, w) if t is not None)
-    return n == FWD_REREAD_BLOCK and r is None and narrow and aligned
+    them again after their reduction (an L1 or L2 hit, not measured) instead of looping over
+    column blocks twice: 16-bit rows of exactly FWD_REREAD_BLOCK without a residual (r None),
+    16-bit weight or none, 16-byte vectors."""
+    return n == FWD_REREAD_BLOCK and r is None and all_16bit(x, w) and aligned
 
 
 def vector_aligned(n, *tensors):
@@ -234,9 +239,10 @@ def row_config(rows, n, dtype, max_block, aligned, shape):
     """(BLOCK_M, BLOCK_N, single, num_warps) for a row-wise kernel laid out by `shape` (FWD or
     BWD): whole rows (several per program for short rows, shape.max_tile elements at most) up
     to `max_block`, else one row in shape.loop_block column blocks over shape.loop_warps warps.
-    num_warps (4..32) gives each thread about shape.per_thread elements. bench/kernel_resources.py:
-    at 16 warps the fp32 LayerNorm backward of 8K rows with a residual spilled 60 B per thread
-    (triton 3.6), at 32 warps it does not.
+    num_warps (4..32) gives each thread about shape.per_thread elements, or is
+    shape.reread_warps for aligned backward tiles read twice (bwd_rereads).
+    bench/kernel_resources.py: at 16 warps the fp32 LayerNorm backward of 8K rows with a
+    residual spilled 60 B per thread (triton 3.6), at 32 warps it does not.
 
     Rows that cannot be 16-byte vectors (`aligned` False: vector_aligned) take an address
     register per element, so their cap, column block, row tile and elements per thread are
@@ -262,11 +268,12 @@ def row_config(rows, n, dtype, max_block, aligned, shape):
     return block_m, block_n, True, num_warps
 
 
-def rms_bwd_max_block(n, x, w):
-    """Longest row the RMSNorm backward handles whole: BWD_MAX_BLOCK held in registers; for
-    16-bit rows and weights (None: absent), rows read twice: up to BWD_REREAD_MAX_BLOCK, and
-    rows of exactly twice that in two column halves (no masks: masked halves spilled 216 B)."""
-    if any(t.element_size() > 2 for t in (x, w) if t is not None):
+def rms_bwd_max_block(n, *tensors):
+    """Longest row the RMSNorm backward handles whole: BWD_MAX_BLOCK held in registers; when
+    every tensor it loads per row (x, dy, the residual's gradient, the weight; None: absent) is
+    16-bit, rows read twice: up to BWD_REREAD_MAX_BLOCK, and rows of exactly twice that in two
+    column halves (no masks: masked halves spilled 216 B)."""
+    if not all_16bit(*tensors):
         return BWD_MAX_BLOCK
     return n if n == 2 * BWD_REREAD_MAX_BLOCK else BWD_REREAD_MAX_BLOCK
 
@@ -289,9 +296,26 @@ def bwd_halves(tile, aligned):
     return 2 if tile > 2 * bwd_register_block(aligned) else 1
 
 
-def bwd_programs_per_sm(num_warps):
-    """Programs per SM of a persistent backward grid of num_warps-warp programs."""
-    return max(1, BWD_WARPS_PER_SM // num_warps)
+def bwd_programs_per_sm(num_warps, reread=False):
+    """Programs per SM of a persistent backward grid of num_warps-warp programs; one for tiles
+    read twice (bwd_rereads: 100-128 registers per thread over 16 warps, one program fits)."""
+    return 1 if reread else max(1, BWD_WARPS_PER_SM // num_warps)
+
+
+class WholeRowTile(NamedTuple):
+    """How the backward's whole-row kernel reads its tiles (its REREAD, HALVES, EVEN)."""
+
+    reread: bool  # read again after the rows' reduction (bwd_rereads)
+    halves: int  # column halves with a dW (dB) accumulator each (bwd_halves)
+    even: bool  # tiles read twice that cover the rows exactly: no masks
+
+
+def whole_row_tile(rows, n, block_m, block_n, aligned):
+    """The WholeRowTile of a backward launch of [block_m, block_n] tiles over [rows, n]."""
+    tile = block_m * block_n
+    reread = bwd_rereads(tile, aligned)
+    even = reread and n == block_n and rows % block_m == 0
+    return WholeRowTile(reread, bwd_halves(tile, aligned), even)
 
 
 @triton.jit
@@ -379,6 +403,7 @@ def _rms_fwd_kernel(
     p, p + P, ..., each in two passes over its column blocks."""
     # eps arrives as fp64 (a Python float argument would be typed fp32 when compiled, though
     # the interpreter keeps it fp64) and is rounded to the statistics' dtype here, as torch does.
+    tl.static_assert(not (REREAD and HAS_RES), "rows read twice are rows without a residual")
     eps = tl.full((), eps, ACC)
     if SINGLE:
         row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -387,11 +412,11 @@ def _rms_fwd_kernel(
         cols, cmask, mask = column_block(0, rmask, N, BLOCK_N)
         offs = base + cols[None, :]
         if REREAD:  # rows without a residual that the tile covers exactly: no masks
-            x = load_row(X, offs, mask, ACC, False, True)
+            x = load_row(X, offs, mask, ACC, READ_FIRST, True)
             rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
-            y = load_row(X, offs, mask, ACC, True, True) * rstd[:, None]
+            y = load_row(X, offs, mask, ACC, READ_SECOND, True) * rstd[:, None]
             if HAS_W:
-                y = y * load_row(W, cols, cmask, ACC, True, True)[None, :]
+                y = y * load_row(W, cols, cmask, ACC, READ_ONCE, True)[None, :]
             tl.store(Y + offs, y.to(Y.dtype.element_ty))
         else:
             x = load_sum_saved(X, R, S, offs, mask, HAS_RES, ACC)
@@ -436,20 +461,25 @@ def _rms_fwd_long_rows(
     return rstd
 
 
+# How load_row reads a tile: the program's only read of it, or the first or second of two reads
+# of a tile read again after its rows' reduction. The L1 eviction hints of the two keep the tile
+# cached for its second read and let it go after; that the two loads differ also keeps the
+# compiler from merging them (and holding the first one's registers across the reduction).
+READ_ONCE = tl.constexpr(0)
+READ_FIRST = tl.constexpr(1)
+READ_SECOND = tl.constexpr(2)
+
+
 @triton.jit
-def load_row(PTR, offs, mask, ACC: tl.constexpr, AGAIN: tl.constexpr, EVEN: tl.constexpr):
-    """A tile of rows in ACC; EVEN: every element exists (no mask). AGAIN: the second read of a
-    tile this program read before its rows' reduction, as an evict_last load: the compiler
-    merges two identical loads, and would then keep the first one's values in registers across
-    the reduction."""
-    if AGAIN and EVEN:
-        v = tl.load(PTR + offs, eviction_policy="evict_last")
-    elif AGAIN:
-        v = tl.load(PTR + offs, mask=mask, other=0.0, eviction_policy="evict_last")
-    elif EVEN:
-        v = tl.load(PTR + offs)
+def load_row(PTR, offs, mask, ACC: tl.constexpr, READ: tl.constexpr, EVEN: tl.constexpr):
+    """A tile of rows in ACC, read as READ says; EVEN: every element exists (no mask)."""
+    policy: tl.constexpr = (
+        "evict_last" if READ == READ_FIRST else "evict_first" if READ == READ_SECOND else ""
+    )
+    if EVEN:
+        v = tl.load(PTR + offs, eviction_policy=policy)
     else:
-        v = tl.load(PTR + offs, mask=mask, other=0.0)
+        v = tl.load(PTR + offs, mask=mask, other=0.0, eviction_policy=policy)
     return v.to(ACC)
 
 
@@ -459,9 +489,10 @@ def bwd_terms(X, DY, W, w, offs, mask, cols, cmask, mean, rstd, CENTERED: tl.con
               EVEN: tl.constexpr, AGAIN: tl.constexpr):  # fmt: skip
     """(dy, xhat, g = dy * w) of a row tile, xhat = (x - mean) * rstd when CENTERED (LayerNorm:
     0 past the rows), else x * rstd (mean unused); w is the weight held by the program, or read
-    here with the rows when REREAD."""
-    dy = load_row(DY, offs, mask, ACC, AGAIN, EVEN)
-    x = load_row(X, offs, mask, ACC, AGAIN, EVEN)
+    here with the rows when REREAD (AGAIN: for the second time)."""
+    read: tl.constexpr = (READ_SECOND if AGAIN else READ_FIRST) if REREAD else READ_ONCE
+    dy = load_row(DY, offs, mask, ACC, read, EVEN)
+    x = load_row(X, offs, mask, ACC, read, EVEN)
     if CENTERED:
         xhat = (x - mean[:, None]) * rstd[:, None]
         if not EVEN:
@@ -471,7 +502,7 @@ def bwd_terms(X, DY, W, w, offs, mask, cols, cmask, mean, rstd, CENTERED: tl.con
     g = dy
     if HAS_W:
         if REREAD:
-            w = load_row(W, cols, cmask, ACC, AGAIN, EVEN)
+            w = load_row(W, cols, cmask, ACC, read, EVEN)
         g = dy * w[None, :]
     return dy, xhat, g
 
@@ -481,7 +512,7 @@ def store_dx(DX, DRES, offs, mask, dx, HAS_DRES: tl.constexpr, ACC: tl.constexpr
              EVEN: tl.constexpr):  # fmt: skip
     """Stores dx of a row tile, plus the gradient into residual_out when HAS_DRES."""
     if HAS_DRES:
-        dx += load_row(DRES, offs, mask, ACC, False, EVEN)
+        dx += load_row(DRES, offs, mask, ACC, READ_ONCE, EVEN)
     if EVEN:
         tl.store(DX + offs, dx.to(DX.dtype.element_ty))
     else:
@@ -530,6 +561,7 @@ def _rms_bwd_kernel(
     BLOCK_M rows of HALVES column blocks of BLOCK_N, each block with its own dW accumulator.
     REREAD: the tile (and the weight) are read again after the rows' reduction instead of held
     in registers across it. EVEN: the tiles cover the rows exactly (no masks)."""
+    tl.static_assert(HALVES == 1 or REREAD, "a held weight covers the first half only")
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
@@ -538,7 +570,7 @@ def _rms_bwd_kernel(
     cmask2 = cols2 < N
     w = tl.zeros([BLOCK_N], dtype=ACC)  # a placeholder unless the weight is held
     if HAS_W and not REREAD:
-        w = load_row(W, cols, cmask, ACC, False, False)
+        w = load_row(W, cols, cmask, ACC, READ_ONCE, False)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     dw2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     # An int64 loop variable: row offsets stay int64 (and the interpreter yields Python ints).
@@ -687,21 +719,20 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
     flags = dict(HAS_DRES=dres is not None, HAS_W=has_w, ACC=tl_acc_dtype(x.dtype))
     aligned = vector_aligned(n, dy, dres, xc, w)
     block_m, block_n, single, num_warps = row_config(
-        rows, n, x.dtype, rms_bwd_max_block(n, xc, w), aligned, BWD
+        rows, n, x.dtype, rms_bwd_max_block(n, xc, dy, dres, w), aligned, BWD
     )
-    per_sm = bwd_programs_per_sm(num_warps)
     with device_context(x):
         if single:
             row_blocks = triton.cdiv(rows, block_m)
-            p = persistent_programs(x.device, row_blocks, per_sm)
+            tile = whole_row_tile(rows, n, block_m, block_n, aligned)
+            p = persistent_programs(
+                x.device, row_blocks, bwd_programs_per_sm(num_warps, tile.reread)
+            )
             part = torch.empty((p, n), dtype=acc, device=x.device) if has_w else None
-            reread = bwd_rereads(block_m * block_n, aligned)
-            halves = bwd_halves(block_m * block_n, aligned)
-            even = reread and n == block_n and rows % block_m == 0
             _rms_bwd_kernel[(p,)](
                 dy, dres, xc, w, rs, dx.buf, part, rows, n, row_blocks,
-                BLOCK_M=block_m, BLOCK_N=block_n // halves, HALVES=halves, REREAD=reread,
-                EVEN=even, num_warps=num_warps, **flags,
+                BLOCK_M=block_m, BLOCK_N=block_n // tile.halves, HALVES=tile.halves,
+                REREAD=tile.reread, EVEN=tile.even, num_warps=num_warps, **flags,
             )  # fmt: skip
         else:
             c = torch.empty(rows, dtype=acc, device=x.device)
@@ -710,7 +741,9 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
                 num_warps=num_warps,
             )  # fmt: skip
             col_blocks = triton.cdiv(n, block_n)
-            g = persistent_programs(x.device, rows, per_sm, share=col_blocks)
+            g = persistent_programs(
+                x.device, rows, bwd_programs_per_sm(num_warps), share=col_blocks
+            )
             part = torch.empty((g, n), dtype=acc, device=x.device) if has_w else None
             _rms_bwd_cols_kernel[(col_blocks, g)](
                 dy, dres, xc, w, rs, c, dx.buf, part, rows, n,

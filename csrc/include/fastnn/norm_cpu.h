@@ -173,10 +173,17 @@ FASTNN_ALWAYS_INLINE void vstore(A* p, const vec_t<A>& v) {
   std::memcpy(p, &v, sizeof v);
 }
 
-// Sums a per-chunk lane array in a fixed pairwise order.
+// Sums a per-chunk lane array in a fixed pairwise order: lane l += lane l + w for w = kLanes / 2,
+// ..., 1. The levels that pair whole vectors add 32-byte vectors, loaded as the callers stored
+// them: GCC vectorised the plain loop with 64-byte loads in the AVX-512 clone, which cannot be
+// forwarded from the two 32-byte stores they span, and that stall was 47% of the fp32 LayerNorm
+// forward's time at N = 512 (perf, one Xeon core, 2026-11-27). Same sums, same order.
 template <int64_t kLanes, typename A>
 FASTNN_ALWAYS_INLINE A fold_lanes(A* lanes) {
-  for (int64_t w = kLanes / 2; w > 0; w /= 2)
+  constexpr int64_t W = kVecWidth<A>;
+  for (int64_t w = kLanes / 2; w >= W; w /= 2)
+    for (int64_t l = 0; l < w; l += W) vstore(lanes + l, vload(lanes + l) + vload(lanes + l + w));
+  for (int64_t w = std::min(kLanes, W) / 2; w > 0; w /= 2)
     for (int64_t l = 0; l < w; ++l) lanes[l] += lanes[l + w];
   return lanes[0];
 }

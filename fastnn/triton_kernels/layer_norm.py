@@ -21,7 +21,6 @@ from fastnn.triton_kernels.rms_norm import (
     BWD_MAX_BLOCK,
     BWD_REREAD_MAX_BLOCK,
     FWD,
-    READ_ONCE,
     Output,
     acc_dtype,
     all_16bit,
@@ -33,7 +32,7 @@ from fastnn.triton_kernels.rms_norm import (
     contiguous,
     fwd_grid,
     fwd_max_block,
-    load_row,
+    held_weight,
     load_sum,
     load_sum_saved,
     persistent_programs,
@@ -153,9 +152,7 @@ def _ln_bwd_kernel(
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
-    w = tl.zeros([BLOCK_N], dtype=ACC)  # a placeholder unless the weight is held
-    if HAS_W and not REREAD:
-        w = load_row(W, cols, cmask, ACC, READ_ONCE, False)
+    w = held_weight(W, cols, cmask, HAS_W, ACC, REREAD, BLOCK_N)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     db = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for rb in tl.range(pid.to(tl.int64), num_row_blocks, nprog, num_stages=1):

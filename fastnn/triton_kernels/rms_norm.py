@@ -484,6 +484,17 @@ def load_row(PTR, offs, mask, ACC: tl.constexpr, READ: tl.constexpr, EVEN: tl.co
 
 
 @triton.jit
+def held_weight(W, cols, cmask, HAS_W: tl.constexpr, ACC: tl.constexpr, REREAD: tl.constexpr,
+                BLOCK_N: tl.constexpr):  # fmt: skip
+    """The weight a backward program holds for all its rows; zeros (unused) without a weight or
+    when REREAD (bwd_terms reads it with each row)."""
+    w = tl.zeros([BLOCK_N], dtype=ACC)
+    if HAS_W and not REREAD:
+        w = load_row(W, cols, cmask, ACC, READ_ONCE, False)
+    return w
+
+
+@triton.jit
 def bwd_terms(X, DY, W, w, offs, mask, cols, cmask, mean, rstd, CENTERED: tl.constexpr,
               HAS_W: tl.constexpr, ACC: tl.constexpr, REREAD: tl.constexpr,
               EVEN: tl.constexpr, AGAIN: tl.constexpr):  # fmt: skip
@@ -568,9 +579,7 @@ def _rms_bwd_kernel(
     cmask = cols < N
     cols2 = BLOCK_N + cols  # the second half (HALVES == 2)
     cmask2 = cols2 < N
-    w = tl.zeros([BLOCK_N], dtype=ACC)  # a placeholder unless the weight is held
-    if HAS_W and not REREAD:
-        w = load_row(W, cols, cmask, ACC, READ_ONCE, False)
+    w = held_weight(W, cols, cmask, HAS_W, ACC, REREAD, BLOCK_N)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     dw2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     # An int64 loop variable: row offsets stay int64 (and the interpreter yields Python ints).

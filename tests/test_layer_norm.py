@@ -146,6 +146,26 @@ def test_looping_tier_statistics_at_the_extremes(backend, device):
     assert (err <= 4 * torch.finfo(torch.float32).eps * conditioning).all(), err
 
 
+@pytest.mark.parametrize("n", [4100, 16411], ids=["chunks", "looping"])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_variance_between_parts_of_a_row(backend, device, n):
+    """fp32 rows whose first 2000 elements sit at -1000 +- 1 and the rest at +1000 +- 1 (and the
+    reverse): nearly all the variance lies between the parts that the native kernel's 1024-element
+    chunks and the Triton looping tier's column blocks each see alone, so it rests on their merge."""
+    skip(KIND, backend, device)
+    x = randn((2, n), torch.float64, "cpu", seed=9)
+    x[0, :2000] -= 1000
+    x[0, 2000:] += 1000
+    x[1] = -x[0]
+    x = x.float()
+    _, _, mean, rstd = ops.get(backend, "layer_norm_fwd")(x.to(device), None, None, None, 1e-5)
+    x64 = x.double()
+    mean64 = x64.mean(-1)
+    rstd64 = ((x64 - mean64[:, None]) ** 2).mean(-1).add(1e-5).rsqrt()
+    torch.testing.assert_close(mean.double().cpu(), mean64, rtol=0, atol=1e-3)
+    torch.testing.assert_close(rstd.double().cpu(), rstd64, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("weight", [True, False], ids=["weight", "no-weight"])
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "plain"])

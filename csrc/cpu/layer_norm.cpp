@@ -5,8 +5,8 @@
 //   backward  xhat = (x - mean) * rstd, g = dy * w,
 //             dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) + d(residual_out)
 //             dw = sum over rows of dy * xhat, db = sum over rows of dy
-// The variance is the mean of squared deviations from the mean, computed over the row while it is
-// still in L1/L2 (no E[x^2] - E[x]^2 cancellation). Rows run in parallel (at::parallel_for); fp32
+// The variance is the mean of squared deviations from the mean, each chunk's while it is in L1
+// (no E[x^2] - E[x]^2 cancellation). Rows run in parallel (at::parallel_for); fp32
 // accumulation (fp64 for fp64 tensors).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -41,20 +41,42 @@ struct FwdArgs {
   A eps;
 };
 
-// One row of x -> y, returns (mean, rstd): three passes over the row, bf16 widened in registers
-// (a widened copy in a scratch row cost two more passes). `next`: the next input row, prefetched
-// during the second pass, or nullptr.
+// One row of x -> y, returns (mean, rstd): two passes over the row from memory, bf16 widened in
+// registers (a widened copy in a scratch row cost two more passes). The first pass takes the row
+// in chunks of kChunk elements: each chunk's mean, then its squared deviations from that mean
+// while the chunk is in L1, merged in row order (Chan, Golub and LeVeque's pairwise update); a
+// row of one chunk gets the two-pass mean and variance exactly. Against two whole passes for the
+// statistics (rows past L1 then read three times): [256, 16384] fp32 10.8-14.1 -> 13.1-17.6 GB/s
+// on one Xeon core (best of 40 calls, five alternating runs, 2026-11-27); [4096, 4096] and bf16
+// unchanged. `next`: the next input row, prefetched during the first pass, or nullptr.
 template <typename X, typename A>
 FASTNN_ALWAYS_INLINE std::pair<A, A> normalize_row(const X* x, X* y, const A* __restrict__ w,
                                                    const A* __restrict__ bias, A eps, int64_t n,
                                                    const X* next) {
-  const A inv_n = A(1) / static_cast<A>(n);
   // The first element plus the mean deviation from it: a constant row's mean exactly
   // (fastnn/reference/layer_norm.py, row_mean).
   const A shift = n > 0 ? to_acc<A>(x[0]) : A(0);
-  const A mean = shift + row_sum<Term::kDev>(x, x, shift, n) * inv_n;
-  const A var = row_sum<Term::kDevSq>(x, x, mean, n, next) * inv_n;
-  const A rstd = A(1) / std::sqrt(var + eps);
+  A dev_sum = 0, merged = 0, merged_mean = 0, sq_dev = 0;
+  for (int64_t base = 0; base < n; base += kChunk) {
+    const int64_t m = std::min(kChunk, n - base);
+    const A chunk_dev = row_sum<Term::kDev>(x + base, x + base, shift, m);
+    const A chunk_mean = shift + chunk_dev * (A(1) / static_cast<A>(m));
+    const X* prefetch = next != nullptr ? next + base : nullptr;
+    const A chunk_sq = row_sum<Term::kDevSq>(x + base, x + base, chunk_mean, m, prefetch);
+    dev_sum += chunk_dev;
+    if (base == 0) {  // not merged with zeros: a mean past 1.8e19 would square to inf * 0
+      merged_mean = chunk_mean;
+      sq_dev = chunk_sq;
+    } else {
+      const A total = merged + static_cast<A>(m), delta = chunk_mean - merged_mean;
+      merged_mean += delta * (static_cast<A>(m) / total);
+      sq_dev += chunk_sq + delta * delta * (merged * static_cast<A>(m) / total);
+    }
+    merged += static_cast<A>(m);
+  }
+  const A inv_n = A(1) / static_cast<A>(n);
+  const A mean = shift + dev_sum * inv_n;
+  const A rstd = A(1) / std::sqrt(sq_dev * inv_n + eps);
   for (int64_t i = 0; i < n; ++i)
     store_acc(((to_acc<A>(x[i]) - mean) * rstd) * w[i] + bias[i], y[i]);
   return {mean, rstd};

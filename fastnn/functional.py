@@ -127,15 +127,17 @@ def _forward(backend, name):
     return _REFERENCE_FORWARDS[name] if _under_transform() else ops.get(backend, name)
 
 
-def _rows_shape(t, shape):
-    """[..., *normalized_shape] -> (rows, N) (rows counted, not inferred: N may be 0)."""
-    return math.prod(t.shape[: t.dim() - len(shape)]), math.prod(shape)
-
-
 def _rows(t, shape):
     """[..., *normalized_shape] -> [rows, N], contiguous: the kernels read it so (they would copy
-    it themselves), and the result is then contiguous too, as torch's norms return it."""
-    return None if t is None else t.reshape(_rows_shape(t, shape)).contiguous()
+    it themselves), and the result is then contiguous too, as torch's norms return it. Flattened
+    by dims, not reshaped to counted sizes: torch.jit.trace records dims as they are and sizes as
+    constants (a traced norm reshaped any input to its traced row count); rows stay counted when
+    N is 0."""
+    if t is None:
+        return None
+    lead = t.dim() - len(shape)
+    rows = t.unsqueeze(0) if lead == 0 else t.flatten(0, lead - 1)
+    return rows.flatten(1).contiguous()
 
 
 class _RowsPair(torch.autograd.Function):
@@ -152,24 +154,24 @@ class _RowsPair(torch.autograd.Function):
     directly may too: AOTAutograd hands each its own view.)"""
 
     @staticmethod
-    def forward(ctx, input, residual, rows, n):
+    def forward(ctx, input, residual, normalized_shape):
         ctx.shape = input.shape
-        return input.reshape(rows, n).contiguous(), residual.reshape(rows, n).contiguous()
+        return _rows(input, normalized_shape), _rows(residual, normalized_shape)
 
     @staticmethod
     def backward(ctx, grad_input, grad_residual):
         if grad_input is grad_residual:
             both = grad_input.reshape(ctx.shape)
-            return both, both, None, None
+            return both, both, None
         reshape = [None if g is None else g.reshape(ctx.shape) for g in (grad_input, grad_residual)]
-        return *reshape, None, None
+        return *reshape, None
 
 
 def _rows_pair(input, residual, shape):
     """(_rows(input), _rows(residual)) for the fused residual norms (see _RowsPair)."""
     if residual is None or _under_transform():  # torch.func transforms plain reshapes
         return _rows(input, shape), _rows(residual, shape)
-    return _RowsPair.apply(input, residual, *_rows_shape(input, shape))
+    return _RowsPair.apply(input, residual, shape)
 
 
 # torch put rms_norm on CUDA autocast's fp32 list in 2.12; torch 2.11's autocast leaves it alone
@@ -194,9 +196,17 @@ def _fp32(t):
 def _unflatten(out, shape, residual_out, residual):
     """The op's [rows, N] results in the input's shape: out, or (out, residual_out) when a
     residual was fused. aten._unsafe_view, not view: the results are new tensors, not views
-    (torch's norms return none), so detach_() and in-place updates under no_grad work on them."""
-    out = torch.ops.aten._unsafe_view(out, shape)
-    return out if residual is None else (out, torch.ops.aten._unsafe_view(residual_out, shape))
+    (torch's norms return none), so detach_() and in-place updates under no_grad work on them.
+    Under torch.jit.trace a view: the tracer records the sizes given to a torch.ops call as
+    constants (a traced norm returned its traced shape), a view's as the sizes they were read
+    from; `shape` must be read before the input is flattened (a flatten or contiguous that
+    changes nothing returns the input itself, whose sizes the tracer then reads off the result)."""
+    if torch.jit.is_tracing():
+        unflatten = lambda t: t.view(shape)  # noqa: E731
+    else:
+        unflatten = lambda t: torch.ops.aten._unsafe_view(t, shape)  # noqa: E731
+    out = unflatten(out)
+    return out if residual is None else (out, unflatten(residual_out))
 
 
 def _vector(t, n):
@@ -224,10 +234,11 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     if eps is None:
         eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     backend = _backend.resolve("rms_norm", input.device.type)
+    input_shape = input.shape  # before _rows_pair: see _unflatten
     out, residual_out, _ = _forward(backend, "rms_norm_fwd")(
         *_rows_pair(input, residual, shape), _vector(weight, n), float(eps)
     )
-    return _unflatten(out, input.shape, residual_out, residual)
+    return _unflatten(out, input_shape, residual_out, residual)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None):
@@ -249,13 +260,14 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
         input, weight, bias = _fp32(input), _fp32(weight), _fp32(bias)
     _check_layer_norm_param_dtypes(input, weight, bias)
     backend = _backend.resolve("layer_norm", input.device.type)
+    input_shape = input.shape  # before _rows_pair: see _unflatten
     out, residual_out, _, _ = _forward(backend, "layer_norm_fwd")(
         *_rows_pair(input, residual, shape),
         _vector(weight, n),
         _vector(bias, n),
         float(eps),
     )
-    return _unflatten(out, input.shape, residual_out, residual)
+    return _unflatten(out, input_shape, residual_out, residual)
 
 
 def _check_layer_norm_param_dtypes(input, weight, bias):

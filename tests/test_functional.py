@@ -346,3 +346,39 @@ def test_modules_refuse_torch_jit_script_clearly_and_trace():
                 torch.jit.script(target)
         traced = torch.jit.trace(module, x)
         torch.testing.assert_close(traced(x), module(x))
+
+
+class _WithResidual(torch.nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, residual):
+        return self.norm(x, residual)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_traced_norms_take_other_sizes_of_the_traced_rank(backend):
+    """A trace records the input's sizes as the input's, not as the traced numbers: other sizes
+    of the same rank (zero rows too) give what the module gives; another rank raises."""
+    skip_unless_available(backend, "rms_norm", "cpu")
+    modules = [
+        (fastnn.RMSNorm(8), (2, 3, 8), [(4, 1, 8), (1, 0, 8), (5, 2, 8)]),
+        (fastnn.LayerNorm((2, 4)), (2, 2, 4), [(5, 2, 4)]),
+    ]
+    with fastnn.use_backend(backend):
+        for module, traced_shape, shapes in modules:
+            traced = torch.jit.trace(module, torch.randn(traced_shape))
+            fused = torch.jit.trace(
+                _WithResidual(module), (torch.randn(traced_shape), torch.randn(traced_shape))
+            )
+            for shape in shapes:
+                x, r = torch.randn(shape, requires_grad=True), torch.randn(shape)
+                out = traced(x)
+                torch.testing.assert_close(out, module(x))
+                out.sum().backward()
+                for got, want in zip(fused(x, r), module(x, r), strict=True):
+                    torch.testing.assert_close(got, want)
+            with pytest.raises(RuntimeError):
+                traced(torch.randn(16, 8)[..., : traced_shape[-1]])

@@ -66,8 +66,15 @@ def host_float(value, what):
 
 def lr_arguments(lr, device):
     """(lr float, lr_tensor) for an update of tensors on `device`: a tensor lr on that device is
-    read by the kernel; a CPU tensor lr is read on the host (no device sync)."""
+    read by the kernel; a CPU tensor lr is read on the host (no device sync). Under
+    torch.compile a float lr goes in as an fp64 tensor on `device` computed in the graph (ones
+    times lr: Dynamo keeps a float graph input symbolic through that product, not through
+    torch.tensor / full / scalar_tensor): as the op's float argument it made Dynamo specialise
+    the graph on its value, and a scheduler's every new lr compiled the step again (8 graphs in
+    12 steps, then eager)."""
     if not isinstance(lr, torch.Tensor):
+        if torch.compiler.is_compiling():
+            return 0.0, torch.ones((), dtype=torch.float64, device=device) * lr
         return float(lr), None
     if lr.device == device:
         return 0.0, lr

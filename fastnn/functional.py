@@ -58,8 +58,14 @@ def _check_norm_args(op, input, normalized_shape, residual, params, eps):
     for name, t in [("input", input), ("residual", residual), *params]:
         if not (isinstance(t, torch.Tensor) or (t is None and name != "input")):
             raise TypeError(f"fastnn: {name} must be a Tensor, got {type(t).__name__}")
-    if not (eps is None or isinstance(eps, (numbers.Real, torch.SymFloat))):
-        raise TypeError(f"fastnn: eps must be a float, got {type(eps).__name__}")
+    # torch's argument parser takes a 0-dim tensor for a float, and None for rms_norm's eps only.
+    scalar_tensor = isinstance(eps, torch.Tensor) and eps.dim() == 0
+    if not (
+        (eps is None and op == "rms_norm")
+        or scalar_tensor
+        or isinstance(eps, (numbers.Real, torch.SymFloat))
+    ):
+        raise TypeError(f"fastnn: {op}: eps must be a float, got {type(eps).__name__}")
     shape = _normalized_shape(normalized_shape)
     _check_float(input, "input", NotImplementedError)
     if len(shape) == 0:
@@ -302,6 +308,9 @@ def glu_family(gate, up=None, activation="silu", *, inplace_backward=False):
     tensors that require grad (their .grad would alias them); Linear outputs are the intended
     use.
     """
+    for name, t in (("gate", gate), ("up", up)):
+        if not (isinstance(t, torch.Tensor) or (t is None and name == "up")):
+            raise TypeError(f"fastnn: {name} must be a Tensor, got {type(t).__name__}")
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(
             f"fastnn: unknown GLU activation {activation!r}; expected one of {ACTIVATIONS}"

@@ -75,6 +75,8 @@ def _bad_norm_calls():
         (lambda m: m.rms_norm(None, (4,)), F, TypeError, "input must be a Tensor, got NoneType"),
         (lambda m: m.layer_norm(x, (4,), [1.0] * 4), F, TypeError, "weight must be a Tensor, got list"),
         (lambda m: m.layer_norm(x, (4,), None, None, "a"), F, TypeError, "eps must be a float, got str"),
+        (lambda m: m.layer_norm(x, (4,), None, None, None), F, TypeError, "eps must be a float, got NoneType"),
+        (lambda m: m.rms_norm(x, (4,), None, torch.ones(1)), F, TypeError, "eps must be a float, got Tensor"),
         (lambda m: m.layer_norm(x, True), F, TypeError, "an int or a tuple of ints, got True"),
         (
             lambda m: m.layer_norm(x, (4,), torch.ones(4, dtype=torch.float64)),
@@ -108,6 +110,16 @@ def test_bad_glu_input_is_named():
         FF.swiglu(torch.randn(3, 5))
     with pytest.raises(ValueError, match="unknown GLU activation 'tanh'"):
         FF.glu_family(g, g, "tanh")
+    with pytest.raises(TypeError, match="up must be a Tensor, got float"):
+        FF.swiglu(g, 2.0)
+    with pytest.raises(TypeError, match="gate must be a Tensor, got list"):
+        FF.glu_family([1.0, 2.0], None, "gelu")
+
+
+def test_norms_take_a_0_dim_tensor_eps_as_torch():
+    x, eps = torch.randn(3, 8), torch.tensor(0.5)
+    torch.testing.assert_close(FF.rms_norm(x, (8,), None, eps), F.rms_norm(x, (8,), None, 0.5))
+    torch.testing.assert_close(FF.layer_norm(x, (8,), eps=eps), F.layer_norm(x, (8,), eps=0.5))
 
 
 def test_layer_norm_takes_the_param_dtypes_torch_takes():

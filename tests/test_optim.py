@@ -803,6 +803,10 @@ def test_signatures_and_defaults_are_torchs():
             assert ours[name].default == par.default, (cls, name)
             assert ours[name].kind == par.kind, (cls, name)
         assert ours["master_weights"].kind == inspect.Parameter.KEYWORD_ONLY
+    # The class relations of torch's: AdamW is an Adam.
+    for cls in ("Adam", "AdamW", "RMSprop"):
+        assert issubclass(getattr(fastnn.optim, cls), getattr(torch.optim, cls))
+    assert issubclass(fastnn.optim.AdamW, fastnn.optim.Adam)
 
 
 def test_foreach_and_fused_accepted():

@@ -88,8 +88,9 @@ class Adam(_AdamStep, torch.optim.Adam):
         self._fastnn_setup(master_weights)
 
 
-class AdamW(_AdamStep, torch.optim.AdamW):
-    """torch.optim.AdamW (same signature, defaults, state_dict) with a fused step().
+class AdamW(Adam, torch.optim.AdamW):
+    """torch.optim.AdamW (same signature, defaults, state_dict) with a fused step(). A subclass
+    of fastnn.optim.Adam as torch's AdamW is of torch's Adam; constructed by torch's AdamW.
 
     master_weights (keyword-only, fastnn's): as for fastnn.optim.Adam.
     """
@@ -110,7 +111,8 @@ class AdamW(_AdamStep, torch.optim.AdamW):
         fused=None,
         master_weights=False,
     ):
-        super().__init__(
+        torch.optim.AdamW.__init__(
+            self,
             params,
             lr,
             betas,

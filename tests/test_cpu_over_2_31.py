@@ -1,5 +1,5 @@
 """The native CPU kernels on bf16 tensors of more than 2^31 elements (int64 offsets): RMSNorm and
-LayerNorm forward and backward, the GLU forward, backward and packed forward.
+LayerNorm forward and backward, the GLU forward, backward and packed forward, an RMSprop step.
 
 Inputs are [ROWS, N] with the last row starting at element 2^31: PERIOD random rows repeated to
 fill the tensor, then one more random row. Every row must then equal its twin among the first
@@ -7,7 +7,8 @@ PERIOD (the kernels compute each row alone), which checks the whole tensor in ch
 PERIOD rows and the last one are checked against the fp64 reference, and dW / dB against
 (ROWS - 1) / PERIOD times the first rows' reference plus the last row's. About 10 s and 12 GB a
 test on the 2-core development VM; skipped where less memory is available. The CUDA cases are
-in test_norms_gpu.py and test_glu_gpu.py."""
+in test_norms_gpu.py and test_glu_gpu.py. (Adam's state takes one tensor more than RMSprop's:
+16 GB; the two share the CPU kernels' int64 split of the elements into ranges.)"""
 
 import os
 
@@ -16,6 +17,7 @@ import torch
 from conftest import skip_unless_available
 from tolerances import FORWARD, INPUT_GRAD, PARAM_GRAD, assert_rel_close
 
+import fastnn
 from fastnn import ops
 from fastnn.reference import glu as ref_glu
 from fastnn.reference import layer_norm as ref_ln
@@ -139,3 +141,25 @@ def test_glu_over_2_31_elements():
     want = ref_glu.glu_packed_fwd(g64, "silu")
     assert_rel_close(ends(out), want, torch.bfloat16, FORWARD, "packed out")
     assert_periodic(out, "packed out")
+
+
+def test_rmsprop_over_2_31_elements():
+    """One step of a bf16 param of ROWS x N elements (param, grad and square_avg: 12 GB); the
+    rows at both ends against the torch backend's step of them."""
+    skip_unless_available("native", "rmsprop", "cpu")
+    p = periodic(1)
+    ref = torch.cat([p[:PERIOD], p[-1:]])
+    p.grad = periodic(2)
+    ref.grad = ends(p.grad).bfloat16()
+    opt = fastnn.optim.RMSprop([p], lr=0.01)
+    ref_opt = fastnn.optim.RMSprop([ref], lr=0.01)
+    with fastnn.use_backend("native"):
+        opt.step()
+    with fastnn.use_backend("torch"):
+        ref_opt.step()
+    torch.testing.assert_close(ends(p), ref.double(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        ends(opt.state[p]["square_avg"]), ref_opt.state[ref]["square_avg"].double(), rtol=0, atol=0
+    )
+    assert_periodic(p, "param")
+    assert_periodic(opt.state[p]["square_avg"], "square_avg")

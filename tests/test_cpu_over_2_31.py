@@ -111,9 +111,7 @@ def test_norm_over_2_31_elements(kind):
     else:
         dx, dw, db = bwd(dy, None, x, w, b, mean, rstd)
         xhat = (x64 - ends(mean)[:, None]) * ends(rstd)[:, None]
-        dx64, _, _ = ref_ln.layer_norm_bwd(
-            dy64, None, x64, w64, b.double(), ends(mean), ends(rstd)
-        )
+        dx64, _, _ = ref_ln.layer_norm_bwd(dy64, None, x64, w64, b.double(), ends(mean), ends(rstd))
         grads = ((dw, dy64 * xhat, "grad weight"), (db, dy64, "grad bias"))
     assert_rel_close(ends(dx), dx64, torch.bfloat16, INPUT_GRAD, "grad input, rows at both ends")
     assert_periodic(dx, "grad input")

@@ -12,7 +12,7 @@
   to pytest-benchmark: a burst of load on the 2 shared cores slows every implementation of the
   case alike instead of whichever happened to run then, so the ratios of medians hold. On the
   CPU each round follows one untimed call of the same implementation (steady state).
-- Bytes: every entry records `bytes` (the fixed formula of shared/performance.md, computed by the
+- Bytes: every entry records `bytes` (the op's fixed formula, computed by the
   test) in extra_info, with op / mode / impl / dtype / shape, so report.py derives GB/s.
 - Budget: FASTNN_BENCH_BUDGET_S (seconds from session start) skips the cases that would start
   after it, with the reason, so `make gpu-check` always ends with a report.
@@ -63,7 +63,7 @@ def _load_tolerances():
     return module
 
 
-tolerances = _load_tolerances()  # the tolerance table of shared/testing.md
+tolerances = _load_tolerances()  # tests/tolerances.py's table
 
 
 def headline(*values):

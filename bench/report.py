@@ -213,7 +213,7 @@ def header(data, rows, copy):
     lines += [
         f"- timing: {timer}; a round is one or more back-to-back calls, the table shows the "
         "median round divided by its calls",
-        "- GB/s: the fixed byte formula of shared/performance.md (documented in each "
+        "- GB/s: the fixed byte formula of each op (documented in each "
         "bench/test_*.py; fp32 partial sums of dW / dB not counted) over the median time",
         "- vs eager / vs compile: that implementation's median time over this one's (above 1: "
         "this one is faster)",

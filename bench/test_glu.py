@@ -6,7 +6,7 @@ Shapes: H are LLaMA MLP widths (TinyLlama 5632, LLaMA-7B 11008, LLaMA-3-8B 14336
 L2) in bf16, plus 11008 in fp32 / fp16; on the CPU [4096, 4096] fp32 (the issue's CPU shape) and
 11008 in bf16 at 2^22 elements (above a 32 MB L3).
 
-Bytes (shared/performance.md), M = rows * H elements of e bytes:
+Bytes, M = rows * H elements of e bytes:
   fwd: read g, u; write h             = 3Me
   bwd: read dh, g, u; write dg, du    = 5Me
 fwd+bwd is the sum (8Me).

@@ -1,5 +1,5 @@
 """The harness's own logic, checked without a GPU: the CUDA-event timer's arithmetic (with a
-fake event clock) and the byte formulas against shared/performance.md's speed-of-light table."""
+fake event clock) and the byte formulas against a speed-of-light table."""
 
 import pytest
 import torch
@@ -61,7 +61,7 @@ def test_cuda_event_timer_differences_are_event_intervals(monkeypatch):
 
 
 def test_bytes_match_speed_of_light_table():
-    """shared/performance.md: at 3.0 TB/s, RMSNorm [32768, 4096] bf16 fwd 179 us, bwd 270 us;
+    """At 3.0 TB/s, RMSNorm [32768, 4096] bf16 fwd 179 us, bwd 270 us;
     SwiGLU [32768, 11008] bf16 fwd 721 us, bwd 1.20 ms; Adam on 1e9 fp32 params 9.3 ms."""
     us = lambda nbytes: nbytes / 3.0e12 * 1e6  # noqa: E731
     assert us(norm_bytes("rms_norm", "fwd", 32768, 4096, 2)) == pytest.approx(179, abs=1)

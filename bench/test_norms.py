@@ -9,7 +9,7 @@ fp32 and fp16; on the CPU fp32 [4096, 4096] (the issue's CPU shape), N = 512 and
 machines) and bf16 N = 4096 at 2^22 elements.
 Weights (and bias) have the activation dtype, as in a model cast with .to(dtype).
 
-Bytes (shared/performance.md), e = activation element size, M = rows * N elements:
+Bytes, e = activation element size, M = rows * N elements:
   RMSNorm   fwd: read x, w; write y, rstd            = 2Me + Ne + 4 rows
             bwd: read x, dy, w, rstd; write dx, dw   = 3Me + 2Ne + 4 rows
   LayerNorm fwd: read x, w, b; write y, mean, rstd   = 2Me + 2Ne + 8 rows

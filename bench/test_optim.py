@@ -6,7 +6,7 @@ CUDA), fused (`eager-fused`, Adam / AdamW only: torch has no fused RMSprop), tor
 foreach step (`compile`, on CUDA, AdamW fp32 only: compiling a step over hundreds of tensors is
 slow), and fastnn.optim with each backend forced.
 
-Bytes per parameter (shared/performance.md), sp = param element size (grad and state alike):
+Bytes per parameter, sp = param element size (grad and state alike):
   Adam / AdamW: read p, g, m, v; write p, m, v          = 7 sp   (28 B in fp32)
   RMSprop: read p, g, v; write p, v                     = 5 sp   (20 B); momentum +2 sp, centered +2 sp
 """
@@ -17,8 +17,8 @@ import torch
 import fastnn
 from bench import harness
 
-# (d_model, d_ff, layers, vocab): CUDA ~369M params in 219 tensors (a 24-layer, 1024-wide model,
-# ~10 GB moved per fp32 Adam step); CPU ~5M params in 39 tensors; smoke ~12K params in 21 tensors.
+# (d_model, d_ff, layers, vocab): CUDA 374M params in 219 tensors (a 24-layer, 1024-wide model,
+# ~10 GB moved per fp32 Adam step); CPU 5.26M params in 39 tensors; smoke 31,648 in 21 tensors.
 MODELS = {"cuda": (1024, 2816, 24, 32000), "cpu": (256, 704, 4, 4000), "smoke": (32, 88, 2, 100)}
 VARIANTS = {
     "adam": (torch.optim.Adam, fastnn.optim.Adam, {}),

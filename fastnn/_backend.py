@@ -23,12 +23,13 @@ AUTO_ORDER = {
     "cpu": ("native", "torch"),
     "cuda": ("native", "triton", "torch"),
 }
-# Families whose Triton kernels measured faster than the native ones on CUDA: H200, 2026-11-26,
-# bf16, 32768 rows (bench/results/nvidia-h200-2026-11-26 and -norms), time native / Triton.
-# RMSNorm: forward 1.6-2.2x at N = 1K-32K, about 1x at 64K-256K; backward 1.1-1.5x at N = 2K-256K,
-# 0.96x at 512-1K. LayerNorm: forward 1.1-1.7x at N = 512-16K, 0.85-0.9x at 32K-64K; backward
-# 1.1-1.6x at N >= 8K, 0.8-1.05x at 512-4K. GLU (both at 101% of copy) and the optimizers (native
-# 1.0-1.02x Triton) stay native. Re-measure when the native norm kernels change.
+# Families whose Triton kernels measured faster than the native ones on CUDA: H100, 2026-11-27,
+# commit f011790 (bench/results/nvidia-h100-80gb-hbm3-2026-11-27), % of copy, Triton / native.
+# bf16, 32768 rows: RMSNorm forward 93-99 / 89-92 at N = 1K-8K (54 / 66 at 64K), backward
+# 74-87 / 65-76 at 1K-8K and 43-57 / 34-41 at 16K-64K; LayerNorm at N = 4K forward 97 / 84,
+# backward 82 / 77. fp32 [16384, 4096]: forwards within 1%, backwards native ahead (RMSNorm
+# 88 / 91, LayerNorm 73 / 80). GLU (both at 101% of copy, H200, 2026-11-26) and the optimizers
+# (native 1.01x Triton, H100) stay native. Re-measure when either side's norm kernels change.
 AUTO_ORDER_BY_FAMILY = {
     ("rms_norm", "cuda"): ("triton", "native", "torch"),
     ("layer_norm", "cuda"): ("triton", "native", "torch"),

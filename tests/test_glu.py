@@ -180,7 +180,8 @@ def gelu_tail_errors(backend, device):
 # y log2e: up to 3e-6 relative at y = -85.
 @pytest.mark.parametrize(("backend", "rtol"), [("torch", 2e-5), ("native", 1e-6), ("triton", 2e-5)])
 def test_gelu_accurate_in_the_lower_tail(backend, rtol):
-    """Eager torch's 0.5 (1 + erf(g / sqrt2)) cancels to 0 from g = -5.8 (relative error 1)."""
+    """Eager torch's 0.5 (1 + erf(g / sqrt2)) cancels to 0 below g = -5.42 in fp32 (relative
+    error 1; CPU, torch 2.14.1)."""
     skip_unless_available(backend, "glu", "cpu")
     out_error, grad_error = gelu_tail_errors(backend, "cpu")
     assert out_error <= rtol and grad_error <= rtol, (out_error, grad_error)

@@ -10,8 +10,9 @@
 // 2026-11-26) and the results are rounded back. Per-tensor coefficients (bias corrections from
 // the host-side step counts, which the op increments once every check has passed) are computed
 // once, in double, before the pass. Each stream's storage
-// is prefetched 2 KB ahead (StreamPrefetch: the whole step 0.93x -> 1.00-1.08x torch's fused
-// Adam on the Intel Xeon dev VM). Tiles, prefetch and the thread split are in
+// is prefetched 512 elements ahead (StreamPrefetch: the whole fp32 step over the CPU bench's
+// 5.26M params in 39 tensors 0.93x -> 1.00-1.08x torch's fused Adam, Intel Xeon dev VM,
+// 2026-11-27). Tiles, prefetch and the thread split are in
 // fastnn/cpu_convert.h, the argument checks shared with csrc/cuda/adam.cu in fastnn/optim_host.h.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

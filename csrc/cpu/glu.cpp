@@ -1,5 +1,6 @@
-// CPU kernels of the GLU family (glu_fwd, glu_bwd, glu_packed_fwd, glu_packed_bwd; schemas in
-// csrc/library.cpp, semantics in fastnn/reference/glu.py): out = act(gate) * up, elementwise.
+// CPU kernels of the GLU family (glu_fwd, glu_bwd, glu_packed_fwd, glu_packed_bwd and the
+// in-place glu_bwd_, glu_packed_bwd_; schemas in csrc/library.cpp, semantics in
+// fastnn/reference/glu.py): out = act(gate) * up, elementwise.
 //
 // The per-element math is csrc/include/fastnn/activations.h, the same code the CUDA kernels run.
 // Each inner loop is also compiled as an AVX2+FMA+F16C clone and an AVX-512 clone, chosen at run

@@ -1,5 +1,6 @@
-// CUDA kernels of the GLU family (glu_fwd, glu_bwd, glu_packed_fwd, glu_packed_bwd; schemas in
-// csrc/library.cpp, semantics in fastnn/reference/glu.py): out = act(gate) * up, elementwise.
+// CUDA kernels of the GLU family (glu_fwd, glu_bwd, glu_packed_fwd, glu_packed_bwd and the
+// in-place glu_bwd_, glu_packed_bwd_; schemas in csrc/library.cpp, semantics in
+// fastnn/reference/glu.py): out = act(gate) * up, elementwise.
 //
 // Four tiers, as aten's layer_norm_kernel.cu:
 //   1. device kernels: one thread per pack of VEC elements, 16-byte loads and stores

@@ -55,7 +55,8 @@ namespace {
 // under __launch_bounds__: 8 bf16 vectors take 86-118 registers, no spills). On an H200 (bf16,
 // 32768 rows) this moved N = 32K from the staged tier's 40% of copy to 53%; N = 1K-16K stayed at
 // 45-55% (Triton: 88-97%) while nvcc split their 16-byte stores (see store_vec) and each thread
-// had one load in flight (see load_tile); both are fixed in the SASS, neither is timed yet.
+// had one load in flight (see load_tile). With both fixed, on an H100 (2026-11-27, f011790):
+// 89-92% at N = 1K-8K, 83% at 16K, 99% at 32K.
 constexpr int kFwdThreads = 512;
 constexpr int kFwdItems = 4;
 constexpr int64_t kFwdMaxVectors = int64_t{kFwdThreads} * 2 * kFwdItems;

@@ -90,8 +90,8 @@ def _low_precision_master(group, p):
 class FusedStepMixin:
     """step(), master weights and GradScaler support for a torch.optim optimizer subclass.
 
-    Subclasses set FAMILY / OP (backend family and op name), MOMENTS (state keys of the
-    per-element state, in the op's argument order) and define _new_state(p, group, state,
+    Subclasses set FAMILY / OP (backend family and op name), MOMENTS (the keys of the
+    per-element state) and define _new_state(p, group, state,
     dtype) and _op_arguments(group, states) -> (state lists, kwargs): the op's state-list
     arguments before `steps`, and its keyword arguments but lr.
     """

@@ -1,6 +1,6 @@
 """Triton GLU family, out = act(gate) * up, elementwise: the `triton` backend of
-`fastnn::glu_fwd`, `glu_bwd`, `glu_packed_fwd`, `glu_packed_bwd` (schemas in csrc/library.cpp,
-semantics in fastnn/reference/glu.py).
+`fastnn::glu_fwd`, `glu_bwd`, `glu_packed_fwd`, `glu_packed_bwd` and the in-place `glu_bwd_`,
+`glu_packed_bwd_` (schemas in csrc/library.cpp, semantics in fastnn/reference/glu.py).
 
 One forward and one backward kernel; the activation (ACT) and the layout (PACKED) are
 tl.constexpr, so each combination compiles to its own straight-line code:
@@ -62,10 +62,10 @@ def _normal_cdf_pdf(x):
     """(Phi(x), phi(x)), the standard normal cdf and pdf. fp32: activations.h's normal_cdf,
     erfc(a) = t exp(-a^2 + P(u)) for a = |x| / sqrt2 with -x^2 / 2 split into an exact hi and a
     small lo (tools/fit_erfc.py fits P), so the lower tail keeps its precision; eager torch's
-    0.5 (1 + erf(x / sqrt2)) cancels to 0 below x = -5.8. fp64 (gradcheck under the interpreter,
-    on values near 0): 0.5 (1 + erf), which cancels too, 2e-6 off at x = -7 and 0 below -8.5
-    (tl has no erfc; P is fitted to fp32 precision only). A NaN x gives NaN through the products
-    with x that use these (the clamp below drops it)."""
+    0.5 (1 + erf(x / sqrt2)) cancels to 0 below x = -5.42 (fp32, CPU, torch 2.14.1). fp64
+    (gradcheck under the interpreter, on values near 0): 0.5 (1 + erf), which cancels too, 2e-6
+    off at x = -7 and 0 below -8.5 (tl has no erfc; P is fitted to fp32 precision only). A NaN x
+    gives NaN through the products with x that use these (the clamp below drops it)."""
     if x.dtype == tl.float64:
         cdf = 0.5 + 0.5 * tl.erf(x * 0.7071067811865476)  # 1/sqrt(2)
         pdf = 0.3989422804014327 * tl.exp(-0.5 * x * x)  # 1/sqrt(2 pi)

@@ -104,7 +104,7 @@ FASTNN_HD T abs_(T x) {
 // in [-1, 1], P a degree-9 fit of ln(erfc(a) / t) + a^2 (5.5e-8 in fp64); erfc(-a) = 2 - erfc(a).
 // The exponent -x^2 / 2 is split into hi + lo with hi exact: erfc of a rounded x / sqrt2 (as
 // CUDA's erfcf would get it) costs up to x^2 / 2 ulp of the result (1e-5 relative at x = -13),
-// and torch's 0.5 (1 + erf(x / sqrt2)) cancels to 0 below x = -5.8.
+// and torch's 0.5 (1 + erf(x / sqrt2)) cancels to 0 below x = -5.42 (fp32, CPU, torch 2.14.1).
 constexpr double kSqrtHalf = 0.70710678118654752440;
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;
 

@@ -946,25 +946,26 @@ def test_compiled_step_matches_eager(backend, cls, kw):
     assert_states_close(opt, ref_opt, ours, ref)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls,kw", [("AdamW", {}), ("RMSprop", dict(momentum=0.9, centered=True))])
-def test_compiled_step_follows_a_scheduler_without_recompiling(backend, cls, kw):
+def test_compiled_step_follows_a_scheduler_without_recompiling(backend, cls, kw, device):
     """A compiled step under an lr scheduler that changes a float lr every step: two graphs (the
     first step, which creates the state, and the rest), and the eager step's params bitwise."""
-    skip_unless_available(backend, "adam", "cpu")
+    skip_unless_available(backend, "adam", device)
     from torch._dynamo.utils import counters
 
     def train(compiled):
         torch._dynamo.reset()
         counters.clear()
-        params = make_params(backend=backend)
+        params = [p.to(device) for p in make_params(backend=backend)]
         opt = getattr(fastnn.optim, cls)(params, lr=0.01, **kw)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1 / (epoch + 1))
         step = torch.compile(opt.step) if compiled else opt.step
         with fastnn.use_backend(backend):
             for step_grads in make_grads(params, 6):
                 for p, g in zip(params, step_grads, strict=True):
-                    p.grad = g
+                    p.grad = g.to(device)
                 step()
                 sched.step()
         return params, counters["stats"]["unique_graphs"]

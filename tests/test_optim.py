@@ -126,6 +126,24 @@ def test_adam_trajectory(backend, wd, amsgrad, maximize, decoupled, tensor_lr):
     assert_states_close(opt, ref_opt, ours, ref)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lerp_weight_one_gives_the_grad(backend, device):
+    """beta1 = 0 (Adam) and alpha = 0 (centered RMSprop): torch's lerp_ takes its second form,
+    end - (1 - w) (end - start), for weights of 0.5 and more, and so returns the grad exactly at
+    weight 1; exp_avg and grad_avg are then the grads, on every backend too."""
+    skip_unless_available(backend, "adam", device)
+    cases = [("Adam", dict(betas=(0.0, 0.99)), "exp_avg"), ("RMSprop", dict(alpha=0.0, centered=True), "grad_avg")]  # fmt: skip
+    for cls, kw, key in cases:
+        p = torch.nn.Parameter(torch.randn(1000, device=device))
+        opt = getattr(fastnn.optim, cls)([p], lr=0.1, **kw)
+        for step in range(3):
+            p.grad = torch.randn(1000, device=device)
+            with fastnn.use_backend(backend):
+                opt.step()
+            assert torch.equal(opt.state[p][key], p.grad), (cls, step)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_adamw_trajectory(backend, amsgrad):

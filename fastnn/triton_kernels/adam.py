@@ -54,7 +54,7 @@ def _adam_tile(
         else:
             g = tl.fma(weight_decay, w, g)  # grad.add(param, alpha=weight_decay), rounded once
     # torch.optim.Adam's order: m.lerp_(g, 1 - beta1); v.mul_(beta2).addcmul_(g, g, 1 - beta2)
-    m = tl.fma(one_minus_beta1, g - m, m)
+    m = mt.lerp(m, g, one_minus_beta1)
     v = tl.fma(one_minus_beta2 * g, g, v * beta2)  # rounded once, as torch's addcmul
     if AMSGRAD:
         vmax = tl.load(vmax_ptr + offs, mask=mask).to(CDT)

@@ -180,6 +180,16 @@ def div_ieee(a, b, CDT: tl.constexpr):
 
 
 @triton.jit
+def lerp(start, end, weight):
+    """torch's lerp(start, end, weight) for a scalar weight, in its two forms (one multiply-add
+    each, as csrc/include/fastnn/adam_math.h's lerp_): start + weight (end - start) for
+    |weight| < 0.5, else end - (1 - weight) (end - start), which is end exactly at weight 1
+    (beta1 = 0 gives exp_avg = grad, as torch's does; the first form alone was an ulp off)."""
+    small = (weight < 0.5) & (weight > -0.5)  # a scalar: one select per element, no branch
+    return tl.fma(tl.where(small, weight, weight - 1.0), end - start, tl.where(small, start, end))
+
+
+@triton.jit
 def sqrt_ieee(x, CDT: tl.constexpr):
     if CDT == tl.float64:
         return tl.sqrt(x)  # fp64 sqrt is always IEEE

@@ -42,7 +42,7 @@ def _rmsprop_tile(
     tl.store(sq_ptr + offs, sq.to(SQ_T), mask=mask)
     if CENTERED:
         ga = tl.load(ga_ptr + offs, mask=mask).to(CDT)
-        ga = tl.fma(one_minus_alpha, g - ga, ga)  # grad_avg.lerp_(g, 1 - alpha)
+        ga = mt.lerp(ga, g, one_minus_alpha)  # grad_avg.lerp_(g, 1 - alpha)
         tl.store(ga_ptr + offs, ga.to(GA_T), mask=mask)
         avg = sqrt_ieee(tl.fma(-ga, ga, sq), CDT) + eps  # sq - ga * ga rounded once (addcmul)
     else:

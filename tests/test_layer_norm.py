@@ -166,6 +166,22 @@ def test_variance_between_parts_of_a_row(backend, device, n):
     torch.testing.assert_close(rstd.double().cpu(), rstd64, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("n", [4096, 16411], ids=["chunks", "looping"])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_rstd_of_narrow_rows_far_from_zero(backend, device, n):
+    """fp32 rows at 1e4 +- 100 ulp: the statistics of the parts of a row are merged as offsets
+    from its first element, not as absolute means, each an ulp of 1e4 off (rstd then lost 3e-4;
+    the two-pass value is 6e-6 off)."""
+    skip(KIND, backend, device)
+    mean = 1e4
+    spread = 100 * torch.finfo(torch.float32).eps * mean
+    x = (mean + spread * randn((8, n), torch.float64, "cpu", seed=10)).float()
+    _, _, _, rstd = ops.get(backend, "layer_norm_fwd")(x.to(device), None, None, None, 1e-12)
+    x64 = x.double()
+    rstd64 = ((x64 - x64.mean(-1, keepdim=True)) ** 2).mean(-1).add(1e-12).rsqrt()
+    assert (rstd.double().cpu() / rstd64 - 1).abs().max() <= 2e-5
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("weight", [True, False], ids=["weight", "no-weight"])
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "plain"])

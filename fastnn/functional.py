@@ -58,8 +58,9 @@ def _check_norm_args(op, input, normalized_shape, residual, params, eps):
     for name, t in [("input", input), ("residual", residual), *params]:
         if not (isinstance(t, torch.Tensor) or (t is None and name != "input")):
             raise TypeError(f"fastnn: {name} must be a Tensor, got {type(t).__name__}")
-    # torch's argument parser takes a 0-dim tensor for a float, and None for rms_norm's eps only.
-    scalar_tensor = isinstance(eps, torch.Tensor) and eps.dim() == 0
+    # torch's argument parser takes a 0-dim tensor that needs no grad for a float, and None for
+    # rms_norm's eps only.
+    scalar_tensor = isinstance(eps, torch.Tensor) and eps.dim() == 0 and not eps.requires_grad
     if not (
         (eps is None and op == "rms_norm")
         or scalar_tensor

@@ -77,6 +77,10 @@ def _bad_norm_calls():
         (lambda m: m.layer_norm(x, (4,), None, None, "a"), F, TypeError, "eps must be a float, got str"),
         (lambda m: m.layer_norm(x, (4,), None, None, None), F, TypeError, "eps must be a float, got NoneType"),
         (lambda m: m.rms_norm(x, (4,), None, torch.ones(1)), F, TypeError, "eps must be a float, got Tensor"),
+        (
+            lambda m: m.rms_norm(x, (4,), None, torch.tensor(0.1, requires_grad=True)),
+            F, TypeError, "eps must be a float, got Tensor",
+        ),
         (lambda m: m.layer_norm(x, True), F, TypeError, "an int or a tuple of ints, got True"),
         (
             lambda m: m.layer_norm(x, (4,), torch.ones(4, dtype=torch.float64)),
@@ -386,11 +390,19 @@ def test_traced_norms_take_other_sizes_of_the_traced_rank(backend):
                 _WithResidual(module), (torch.randn(traced_shape), torch.randn(traced_shape))
             )
             for shape in shapes:
-                x, r = torch.randn(shape, requires_grad=True), torch.randn(shape)
-                out = traced(x)
-                torch.testing.assert_close(out, module(x))
-                out.sum().backward()
+                x, r = torch.randn(shape), torch.randn(shape)
+                dy = torch.randn(shape)
+                grads = []
+                for call in (traced, module):
+                    leaf = x.clone().requires_grad_()
+                    out = call(leaf)
+                    out.backward(dy)
+                    grads.append(leaf.grad)
+                    if call is module:
+                        torch.testing.assert_close(traced(x), out.detach())
+                torch.testing.assert_close(grads[0], grads[1])
                 for got, want in zip(fused(x, r), module(x, r), strict=True):
                     torch.testing.assert_close(got, want)
+            module(torch.randn(2, *traced_shape))  # one more leading dim: eager takes it
             with pytest.raises(RuntimeError):
-                traced(torch.randn(16, 8)[..., : traced_shape[-1]])
+                traced(torch.randn(2, *traced_shape))

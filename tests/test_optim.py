@@ -130,8 +130,8 @@ def test_adam_trajectory(backend, wd, amsgrad, maximize, decoupled, tensor_lr):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lerp_weight_one_gives_the_grad(backend, device):
     """beta1 = 0 (Adam) and alpha = 0 (centered RMSprop): torch's lerp_ takes its second form,
-    end - (1 - w) (end - start), for weights of 0.5 and more, and so returns the grad exactly at
-    weight 1; exp_avg and grad_avg are then the grads, on every backend too."""
+    end - (1 - w) (end - start), for |w| >= 0.5, and so returns the grad exactly at weight 1;
+    exp_avg and grad_avg are then the grads, on every backend too."""
     skip_unless_available(backend, "adam", device)
     cases = [("Adam", dict(betas=(0.0, 0.99)), "exp_avg"), ("RMSprop", dict(alpha=0.0, centered=True), "grad_avg")]  # fmt: skip
     for cls, kw, key in cases:

@@ -111,6 +111,8 @@ class AdamW(Adam, torch.optim.AdamW):
         fused=None,
         master_weights=False,
     ):
+        # torch's AdamW constructor, not fastnn.optim.Adam's (next in the MRO, another signature):
+        # whatever Adam.__init__ gains beyond _fastnn_setup must be added here too.
         torch.optim.AdamW.__init__(
             self,
             params,

@@ -208,10 +208,11 @@ def _unflatten(out, shape, residual_out, residual):
     constants (a traced norm returned its traced shape), a view's as the sizes they were read
     from; `shape` must be read before the input is flattened (a flatten or contiguous that
     changes nothing returns the input itself, whose sizes the tracer then reads off the result)."""
-    if torch.jit.is_tracing():
-        unflatten = lambda t: t.view(shape)  # noqa: E731
-    else:
-        unflatten = lambda t: torch.ops.aten._unsafe_view(t, shape)  # noqa: E731
+    tracing = torch.jit.is_tracing()
+
+    def unflatten(t):
+        return t.view(shape) if tracing else torch.ops.aten._unsafe_view(t, shape)
+
     out = unflatten(out)
     return out if residual is None else (out, unflatten(residual_out))
 

@@ -5,7 +5,8 @@
 #      torch.cuda.get_device_capability(), computed here, never in setup.py), with the system
 #      python3 and no pip install: the lent machines have no network and their own torch;
 #   2. runs the whole test suite (tests/) on CUDA with compiled Triton (TRITON_INTERPRET=0: the
-#      interpreted CPU runs are CI's), `-m "not slow"` (the slow tests build wheels, not kernels);
+#      interpreted CPU runs are CI's), `-m "not slow"` (the slow tests build wheels or run CPU
+#      kernels on 12 GB tensors);
 #   3. runs the benchmark suite and writes the report (python -m bench.run), with what is left of
 #      the time budget, so everything ends within about GPU_CHECK_BUDGET_S;
 #   4. with GPU_CHECK_SWEEP_S set, then sweeps the Triton norm kernels' launch configs for that

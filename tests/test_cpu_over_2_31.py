@@ -38,9 +38,13 @@ def available_gb():
     return int(fields["MemAvailable"].split()[0]) / 2**20
 
 
-pytestmark = pytest.mark.skipif(
-    available_gb() < NEEDS_GB, reason=f"needs {NEEDS_GB} GB of available memory (Linux)"
-)
+# slow: CI runs them; `make gpu-check` (-m "not slow") leaves these CPU cases to CI.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        available_gb() < NEEDS_GB, reason=f"needs {NEEDS_GB} GB of available memory (Linux)"
+    ),
+]
 
 
 def periodic(seed, n=N, dtype=torch.bfloat16):

@@ -327,11 +327,8 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
     )
     with device_context(x):
         if single:
-            row_blocks = triton.cdiv(rows, block_m)
-            tile = whole_row_tile(rows, n, block_m, block_n, aligned)
-            p = persistent_programs(
-                x.device, row_blocks, bwd_programs_per_sm(num_warps, tile.reread)
-            )
+            tile = whole_row_tile(x.device, rows, n, block_m, block_n, aligned, num_warps)
+            p = tile.programs
         else:
             col_blocks = triton.cdiv(n, block_n)
             p = persistent_programs(
@@ -341,7 +338,7 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
         db_part = torch.empty((p, n), dtype=acc, device=x.device) if has_b else None
         if single:
             _ln_bwd_kernel[(p,)](
-                dy, dres, xc, w, mu, rs, dx.buf, dw_part, db_part, rows, n, row_blocks,
+                dy, dres, xc, w, mu, rs, dx.buf, dw_part, db_part, rows, n, tile.row_blocks,
                 BLOCK_M=block_m, BLOCK_N=block_n, REREAD=tile.reread, EVEN=tile.even,
                 num_warps=num_warps, **flags,
             )  # fmt: skip

@@ -18,9 +18,10 @@ Layout of the work (launch shapes: FWD and BWD, below):
   partial write;
 - backward, 16-bit rows up to BWD_REREAD_MAX_BLOCK and of exactly twice that (RMSNorm;
   LayerNorm: of exactly BWD_REREAD_MAX_BLOCK): the same, but each tile is read again after its
-  reduction (an L1 or L2 hit, not measured: the program read it just before) instead of held in registers across
-  it, where only the dW (dB) accumulators stay; the longer rows in two column halves with an
-  accumulator each (rms_bwd_max_block, ln_bwd_max_block, bwd_rereads, bwd_halves);
+  reduction (an L1 or L2 hit, not measured: the program read it just before) instead of held in
+  registers across it, where only the dW (dB) accumulators stay; the longer rows in two column
+  halves with an accumulator each (rms_bwd_max_block, ln_bwd_max_block, bwd_rereads,
+  bwd_halves);
 - backward, larger N: a row-dot kernel (sum(g * xhat) per row), then a [column block, row
   group] grid that writes dx and a [G, N] partial;
 - no loop is software-pipelined (num_stages=1): on an H100 (bf16, 32768 rows, N = 1K-64K, both
@@ -303,19 +304,24 @@ def bwd_programs_per_sm(num_warps, reread=False):
 
 
 class WholeRowTile(NamedTuple):
-    """How the backward's whole-row kernel reads its tiles (its REREAD, HALVES, EVEN)."""
+    """A launch of the backward's whole-row kernel: how it reads its tiles (its REREAD, HALVES,
+    EVEN) and its persistent grid."""
 
     reread: bool  # read again after the rows' reduction (bwd_rereads)
     halves: int  # column halves with a dW (dB) accumulator each (bwd_halves)
     even: bool  # tiles read twice that cover the rows exactly: no masks
+    row_blocks: int  # tiles of block_m rows
+    programs: int  # persistent programs (each writes one partial dW / dB row)
 
 
-def whole_row_tile(rows, n, block_m, block_n, aligned):
+def whole_row_tile(device, rows, n, block_m, block_n, aligned, num_warps):
     """The WholeRowTile of a backward launch of [block_m, block_n] tiles over [rows, n]."""
     tile = block_m * block_n
     reread = bwd_rereads(tile, aligned)
     even = reread and n == block_n and rows % block_m == 0
-    return WholeRowTile(reread, bwd_halves(tile, aligned), even)
+    row_blocks = triton.cdiv(rows, block_m)
+    programs = persistent_programs(device, row_blocks, bwd_programs_per_sm(num_warps, reread))
+    return WholeRowTile(reread, bwd_halves(tile, aligned), even, row_blocks, programs)
 
 
 @triton.jit
@@ -732,14 +738,11 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
     )
     with device_context(x):
         if single:
-            row_blocks = triton.cdiv(rows, block_m)
-            tile = whole_row_tile(rows, n, block_m, block_n, aligned)
-            p = persistent_programs(
-                x.device, row_blocks, bwd_programs_per_sm(num_warps, tile.reread)
-            )
+            tile = whole_row_tile(x.device, rows, n, block_m, block_n, aligned, num_warps)
+            p = tile.programs
             part = torch.empty((p, n), dtype=acc, device=x.device) if has_w else None
             _rms_bwd_kernel[(p,)](
-                dy, dres, xc, w, rs, dx.buf, part, rows, n, row_blocks,
+                dy, dres, xc, w, rs, dx.buf, part, rows, n, tile.row_blocks,
                 BLOCK_M=block_m, BLOCK_N=block_n // tile.halves, HALVES=tile.halves,
                 REREAD=tile.reread, EVEN=tile.even, num_warps=num_warps, **flags,
             )  # fmt: skip

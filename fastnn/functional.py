@@ -178,6 +178,9 @@ def _rows_pair(input, residual, shape):
     """(_rows(input), _rows(residual)) for the fused residual norms (see _RowsPair)."""
     if residual is None or _under_transform():  # torch.func transforms plain reshapes
         return _rows(input, shape), _rows(residual, shape)
+    if residual is input:  # norm(x + x): one tensor, whose two gradients autograd sums (and
+        rows = _rows(input, shape)  # Dynamo refuses an autograd.Function given a tensor twice)
+        return rows, rows
     return _RowsPair.apply(input, residual, shape)
 
 

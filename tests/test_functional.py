@@ -198,6 +198,7 @@ _REACH = {
     "views of leaves": lambda a, b, c: (a.view(a.shape), b.view(b.shape)),
     "behind adds": lambda a, b, c: (a + c, b + 0.0),
     "one leaf": lambda a, b, c: (a * 1.0, b),
+    "one tensor for both": lambda a, b, c: (a, a),
 }
 
 
@@ -231,6 +232,33 @@ def test_residual_and_input_grads_do_not_share_memory(backend, kind, how, shape)
     assert ours_shared == theirs_shared == (how == "views of leaves")
     for got, want in zip(ours, theirs, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["rms_norm", "layer_norm"])
+def test_input_as_its_own_residual_compiles_fullgraph(backend, kind):
+    """norm(x, residual=x) is norm(x + x): traced in one graph (an autograd.Function given one
+    tensor twice makes Dynamo break the graph), x's gradient the sum of both, as eagerly."""
+    skip_unless_available(backend, kind, "cpu")
+    norm = getattr(FF, kind)
+
+    def fn(x):
+        y, s = norm(x, (8,), residual=x)
+        return y * s
+
+    x = torch.randn(3, 8, dtype=torch.float64)
+    dy = torch.randn(3, 8, dtype=torch.float64)
+    results = []
+    torch._dynamo.reset()
+    with fastnn.use_backend(backend):
+        for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager"), None):
+            leaf = x.clone().requires_grad_(True)
+            out = f(leaf) if f else norm(leaf + leaf, (8,)) * (leaf + leaf)
+            out.backward(dy)
+            results.append((out.detach(), leaf.grad))
+    for got in results[:2]:
+        for a, b in zip(got, results[2], strict=True):
+            torch.testing.assert_close(a, b)
 
 
 def test_autocast_policy_runs_the_norms_in_fp32(monkeypatch):

@@ -12,18 +12,22 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_TANH_CUBIC = 0.044715
 
 
-def activation_and_derivative(x, activation):
-    """act(x) and act'(x), elementwise, in x's (floating) dtype; finite for any finite x."""
+def activation_and_derivative(x, activation, derivative=True):
+    """act(x) and act'(x), elementwise, in x's (floating) dtype; finite for any finite x.
+    With derivative=False, act'(x) is not computed (None): the forward's cost, about half."""
     if activation == "silu":
         s = torch.sigmoid(x)
-        return x * s, s * (1 + x * (1 - s))
+        return x * s, s * (1 + x * (1 - s)) if derivative else None
     if activation == "sigmoid":
         s = torch.sigmoid(x)
-        return s, s * (1 - s)
+        return s, s * (1 - s) if derivative else None
     if activation == "relu":
-        return torch.relu(x), torch.where(x <= 0, 0.0, 1.0).to(x.dtype)  # NaN: 1, as torch
+        dact = torch.where(x <= 0, 0.0, 1.0).to(x.dtype) if derivative else None
+        return torch.relu(x), dact  # NaN: derivative 1, as torch
     if activation == "gelu":
         cdf = 0.5 * torch.special.erfc(-x * math.sqrt(0.5))  # 1 + erf(x) cancels for x < 0
+        if not derivative:
+            return x * cdf, None
         pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
         return x * cdf, cdf + x * pdf
     if activation == "gelu_tanh":
@@ -33,7 +37,10 @@ def activation_and_derivative(x, activation):
         # x^3 finite there (and the derivative's limits at +-inf). NaN stays NaN.
         xc = x.clamp(-22, 22)
         y2 = 2 * _SQRT_2_OVER_PI * (xc + _GELU_TANH_CUBIC * xc * xc * xc)
-        s, s_neg = torch.sigmoid(y2), torch.sigmoid(-y2)
+        s = torch.sigmoid(y2)
+        if not derivative:
+            return x * s, None
+        s_neg = torch.sigmoid(-y2)
         d_inner = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_CUBIC * xc * xc)
         return x * s, s + 2 * xc * s * s_neg * d_inner
     raise ValueError(
@@ -96,7 +103,7 @@ def glu_fwd(gate, up, activation):
     _check_activation(activation)
     _check_pair(gate, up)
     cdt = compute_dtype(gate.dtype)
-    act, _ = activation_and_derivative(gate.to(cdt), activation)
+    act, _ = activation_and_derivative(gate.to(cdt), activation, derivative=False)
     return (act * up.to(cdt)).to(gate.dtype).contiguous()
 
 

@@ -71,10 +71,11 @@ def lr_arguments(lr, device):
     times lr: Dynamo keeps a float graph input symbolic through that product, not through
     torch.tensor / full / scalar_tensor): as the op's float argument it made Dynamo specialise
     the graph on its value, and a scheduler's every new lr compiled the step again (8 graphs in
-    12 steps, then eager)."""
+    12 steps, then eager). MPS has no fp64: fp32 there, the precision of its updates anyway."""
     if not isinstance(lr, torch.Tensor):
         if torch.compiler.is_compiling():
-            return 0.0, torch.ones((), dtype=torch.float64, device=device) * lr
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            return 0.0, torch.ones((), dtype=dtype, device=device) * lr
         return float(lr), None
     if lr.device == device:
         return 0.0, lr

@@ -261,6 +261,54 @@ def test_input_as_its_own_residual_compiles_fullgraph(backend, kind):
             torch.testing.assert_close(a, b)
 
 
+def _graph_names(t):
+    """Class names of the autograd nodes behind t."""
+    names, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+_EAGER_CASES = {
+    "rms_norm": ("rms_norm", lambda x, r, w: FF.rms_norm(x, (8,), w, 1e-6, residual=r)),
+    "layer_norm": ("layer_norm", lambda x, r, w: FF.layer_norm(x, (8,), w, w, residual=r)),
+    "glu": ("glu", lambda x, r, w: FF.glu_family(x, r * w, "gelu")),
+    "glu_packed": ("glu", lambda x, r, w: FF.swiglu(torch.cat([x, r * w], -1))),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_EAGER_CASES))
+def test_eager_calls_match_the_registered_autograd(backend, case, monkeypatch):
+    """Eager calls run the ops through ops.eager's autograd.Function (torch's custom-op autograd
+    wrapper costs host time); outputs and gradients are bitwise those of the registered
+    autograd, which torch.compile and torch.jit.trace use."""
+    family, fn = _EAGER_CASES[case]
+    skip_unless_available(backend, family, "cpu")
+    x, r = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    w = torch.rand(8) + 0.5
+
+    def run():
+        leaves = [t.clone().requires_grad_(True) for t in (x, r, w)]
+        with fastnn.use_backend(backend):
+            out = fn(*leaves)
+        out = out[0] * out[1] if isinstance(out, tuple) else out
+        out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+        return out.detach(), [t.grad for t in leaves], _graph_names(out)
+
+    eager = run()
+    monkeypatch.setattr(fastnn.ops, "eager", fastnn.ops.get)
+    registered = run()
+    assert any(n.endswith("_eagerBackward") for n in eager[2]), eager[2]
+    assert not any(n.endswith("_eagerBackward") for n in registered[2]), registered[2]
+    assert torch.equal(eager[0], registered[0])
+    for a, b in zip(eager[1], registered[1], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_autocast_policy_runs_the_norms_in_fp32(monkeypatch):
     # The CUDA autocast policy (checked against torch under autocast in test_norms_gpu.py), with
     # its switch forced on here: the norm of bf16 input in fp32, the fused add in bf16.
@@ -434,3 +482,25 @@ def test_traced_norms_take_other_sizes_of_the_traced_rank(backend):
             module(torch.randn(2, *traced_shape))  # one more leading dim: eager takes it
             with pytest.raises(RuntimeError):
                 traced(torch.randn(2, *traced_shape))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_records_the_registered_ops(strict):
+    """torch.export (strict and not) records fastnn's ops, not the eager autograd.Function."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.ln = fastnn.RMSNorm(8), fastnn.LayerNorm(8)
+
+        def forward(self, x, r):
+            y, s = self.norm(x, r)
+            return self.ln(y) + FF.swiglu(s, y)
+
+    block, x, r = Block(), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    program = torch.export.export(block, (x, r), strict=strict)
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    for family in ("rms_norm", "layer_norm", "glu"):
+        prefix = fastnn.ops.PREFIX[fastnn._backend.resolve(family, "cpu")]
+        assert f"fastnn.{prefix}{family}_fwd.default" in targets, targets
+    torch.testing.assert_close(program.module()(x, r), block(x, r))

@@ -89,8 +89,10 @@ def _eager_function(fwd, bwd, setup_context, make_backward):
     """The autograd.Function behind eager(): fwd's registered autograd without torch's wrapper."""
 
     def bwd_below(*args):
-        if torch.is_grad_enabled():  # create_graph=True: the registered op, which refuses the
-            return bwd(*args)  # double backward with its message
+        # create_graph=True: the registered op, which refuses the double backward with its
+        # message; compiled autograd traces the registered op (Dynamo refuses the guard below).
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return bwd(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return bwd(*args)
 

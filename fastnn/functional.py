@@ -217,6 +217,9 @@ def _unflatten(out, shape, residual_out, residual):
     """The op's [rows, N] results in the input's shape: out, or (out, residual_out) when a
     residual was fused. aten._unsafe_view, not view: the results are new tensors, not views
     (torch's norms return none), so detach_() and in-place updates under no_grad work on them.
+    residual_out is a view, the one the backward saves: an _unsafe_view has a version counter of
+    its own, so an in-place change of it went unseen and the backward used the changed values
+    (silently wrong gradients; torch raises for the unfused x + r, as now here).
     Under torch.jit.trace a view: the tracer records the sizes given to a torch.ops call as
     constants (a traced norm returned its traced shape), a view's as the sizes they were read
     from; `shape` must be read before the input is flattened (a flatten or contiguous that
@@ -227,7 +230,7 @@ def _unflatten(out, shape, residual_out, residual):
         return t.view(shape) if tracing else torch.ops.aten._unsafe_view(t, shape)
 
     out = unflatten(out)
-    return out if residual is None else (out, unflatten(residual_out))
+    return out if residual is None else (out, residual_out.view(shape))
 
 
 def _vector(t, n):

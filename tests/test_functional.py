@@ -148,14 +148,16 @@ def test_layer_norm_takes_the_param_dtypes_torch_takes():
 @pytest.mark.parametrize("kind", ["rms_norm", "layer_norm"])
 def test_norm_results_are_contiguous_new_tensors_as_torch_returns(backend, kind):
     """Not views of the kernels' [rows, N] results (detach_() and in-place updates under
-    no_grad work, as on torch's), and contiguous for a transposed input, as torch's."""
+    no_grad work, as on torch's), and contiguous for a transposed input, as torch's. (The fused
+    residual sum is a view: its version counter is the saved tensor's, see
+    test_in_place_change_of_the_residual_output_is_caught.)"""
     skip_unless_available(backend, kind, "cpu")
     norm, theirs = getattr(FF, kind), getattr(F, kind)
     x = torch.randn(8, 4).t()  # [4, 8], dense, not contiguous
     with fastnn.use_backend(backend):
         out, (fused, s) = norm(x, (8,)), norm(x, (8,), residual=torch.randn(4, 8))
         assert out.stride() == theirs(x, (8,)).stride() == (8, 1)
-        assert out._base is None and fused._base is None and s._base is None
+        assert out._base is None and fused._base is None and s.is_contiguous()
         out.detach_()
         w = torch.randn(8, requires_grad=True)
         with torch.no_grad():
@@ -504,3 +506,40 @@ def test_export_records_the_registered_ops(strict):
         prefix = fastnn.ops.PREFIX[fastnn._backend.resolve(family, "cpu")]
         assert f"fastnn.{prefix}{family}_fwd.default" in targets, targets
     torch.testing.assert_close(program.module()(x, r), block(x, r))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["rms_norm", "layer_norm"])
+def test_in_place_change_of_the_residual_output_is_caught(backend, kind):
+    """The backward saves residual_out: changing it in place raises at backward, as torch does
+    for the unfused x + r (it once went unseen and the gradients came out silently wrong)."""
+    skip_unless_available(backend, kind, "cpu")
+    x, r = (torch.randn(2, 3, 8, requires_grad=True) for _ in range(2))
+    w = torch.ones(8, requires_grad=True)
+    with fastnn.use_backend(backend):
+        out, s = getattr(FF, kind)(x, (8,), w, residual=r)
+    s.mul_(100)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_compiled_autograd_traces_an_eager_forward_in_one_graph():
+    """A forward run eagerly, its backward under compiled autograd: one graph, torch's grads."""
+    from torch._dynamo import compiled_autograd
+
+    x = torch.randn(4, 8, dtype=torch.float64)
+    w = torch.rand(8, dtype=torch.float64) + 0.5
+    grads = []
+    for compiled in (False, True):
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = FF.layer_norm(xs, (8,), ws, ws, residual=xs * 2)[0].square().sum()
+        torch._dynamo.reset()
+        if compiled:
+            compiler = torch.compile(backend="aot_eager", fullgraph=True)
+            with compiled_autograd._enable(compiler):
+                loss.backward()
+        else:
+            loss.backward()
+        grads.append((xs.grad, ws.grad))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -41,7 +41,9 @@ def expected_choice(family, device):
     native = _extension.load() and torch._C._dispatch_has_kernel_for_dispatch_key(
         f"fastnn::{native_op}", device.upper()
     )
-    triton = device == "cuda" and importlib.util.find_spec(triton_module) is not None
+    triton = device == "cuda" and all(
+        importlib.util.find_spec(m) is not None for m in ("triton", triton_module)
+    )
     # On CUDA the norms prefer Triton (measured faster there), the other families native.
     order = ("triton", "native") if family in ("rms_norm", "layer_norm") else ("native", "triton")
     found = {"native": native, "triton": triton}

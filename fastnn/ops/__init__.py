@@ -6,8 +6,9 @@
 
 Each op has a fake (meta) implementation and, for forward ops, registered autograd whose backward
 calls the same backend's backward op, so torch.compile(fullgraph=True) traces through them and
-torch.library.opcheck passes; eager calls take the same ops and backward through eager(). Importing this package compiles nothing and imports no Triton: the
-Triton kernel module is imported on the first call of one of its ops.
+torch.library.opcheck passes; eager calls take the same ops and backward through eager().
+Importing this package compiles nothing and imports no Triton: the Triton kernel module is
+imported on the first call of one of its ops.
 """
 
 import importlib

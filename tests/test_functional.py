@@ -149,7 +149,7 @@ def test_layer_norm_takes_the_param_dtypes_torch_takes():
 def test_norm_results_are_contiguous_new_tensors_as_torch_returns(backend, kind):
     """Not views of the kernels' [rows, N] results (detach_() and in-place updates under
     no_grad work, as on torch's), and contiguous for a transposed input, as torch's. (The fused
-    residual sum is a view: its version counter is the saved tensor's, see
+    residual sum is the saved tensor or a view of it, with its version counter: see
     test_in_place_change_of_the_residual_output_is_caught.)"""
     skip_unless_available(backend, kind, "cpu")
     norm, theirs = getattr(FF, kind), getattr(F, kind)
@@ -510,17 +510,68 @@ def test_export_records_the_registered_ops(strict):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["rms_norm", "layer_norm"])
-def test_in_place_change_of_the_residual_output_is_caught(backend, kind):
+@pytest.mark.parametrize("shape", [(2, 3, 8), (6, 8)])  # reshaped results, or the op's own
+def test_in_place_change_of_the_residual_output_is_caught(backend, kind, shape):
     """The backward saves residual_out: changing it in place raises at backward, as torch does
     for the unfused x + r (it once went unseen and the gradients came out silently wrong)."""
     skip_unless_available(backend, kind, "cpu")
-    x, r = (torch.randn(2, 3, 8, requires_grad=True) for _ in range(2))
+    x, r = (torch.randn(shape, requires_grad=True) for _ in range(2))
     w = torch.ones(8, requires_grad=True)
     with fastnn.use_backend(backend):
         out, s = getattr(FF, kind)(x, (8,), w, residual=r)
     s.mul_(100)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["rms_norm", "layer_norm"])
+@pytest.mark.parametrize("used", ["out", "sum"])
+@pytest.mark.parametrize("shape", [(2, 3, 8), (6, 8)])
+def test_backward_through_one_of_the_fused_outputs(backend, kind, used, shape):
+    """Gradients when only the normalised output or only the residual sum feeds the loss (the
+    eager backward then gets None, not zeros, for the other: materialize_grads=False), as
+    torch's unfused norm(x + r)."""
+    skip_unless_available(backend, kind, "cpu")
+    leaves = [torch.randn(shape, dtype=torch.float64) for _ in range(2)]
+    leaves.append(torch.rand(8, dtype=torch.float64) + 0.5)
+
+    def grads(fused):
+        x, r, w = (t.clone().requires_grad_(True) for t in leaves)
+        if fused:
+            with fastnn.use_backend(backend):
+                out, s = getattr(FF, kind)(x, (8,), w, residual=r)
+        else:
+            s = x + r
+            out = getattr(F, kind)(s, (8,), w)
+        loss = (out if used == "out" else s).sin().sum()
+        return torch.autograd.grad(loss, (x, r, w), allow_unused=True)
+
+    for got, want in zip(grads(True), grads(False), strict=True):
+        if want is None:  # w, when only the sum is used
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_EAGER_CASES))
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_calls_without_grad_mode_match_calls_with_it(backend, case, mode):
+    """With grad mode off the eager call runs the op alone (no autograd.Function): results
+    bitwise those of a call that records a graph, and needing no grad."""
+    family, fn = _EAGER_CASES[case]
+    skip_unless_available(backend, family, "cpu")
+    x, r = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    w = (torch.rand(8) + 0.5).requires_grad_(True)
+    with fastnn.use_backend(backend):
+        recorded = fn(x, r, w)
+        with getattr(torch, mode)():
+            plain = fn(x, r, w)
+    recorded, plain = ((o,) if isinstance(o, torch.Tensor) else o for o in (recorded, plain))
+    for a, b in zip(recorded, plain, strict=True):
+        assert a.requires_grad and not b.requires_grad and b.grad_fn is None
+        assert torch.equal(a, b)
 
 
 def test_compiled_autograd_traces_an_eager_forward_in_one_graph():

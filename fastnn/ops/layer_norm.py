@@ -41,6 +41,8 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(bwd):
     def backward(ctx, grad_out, grad_residual_out, _grad_mean, _grad_rstd):
         x, weight, bias, mean, rstd = ctx.saved_tensors
+        if grad_out is None:  # only residual_out was used (eager calls: materialize_grads)
+            grad_out = torch.zeros_like(x)
         grad_input, grad_weight, grad_bias = bwd(
             grad_out, grad_residual_out if ctx.has_residual else None, x, weight, bias, mean, rstd
         )
@@ -59,5 +61,10 @@ ops.register_family("layer_norm", "layer_norm_fwd", TRITON_MODULE)
 ops.define("layer_norm_fwd", FWD_SCHEMA, ref.layer_norm_fwd, TRITON_MODULE, _fake_fwd)
 ops.define("layer_norm_bwd", BWD_SCHEMA, ref.layer_norm_bwd, TRITON_MODULE, _fake_bwd)
 ops.define_autograd(
-    "layer_norm_fwd", "layer_norm_bwd", _setup_context, _make_backward, "layer_norm"
+    "layer_norm_fwd",
+    "layer_norm_bwd",
+    _setup_context,
+    _make_backward,
+    "layer_norm",
+    materialize_grads=False,
 )

@@ -37,6 +37,8 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(bwd):
     def backward(ctx, grad_out, grad_residual_out, _grad_rstd):
         x, weight, rstd = ctx.saved_tensors
+        if grad_out is None:  # only residual_out was used (eager calls: materialize_grads)
+            grad_out = torch.zeros_like(x)
         grad_input, grad_weight = bwd(
             grad_out, grad_residual_out if ctx.has_residual else None, x, weight, rstd
         )
@@ -49,4 +51,11 @@ def _make_backward(bwd):
 ops.register_family("rms_norm", "rms_norm_fwd", TRITON_MODULE)
 ops.define("rms_norm_fwd", FWD_SCHEMA, ref.rms_norm_fwd, TRITON_MODULE, _fake_fwd)
 ops.define("rms_norm_bwd", BWD_SCHEMA, ref.rms_norm_bwd, TRITON_MODULE, _fake_bwd)
-ops.define_autograd("rms_norm_fwd", "rms_norm_bwd", _setup_context, _make_backward, "rms_norm")
+ops.define_autograd(
+    "rms_norm_fwd",
+    "rms_norm_bwd",
+    _setup_context,
+    _make_backward,
+    "rms_norm",
+    materialize_grads=False,
+)

@@ -11,8 +11,10 @@
 #      the time budget, so everything ends within about GPU_CHECK_BUDGET_S;
 #   4. with GPU_CHECK_SWEEP_S set, then sweeps the Triton norm kernels' launch configs for that
 #      many seconds (python -m bench.triton_sweep: sweep.md, the data for their launch policies);
-#   5. leaves build.log, tests.log, bench.log, benchmark.json, report.md, the plots, sweep/ and
-#      a summary (gpu-check.md) in bench/results/<device>-<date>/, the folder to commit.
+#   5. leaves build.log, tests.log, bench.log, benchmark.json, report.md, the plots,
+#      host_time.md (python -m bench.host_time: host time per eager call at a small shape, about
+#      a minute, after the benchmarks), sweep/ and a summary (gpu-check.md) in
+#      bench/results/<device>-<date>/, the folder to commit.
 #
 # Without a CUDA GPU it prints why and exits 2: a non-zero status, so no script can mistake a
 # machine without a GPU for a passed check. Exit 1: the build or some tests failed (the report is
@@ -142,9 +144,11 @@ esac
 last=$(grep -E '[0-9]+ (passed|failed|errors?)' "$out/tests.log" | tail -n 1)
 echo "- tests: $tests, $((SECONDS - t)) s${last:+: \`$last\`}" >>"$summary"
 
-# 3. Benchmarks and report, with what is left of the budget (at least a minute) after the sweep's.
+# 3. Benchmarks and report, with what is left of the budget (at least a minute) after the shares
+# of the host-time table and the sweep.
 SWEEP=${GPU_CHECK_SWEEP_S:-0}
-left=$((BUDGET - (SECONDS - start) - SWEEP - 20))
+HOST_TIME_S=90  # step 3b's share: ~8 torch.compile warm-ups, then seconds of timing
+left=$((BUDGET - (SECONDS - start) - SWEEP - HOST_TIME_S - 20))
 [ $left -lt 60 ] && left=60
 echo "gpu-check: benchmarks (log: bench.log, budget ${left} s)"
 t=$SECONDS
@@ -153,6 +157,12 @@ bench_k=()
 TRITON_INTERPRET=0 "$PY" -m bench.run --out "$out" --budget-s "$left" ${bench_k[@]+"${bench_k[@]}"}
 bench_rc=$?
 echo "- benchmarks: $([ $bench_rc -eq 0 ] && echo ok || echo "pytest exit $bench_rc"), $((SECONDS - t)) s; report: [report.md](report.md)" >>"$summary"
+
+# 3b. Host time per eager call at a small shape (the GPU timer above hides it by design).
+echo "gpu-check: host time per eager call (host_time.md)"
+t=$SECONDS
+TRITON_INTERPRET=0 timeout -k 10 "$HOST_TIME_S" "$PY" -m bench.host_time --out "$out" >"$out/host_time.log" 2>&1
+echo "- host time: exit $?, $((SECONDS - t)) s; table: [host_time.md](host_time.md)" >>"$summary"
 
 # 4. The launch-config sweep of the Triton norm kernels, when asked for (its own budget).
 if [ "$SWEEP" -gt 0 ]; then

@@ -189,7 +189,8 @@ class _RowsPair(torch.autograd.Function):
 
 def _rows_pair(input, residual, shape):
     """(_rows(input), _rows(residual)) for the fused residual norms (see _RowsPair)."""
-    if residual is None or _under_transform():  # torch.func transforms plain reshapes
+    # torch.func transforms plain reshapes; with grad mode off there are no gradients to route
+    if residual is None or _under_transform() or not torch.is_grad_enabled():
         return _rows(input, shape), _rows(residual, shape)
     if residual is input:  # norm(x + x): one tensor, whose two gradients autograd sums (and
         rows = _rows(input, shape)  # Dynamo refuses an autograd.Function given a tensor twice)

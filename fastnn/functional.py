@@ -190,7 +190,9 @@ class _RowsPair(torch.autograd.Function):
 def _rows_pair(input, residual, shape):
     """(_rows(input), _rows(residual)) for the fused residual norms (see _RowsPair)."""
     # torch.func transforms plain reshapes; with grad mode off there are no gradients to route
-    if residual is None or _under_transform() or not torch.is_grad_enabled():
+    # (torch.jit.trace's check traces without grad mode: one graph for both)
+    no_grad = not torch.is_grad_enabled() and not torch.jit.is_tracing()
+    if residual is None or _under_transform() or no_grad:
         return _rows(input, shape), _rows(residual, shape)
     if residual is input:  # norm(x + x): one tensor, whose two gradients autograd sums (and
         rows = _rows(input, shape)  # Dynamo refuses an autograd.Function given a tensor twice)

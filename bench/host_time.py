@@ -176,23 +176,10 @@ def table(results):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    results, skipped = [], {}
-    for case in args.cases.split(","):
-        for mode in MODES:
-            times, why = measure(case, mode, args.calls, args.rounds)
-            results.append({"case": case, "mode": mode, "times": times})
-            skipped.update({f"{impl} ({case})": w for impl, w in why.items()})
-            print(f"host_time: {case}, {mode}: done", file=sys.stderr, flush=True)
+def _report(results, skipped, args):
     dtype = "bf16" if harness.DEVICE == "cuda" else "fp32"
     threads = "" if harness.DEVICE == "cuda" else f", {torch.get_num_threads()} threads"
-    report = (
+    return (
         f"# Host time per eager call: {harness.device_name()}{threads}\n\n"
         f"us per call, median of {args.rounds} rounds of {args.calls} back-to-back calls, input "
         f"{list(SHAPE)} {dtype}; torch {torch.__version__}; `python -m bench.host_time` "
@@ -200,13 +187,30 @@ def main(argv=None):
         f"{table(results)}\n\n"
         + "".join(f"- skipped {k}: {w}\n" for k, w in sorted(skipped.items()))
     )
-    print(report)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "host_time.md"), "w") as f:
-            f.write(report)
-        with open(os.path.join(args.out, "host_time.json"), "w") as f:
-            json.dump({"shape": SHAPE, "dtype": dtype, "results": results}, f, indent=1)
+    results, skipped = [], {}
+    for case in args.cases.split(","):
+        for mode in MODES:
+            times, why = measure(case, mode, args.calls, args.rounds)
+            results.append({"case": case, "mode": mode, "times": times})
+            skipped.update({f"{impl} ({case})": w for impl, w in why.items()})
+            print(f"host_time: {case}, {mode}: done", file=sys.stderr, flush=True)
+            if args.out:  # rewritten after every case: a run cut short keeps what it measured
+                with open(os.path.join(args.out, "host_time.md"), "w") as f:
+                    f.write(_report(results, skipped, args))
+                with open(os.path.join(args.out, "host_time.json"), "w") as f:
+                    json.dump({"shape": SHAPE, "results": results}, f, indent=1)
+    print(_report(results, skipped, args))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ SwiGLU on [2, 8, 1024] input (bf16 on a GPU, fp32 on the CPU), each as a forward
 torch.no_grad (inference) and as forward + backward (training, .backward() into leaves). A
 round times `calls` back-to-back calls of one implementation, wall clock, the device
 synchronised before and after, and reports the time per call; the implementations take turns
-within each round (a burst of load on a shared host hits all alike); the median of `rounds`
-rounds is reported. On a GPU the kernels of these shapes run faster than the host queues them,
+within each round, in a shuffled order (a burst of load on a shared host hits all alike); the
+median of `rounds` rounds is reported. On a GPU the kernels of these shapes run faster than the host queues them,
 so the time per call is the host's.
 
 Implementations: `eager` (torch's ops), `compile` (torch.compile of the same eager code),
@@ -22,6 +22,7 @@ Results: host_time.md and host_time.json in --out (default: printed only).
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -153,7 +154,9 @@ def measure(case, mode, calls, rounds, impl_names=IMPLS):
                 _round(steps[impl], 1, mode)
     times = {impl: [] for impl in steps}
     for r in range(rounds):
-        order = list(steps)[r % len(steps) :] + list(steps)[: r % len(steps)]
+        # Shuffled per round, so that no implementation always runs right after the same one.
+        order = list(steps)
+        random.Random(r).shuffle(order)
         for impl in order:
             with fastnn.use_backend(_backend_of(impl)):
                 times[impl].append(_round(steps[impl], calls, mode))

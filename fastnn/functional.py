@@ -223,17 +223,26 @@ def _unflatten(out, shape, residual_out, residual):
     """The op's [rows, N] results in the input's shape: out, or (out, residual_out) when a
     residual was fused. aten._unsafe_view, not view: the results are new tensors, not views
     (torch's norms return none), so detach_() and in-place updates under no_grad work on them.
-    residual_out is the tensor the backward saves, or a view of it: an _unsafe_view has a
-    version counter of its own, so an in-place change of it went unseen and the backward used
-    the changed values (silently wrong gradients; torch raises for the unfused x + r, as now).
+    With grad mode on, residual_out is the tensor the backward saves, or a view of it: an
+    _unsafe_view has a version counter of its own, so an in-place change of it went unseen and
+    the backward used the changed values (silently wrong gradients; torch raises for the unfused
+    x + r, as now); with grad mode off nothing is saved, and it is a new tensor too.
     Under torch.jit.trace a view: the tracer records the sizes given to a torch.ops call as
     constants (a traced norm returned its traced shape), a view's as the sizes they were read
     from; `shape` must be read before the input is flattened (a flatten or contiguous that
     changes nothing returns the input itself, whose sizes the tracer then reads off the result)."""
     if out.shape == shape:  # a 2-D input's results are in its shape (3.3 us less per call)
         return out if residual is None else (out, residual_out)
-    out = out.view(shape) if torch.jit.is_tracing() else torch.ops.aten._unsafe_view(out, shape)
-    return out if residual is None else (out, residual_out.view(shape))
+    tracing = torch.jit.is_tracing()
+
+    def unflatten(t):
+        return t.view(shape) if tracing else torch.ops.aten._unsafe_view(t, shape)
+
+    if residual is None:
+        return unflatten(out)
+    # (one graph for torch.jit.trace, whose check traces without grad mode)
+    saved = tracing or torch.is_grad_enabled()
+    return unflatten(out), residual_out.view(shape) if saved else unflatten(residual_out)
 
 
 def _vector(t, n):

@@ -40,9 +40,9 @@ def _setup_context(ctx, inputs, output):
 
 def _make_backward(bwd):
     def backward(ctx, grad_out, grad_residual_out, _grad_mean, _grad_rstd):
+        if grad_out is None:  # only the residual sum fed the loss (eager calls)
+            return grad_residual_out, grad_residual_out, None, None, None
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        if grad_out is None:  # only residual_out was used (eager calls: materialize_grads)
-            grad_out = torch.zeros_like(x)
         grad_input, grad_weight, grad_bias = bwd(
             grad_out, grad_residual_out if ctx.has_residual else None, x, weight, bias, mean, rstd
         )

@@ -605,6 +605,81 @@ def test_master_weights_state_dict_round_trip(backend):
         assert torch.equal(opt_b.state[p]["master_param"], ref_opt.state[q]["master_param"])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["AdamW", "RMSprop"])
+def test_master_weights_follow_writes_outside_step(backend, cls):
+    """A param written between steps (a model's load_state_dict, a clamp under no_grad) keeps
+    the write: its master restarts from it, as an fp32 run written the same way (the stale
+    master made the next step undo the write)."""
+    skip_unless_available(backend, cls.lower().rstrip("w"), "cpu")
+    params = make_params(torch.bfloat16, shapes=[(33, 7), (5,)], backend=backend)
+    grads = make_grads(params, 4)
+    ours = clone_leaves(params)
+    ref32 = [torch.nn.Parameter(p.float()) for p in params]
+    opt = getattr(fastnn.optim, cls)(ours, lr=0.02, master_weights=True)
+    ref_opt = getattr(torch.optim, cls)(ref32, lr=0.02, foreach=False)
+    grads32 = [[g.float() for g in gs] for gs in grads]
+    with fastnn.use_backend(backend):
+        run(opt, ours, grads[:2])
+        run(ref_opt, ref32, grads32[:2])
+        with torch.no_grad():
+            for p, r in zip(ours, ref32, strict=True):
+                p.fill_(5.0)
+                r.fill_(5.0)
+        run(opt, ours, grads[2:])
+        run(ref_opt, ref32, grads32[2:])
+    for p, r in zip(ours, ref32, strict=True):
+        assert_rel_close(opt.state[p]["master_param"], r.detach().double(), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_master_weights_loaded_with_the_model_hold(backend):
+    """Resuming in the same process (the model's params copied back, then the optimizer's
+    state_dict loaded) keeps the saved fp32 masters, not masters rounded from the params."""
+    skip_unless_available(backend, "adam", "cpu")
+    params = make_params(torch.bfloat16, shapes=[(33, 7), (5,)], backend=backend)
+    grads = make_grads(params, 4)
+    ours, fresh = clone_leaves(params), None
+    with fastnn.use_backend(backend):
+        opt = AdamW(ours, lr=0.02, master_weights=True)
+        run(opt, ours, grads[:2])
+        saved_params = [p.detach().clone() for p in ours]
+        saved = copy.deepcopy(opt.state_dict())
+        run(opt, ours, grads[2:3])
+        with torch.no_grad():
+            for p, q in zip(ours, saved_params, strict=True):
+                p.copy_(q)
+        opt.load_state_dict(copy.deepcopy(saved))  # (the steps count in the loaded tensors)
+        run(opt, ours, grads[3:])
+        fresh = [torch.nn.Parameter(q.clone()) for q in saved_params]
+        fresh_opt = AdamW(fresh, lr=0.02, master_weights=True)
+        fresh_opt.load_state_dict(saved)
+        run(fresh_opt, fresh, grads[3:])
+    for p, q in zip(ours, fresh, strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["master_param"], fresh_opt.state[q]["master_param"])
+
+
+def test_user_load_state_dict_pre_hooks_edit_the_master_weights_state():
+    """fastnn's own pre-hook (which keeps fp32 state from torch's cast) runs after the user's,
+    on the state_dict they return."""
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    opt = AdamW([p], lr=0.01, master_weights=True)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    saved = opt.state_dict()
+
+    def zero_exp_avg(optimizer, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["state"][0]["exp_avg"] = torch.zeros(3)
+        return state_dict
+
+    opt.register_load_state_dict_pre_hook(zero_exp_avg)
+    opt.load_state_dict(saved)
+    assert torch.equal(opt.state[p]["exp_avg"], torch.zeros(3))
+    assert opt.state[p]["exp_avg"].dtype == torch.float32
+
+
 def test_master_weights_from_torch_state_dict():
     # A torch.optim state_dict has no master weights: the optimizer's own choice stays, masters
     # start from the params and the loaded bf16 moments become fp32.

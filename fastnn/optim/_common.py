@@ -111,6 +111,7 @@ class FusedStepMixin:
         for group in self.param_groups:
             group.setdefault("master_weights", bool(master_weights))
         self._register_fp32_hooks()
+        self._master_versions = {}  # id(param) -> its _version after its last update
 
     def _register_fp32_hooks(self):
         # Hooks are not pickled (torch.optim.Optimizer.__getstate__ keeps defaults, state and
@@ -126,6 +127,17 @@ class FusedStepMixin:
         for group in self.param_groups:
             group.setdefault("master_weights", self.defaults["master_weights"])
         self._register_fp32_hooks()
+        # (load_state_dict calls this too: loaded masters hold, whatever wrote the params)
+        self._master_versions = {}
+
+    def load_state_dict(self, state_dict):
+        # fastnn's pre-hook keeps the saved fp32 state from torch's cast to the params' dtypes:
+        # it runs after the user's pre-hooks, on the state_dict they return.
+        hooks = self._optimizer_load_state_dict_pre_hooks
+        for key, hook in list(hooks.items()):
+            if hook is _keep_fp32_state:
+                hooks.move_to_end(key)
+        super().load_state_dict(state_dict)
 
     # GradScaler calls step() with grad_scale / found_inf set (the fused protocol: the kernels
     # unscale, and a step with an inf found writes nothing, with no host sync) when this is True:
@@ -178,9 +190,19 @@ class FusedStepMixin:
             # An integer step from a state_dict (torch's for-loop accepts one); the kernels count
             # in floating point, as torch.optim's own step tensors do.
             state["step"] = step.to(_get_scalar_dtype(is_fused=group.get("fused")))
-        if master and MASTER not in state:
+        if master and (MASTER not in state or self._written_outside_step(p)):
             state[MASTER] = p.detach().to(torch.float32, copy=True)
         return state
+
+    def _written_outside_step(self, p):
+        """Whether p changed since its last update here (a model's load_state_dict, an in-place
+        clamp or copy under no_grad): its master copy is stale and restarts from p, or the next
+        step would undo the change. Writes through p.data are not seen (it has a version
+        counter of its own); torch.compile skips the check."""
+        if torch.compiler.is_compiling():
+            return False
+        seen = self._master_versions.get(id(p))
+        return seen is not None and seen != p._version
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -206,6 +228,9 @@ class FusedStepMixin:
                 for (device, _, special), idx in _buckets(params, occurrence).items():
                     bucket = ([params[i] for i in idx], [states[i] for i in idx])
                     self._update_bucket(group, device, *bucket, special, scale, found_inf)
+            if group.get("master_weights") and not torch.compiler.is_compiling():
+                for p in params:
+                    self._master_versions[id(p)] = p._version
         return loss
 
     def _check_group(self, group):

@@ -52,6 +52,7 @@ class Adam(_AdamStep, torch.optim.Adam):
 
     master_weights (keyword-only, fastnn's): keep fp32 copies of fp16 / bf16 params and fp32
     moments in the optimizer state; the update runs on them and the params get the rounded copy.
+    A param written between steps (not through .data) restarts its copy from the written value.
     """
 
     def __init__(

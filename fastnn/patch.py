@@ -199,10 +199,12 @@ def _verify_rms_norm(module):
     # 3-D, its middle dim not N: a norm over dim 1 (channels first) fails or disagrees.
     x = x.view(2, 2, n) if n != 2 else x.view(1, 4, n)
     probe_weight = 1 + 0.5 * _randn((n,), weight, seed=1)
-    # A bf16 input too where the weight is wider: fastnn returns the input's dtype (as
-    # torch.nn.RMSNorm), norms that multiply by the weight last (HF's LlamaRMSNorm) the
-    # promotion of both, which the replacement must keep (the next layer expects it).
-    probes = [x] if weight.dtype.itemsize <= 2 else [x, x.to(torch.bfloat16)]
+    # A second input dtype: bf16 where the weight is wider, fp32 where it is 16-bit. fastnn
+    # returns the input's dtype (as torch.nn.RMSNorm), norms that multiply by the weight last
+    # (HF's LlamaRMSNorm) the promotion of both, which the replacement must keep (the next
+    # layer expects it); norms that cast to a 16-bit weight's dtype (HF's T5LayerNorm: bf16 out
+    # of the fp32 residual stream of a bf16 T5) do neither and are left alone.
+    probes = [x, x.float()] if weight.dtype.itemsize <= 2 else [x, x.to(torch.bfloat16)]
     original = module._parameters["weight"]
     module._parameters["weight"] = nn.Parameter(probe_weight, requires_grad=False)
     try:

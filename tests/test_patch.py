@@ -326,6 +326,28 @@ def test_a_norm_whose_output_follows_its_fp32_weight_keeps_doing_so():
     assert model[1](torch.randn(2, 8)).dtype == torch.float32
 
 
+class CastToWeightRMSNorm(ThirdPartyRMSNorm):
+    """As HF's T5LayerNorm: the output takes a 16-bit weight's dtype, whatever the input's."""
+
+    def forward(self, x):
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            h = h.to(self.weight.dtype)
+        return self.weight * h
+
+
+def test_a_norm_that_casts_to_its_16_bit_weight_dtype_is_left_alone():
+    """bf16 out of fp32 input (a bf16 T5 keeps its residual stream in fp32): fastnn's norms
+    return the input's dtype, and the next bf16 Linear would refuse fp32."""
+    model = nn.ModuleDict({"t5": CastToWeightRMSNorm(8), "llama": ThirdPartyRMSNorm(8)})
+    model.bfloat16()
+    report = patch(model)
+    assert [r.path for r in report] == ["llama"]
+    why = dict(report.skipped)["t5"]
+    assert "returns torch.bfloat16 for torch.float32 input" in why, why
+    assert model["llama"](torch.randn(2, 8)).dtype == torch.float32  # promotion, as before
+
+
 def test_rejects_non_modules():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         patch(lambda x: x)

@@ -356,10 +356,14 @@ def glu_family(gate, up=None, activation="silu", *, inplace_backward=False):
         _check_float(up, "up", NotImplementedError)
         if gate.shape != up.shape:
             raise RuntimeError(
-                f"fastnn: gate of shape {list(gate.shape)} and up of shape {list(up.shape)} differ"
+                f"fastnn: gate of shape {list(gate.shape)} and up of shape {list(up.shape)} "
+                "differ; the GLU ops do not broadcast (expand them to one shape first)"
             )
         if gate.dtype != up.dtype:
-            raise RuntimeError(f"fastnn: gate has dtype {gate.dtype} but up has {up.dtype}")
+            raise RuntimeError(
+                f"fastnn: gate has dtype {gate.dtype} but up has {up.dtype}; the GLU ops do not "
+                "promote (cast them to one dtype first)"
+            )
         _check_same_device(up, "up", gate, "gate")
     backend = _backend.resolve("glu", gate.device.type)
     if inplace_backward and not _under_transform():  # an eager memory saving; plain ops there

@@ -108,6 +108,10 @@ def test_bad_glu_input_is_named():
     g = torch.randn(3, 4)
     with pytest.raises(RuntimeError, match=r"gate of shape \[3, 4\] and up of shape \[3, 5\]"):
         FF.swiglu(g, torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match=r"\[4\] differ; the GLU ops do not broadcast"):
+        FF.swiglu(g, torch.randn(4))  # torch's silu(g) * u would broadcast
+    with pytest.raises(RuntimeError, match="torch.bfloat16; the GLU ops do not promote"):
+        FF.swiglu(g, g.bfloat16())
     with pytest.raises(RuntimeError, match="torch.int32"):
         FF.swiglu(g.int(), g.int())
     with pytest.raises(RuntimeError, match="up is on meta but gate is on cpu"):

@@ -14,7 +14,8 @@ class RMSprop(_common.FusedStepMixin, torch.optim.RMSprop):
     """torch.optim.RMSprop (same signature, defaults, state_dict) with a fused step().
 
     master_weights (keyword-only, fastnn's): keep fp32 copies of fp16 / bf16 params and fp32
-    square_avg / grad_avg / momentum_buffer in the optimizer state.
+    square_avg / grad_avg / momentum_buffer in the optimizer state. A param written between
+    steps (not through .data) restarts its copy from the written value.
     """
 
     FAMILY = "rmsprop"

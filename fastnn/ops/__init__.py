@@ -92,24 +92,33 @@ def define_autograd(
         )
 
 
+def _below_autograd(op):
+    """op called below the Autograd key: no torch wrapper, no graph recorded."""
+
+    def call(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    return call
+
+
 def _eager_function(fwd, bwd, setup_context, make_backward, materialize_grads):
     """The function behind eager(): fwd's registered autograd without torch's wrapper, or with
     grad mode off the op alone."""
+    fwd_below, bwd_below = _below_autograd(fwd), _below_autograd(bwd)
 
-    def bwd_below(*args):
+    def backward_op(*args):
         # create_graph=True: the registered op, which refuses the double backward with its
-        # message; compiled autograd traces the registered op (Dynamo refuses the guard below).
+        # message; compiled autograd traces the registered op (Dynamo refuses the guard).
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return bwd(*args)
-        with torch._C._AutoDispatchBelowAutograd():
-            return bwd(*args)
+        return bwd_below(*args)
 
     def forward(ctx, *args):
         # Zeros for the norms' unused mean / rstd grads cost ~6 us per backward ([4, 64]
         # LayerNorm, one AMD EPYC core).
         ctx.set_materialize_grads(materialize_grads)
-        with torch._C._AutoDispatchBelowAutograd():
-            output = fwd(*args)
+        output = fwd_below(*args)
         setup_context(ctx, args, output)
         return output
 
@@ -118,7 +127,7 @@ def _eager_function(fwd, bwd, setup_context, make_backward, materialize_grads):
     function = type(
         name,
         (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "backward": staticmethod(make_backward(bwd_below))},
+        {"forward": staticmethod(forward), "backward": staticmethod(make_backward(backward_op))},
     )
     apply = function.apply
 
@@ -128,8 +137,7 @@ def _eager_function(fwd, bwd, setup_context, make_backward, materialize_grads):
         # no_grad / inference_mode (which records no graph even under enable_grad): no
         # autograd.Function (2.6 us of 6.9 per LayerNorm forward, [4, 64] fp32, one AMD EPYC
         # core).
-        with torch._C._AutoDispatchBelowAutograd():
-            return fwd(*args)
+        return fwd_below(*args)
 
     return call
 

@@ -258,15 +258,24 @@ def test_gradcheck_fp64(backend, activation):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_double_backward_is_a_clear_error(backend):
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradgradcheck_fp64(backend, activation):
     skip_unless_available(backend, "glu", "cpu")
-    g = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    u = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    gen = torch.Generator().manual_seed(3)
+    g = (torch.randn(3, 5, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    u = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    gu = torch.randn(3, 10, generator=gen, dtype=torch.float64, requires_grad=True)
     with fastnn.use_backend(backend):
-        out = FF.swiglu(g, u)
-    (dg,) = torch.autograd.grad(out.sum(), g, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        dg.sum().backward()
+        assert torch.autograd.gradgradcheck(lambda a, b: FF.glu_family(a, b, activation), (g, u))
+        assert torch.autograd.gradgradcheck(lambda a: FF.glu_family(a, None, activation), (gu,))
+
+
+def test_inplace_backward_refuses_double_backward():
+    g = torch.randn(2, 3, requires_grad=True)
+    u = torch.randn(2, 3, requires_grad=True)
+    out = FF.swiglu(g * 1, u * 1, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="inplace_backward=True has no double backward"):
+        torch.autograd.grad(out.square().sum(), g, create_graph=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -138,9 +138,22 @@ def test_opcheck_optimizer_ops(backend, name):
     torch.library.opcheck(ops.get(backend, name), args, kwargs)
 
 
-def test_double_backward_is_refused_clearly():
-    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    out, _, _ = ops.get("torch", "rms_norm_fwd")(x, None, None, 1e-6)
-    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward through rms_norm is not supported"):
-        gx.sum().backward()
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_registered_ops_double_backward(backend):
+    """The registered ops (what torch.compile, export and jit.trace see) differentiate twice:
+    each backward op's autograd is its reference's vector-Jacobian product."""
+    skip_unless_available(backend, "rms_norm", "cpu")
+    gen = torch.Generator().manual_seed(5)
+    x, r, g, u = (torch.randn(3, 6, generator=gen, dtype=torch.float64) for _ in range(4))
+    w, b = (torch.randn(6, generator=gen, dtype=torch.float64) for _ in range(2))
+    gu = torch.randn(3, 12, generator=gen, dtype=torch.float64)
+    cases = [
+        ("rms_norm_fwd", (x, r, w), lambda op, x, r, w: op(x, r, w, 1e-6)[:2]),
+        ("layer_norm_fwd", (x, r, w, b), lambda op, x, r, w, b: op(x, r, w, b, 1e-6)[:2]),
+        ("glu_fwd", (g, u), lambda op, g, u: op(g, u, "gelu")),
+        ("glu_packed_fwd", (gu,), lambda op, gu: op(gu, "silu")),
+    ]
+    for name, inputs, call in cases:
+        op = ops.get(backend, name)
+        inputs = [t.clone().requires_grad_() for t in inputs]
+        assert torch.autograd.gradgradcheck(lambda *a, op=op, call=call: call(op, *a), inputs)

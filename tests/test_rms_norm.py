@@ -15,6 +15,7 @@ from norm_cases import (
     check_against_oracle,
     check_compile_block,
     check_deterministic,
+    check_double_backward,
     check_eps,
     check_grad_subsets,
     check_module_dropin,
@@ -148,6 +149,12 @@ def test_weight_grad_bitwise_deterministic(backend, device):
 def test_gradcheck_fp64(backend):
     skip(KIND, backend, "cpu")
     gradcheck_case(KIND, backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_double_backward(backend, device):
+    skip(KIND, backend, device)
+    check_double_backward(KIND, backend, device)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)

@@ -5,7 +5,7 @@
 - `fastnn::ref_<name>`: the torch backend (fastnn/reference/<family>.py).
 
 Each op has a fake (meta) implementation and, for forward ops, registered autograd whose backward
-calls the same backend's backward op, so torch.compile(fullgraph=True) traces through them and
+calls the same backend's backward op (whose own autograd is the double backward), so torch.compile(fullgraph=True) traces through them and
 torch.library.opcheck passes; eager calls take the same ops and backward through eager().
 Importing this package compiles nothing and imports no Triton: the Triton kernel module is
 imported on the first call of one of its ops.
@@ -20,6 +20,7 @@ from fastnn import _backend, _extension
 PREFIX = {"torch": "ref_", "native": "", "triton": "triton_"}
 _SCHEMAS = {}  # op name -> schema (without the name), as declared in csrc/library.cpp
 _EAGER = {}  # (backend, forward op name) -> its eager autograd.Function's apply
+_REFERENCE = {}  # op name -> its reference function (fastnn/reference/<family>.py)
 
 
 def get(backend, name):
@@ -54,6 +55,7 @@ def define(name, schema, reference, triton_module, fake, mutates_args=()):
     """Register `name` for the torch and Triton backends with `schema`, and `fake` as the fake
     implementation of all three backends' ops."""
     _SCHEMAS[name] = schema
+    _REFERENCE[name] = reference
     for backend, impl in (("torch", reference), ("triton", _lazy_triton(triton_module, name))):
         op = torch.library.custom_op(
             f"fastnn::{PREFIX[backend]}{name}", impl, mutates_args=mutates_args, schema=schema
@@ -66,30 +68,74 @@ def define(name, schema, reference, triton_module, fake, mutates_args=()):
 
 
 def define_autograd(
-    fwd_name, bwd_name, setup_context, make_backward, family, materialize_grads=True
+    fwd_name, bwd_name, setup_context, make_backward, materialize_grads=True, stats=None
 ):
     """Register autograd for every backend's `fwd_name` op: the backward calls that backend's
-    `bwd_name` op. Backward ops get an autograd formula that refuses double backward clearly.
+    `bwd_name` op, whose own autograd (double backward) is the reference backward's
+    vector-Jacobian product (_double_backward; `stats`: see there).
     materialize_grads=False: in eager calls the backward gets None for the grads of outputs
     that nothing used (the norms' mean and rstd) instead of zeros, and takes a None grad_out."""
-
-    def no_double_backward(ctx, *grads):
-        raise RuntimeError(
-            f"fastnn: double backward through {family} is not supported (its backward op "
-            f"fastnn::{bwd_name} has no derivative); for higher-order grads use torch.func "
-            "(grad of grad, hessian: fastnn runs plain torch ops under its transforms) or the "
-            "torch modules"
-        )
-
+    bwd_setup_context, bwd_backward = _double_backward(_REFERENCE[bwd_name], stats)
     for backend in available_backends():
         fwd, bwd = get(backend, fwd_name), get(backend, bwd_name)
         torch.library.register_autograd(fwd._name, make_backward(bwd), setup_context=setup_context)
-        torch.library.register_autograd(
-            bwd._name, no_double_backward, setup_context=lambda ctx, inputs, output: None
-        )
+        torch.library.register_autograd(bwd._name, bwd_backward, setup_context=bwd_setup_context)
         _EAGER[(backend, fwd_name)] = _eager_function(
             fwd, bwd, setup_context, make_backward, materialize_grads
         )
+
+
+def _double_backward(reference, stats):
+    """(setup_context, backward) of a backward op: the vector-Jacobian product of `reference`,
+    its formula in plain torch ops, rerun on the saved inputs under autograd (any backend: the
+    kernels have no derivative of their own; a double backward is rare enough, gradient
+    penalties, Hessian-vector products, to take the unfused ops). create_graph on the second
+    backward records it too, so any order works.
+
+    The norms' backward ops take the forward's mean / rstd, which depend on x, but the forward
+    op's backward drops their grads (they are not results anyone uses: a pass over x fewer in
+    every backward). stats(args) returns args with the statistics replaced by functions of x
+    whose value is the saved one and whose derivative is the statistic's: their part of the
+    derivative lands in x's grad, and the saved statistics get none."""
+
+    def setup_context(ctx, inputs, output):
+        is_tensor = [isinstance(a, torch.Tensor) for a in inputs]
+        ctx.other_args = [None if t else a for a, t in zip(inputs, is_tensor, strict=True)]
+        ctx.save_for_backward(*(a if t else None for a, t in zip(inputs, is_tensor, strict=True)))
+
+    def backward(ctx, *grads):
+        saved = zip(ctx.saved_tensors, ctx.other_args, strict=True)
+        args = [a if a is not None else t for t, a in saved]
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad) if need]
+        result = [None] * len(args)
+        if not wanted:
+            return tuple(result)
+
+        def reference_of_wanted(*primals):
+            full = list(args)
+            for i, p in zip(wanted, primals, strict=True):
+                full[i] = p
+            outputs = reference(*(stats(full) if stats else full))
+            return outputs if isinstance(outputs, tuple) else (outputs,)
+
+        # torch.func.vjp differentiates with respect to the wanted inputs alone (autograd.grad
+        # would also follow grad_out's own history back to x), and records its ops for the
+        # outer autograd when create_graph is set.
+        _, vjp = torch.func.vjp(reference_of_wanted, *(args[i] for i in wanted))
+        for i, g in zip(wanted, vjp(grads), strict=True):
+            result[i] = g
+        return tuple(result)
+
+    return setup_context, backward
+
+
+def rstd_following(rstd, second_moment):
+    """A norm's saved rstd as a function of its row's second moment m (for stats= of
+    define_autograd): the saved value, and the derivative of 1 / sqrt(m + eps), with eps
+    recovered as 1 / rstd^2 - m (the backward ops do not take eps)."""
+    eps = rstd.detach().pow(-2) - second_moment.detach()
+    follow = torch.rsqrt(second_moment + eps)
+    return rstd.detach() + (follow - follow.detach())
 
 
 def _below_autograd(op):
@@ -108,8 +154,8 @@ def _eager_function(fwd, bwd, setup_context, make_backward, materialize_grads):
     fwd_below, bwd_below = _below_autograd(fwd), _below_autograd(bwd)
 
     def backward_op(*args):
-        # create_graph=True: the registered op, which refuses the double backward with its
-        # message; compiled autograd traces the registered op (Dynamo refuses the guard).
+        # create_graph=True: the registered op, whose autograd is the double backward;
+        # compiled autograd traces the registered op (Dynamo refuses the guard).
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return bwd(*args)
         return bwd_below(*args)

@@ -66,9 +66,9 @@ ops.define("glu_fwd", FWD_SCHEMA, ref.glu_fwd, TRITON_MODULE, _fake_fwd)
 ops.define("glu_bwd", BWD_SCHEMA, ref.glu_bwd, TRITON_MODULE, _fake_bwd)
 ops.define("glu_packed_fwd", PACKED_FWD_SCHEMA, ref.glu_packed_fwd, TRITON_MODULE, _fake_packed_fwd)
 ops.define("glu_packed_bwd", PACKED_BWD_SCHEMA, ref.glu_packed_bwd, TRITON_MODULE, _fake_packed_bwd)
-ops.define_autograd("glu_fwd", "glu_bwd", _setup_context, _make_backward, "glu")
+ops.define_autograd("glu_fwd", "glu_bwd", _setup_context, _make_backward)
 ops.define_autograd(
-    "glu_packed_fwd", "glu_packed_bwd", _setup_context_packed, _make_backward_packed, "glu"
+    "glu_packed_fwd", "glu_packed_bwd", _setup_context_packed, _make_backward_packed
 )
 
 
@@ -136,6 +136,12 @@ class InplaceBackwardGLU(torch.autograd.Function):
                 "fastnn: this GLU was called with inplace_backward=True: its first backward "
                 "wrote the gradients over gate and up, so it cannot run backward again; use "
                 "inplace_backward=False to backward twice"
+            )
+        if torch.is_grad_enabled():  # its results are gate / up overwritten: no graph to record
+            raise RuntimeError(
+                "fastnn: a GLU called with inplace_backward=True has no double backward "
+                "(create_graph=True): its backward writes the gradients over gate and up; use "
+                "inplace_backward=False"
             )
         ctx.consumed = True
         saved = ctx.saved_tensors

@@ -57,6 +57,17 @@ def _make_backward(bwd):
     return backward
 
 
+def _stats_following_x(args):
+    """The backward op's args with mean and rstd functions of x (double backward;
+    ops.define_autograd)."""
+    grad_out, grad_residual_out, x, weight, bias, mean, rstd = args
+    xc = x.to(rstd.dtype)
+    row_mean = xc.mean(-1)
+    mean = mean.detach() + (row_mean - row_mean.detach())
+    rstd = ops.rstd_following(rstd, (xc - mean[:, None]).square().mean(-1))
+    return grad_out, grad_residual_out, x, weight, bias, mean, rstd
+
+
 ops.register_family("layer_norm", "layer_norm_fwd", TRITON_MODULE)
 ops.define("layer_norm_fwd", FWD_SCHEMA, ref.layer_norm_fwd, TRITON_MODULE, _fake_fwd)
 ops.define("layer_norm_bwd", BWD_SCHEMA, ref.layer_norm_bwd, TRITON_MODULE, _fake_bwd)
@@ -65,6 +76,6 @@ ops.define_autograd(
     "layer_norm_bwd",
     _setup_context,
     _make_backward,
-    "layer_norm",
     materialize_grads=False,
+    stats=_stats_following_x,
 )

@@ -48,6 +48,13 @@ def _make_backward(bwd):
     return backward
 
 
+def _stats_following_x(args):
+    """The backward op's args with rstd a function of x (double backward; ops.define_autograd)."""
+    grad_out, grad_residual_out, x, weight, rstd = args
+    rstd = ops.rstd_following(rstd, x.to(rstd.dtype).square().mean(-1))
+    return grad_out, grad_residual_out, x, weight, rstd
+
+
 ops.register_family("rms_norm", "rms_norm_fwd", TRITON_MODULE)
 ops.define("rms_norm_fwd", FWD_SCHEMA, ref.rms_norm_fwd, TRITON_MODULE, _fake_fwd)
 ops.define("rms_norm_bwd", BWD_SCHEMA, ref.rms_norm_bwd, TRITON_MODULE, _fake_bwd)
@@ -56,6 +63,6 @@ ops.define_autograd(
     "rms_norm_bwd",
     _setup_context,
     _make_backward,
-    "rms_norm",
     materialize_grads=False,
+    stats=_stats_following_x,
 )

@@ -5,8 +5,9 @@
 - `fastnn::ref_<name>`: the torch backend (fastnn/reference/<family>.py).
 
 Each op has a fake (meta) implementation and, for forward ops, registered autograd whose backward
-calls the same backend's backward op (whose own autograd is the double backward), so torch.compile(fullgraph=True) traces through them and
-torch.library.opcheck passes; eager calls take the same ops and backward through eager().
+calls the same backend's backward op (whose own autograd is the double backward), so
+torch.compile(fullgraph=True) traces through them and torch.library.opcheck passes; eager calls
+take the same ops and backward through eager().
 Importing this package compiles nothing and imports no Triton: the Triton kernel module is
 imported on the first call of one of its ops.
 """

@@ -8,8 +8,10 @@ What it replaces:
   types; fastnn's subclass torch's, so the module object itself changes class, hooks included);
 - LLaMA-style MLPs of any library, recognised by structure: children `gate_proj`, `up_proj`,
   `down_proj` that are `nn.Linear` ([H -> I], [H -> I], [I -> H]), no other parameters, and a
-  forward that computes down_proj(silu(gate_proj(x)) * up_proj(x)) -> `fastnn.SwiGLUMLP` holding
-  the same Linear modules;
+  forward that computes down_proj(act(gate_proj(x)) * up_proj(x)) for an activation fastnn has
+  (silu: LLaMA, Mistral, Qwen; gelu_tanh: Gemma; gelu, relu, sigmoid) -> `fastnn.SwiGLUMLP`
+  with that activation, holding the same Linear modules (gelu and gelu_tanh, closer than 16-bit
+  rounding, are told apart on a second, fp32 probe);
 - RMSNorm-like modules of other libraries, recognised by structure: a 1-D `weight` [N] and
   nothing else to learn, an `eps` or `variance_epsilon` number, and a forward that computes
   RMSNorm with that weight and eps -> `fastnn.RMSNorm` holding the same weight.
@@ -41,6 +43,7 @@ from torch import nn
 
 from fastnn import functional as F
 from fastnn.modules import LayerNorm, RMSNorm, SwiGLUMLP
+from fastnn.reference.glu import ACTIVATIONS
 
 # Relative forward tolerance of the probe, by dtype (the forward column of the testing guide's
 # table; fp64 modules often compute in fp32 internally, so fp64 gets fp32's). A different formula
@@ -283,37 +286,68 @@ def _looks_like_llama_mlp(module):
     return not own
 
 
-def _swiglu_mlp_forward(gate_proj, up_proj, down_proj, x):
-    return down_proj(F.swiglu(gate_proj(x), up_proj(x)))
+def _glu_mlp_forward(gate_proj, up_proj, down_proj, x, activation):
+    return down_proj(F.glu_family(gate_proj(x), up_proj(x), activation))
 
 
 def _verify_llama_mlp(module):
-    """None when module.forward computes down(silu(gate(x)) * up(x)), else why not. Probed with
-    random weights swapped in for the call (the module's own tensors are never written): with
-    its real ones, zero-initialised down_proj or up_proj weights would make any activation
-    agree."""
+    """(why not, activation): why not is None when module.forward computes
+    down(act(gate(x)) * up(x)) for an activation fastnn has (SwiGLU's silu, GeGLU's gelu_tanh or
+    gelu, ReGLU's relu, GLU's sigmoid), and activation is that one. Probed with random weights
+    swapped in for the call (the module's own tensors are never written): with its real ones,
+    zero-initialised down_proj or up_proj weights would make any activation agree."""
     w = module.gate_proj.weight
     if w.is_meta:
-        return "its weights are on the meta device; cannot probe it"
-    x = _randn((3, module.gate_proj.in_features), w, seed=2)
+        return "its weights are on the meta device; cannot probe it", None
+    try:
+        x, outputs, ours = _probe_mlp(module, w.dtype)
+        matching = [act for act in ACTIVATIONS if not _mismatch(outputs, ours[act], x, "")]
+        if len(matching) > 1:  # gelu and gelu_tanh, ~1e-4 apart: below 16-bit rounding
+            _, outputs32, ours32 = _probe_mlp(module, torch.float32)
+            matching = [min(matching, key=lambda act: _worst_error(outputs32, ours32[act]))]
+    except Exception as e:
+        shape = [3, module.gate_proj.in_features]
+        return f"its forward failed on a {shape} probe ({type(e).__name__}: {e})", None
+    if matching:
+        return None, matching[0]
+    closest = min(ACTIVATIONS, key=lambda act: _worst_error(outputs, ours[act]))
+    formula = f"down_proj(act(gate_proj(x)) * up_proj(x)) for act in {', '.join(ACTIVATIONS)}"
+    why = _mismatch(outputs, ours[closest], x, formula)
+    return f"{why} (closest: {closest})", None
+
+
+def _worst_error(outputs, ours):
+    """The larger relative error of the two probe outputs (training, eval mode); inf where an
+    output is not a tensor of ours's shape."""
+    errors = [
+        _rel_error(o, ours) if isinstance(o, torch.Tensor) and o.shape == ours.shape else math.inf
+        for o in outputs
+    ]
+    return max(errors)
+
+
+def _probe_mlp(module, dtype):
+    """(x, the module's outputs in training and eval mode, {activation: fastnn's output}) on a
+    [3, hidden] probe of `dtype`, the projections' parameters swapped for random ones of that
+    dtype for the call."""
+    like = module.gate_proj.weight.new_empty(0, dtype=dtype)
+    x = _randn((3, module.gate_proj.in_features), like, seed=2)
     linears = [getattr(module, name) for name in _MLP_LINEARS]
     originals = [dict(lin._parameters) for lin in linears]
-    for seed, lin in enumerate(linears, start=3):
-        for name, p in originals[seed - 3].items():
+    for seed, (lin, params) in enumerate(zip(linears, originals, strict=True), start=3):
+        for name, p in params.items():
             if p is not None:  # weights scaled as Linear's init, so activations stay O(1)
-                probe = _randn(p.shape, p, seed=seed * 2 + (name == "bias"))
+                probe = _randn(p.shape, like, seed=seed * 2 + (name == "bias"))
                 lin._parameters[name] = nn.Parameter(probe / math.sqrt(lin.in_features), False)
     try:
         with _hooks_off(linears):  # the Linears' hooks see the model's calls, not the probe's
             outputs = _forward_both_modes(module, x)
             with torch.no_grad():
-                ours = _swiglu_mlp_forward(*linears, x)
-    except Exception as e:
-        return f"its forward failed on a [3, {x.shape[1]}] probe ({type(e).__name__}: {e})", None
+                ours = {act: _glu_mlp_forward(*linears, x, act) for act in ACTIVATIONS}
     finally:
         for lin, params in zip(linears, originals, strict=True):
             lin._parameters.update(params)
-    return _mismatch(outputs, ours, x, "down_proj(silu(gate_proj(x)) * up_proj(x))"), None
+    return x, outputs, ours
 
 
 @contextlib.contextmanager
@@ -339,9 +373,16 @@ def _hook_dicts(module):
     return [k for k in _hook_attributes(module) if isinstance(getattr(module, k), dict)]
 
 
-def _new_swiglu_mlp(module):
+def _activation_note(activation):
+    return "" if activation == "silu" else f"(activation={activation!r})"
+
+
+def _new_glu_mlp(module, activation):
     gate = module.gate_proj
-    new = SwiGLUMLP(gate.in_features, gate.out_features, bias=gate.bias is not None, device="meta")
+    bias = gate.bias is not None
+    new = SwiGLUMLP(
+        gate.in_features, gate.out_features, bias=bias, device="meta", activation=activation
+    )
     for name in _MLP_LINEARS:  # the same Linear modules: nothing allocated or copied
         setattr(new, name, getattr(module, name))
     return new
@@ -359,7 +400,8 @@ def _carry_over(old, new):
 
 def _plan(module, norms, mlps):
     """(kind, why_not, detail) for one module: kind is 'swap', 'replace' or None; detail, for a
-    replaced norm, whether its output follows the weight's dtype (_PromotingRMSNorm)."""
+    replaced norm, whether its output follows the weight's dtype (_PromotingRMSNorm), for a
+    replaced MLP its activation."""
     if type(module) in (nn.RMSNorm, nn.LayerNorm):
         if not norms:
             return None, None, None
@@ -425,11 +467,11 @@ def patch(model, *, norms=True, mlps=True):
                 report.skipped.append((path, "it is the root module; patch its parent instead"))
                 continue
             mlp = hasattr(module, "gate_proj")
-            new = _new_swiglu_mlp(module) if mlp else _new_rms_norm(module, detail)
+            new = _new_glu_mlp(module, detail) if mlp else _new_rms_norm(module, detail)
             _carry_over(module, new)
             replacements[id(module)] = new
             done_prefixes.append(path)
-            name = "SwiGLUMLP" if mlp else "RMSNorm"
+            name = "RMSNorm" if not mlp else "SwiGLUMLP" + _activation_note(detail)
             report.replaced.append(Replacement(path, _qualname(module), f"fastnn.{name}"))
     if replacements:
         for parent in list(model.modules()):

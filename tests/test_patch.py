@@ -92,13 +92,14 @@ class Model(nn.Module):
                 Block(hidden, inter, EpsOutsideNorm(hidden)),
             ]
         )
-        self.gelu_mlp = ThirdPartyMLP(hidden, inter, act=nn.GELU())
+        self.gelu_mlp = ThirdPartyMLP(hidden, inter, act=nn.GELU())  # GeGLU (erf)
+        self.mish_mlp = ThirdPartyMLP(hidden, inter, act=nn.Mish())  # no fastnn activation
         self.norm = nn.RMSNorm(hidden)
 
     def forward(self, x):
         for layer in self.layers:
             x = layer(x)
-        return self.norm(x + self.gelu_mlp(x))
+        return self.norm(x + self.gelu_mlp(x) + self.mish_mlp(x))
 
 
 def make_model(dtype):
@@ -121,9 +122,10 @@ EXPECTED = [
     ("layers.2.post_norm", "torch.nn.modules.normalization.LayerNorm", "fastnn.LayerNorm"),
     ("layers.3.mlp", "test_patch.ThirdPartyMLP", "fastnn.SwiGLUMLP"),
     ("layers.3.post_norm", "torch.nn.modules.normalization.LayerNorm", "fastnn.LayerNorm"),
+    ("gelu_mlp", "test_patch.ThirdPartyMLP", "fastnn.SwiGLUMLP(activation='gelu')"),
     ("norm", "torch.nn.modules.normalization.RMSNorm", "fastnn.RMSNorm"),
 ]
-LEFT_ALONE = ["layers.2.input_layernorm", "layers.3.input_layernorm", "gelu_mlp"]
+LEFT_ALONE = ["layers.2.input_layernorm", "layers.3.input_layernorm", "mish_mlp"]
 
 
 def test_report_lists_what_was_replaced_and_what_was_left_alone():
@@ -133,13 +135,15 @@ def test_report_lists_what_was_replaced_and_what_was_left_alone():
     assert len(report) == len(EXPECTED)
     assert [path for path, _ in report.skipped] == LEFT_ALONE
     assert "not RMSNorm" in dict(report.skipped)["layers.2.input_layernorm"]
-    assert "not down_proj(silu" in dict(report.skipped)["gelu_mlp"]
+    assert "not down_proj(act(gate_proj(x)) * up_proj(x))" in dict(report.skipped)["mish_mlp"]
     assert report.counts()[("test_patch.ThirdPartyMLP", "fastnn.SwiGLUMLP")] == 4
     text = str(report)
     assert "layers.1.input_layernorm: test_patch.ThirdPartyRMSNorm -> fastnn.RMSNorm" in text
-    assert "gelu_mlp" in text
+    assert "mish_mlp" in text
     for path, _, after in EXPECTED:
-        assert isinstance(model.get_submodule(path), getattr(fastnn, after.split(".")[1]))
+        cls = getattr(fastnn, after.split(".")[1].split("(")[0])
+        assert isinstance(model.get_submodule(path), cls)
+    assert model.gelu_mlp.activation == "gelu"
     for path in LEFT_ALONE:
         assert type(model.get_submodule(path)).__module__ == "test_patch"
     assert len(patch(model)) == 0  # a second patch finds nothing left to do
@@ -157,21 +161,47 @@ def test_outputs_gradients_and_parameters_are_kept(dtype):
     assert all(after[name] is before[name] for name in before)
     assert patched.state_dict().keys() == original.state_dict().keys()
 
+    # The oracle: the original model in fp64 on the same (rounded) input and parameters.
+    oracle = copy.deepcopy(original).double()
     x = torch.randn(3, 5, 24, dtype=torch.float64).to(dtype)
-    x_ref, x_new = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_ref, out_new = original(x_ref), patched(x_new)
-    assert out_new.dtype == out_ref.dtype == dtype
+    x_ref = x.to(torch.float64, copy=True).requires_grad_()
+    x_new = x.clone().requires_grad_()
+    out_ref, out_new = oracle(x_ref), patched(x_new)
+    assert out_new.dtype == original(x).dtype == dtype
     grad = torch.randn_like(out_ref)
     out_ref.backward(grad)
-    out_new.backward(grad)
+    out_new.backward(grad.to(dtype))
     # The imitated third-party norm computes in fp32 even for fp64 input (as HF's does), so an
     # fp64 model is held to fp32's row of the table.
     tol = torch.float32 if dtype == torch.float64 else dtype
-    assert_rel_close(out_new, out_ref.double(), tol, FORWARD, "output")
-    assert_rel_close(x_new.grad, x_ref.grad.double(), tol, INPUT_GRAD, "input grad")
-    for (name, p_ref), p_new in zip(original.named_parameters(), after.values(), strict=True):
+    assert_rel_close(out_new, out_ref, tol, FORWARD, "output")
+    assert_rel_close(x_new.grad, x_ref.grad, tol, INPUT_GRAD, "input grad")
+    for (name, p_ref), p_new in zip(oracle.named_parameters(), after.values(), strict=True):
         assert p_new.dtype == dtype
-        assert_rel_close(p_new.grad, p_ref.grad.double(), tol, PARAM_GRAD, f"{name} grad")
+        assert_rel_close(p_new.grad, p_ref.grad, tol, PARAM_GRAD, f"{name} grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_glu_mlp_activation_is_recognised(dtype):
+    # gelu and its tanh approximation differ by less than 16-bit rounding: a second probe in
+    # fp32 tells them apart.
+    acts = {
+        "silu": SiLU(),
+        "gelu": nn.GELU(),
+        "gelu_tanh": nn.GELU(approximate="tanh"),
+        "relu": nn.ReLU(),
+        "sigmoid": nn.Sigmoid(),
+    }
+    torch.manual_seed(0)
+    model = nn.ModuleDict({name: ThirdPartyMLP(16, 32, act=act) for name, act in acts.items()})
+    model = model.to(dtype)
+    x = torch.randn(4, 16, dtype=dtype)
+    before = {name: mlp(x) for name, mlp in model.items()}
+    report = patch(model)
+    assert len(report) == len(acts) and not report.skipped
+    for name, mlp in model.items():
+        assert isinstance(mlp, fastnn.SwiGLUMLP) and mlp.activation == name
+        assert_rel_close(mlp(x), before[name].double(), dtype, FORWARD, name)
 
 
 def test_optimizer_made_before_patch_keeps_training_the_model():
@@ -240,13 +270,13 @@ def test_look_alikes_that_cannot_be_replaced_safely_are_left_alone():
 
 def test_mlp_probe_does_not_trust_zero_initialised_weights():
     # Zero-initialised down_proj (or up_proj) weights make any activation's output 0, as
-    # SwiGLU's: the probe swaps in random weights, so a GELU MLP is still told apart.
+    # any of fastnn's: the probe swaps in random weights, so a Mish MLP is still told apart.
     for zeroed in ("down_proj", "up_proj"):
-        mlp = ThirdPartyMLP(8, 16, act=nn.GELU())
+        mlp = ThirdPartyMLP(8, 16, act=nn.Mish())
         nn.init.zeros_(getattr(mlp, zeroed).weight)
         model = nn.ModuleDict({"mlp": mlp})
         report = patch(model)
-        assert len(report) == 0 and "not down_proj(silu" in dict(report.skipped)["mlp"]
+        assert len(report) == 0 and "not down_proj(act(" in dict(report.skipped)["mlp"]
         assert torch.count_nonzero(getattr(mlp, zeroed).weight) == 0  # its own weight kept
 
 

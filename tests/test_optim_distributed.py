@@ -6,25 +6,13 @@ single-process torch.optim run on the whole batch.
 One spawn runs every check on every available backend: starting two processes that import torch
 costs seconds, the checks themselves milliseconds."""
 
-import os
-import socket
-import sys
-import traceback
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+import two_ranks
+from two_ranks import WORLD
 
-WORLD = 2
 STEPS = 6
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model():
@@ -93,45 +81,26 @@ def _check_fsdp2(rank, backend):
         assert_rel_close(full.detach(), r.double(), torch.float32, what=f"FSDP2 {backend} {i}")
 
 
-def _worker(rank, port, tests_dir, out_dir):
-    # Spawned processes start fresh: the tests directory (tolerances.py) is not on their path.
-    sys.path.insert(0, tests_dir)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # A rank that fails makes the other's next collective fail within this, not torch's 30 min.
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
-    try:
-        from fastnn import _backend
+def run_checks(rank):
+    """Every check on every backend that runs both optimizers on the CPU here; returns the
+    backends that ran."""
+    from fastnn import _backend
 
-        ran = []
-        for backend in ("torch", "native", "triton"):
-            if _backend.unavailable_reason(backend, "adam", "cpu") is not None:
-                continue
-            if _backend.unavailable_reason(backend, "rmsprop", "cpu") is not None:
-                continue
-            _check_ddp(rank, backend)
-            _check_fsdp2(rank, backend)
-            ran.append(backend)
-        with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
-            f.write(" ".join(ran))
-        dist.barrier()  # both ranks past their last collective before either tears down
-    except BaseException:
-        traceback.print_exc()  # spawn reports only the first rank's death, maybe not this one
-        raise
-    finally:
-        dist.destroy_process_group()
-    # Twice in CI (2026-11-27; not in 16 reruns) rank 0 died of SIGABRT with no Python error
-    # ("terminate called without an active exception"), as a process does when gloo's worker
-    # threads still hold tensors while the interpreter finalizes (pytorch PR 179291): a rank
-    # that passed leaves without finalizing.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    ran = []
+    for backend in ("torch", "native", "triton"):
+        if _backend.unavailable_reason(backend, "adam", "cpu") is not None:
+            continue
+        if _backend.unavailable_reason(backend, "rmsprop", "cpu") is not None:
+            continue
+        _check_ddp(rank, backend)
+        _check_fsdp2(rank, backend)
+        ran.append(backend)
+    return " ".join(ran)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_and_fsdp2_match_single_process(tmp_path):
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    mp.spawn(_worker, args=(_free_port(), tests_dir, str(tmp_path)), nprocs=WORLD, join=True)
+    ran = two_ranks.run(run_checks, tmp_path)
     from fastnn import _backend
 
     # Every backend that runs both optimizers on the CPU here (triton only under the interpreter).
@@ -141,6 +110,4 @@ def test_ddp_and_fsdp2_match_single_process(tmp_path):
         if all(_backend.unavailable_reason(b, f, "cpu") is None for f in ("adam", "rmsprop"))
     ]
     assert "torch" in expected
-    for rank in range(WORLD):
-        ran = (tmp_path / f"rank{rank}").read_text().split()
-        assert ran == expected, (ran, expected)
+    assert ran == [" ".join(expected)] * WORLD, (ran, expected)

@@ -10,7 +10,7 @@ import numbers
 import torch
 from torch.torch_version import TorchVersion
 
-from fastnn import _backend, ops
+from fastnn import _backend, _dtensor, ops
 from fastnn.reference import glu as reference_glu
 from fastnn.reference import layer_norm as reference_layer_norm
 from fastnn.reference import rms_norm as reference_rms_norm
@@ -261,6 +261,14 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     shape, n = _check_norm_args(
         "rms_norm", input, normalized_shape, residual, [("weight", weight)], eps
     )
+    if _dtensor.any_dtensor(input, residual, weight):
+        return _dtensor.norm(
+            lambda x, r, w: rms_norm(x, normalized_shape, w, eps, residual=r),
+            input,
+            residual,
+            [("weight", weight)],
+            len(shape),
+        )
     if _autocast_to_fp32("rms_norm", input):
         # As the unfused code under autocast: the add in the input's dtype, the norm in fp32.
         if residual is not None:
@@ -287,6 +295,14 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
     shape, n = _check_norm_args(
         "layer_norm", input, normalized_shape, residual, [("weight", weight), ("bias", bias)], eps
     )
+    if _dtensor.any_dtensor(input, residual, weight, bias):
+        return _dtensor.norm(
+            lambda x, r, w, b: layer_norm(x, normalized_shape, w, b, eps, residual=r),
+            input,
+            residual,
+            [("weight", weight), ("bias", bias)],
+            len(shape),
+        )
     if _autocast_to_fp32("layer_norm", input):
         # As the unfused code under autocast: the add in the input's dtype, the norm in fp32.
         if residual is not None:
@@ -365,6 +381,10 @@ def glu_family(gate, up=None, activation="silu", *, inplace_backward=False):
                 "promote (cast them to one dtype first)"
             )
         _check_same_device(up, "up", gate, "gate")
+    if _dtensor.any_dtensor(gate, up):
+        return _dtensor.glu(
+            lambda g, u: glu_family(g, u, activation, inplace_backward=inplace_backward), gate, up
+        )
     backend = _backend.resolve("glu", gate.device.type)
     if inplace_backward and not _under_transform():  # an eager memory saving; plain ops there
         return _glu_inplace_backward(gate, up, activation, backend)

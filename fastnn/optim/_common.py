@@ -13,25 +13,15 @@ import torch
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 
 from fastnn import _backend, ops
+from fastnn._dtensor import is_dtensor
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 MASTER = "master_param"  # state key of the fp32 master copy (master_weights=True)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _is_dtensor(t):
-    # DTensor subclasses torch.Tensor; checking the class name avoids importing
-    # torch.distributed.tensor in processes that never use it. Plain tensors return first:
-    # step() asks this a few times per tensor.
-    cls = type(t)
-    return cls not in _PLAIN and cls.__name__ == "DTensor" and hasattr(t, "to_local")
-
-
 def kernel_view(t):
     """t as the kernels take it: a DTensor's local shard, a complex tensor's real view."""
-    if _is_dtensor(t):
+    if is_dtensor(t):
         t = t.to_local()
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -165,7 +155,7 @@ class FusedStepMixin:
                 continue
             if grad.is_sparse:
                 raise RuntimeError(self._sparse_message())
-            if _is_dtensor(p) and grad.placements != p.placements:
+            if is_dtensor(p) and grad.placements != p.placements:
                 raise RuntimeError(
                     f"fastnn.optim: a DTensor param with placements {p.placements} has a grad "
                     f"with placements {p.grad.placements}; redistribute the grad to match"
@@ -342,7 +332,7 @@ def _buckets(params, indices):
     out = defaultdict(list)
     for i in indices:
         p = params[i]
-        special = _is_dtensor(p) or p.is_complex()
+        special = is_dtensor(p) or p.is_complex()
         k = kernel_view(p) if special else p
         out[(k.device, k.dtype, special)].append(i)
     return out

@@ -129,9 +129,9 @@ class Block(nn.Module):
         if residual is None:
             return norm(h), h
         if self.fast:
-            # One fused pass: the add, then the norm of the sum. Under autocast h is bf16 and the
-            # stream fp32; the fused op takes one dtype, so h is promoted as `h + residual` would.
-            return norm(h.to(residual.dtype), residual)
+            # One fused pass: the add, then the norm of the sum. (Under autocast h is bf16 and
+            # the stream fp32: the fused norm promotes h as `h + residual` does.)
+            return norm(h, residual)
         s = h + residual
         return norm(s), s
 

@@ -105,11 +105,7 @@ def _check_norm_args(op, input, normalized_shape, residual, params, eps):
                 f"fastnn: residual of shape {list(residual.shape)} does not match input of "
                 f"shape {list(input.shape)}"
             )
-        if residual.dtype != input.dtype:
-            raise RuntimeError(
-                f"fastnn: residual has dtype {residual.dtype} but input has {input.dtype}; "
-                "they must match"
-            )
+        _check_float(residual, "residual")
         _check_same_device(residual, "residual", input)
     return shape, math.prod(shape)
 
@@ -245,6 +241,15 @@ def _unflatten(out, shape, residual_out, residual):
     return unflatten(out), residual_out.view(shape) if saved else unflatten(residual_out)
 
 
+def _promoted(input, residual):
+    """input and residual in one dtype, as input + residual computes: an fp32 residual stream
+    with a bf16 branch output (torch.autocast) sums in fp32, and so does the fused norm."""
+    if residual is None or residual.dtype == input.dtype:
+        return input, residual
+    dtype = torch.promote_types(input.dtype, residual.dtype)
+    return input.to(dtype), residual.to(dtype)
+
+
 def _vector(t, n):
     """normalized_shape -> [N] (a 1-D parameter as it is: no view for autograd to track)."""
     return t if t is None or t.dim() == 1 else t.reshape(n)
@@ -255,8 +260,9 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
 
     input: [..., *normalized_shape], fp32 / fp16 / bf16 / fp64; weight: normalized_shape or None.
     eps=None uses torch.finfo of the compute dtype (fp32, or fp64 for fp64 input), as torch does.
-    The result has input's dtype. With `residual` (input's shape and dtype) returns
-    (rms_norm(input + residual), input + residual), the add fused into the kernel.
+    The result has input's dtype. With `residual` (input's shape) returns
+    (rms_norm(input + residual), input + residual), the add fused into the kernel; input and
+    residual of two dtypes are both taken in the promoted one first, as input + residual is.
     """
     shape, n = _check_norm_args(
         "rms_norm", input, normalized_shape, residual, [("weight", weight)], eps
@@ -269,6 +275,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
             [("weight", weight)],
             len(shape),
         )
+    input, residual = _promoted(input, residual)
     if _autocast_to_fp32("rms_norm", input):
         # As the unfused code under autocast: the add in the input's dtype, the norm in fp32.
         if residual is not None:
@@ -290,7 +297,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
 
     input: [..., *normalized_shape], fp32 / fp16 / bf16 / fp64; weight, bias: normalized_shape
     or None. The result has input's dtype. With `residual` returns
-    (layer_norm(input + residual), input + residual), the add fused into the kernel.
+    (layer_norm(input + residual), input + residual), the add fused into the kernel (two dtypes:
+    see rms_norm).
     """
     shape, n = _check_norm_args(
         "layer_norm", input, normalized_shape, residual, [("weight", weight), ("bias", bias)], eps
@@ -303,6 +311,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
             [("weight", weight), ("bias", bias)],
             len(shape),
         )
+    input, residual = _promoted(input, residual)
     if _autocast_to_fp32("layer_norm", input):
         # As the unfused code under autocast: the add in the input's dtype, the norm in fp32.
         if residual is not None:

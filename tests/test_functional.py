@@ -66,8 +66,8 @@ def _bad_norm_calls():
         (lambda m: m.layer_norm(x, (2, 3, 4)), F, RuntimeError, "fewer dims than normalized_shape"),
         (lambda m: m.rms_norm(x, (4,), residual=torch.randn(3, 5)), None, RuntimeError, "residual of shape"),
         (
-            lambda m: m.rms_norm(x, (4,), residual=torch.randn(3, 4, dtype=torch.float64)),
-            None, RuntimeError, "residual has dtype torch.float64",
+            lambda m: m.rms_norm(x, (4,), residual=torch.ones(3, 4, dtype=torch.int32)),
+            None, RuntimeError, "residual must be float",
         ),
         (lambda m: m.rms_norm(x, (4,), torch.randn(4, device="meta")), None, RuntimeError, "weight is on meta"),
         (
@@ -201,6 +201,42 @@ def test_residual_returns_sum_and_norm():
     torch.testing.assert_close(out, F.rms_norm(x + r, (8,), w))
     out, s = FF.layer_norm(x, (8,), w, None, residual=r)
     torch.testing.assert_close(out, F.layer_norm(x + r, (8,), w))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["rms_norm", "layer_norm"])
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float16, torch.bfloat16),
+    ],
+    ids=str,
+)
+def test_residual_of_another_dtype_is_promoted_as_input_plus_residual(backend, kind, dtypes):
+    """A bf16 branch output added to an fp32 residual stream (torch.autocast's usual pre-norm
+    block): the sum, the norm and the gradients as torch's unfused norm(x + r), in the promoted
+    dtype, each gradient in its leaf's dtype."""
+    skip_unless_available(backend, kind, "cpu")
+    gen = torch.Generator().manual_seed(7)
+    x, r = (torch.randn(2, 3, 8, generator=gen).to(dt).requires_grad_() for dt in dtypes)
+    x_ref, r_ref = (t.detach().clone().requires_grad_() for t in (x, r))
+    w = torch.randn(8, generator=gen)
+    norm = getattr(FF, kind)
+    with fastnn.use_backend(backend):
+        out, s = norm(x, (8,), w, residual=r)
+    s_ref = x_ref + r_ref
+    out_ref = getattr(F, kind)(s_ref, (8,), w)
+    assert out.dtype == out_ref.dtype and s.dtype == s_ref.dtype == torch.float32
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    torch.testing.assert_close(out, out_ref)
+    dy = torch.randn(out.shape, generator=gen)
+    (out * dy + s).sum().backward()
+    (out_ref * dy + s_ref).sum().backward()
+    for got, want in ((x.grad, x_ref.grad), (r.grad, r_ref.grad)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
 
 
 # How the fused norm's input and residual reach leaves a, b, c (d: the unfused reference's c).

@@ -10,8 +10,8 @@ What it replaces:
   `down_proj` that are `nn.Linear` ([H -> I], [H -> I], [I -> H]), no other parameters, and a
   forward that computes down_proj(act(gate_proj(x)) * up_proj(x)) for an activation fastnn has
   (silu: LLaMA, Mistral, Qwen; gelu_tanh: Gemma; gelu, relu, sigmoid) -> `fastnn.SwiGLUMLP`
-  with that activation, holding the same Linear modules (gelu and gelu_tanh, closer than 16-bit
-  rounding, are told apart on a second, fp32 probe);
+  with that activation, holding the same Linear modules (16-bit modules are probed in fp32 too:
+  gelu and gelu_tanh, or CLIP's quick GELU and gelu, differ by less than bf16 rounding);
 - RMSNorm-like modules of other libraries, recognised by structure: a 1-D `weight` [N] and
   nothing else to learn, an `eps` or `variance_epsilon` number, and a forward that computes
   RMSNorm with that weight and eps -> `fastnn.RMSNorm` holding the same weight.
@@ -295,25 +295,30 @@ def _verify_llama_mlp(module):
     down(act(gate(x)) * up(x)) for an activation fastnn has (SwiGLU's silu, GeGLU's gelu_tanh or
     gelu, ReGLU's relu, GLU's sigmoid), and activation is that one. Probed with random weights
     swapped in for the call (the module's own tensors are never written): with its real ones,
-    zero-initialised down_proj or up_proj weights would make any activation agree."""
+    zero-initialised down_proj or up_proj weights would make any activation agree. A 16-bit
+    module is probed in fp32 too: its own rounding (bf16: 1.6e-2 relative) hides activations
+    that differ by less, gelu and gelu_tanh (~1e-4) or CLIP's quick GELU and gelu (~1e-2)."""
     w = module.gate_proj.weight
     if w.is_meta:
         return "its weights are on the meta device; cannot probe it", None
+    dtypes = [w.dtype] + ([torch.float32] if w.dtype in (torch.float16, torch.bfloat16) else [])
     try:
-        x, outputs, ours = _probe_mlp(module, w.dtype)
-        matching = [act for act in ACTIVATIONS if not _mismatch(outputs, ours[act], x, "")]
-        if len(matching) > 1:  # gelu and gelu_tanh, ~1e-4 apart: below 16-bit rounding
-            _, outputs32, ours32 = _probe_mlp(module, torch.float32)
-            matching = [min(matching, key=lambda act: _worst_error(outputs32, ours32[act]))]
+        probes = [_probe_mlp(module, dtype) for dtype in dtypes]
     except Exception as e:
         shape = [3, module.gate_proj.in_features]
         return f"its forward failed on a {shape} probe ({type(e).__name__}: {e})", None
+    x, outputs, ours = probes[-1]  # the most precise
+    matching = [
+        act
+        for act in ACTIVATIONS
+        if not any(_mismatch(out, ours_[act], x_, "") for x_, out, ours_ in probes)
+    ]
     if matching:
-        return None, matching[0]
+        return None, min(matching, key=lambda act: _worst_error(outputs, ours[act]))
     closest = min(ACTIVATIONS, key=lambda act: _worst_error(outputs, ours[act]))
     formula = f"down_proj(act(gate_proj(x)) * up_proj(x)) for act in {', '.join(ACTIVATIONS)}"
-    why = _mismatch(outputs, ours[closest], x, formula)
-    return f"{why} (closest: {closest})", None
+    mismatches = (_mismatch(out, ours_[closest], x_, formula) for x_, out, ours_ in probes[::-1])
+    return f"{next(filter(None, mismatches))} (closest: {closest})", None
 
 
 def _worst_error(outputs, ours):

@@ -55,6 +55,11 @@ class SiLU(nn.Module):  # as HF's activation classes: a module that is not torch
         return x * torch.sigmoid(x)
 
 
+class QuickGELU(nn.Module):  # CLIP's GELU approximation: not one of fastnn's activations
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
 class ThirdPartyMLP(nn.Module):
     """As HF's LlamaMLP."""
 
@@ -183,8 +188,9 @@ def test_outputs_gradients_and_parameters_are_kept(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_glu_mlp_activation_is_recognised(dtype):
-    # gelu and its tanh approximation differ by less than 16-bit rounding: a second probe in
-    # fp32 tells them apart.
+    # gelu and its tanh approximation differ by less than 16-bit rounding, and so do gelu and
+    # CLIP's quick GELU, x * sigmoid(1.702 x) (~1e-2, under bf16's 1.6e-2): a second probe in
+    # fp32 tells them apart, and leaves quick GELU alone.
     acts = {
         "silu": SiLU(),
         "gelu": nn.GELU(),
@@ -194,12 +200,16 @@ def test_glu_mlp_activation_is_recognised(dtype):
     }
     torch.manual_seed(0)
     model = nn.ModuleDict({name: ThirdPartyMLP(16, 32, act=act) for name, act in acts.items()})
+    model["quick_gelu"] = ThirdPartyMLP(16, 32, act=QuickGELU())
     model = model.to(dtype)
     x = torch.randn(4, 16, dtype=dtype)
     before = {name: mlp(x) for name, mlp in model.items()}
     report = patch(model)
-    assert len(report) == len(acts) and not report.skipped
+    assert len(report) == len(acts) and [path for path, _ in report.skipped] == ["quick_gelu"]
+    assert "(closest: gelu)" in report.skipped[0][1]
     for name, mlp in model.items():
+        if name == "quick_gelu":
+            continue
         assert isinstance(mlp, fastnn.SwiGLUMLP) and mlp.activation == name
         assert_rel_close(mlp(x), before[name].double(), dtype, FORWARD, name)
 

@@ -303,11 +303,13 @@ def _verify_llama_mlp(module):
         return "its weights are on the meta device; cannot probe it", None
     dtypes = [w.dtype] + ([torch.float32] if w.dtype in (torch.float16, torch.bfloat16) else [])
     try:
-        probes = [_probe_mlp(module, dtype) for dtype in dtypes]
+        # Gates of about N(0, 1), and of N(0, 8^2) for activations clamped beyond the first's
+        # reach (ReLU6 is ReLU below 6).
+        probes = [_probe_mlp(module, dtype, scale) for scale in (8.0, 1.0) for dtype in dtypes]
     except Exception as e:
         shape = [3, module.gate_proj.in_features]
         return f"its forward failed on a {shape} probe ({type(e).__name__}: {e})", None
-    x, outputs, ours = probes[-1]  # the most precise
+    x, outputs, ours = probes[-1]  # the most precise, N(0, 1): where gelu and gelu_tanh differ
     matching = [
         act
         for act in ACTIVATIONS
@@ -331,12 +333,12 @@ def _worst_error(outputs, ours):
     return max(errors)
 
 
-def _probe_mlp(module, dtype):
+def _probe_mlp(module, dtype, scale):
     """(x, the module's outputs in training and eval mode, {activation: fastnn's output}) on a
-    [3, hidden] probe of `dtype`, the projections' parameters swapped for random ones of that
-    dtype for the call."""
+    [3, hidden] probe of `dtype` and standard deviation `scale`, the projections' parameters
+    swapped for random ones of that dtype for the call."""
     like = module.gate_proj.weight.new_empty(0, dtype=dtype)
-    x = _randn((3, module.gate_proj.in_features), like, seed=2)
+    x = _randn((3, module.gate_proj.in_features), like, seed=2) * scale
     linears = [getattr(module, name) for name in _MLP_LINEARS]
     originals = [dict(lin._parameters) for lin in linears]
     for seed, (lin, params) in enumerate(zip(linears, originals, strict=True), start=3):

@@ -190,7 +190,8 @@ def test_outputs_gradients_and_parameters_are_kept(dtype):
 def test_glu_mlp_activation_is_recognised(dtype):
     # gelu and its tanh approximation differ by less than 16-bit rounding, and so do gelu and
     # CLIP's quick GELU, x * sigmoid(1.702 x) (~1e-2, under bf16's 1.6e-2): a second probe in
-    # fp32 tells them apart, and leaves quick GELU alone.
+    # fp32 tells them apart, and leaves quick GELU alone. ReLU6 agrees with ReLU on gates below
+    # 6: a probe with large gates leaves it alone.
     acts = {
         "silu": SiLU(),
         "gelu": nn.GELU(),
@@ -201,14 +202,16 @@ def test_glu_mlp_activation_is_recognised(dtype):
     torch.manual_seed(0)
     model = nn.ModuleDict({name: ThirdPartyMLP(16, 32, act=act) for name, act in acts.items()})
     model["quick_gelu"] = ThirdPartyMLP(16, 32, act=QuickGELU())
+    model["relu6"] = ThirdPartyMLP(16, 32, act=nn.ReLU6())  # ReLU below 6 only
     model = model.to(dtype)
     x = torch.randn(4, 16, dtype=dtype)
     before = {name: mlp(x) for name, mlp in model.items()}
     report = patch(model)
-    assert len(report) == len(acts) and [path for path, _ in report.skipped] == ["quick_gelu"]
+    assert len(report) == len(acts)
+    assert [path for path, _ in report.skipped] == ["quick_gelu", "relu6"]
     assert "(closest: gelu)" in report.skipped[0][1]
     for name, mlp in model.items():
-        if name == "quick_gelu":
+        if name in ("quick_gelu", "relu6"):
             continue
         assert isinstance(mlp, fastnn.SwiGLUMLP) and mlp.activation == name
         assert_rel_close(mlp(x), before[name].double(), dtype, FORWARD, name)

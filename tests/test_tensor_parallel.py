@@ -54,6 +54,32 @@ def _check_sequence_parallel(mesh, rank):
         _close(sharded.weight.grad, module.weight.grad, PARAM_GRAD, f"{name} weight grad")
 
 
+def _check_optimizer_takes_partial_grads(mesh):
+    """A SequenceParallel norm's weight grad is a Partial sum on a Replicate param: fastnn's
+    optimizers sum it first (torch.optim's ops do so implicitly) and step as on one process."""
+    import copy
+
+    from torch.distributed.tensor import Partial, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+
+    import fastnn
+
+    module = fastnn.RMSNorm(D)
+    x = _randn(2, 4, D, seed=9)
+    sharded = parallelize_module(copy.deepcopy(module), mesh, SequenceParallel())
+    opt = fastnn.optim.AdamW(sharded.parameters(), lr=0.1)
+    ref_opt = torch.optim.AdamW(module.parameters(), lr=0.1, foreach=False)
+    for _ in range(2):
+        sharded(distribute_tensor(x, mesh, [Shard(1)]).to_local()).to_local().sin().sum().backward()
+        assert sharded.weight.grad.placements == (Partial(),)
+        opt.step()
+        opt.zero_grad()
+        module(x).sin().sum().backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    _close(sharded.weight, module.weight, FORWARD, "AdamW on a Partial grad")
+
+
 def _check_compiled(mesh):
     """torch.compile of a SequenceParallel norm traces the DTensor path (no graph break into
     the op with DTensor arguments, which has no sharding rule) and matches eager."""
@@ -184,6 +210,7 @@ def run_checks(rank):
         ran.append(backend)
     _check_mixed_is_refused(mesh)
     _check_compiled(mesh)
+    _check_optimizer_takes_partial_grads(mesh)
     return " ".join(ran)
 
 

@@ -156,10 +156,10 @@ class FusedStepMixin:
             if grad.is_sparse:
                 raise RuntimeError(self._sparse_message())
             if is_dtensor(p) and grad.placements != p.placements:
-                raise RuntimeError(
-                    f"fastnn.optim: a DTensor param with placements {p.placements} has a grad "
-                    f"with placements {p.grad.placements}; redistribute the grad to match"
-                )
+                # A replicated norm weight under sequence parallelism gets a Partial grad (each
+                # rank's rows): summed here, where torch's ops would sum it implicitly; the
+                # kernels update local shards, so grad and param must have one layout.
+                p.grad = grad.redistribute(placements=p.placements)
             out.append(p)
         return out
 

@@ -478,7 +478,10 @@ def patch(model, *, norms=True, mlps=True):
             _carry_over(module, new)
             replacements[id(module)] = new
             done_prefixes.append(path)
-            name = "RMSNorm" if not mlp else "SwiGLUMLP" + _activation_note(detail)
+            if mlp:
+                name = "SwiGLUMLP" + _activation_note(detail)
+            else:  # (a _PromotingRMSNorm, a subclass of fastnn.RMSNorm, when detail is set)
+                name = "RMSNorm(output in the promoted dtype)" if detail else "RMSNorm"
             report.replaced.append(Replacement(path, _qualname(module), f"fastnn.{name}"))
     if replacements:
         for parent in list(model.modules()):

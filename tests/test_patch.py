@@ -120,7 +120,12 @@ EXPECTED = [
     ("layers.0.input_layernorm", "torch.nn.modules.normalization.RMSNorm", "fastnn.RMSNorm"),
     ("layers.0.mlp", "test_patch.ThirdPartyMLP", "fastnn.SwiGLUMLP"),
     ("layers.0.post_norm", "torch.nn.modules.normalization.LayerNorm", "fastnn.LayerNorm"),
-    ("layers.1.input_layernorm", "test_patch.ThirdPartyRMSNorm", "fastnn.RMSNorm"),
+    # (its output follows its weight's dtype, as HF's LlamaRMSNorm: fp32 out of bf16 input)
+    (
+        "layers.1.input_layernorm",
+        "test_patch.ThirdPartyRMSNorm",
+        "fastnn.RMSNorm(output in the promoted dtype)",
+    ),
     ("layers.1.mlp", "test_patch.ThirdPartyMLP", "fastnn.SwiGLUMLP"),
     ("layers.1.post_norm", "torch.nn.modules.normalization.LayerNorm", "fastnn.LayerNorm"),
     ("layers.2.mlp", "test_patch.ThirdPartyMLP", "fastnn.SwiGLUMLP"),
@@ -143,7 +148,7 @@ def test_report_lists_what_was_replaced_and_what_was_left_alone():
     assert "not down_proj(act(gate_proj(x)) * up_proj(x))" in dict(report.skipped)["mish_mlp"]
     assert report.counts()[("test_patch.ThirdPartyMLP", "fastnn.SwiGLUMLP")] == 4
     text = str(report)
-    assert "layers.1.input_layernorm: test_patch.ThirdPartyRMSNorm -> fastnn.RMSNorm" in text
+    assert "layers.1.input_layernorm: test_patch.ThirdPartyRMSNorm -> fastnn.RMSNorm(" in text
     assert "mish_mlp" in text
     for path, _, after in EXPECTED:
         cls = getattr(fastnn, after.split(".")[1].split("(")[0])
@@ -362,7 +367,8 @@ def test_a_norm_whose_output_follows_its_fp32_weight_keeps_doing_so():
     want = model(x)
     assert want.dtype == torch.float32
     report = patch(model)
-    assert [r.after for r in report] == ["fastnn.RMSNorm"]
+    assert [r.after for r in report] == ["fastnn.RMSNorm(output in the promoted dtype)"]
+    assert isinstance(model[1], fastnn.RMSNorm)
     got = model(x)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # bf16 activations

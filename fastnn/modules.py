@@ -78,7 +78,8 @@ class SwiGLUMLP(_NotScriptable, nn.Module):
     copies them into the halves. So checkpoints move freely between fused and unfused modules
     and to and from other LLaMA implementations; only named_parameters() differs, which is why
     torch.distributed.checkpoint's get_model_state_dict (it maps state_dict keys to parameters)
-    refuses a fused module: use fused_gate_up=False with it.
+    refuses a fused module: use fused_gate_up=False with it. llama_state_dict=False keeps the
+    fused module's own gate_up_proj.* keys instead, as Phi-3 / GLM-4 checkpoints name them.
 
     inplace_backward=True writes the GLU's gradients over the gate / up projections' outputs
     in the backward (they are dead by then): two [..., intermediate_size] tensors fewer at the
@@ -96,6 +97,7 @@ class SwiGLUMLP(_NotScriptable, nn.Module):
         fused_gate_up=False,
         activation="silu",
         inplace_backward=False,
+        llama_state_dict=True,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -108,12 +110,14 @@ class SwiGLUMLP(_NotScriptable, nn.Module):
         self.fused_gate_up = fused_gate_up
         self.activation = activation
         self.inplace_backward = inplace_backward
+        self.llama_state_dict = llama_state_dict
         if fused_gate_up:
             self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias, **factory)
             # Initialised as two separate Linears: nn.Linear's bounds depend on fan_in
             # (hidden_size) only, so the [2I, H] weight draws from the same distribution.
-            self.register_state_dict_post_hook(_split_gate_up_state)
-            self.register_load_state_dict_pre_hook(_merge_gate_up_state)
+            if llama_state_dict:
+                self.register_state_dict_post_hook(_split_gate_up_state)
+                self.register_load_state_dict_pre_hook(_merge_gate_up_state)
         else:
             self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
             self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
@@ -129,6 +133,8 @@ class SwiGLUMLP(_NotScriptable, nn.Module):
 
     def extra_repr(self):
         extra = ", inplace_backward=True" if self.inplace_backward else ""
+        if self.fused_gate_up and not self.llama_state_dict:
+            extra += ", llama_state_dict=False"
         return f"fused_gate_up={self.fused_gate_up}, activation={self.activation!r}{extra}"
 
 

@@ -11,7 +11,10 @@ What it replaces:
   forward that computes down_proj(act(gate_proj(x)) * up_proj(x)) for an activation fastnn has
   (silu: LLaMA, Mistral, Qwen; gelu_tanh: Gemma; gelu, relu, sigmoid) -> `fastnn.SwiGLUMLP`
   with that activation, holding the same Linear modules (16-bit modules are probed in fp32 too:
-  gelu and gelu_tanh, or CLIP's quick GELU and gelu, differ by less than bf16 rounding);
+  gelu and gelu_tanh, or CLIP's quick GELU and gelu, differ by less than bf16 rounding); and
+  the packed layout, one `gate_up_proj` [H -> 2I] whose output holds [gate | up], and
+  `down_proj` (Phi-3, GLM-4) -> `fastnn.SwiGLUMLP(fused_gate_up=True, llama_state_dict=False)`,
+  whose state_dict keeps the model's gate_up_proj key;
 - RMSNorm-like modules of other libraries, recognised by structure: a 1-D `weight` [N] and
   nothing else to learn, an `eps` or `variance_epsilon` number, and a forward that computes
   RMSNorm with that weight and eps -> `fastnn.RMSNorm` holding the same weight.
@@ -251,63 +254,76 @@ def _new_rms_norm(module, promotes):
 
 
 # ---- LLaMA-style MLPs -------------------------------------------------------------------------
+# Two layouts: separate gate and up projections (LLaMA, Mistral, Qwen, Gemma), or one gate_up
+# projection whose output holds [gate | up] (Phi-3, GLM-4).
 
-_MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+_SEPARATE = ("gate_proj", "up_proj", "down_proj")
+_PACKED = ("gate_up_proj", "down_proj")
 
 
-def _looks_like_llama_mlp(module):
-    """Structure alone: gate/up [H -> I], down [I -> H] nn.Linear children; any other child (the
-    activation) holds no parameters or buffers; the module itself holds none either."""
+def _mlp_layout(module):
+    """_SEPARATE or _PACKED, the names of module's projections, when its structure alone is a
+    GLU MLP's: nn.Linear children [H -> I] gate and up, or [H -> 2I] gate_up, and [I -> H] down,
+    all with or all without bias; any other child (the activation) holds no parameters or
+    buffers; the module itself holds none either. Else None."""
     children = dict(module.named_children())
-    linears = [children.get(name) for name in _MLP_LINEARS]
-    if not all(type(lin) is nn.Linear for lin in linears):
-        return False
-    gate, up, down = linears
-    hidden, inter = gate.in_features, gate.out_features
-    if (up.in_features, up.out_features, down.in_features, down.out_features) != (
-        hidden,
-        inter,
-        inter,
-        hidden,
-    ):
-        return False
-    if (gate.bias is None) != (up.bias is None) or (gate.bias is None) != (down.bias is None):
-        return False
+    for names in (_SEPARATE, _PACKED):
+        linears = [children.get(name) for name in names]
+        if all(type(lin) is nn.Linear for lin in linears) and _shapes_fit(linears):
+            break
+    else:
+        return None
+    if len({lin.bias is None for lin in linears}) != 1:
+        return None
     # Plain weights: a legacy weight_norm Linear holds weight_g / weight_v and rebuilds weight
     # in a pre-hook (from the probe's tensors, during the probe).
     if any(set(lin._parameters) - {"weight", "bias"} for lin in linears):
-        return False
-    others = [m for name, m in children.items() if name not in _MLP_LINEARS]
+        return None
+    others = [m for name, m in children.items() if name not in names]
     if any(True for m in others for _ in m.parameters()) or any(
         True for m in others for _ in m.buffers()
     ):
-        return False
+        return None
     own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-    return not own
+    return None if own else names
 
 
-def _glu_mlp_forward(gate_proj, up_proj, down_proj, x, activation):
-    return down_proj(F.glu_family(gate_proj(x), up_proj(x), activation))
+def _shapes_fit(linears):
+    *ins, down = linears
+    hidden, inter = down.out_features, down.in_features
+    outs = [inter, inter] if len(ins) == 2 else [2 * inter]
+    return (
+        all(lin.in_features == hidden for lin in ins) and [lin.out_features for lin in ins] == outs
+    )
 
 
-def _verify_llama_mlp(module):
+def _glu_mlp_forward(linears, x, activation):
+    *ins, down = linears
+    up = ins[1](x) if len(ins) == 2 else None  # None: packed [gate | up]
+    return down(F.glu_family(ins[0](x), up, activation))
+
+
+def _verify_mlp(module, names):
     """(why not, activation): why not is None when module.forward computes
-    down(act(gate(x)) * up(x)) for an activation fastnn has (SwiGLU's silu, GeGLU's gelu_tanh or
-    gelu, ReGLU's relu, GLU's sigmoid), and activation is that one. Probed with random weights
+    down(act(gate(x)) * up(x)) ([gate | up] = gate_up(x) for the packed layout) for an
+    activation fastnn has (SwiGLU's silu, GeGLU's gelu_tanh or gelu, ReGLU's relu, GLU's
+    sigmoid), and activation is that one. Probed with random weights
     swapped in for the call (the module's own tensors are never written): with its real ones,
     zero-initialised down_proj or up_proj weights would make any activation agree. A 16-bit
     module is probed in fp32 too: its own rounding (bf16: 1.6e-2 relative) hides activations
     that differ by less, gelu and gelu_tanh (~1e-4) or CLIP's quick GELU and gelu (~1e-2)."""
-    w = module.gate_proj.weight
+    w = module.down_proj.weight
     if w.is_meta:
         return "its weights are on the meta device; cannot probe it", None
     dtypes = [w.dtype] + ([torch.float32] if w.dtype in (torch.float16, torch.bfloat16) else [])
     try:
         # Gates of about N(0, 1), and of N(0, 8^2) for activations clamped beyond the first's
         # reach (ReLU6 is ReLU below 6).
-        probes = [_probe_mlp(module, dtype, scale) for scale in (8.0, 1.0) for dtype in dtypes]
+        probes = [
+            _probe_mlp(module, names, dtype, scale) for scale in (8.0, 1.0) for dtype in dtypes
+        ]
     except Exception as e:
-        shape = [3, module.gate_proj.in_features]
+        shape = [3, module.down_proj.out_features]
         return f"its forward failed on a {shape} probe ({type(e).__name__}: {e})", None
     x, outputs, ours = probes[-1]  # the most precise, N(0, 1): where gelu and gelu_tanh differ
     matching = [
@@ -318,7 +334,11 @@ def _verify_llama_mlp(module):
     if matching:
         return None, min(matching, key=lambda act: _worst_error(outputs, ours[act]))
     closest = min(ACTIVATIONS, key=lambda act: _worst_error(outputs, ours[act]))
-    formula = f"down_proj(act(gate_proj(x)) * up_proj(x)) for act in {', '.join(ACTIVATIONS)}"
+    formula = (
+        "down_proj(act(gate_proj(x)) * up_proj(x))"
+        if names == _SEPARATE
+        else "down_proj(act(gate) * up) of [gate | up] = gate_up_proj(x)"
+    ) + f" for act in {', '.join(ACTIVATIONS)}"
     mismatches = (_mismatch(out, ours_[closest], x_, formula) for x_, out, ours_ in probes[::-1])
     return f"{next(filter(None, mismatches))} (closest: {closest})", None
 
@@ -333,13 +353,13 @@ def _worst_error(outputs, ours):
     return max(errors)
 
 
-def _probe_mlp(module, dtype, scale):
+def _probe_mlp(module, names, dtype, scale):
     """(x, the module's outputs in training and eval mode, {activation: fastnn's output}) on a
-    [3, hidden] probe of `dtype` and standard deviation `scale`, the projections' parameters
-    swapped for random ones of that dtype for the call."""
-    like = module.gate_proj.weight.new_empty(0, dtype=dtype)
-    x = _randn((3, module.gate_proj.in_features), like, seed=2) * scale
-    linears = [getattr(module, name) for name in _MLP_LINEARS]
+    [3, hidden] probe of `dtype` and standard deviation `scale`, the parameters of the
+    projections `names` swapped for random ones of that dtype for the call."""
+    like = module.down_proj.weight.new_empty(0, dtype=dtype)
+    x = _randn((3, module.down_proj.out_features), like, seed=2) * scale
+    linears = [getattr(module, name) for name in names]
     originals = [dict(lin._parameters) for lin in linears]
     for seed, (lin, params) in enumerate(zip(linears, originals, strict=True), start=3):
         for name, p in params.items():
@@ -350,7 +370,7 @@ def _probe_mlp(module, dtype, scale):
         with _hooks_off(linears):  # the Linears' hooks see the model's calls, not the probe's
             outputs = _forward_both_modes(module, x)
             with torch.no_grad():
-                ours = {act: _glu_mlp_forward(*linears, x, act) for act in ACTIVATIONS}
+                ours = {act: _glu_mlp_forward(linears, x, act) for act in ACTIVATIONS}
     finally:
         for lin, params in zip(linears, originals, strict=True):
             lin._parameters.update(params)
@@ -380,17 +400,26 @@ def _hook_dicts(module):
     return [k for k in _hook_attributes(module) if isinstance(getattr(module, k), dict)]
 
 
-def _activation_note(activation):
-    return "" if activation == "silu" else f"(activation={activation!r})"
+def _mlp_note(names, activation):
+    """The report's arguments of a new SwiGLUMLP that differ from the defaults."""
+    args = ["fused_gate_up=True"] if names == _PACKED else []
+    args += [] if activation == "silu" else [f"activation={activation!r}"]
+    return f"({', '.join(args)})" if args else ""
 
 
-def _new_glu_mlp(module, activation):
-    gate = module.gate_proj
-    bias = gate.bias is not None
+def _new_glu_mlp(module, names, activation):
+    down = module.down_proj
+    packed = names == _PACKED
     new = SwiGLUMLP(
-        gate.in_features, gate.out_features, bias=bias, device="meta", activation=activation
+        down.out_features,
+        down.in_features,
+        bias=down.bias is not None,
+        device="meta",
+        fused_gate_up=packed,
+        activation=activation,
+        llama_state_dict=not packed,  # the model's own keys: gate_up_proj.* stays
     )
-    for name in _MLP_LINEARS:  # the same Linear modules: nothing allocated or copied
+    for name in names:  # the same Linear modules: nothing allocated or copied
         setattr(new, name, getattr(module, name))
     return new
 
@@ -408,7 +437,7 @@ def _carry_over(old, new):
 def _plan(module, norms, mlps):
     """(kind, why_not, detail) for one module: kind is 'swap', 'replace' or None; detail, for a
     replaced norm, whether its output follows the weight's dtype (_PromotingRMSNorm), for a
-    replaced MLP its activation."""
+    replaced MLP (its layout, its activation)."""
     if type(module) in (nn.RMSNorm, nn.LayerNorm):
         if not norms:
             return None, None, None
@@ -417,29 +446,28 @@ def _plan(module, norms, mlps):
         return "swap", None, None
     if isinstance(module, (RMSNorm, LayerNorm, SwiGLUMLP)):
         return None, None, None  # fastnn's already
-    candidate = None
-    if mlps and _looks_like_llama_mlp(module):
-        candidate = _verify_llama_mlp
-    elif norms and _looks_like_rms_norm(module):
-        candidate = _verify_rms_norm
-    if candidate is None:
+    layout = _mlp_layout(module) if mlps else None
+    if layout is None and not (norms and _looks_like_rms_norm(module)):
         return None, None, None
     if _instance_forward(module):
         return None, "forward is overridden on the instance", None
     if not _takes_one_input(module):
         return None, "its forward takes more than the input", None
-    if candidate is _verify_llama_mlp and _children_hooked(module):
+    if layout is None:
+        why, promotes = _verify_rms_norm(module)
+        return (None, why, None) if why else ("replace", None, promotes)
+    if _children_hooked(module, layout):
         return None, "hooks on its other children (the activation) would be dropped", None
-    why, detail = candidate(module)
-    return (None, why, None) if why else ("replace", None, detail)
+    why, activation = _verify_mlp(module, layout)
+    return (None, why, None) if why else ("replace", None, (layout, activation))
 
 
-def _children_hooked(module):
-    """Whether a child other than the three Linears (kept in the new module) has hooks."""
+def _children_hooked(module, linears):
+    """Whether a child other than the Linears (kept in the new module) has hooks."""
     return any(
         getattr(child, key)
         for name, child in module.named_children()
-        if name not in _MLP_LINEARS
+        if name not in linears
         for key in _hook_dicts(child)
     )
 
@@ -473,15 +501,15 @@ def patch(model, *, norms=True, mlps=True):
             if module is model:
                 report.skipped.append((path, "it is the root module; patch its parent instead"))
                 continue
-            mlp = hasattr(module, "gate_proj")
-            new = _new_glu_mlp(module, detail) if mlp else _new_rms_norm(module, detail)
+            if isinstance(detail, tuple):  # an MLP: (layout, activation)
+                new = _new_glu_mlp(module, *detail)
+                name = "SwiGLUMLP" + _mlp_note(*detail)
+            else:  # a norm (a _PromotingRMSNorm, a subclass of fastnn.RMSNorm, when detail is set)
+                new = _new_rms_norm(module, detail)
+                name = "RMSNorm(output in the promoted dtype)" if detail else "RMSNorm"
             _carry_over(module, new)
             replacements[id(module)] = new
             done_prefixes.append(path)
-            if mlp:
-                name = "SwiGLUMLP" + _activation_note(detail)
-            else:  # (a _PromotingRMSNorm, a subclass of fastnn.RMSNorm, when detail is set)
-                name = "RMSNorm(output in the promoted dtype)" if detail else "RMSNorm"
             report.replaced.append(Replacement(path, _qualname(module), f"fastnn.{name}"))
     if replacements:
         for parent in list(model.modules()):

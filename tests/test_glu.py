@@ -374,6 +374,21 @@ def test_fused_mlp_state_dict_interop(bias):
         fastnn.SwiGLUMLP(8, 12, bias=bias, fused_gate_up=True).load_state_dict(broken)
 
 
+def test_fused_mlp_can_keep_its_own_state_dict_keys():
+    """llama_state_dict=False: gate_up_proj.* as saved (Phi-3 / GLM-4 checkpoints), no split."""
+    mlp = fastnn.SwiGLUMLP(8, 12, fused_gate_up=True, llama_state_dict=False)
+    state = mlp.state_dict()
+    assert list(state) == ["gate_up_proj.weight", "down_proj.weight"]
+    assert state["gate_up_proj.weight"].shape == (24, 8)
+    other = fastnn.SwiGLUMLP(8, 12, fused_gate_up=True, llama_state_dict=False)
+    other.load_state_dict(state)
+    assert torch.equal(other.gate_up_proj.weight, mlp.gate_up_proj.weight)
+    assert "llama_state_dict=False" in repr(mlp)
+    # Keys that name parameters: tools that map them to modules work (the LLaMA keys do not).
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(torch.func.functional_call(mlp, state, (x,)), mlp(x))
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_swiglu_mlp_compiles_fullgraph(fused):
     """No graph break through the custom op, forward and backward (aot_eager: dynamo and

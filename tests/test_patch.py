@@ -222,6 +222,50 @@ def test_glu_mlp_activation_is_recognised(dtype):
         assert_rel_close(mlp(x), before[name].double(), dtype, FORWARD, name)
 
 
+class PackedMLP(nn.Module):
+    """As HF's Phi3MLP (and GLM-4's): one gate_up_proj whose output holds [gate | up]."""
+
+    def __init__(self, hidden, inter, act, bias=False, up_first=False):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.activation_fn = act
+        self.up_first = up_first  # torch.nn.functional.glu's order: not fastnn's packed layout
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        if self.up_first:
+            gate, up = up, gate
+        return self.down_proj(up * self.activation_fn(gate))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_gate_up_mlp_becomes_a_fused_swiglu_mlp_with_the_same_keys(dtype):
+    torch.manual_seed(1)
+    model = nn.ModuleDict(
+        {
+            "phi": PackedMLP(16, 24, SiLU()),
+            "glm": PackedMLP(16, 24, nn.GELU(approximate="tanh"), bias=True),
+            "up_first": PackedMLP(16, 24, SiLU(), up_first=True),
+        }
+    ).to(dtype)
+    original = copy.deepcopy(model)
+    x = torch.randn(3, 16, dtype=dtype)
+    gate_up = model["phi"].gate_up_proj
+    report = patch(model)
+    assert [(r.path, r.after) for r in report] == [
+        ("phi", "fastnn.SwiGLUMLP(fused_gate_up=True)"),
+        ("glm", "fastnn.SwiGLUMLP(fused_gate_up=True, activation='gelu_tanh')"),
+    ]
+    assert [path for path, _ in report.skipped] == ["up_first"]
+    assert isinstance(model["phi"], fastnn.SwiGLUMLP) and model["phi"].gate_up_proj is gate_up
+    # The model's own checkpoint keys stay: gate_up_proj.*, not split into gate_proj / up_proj.
+    assert model.state_dict().keys() == original.state_dict().keys()
+    copy.deepcopy(original).load_state_dict(model.state_dict())
+    for name in ("phi", "glm"):
+        assert_rel_close(model[name](x), original[name](x).double(), dtype, FORWARD, name)
+
+
 def test_optimizer_made_before_patch_keeps_training_the_model():
     model = make_model(torch.float32)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

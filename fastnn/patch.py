@@ -307,11 +307,11 @@ def _verify_mlp(module, names):
     """(why not, activation): why not is None when module.forward computes
     down(act(gate(x)) * up(x)) ([gate | up] = gate_up(x) for the packed layout) for an
     activation fastnn has (SwiGLU's silu, GeGLU's gelu_tanh or gelu, ReGLU's relu, GLU's
-    sigmoid), and activation is that one. Probed with random weights
-    swapped in for the call (the module's own tensors are never written): with its real ones,
-    zero-initialised down_proj or up_proj weights would make any activation agree. A 16-bit
-    module is probed in fp32 too: its own rounding (bf16: 1.6e-2 relative) hides activations
-    that differ by less, gelu and gelu_tanh (~1e-4) or CLIP's quick GELU and gelu (~1e-2)."""
+    sigmoid), and activation is that one. Probed with random weights swapped in for the call
+    (the module's own tensors are never written): with its real ones, zero-initialised
+    down_proj or up_proj weights would make any activation agree. A 16-bit module is probed in
+    fp32 too: its own rounding (bf16: 1.6e-2 relative) hides activations that differ by less,
+    gelu and gelu_tanh (~1e-4) or CLIP's quick GELU and gelu (~1e-2)."""
     w = module.down_proj.weight
     if w.is_meta:
         return "its weights are on the meta device; cannot probe it", None

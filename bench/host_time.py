@@ -10,8 +10,8 @@ torch.no_grad (inference) and as forward + backward (training, .backward() into 
 round times `calls` back-to-back calls of one implementation, wall clock, the device
 synchronised before and after, and reports the time per call; the implementations take turns
 within each round, in a shuffled order (a burst of load on a shared host hits all alike); the
-median of `rounds` rounds is reported. On a GPU the kernels of these shapes run faster than the host queues them,
-so the time per call is the host's.
+median of `rounds` rounds is reported. On a GPU the kernels of these shapes run faster than the
+host queues them, so the time per call is the host's.
 
 Implementations: `eager` (torch's ops), `compile` (torch.compile of the same eager code),
 `liger` (Liger-Kernel, CUDA only, no fused residual), `fastnn` (backend `auto`) and

@@ -55,6 +55,10 @@ def _whole(placements, first_whole_dim):
     ]
 
 
+def _redistributed(t, placements):
+    return t if list(t.placements) == list(placements) else t.redistribute(placements=placements)
+
+
 def _like(t, name, ref, ref_name, placements):
     """t (a DTensor on ref's mesh) redistributed to `placements`."""
     if t is None:
@@ -69,7 +73,7 @@ def _like(t, name, ref, ref_name, placements):
             f"fastnn: {name} and {ref_name} are DTensors on different device meshes "
             f"({t.device_mesh} and {ref.device_mesh})"
         )
-    return t if list(t.placements) == list(placements) else t.redistribute(placements=placements)
+    return _redistributed(t, placements)
 
 
 def _from_local(t, mesh, placements, shape):
@@ -94,7 +98,7 @@ def norm(call, input, residual, params, normalized_dims):
         )
     mesh = input.device_mesh
     placements = _whole(input.placements, input.dim() - normalized_dims)
-    x = _like(input, "input", input, "input", placements)
+    x = _redistributed(input, placements)
     r = _like(residual, "residual", input, "input", placements)
     replicated = [Replicate()] * mesh.ndim
     # Each rank's weight / bias gradient sums its own rows: a partial sum where rows are split.
@@ -122,7 +126,7 @@ def glu(call, gate, up):
     mesh = gate.device_mesh
     packed = up is None
     placements = _whole(gate.placements, gate.dim() - 1 if packed else gate.dim())
-    g = _like(gate, "gate", gate, "gate", placements)
+    g = _redistributed(gate, placements)
     u = _like(up, "up", gate, "gate", placements)
     out = call(g.to_local(), None if u is None else u.to_local())
     shape = (*gate.shape[:-1], gate.shape[-1] // 2) if packed else gate.shape

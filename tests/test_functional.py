@@ -632,6 +632,34 @@ def test_calls_without_grad_mode_match_calls_with_it(backend, case, mode):
         assert torch.equal(a, b)
 
 
+_INFERENCE_INPUT_CASES = {
+    "rms_norm": ("rms_norm", lambda x, w: FF.rms_norm(x, (8,), w)),
+    "layer_norm": ("layer_norm", lambda x, w: FF.layer_norm(x, (8,), w, w)),
+    "glu": ("glu", lambda x, w: FF.glu_family(x, w.expand(x.shape), "gelu")),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_INFERENCE_INPUT_CASES))
+def test_inputs_made_in_inference_mode_train_as_other_tensors(backend, case):
+    """An eager forward that records a graph on an input made under torch.inference_mode (a
+    batch cached by an inference pass): autograd refuses to save an inference tensor, so the op
+    saves a copy, and the weights get the grads an ordinary input gives (torch.nn.RMSNorm
+    accepts such inputs too; under torch.compile torch refuses them for any op)."""
+    family, fn = _INFERENCE_INPUT_CASES[case]
+    skip_unless_available(backend, family, "cpu")
+    with torch.inference_mode():
+        x_inference = torch.randn(2, 3, 8)
+    w = (torch.rand(8) + 0.5).requires_grad_(True)
+    grads = []
+    with fastnn.use_backend(backend):
+        for x in (x_inference, x_inference.clone()):
+            (grad,) = torch.autograd.grad(fn(x, w).square().sum(), w)
+            grads.append(grad)
+    assert not grads[1].is_inference()
+    torch.testing.assert_close(*grads, rtol=0, atol=0)
+
+
 def test_compiled_autograd_traces_an_eager_forward_in_one_graph():
     """A forward run eagerly, its backward under compiled autograd: one graph, torch's grads."""
     from torch._dynamo import compiled_autograd

@@ -39,6 +39,13 @@ def eager(backend, name):
     return _EAGER[(backend, name)]
 
 
+def saveable(t):
+    """t for save_for_backward: a tensor made under torch.inference_mode is copied (autograd
+    refuses to save one; torch.nn.RMSNorm, a composite, saves only tensors derived from it).
+    Runs only when a forward records a graph."""
+    return t.clone() if t.is_inference() else t
+
+
 def available_backends():
     """Backends whose ops are registered in this process (native only with the extension)."""
     return ("torch", "triton", "native") if _extension.load() else ("torch", "triton")

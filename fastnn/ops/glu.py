@@ -35,7 +35,7 @@ def _fake_packed_bwd(grad_out, gate_up, activation):
 def _setup_context(ctx, inputs, output):
     gate, up, activation = inputs
     ctx.activation = activation
-    ctx.save_for_backward(gate, up)
+    ctx.save_for_backward(ops.saveable(gate), ops.saveable(up))
 
 
 def _make_backward(bwd):
@@ -50,7 +50,7 @@ def _make_backward(bwd):
 def _setup_context_packed(ctx, inputs, output):
     gate_up, activation = inputs
     ctx.activation = activation
-    ctx.save_for_backward(gate_up)
+    ctx.save_for_backward(ops.saveable(gate_up))
 
 
 def _make_backward_packed(bwd):

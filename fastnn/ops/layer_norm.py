@@ -35,7 +35,8 @@ def _setup_context(ctx, inputs, output):
     input, residual, weight, bias, _ = inputs
     _, residual_out, mean, rstd = output
     ctx.has_residual = residual is not None
-    ctx.save_for_backward(residual_out if ctx.has_residual else input, weight, bias, mean, rstd)
+    x = residual_out if ctx.has_residual else ops.saveable(input)
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
 
 
 def _make_backward(bwd):

@@ -31,7 +31,8 @@ def _setup_context(ctx, inputs, output):
     input, residual, weight, _ = inputs
     _, residual_out, rstd = output
     ctx.has_residual = residual is not None
-    ctx.save_for_backward(residual_out if ctx.has_residual else input, weight, rstd)
+    x = residual_out if ctx.has_residual else ops.saveable(input)
+    ctx.save_for_backward(x, weight, rstd)
 
 
 def _make_backward(bwd):

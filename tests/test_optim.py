@@ -378,6 +378,40 @@ def test_triton_multi_chunk(monkeypatch, cls):
     assert_states_close(opt, ref_opt, ours, ref)
 
 
+def test_triton_table_of_memory_seen_as_another_dtype(monkeypatch):
+    """The launch table places each chunk by element size: a step on memory an earlier step saw
+    as fp32, now viewed as bf16 (a second model in freed blocks at the same addresses), gets a
+    table of its own, and updates what it would with no earlier step, nothing past its tensors."""
+    skip_unless_available("triton", "adam", "cpu")
+    from fastnn.triton_kernels import multi_tensor
+
+    monkeypatch.setattr(triton_adam, "CHUNK", 64)
+    monkeypatch.setattr(triton_adam, "BLOCK", 16)
+    n = 150  # three chunks
+    raw = [torch.zeros(4 * n, dtype=torch.uint8) for _ in range(4)]  # param, grad, m, v
+    values = torch.randn(2, n, generator=torch.Generator().manual_seed(0))
+
+    def step(dtype):
+        for r in raw:
+            r.zero_()
+        p, g, m, v = (r.view(dtype)[:n] for r in raw)
+        p.copy_(values[0])
+        g.copy_(values[1])
+        triton_adam.adam_step_(
+            [p], [g], [m], [v], [], [torch.tensor(0.0)], [], None, None, None, lr=0.1,
+            beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+            amsgrad=False, maximize=False,
+        )  # fmt: skip
+        return raw[0].clone()
+
+    step(torch.float32)
+    after_fp32_step = step(torch.bfloat16)
+    multi_tensor._TABLES.clear()
+    alone = step(torch.bfloat16)
+    assert torch.equal(after_fp32_step, alone)
+    assert not alone[2 * n :].any()  # nothing written past the bf16 param
+
+
 # ---- Low precision: bf16 / fp16 params, with and without master weights --------------------
 
 

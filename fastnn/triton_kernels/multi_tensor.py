@@ -113,7 +113,12 @@ def chunk_table(addrs, elem_sizes, numels, indices, device, chunk):
     elem_sizes: the 6 element sizes in bytes, numels: elements per tensor (all > 0),
     indices: each tensor's index in the op's lists."""
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    key = (device, chunk, tuple(map(tuple, addrs)), tuple(numels), tuple(indices))
+    # The element sizes place every chunk after the first (the same memory viewed as another
+    # dtype needs its own table), and a table serves the stream it was uploaded on only: a
+    # launch on another stream could run before the upload, or after its eviction freed it.
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (device, stream, chunk, tuple(map(tuple, addrs)), tuple(elem_sizes), tuple(numels),
+           tuple(indices))  # fmt: skip
     hit = None if capturing else _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)

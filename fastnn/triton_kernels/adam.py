@@ -63,7 +63,7 @@ def _adam_tile(
         denom = div_ieee(sqrt_ieee(vmax, CDT), bias_correction2_sqrt, CDT) + eps
     else:
         denom = div_ieee(sqrt_ieee(v, CDT), bias_correction2_sqrt, CDT) + eps
-    w = w - step_size * div_ieee(m, denom, CDT)
+    w = tl.fma(-step_size, div_ieee(m, denom, CDT), w)  # addcdiv_ as torch's CUDA kernel: one fma
     tl.store(m_ptr + offs, m.to(M_T), mask=mask)
     tl.store(v_ptr + offs, v.to(V_T), mask=mask)
     store_weight(offs, mask, p_ptr, w_ptr, w, P_T, W_T, HAS_MASTER)

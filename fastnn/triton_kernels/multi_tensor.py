@@ -334,6 +334,9 @@ def launch(
                 ALIGNED=is_aligned,
                 BLOCK=block,
                 num_warps=num_warps,
+                # Every multiply-add torch rounds once is a tl.fma; the rest round as torch's
+                # separate ops do (RMSprop's buf.mul_(momentum) before its addcdiv_).
+                enable_fp_fusion=False,
             )
     for original, copy in write_back:
         original.copy_(copy)

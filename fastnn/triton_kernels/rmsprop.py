@@ -49,11 +49,13 @@ def _rmsprop_tile(
         avg = sqrt_ieee(sq, CDT) + eps
     if HAS_MOMENTUM:
         buf = tl.load(buf_ptr + offs, mask=mask).to(CDT)
-        buf = buf * momentum + div_ieee(g, avg, CDT)  # buf.mul_(momentum).addcdiv_(g, avg)
+        # buf.mul_(momentum).addcdiv_(g, avg): the product rounded on its own (launch():
+        # no contraction)
+        buf = buf * momentum + div_ieee(g, avg, CDT)
         tl.store(buf_ptr + offs, buf.to(BUF_T), mask=mask)
         w = tl.fma(-lr, buf, w)  # param.add_(buf, alpha=-lr)
     else:
-        w = w - lr * div_ieee(g, avg, CDT)
+        w = tl.fma(-lr, div_ieee(g, avg, CDT), w)  # addcdiv(g, avg, value=-lr): torch's CUDA fma
     store_weight(offs, mask, p_ptr, w_ptr, w, P_T, W_T, HAS_MASTER)
 
 

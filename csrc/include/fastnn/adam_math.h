@@ -7,8 +7,8 @@
 // the math type M; the per-element math runs in M: float for fp32 / fp16 / bf16 tensors, double
 // for fp64. No fast-math: IEEE division and square root. Where torch's ops compute a multiply-add
 // rounded once (addcmul, lerp, add with alpha: fused in its CPU and CUDA kernels) so does fma_
-// here, on every host and device; the host build contracts nothing else (nvcc may contract other
-// a * b + c on the GPU: CPU and CUDA results may differ in the last bit there).
+// here, on every host and device; the host build contracts nothing else, and where nvcc could
+// contract a * b + c that torch rounds twice, mul_ keeps the product's own rounding.
 //
 // V, the type of the per-element values, is M, or on the host a GCC vector of M (the CPU kernels
 // run 16- or 32-byte vectors through the same code; see host_vec). The option flags are plain
@@ -39,6 +39,27 @@ FASTNN_OPT_HD double sqrt_(double x) { return ::sqrt(x); }
 // steps of a constant gradient).
 FASTNN_OPT_HD float fma_(float a, float b, float c) { return ::fmaf(a, b, c); }
 FASTNN_OPT_HD double fma_(double a, double b, double c) { return ::fma(a, b, c); }
+
+// a * b rounded on its own, where torch rounds a product before adding to it (RMSprop's
+// buf.mul_(momentum) then addcdiv_): nvcc contracts a * b + c into one fma unless told not to.
+template <typename V, typename M>
+FASTNN_OPT_HD V mul_(V a, M b) {
+  return a * b;  // host vectors: the host build contracts nothing
+}
+FASTNN_OPT_HD float mul_(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FASTNN_OPT_HD double mul_(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
 
 #if !defined(__CUDACC__) && defined(__GNUC__)
 // Host vectors. GCC does not vectorise a loop that calls sqrt unless the whole build has

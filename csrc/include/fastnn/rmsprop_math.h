@@ -59,8 +59,8 @@ FASTNN_OPT_HD void rmsprop_update(V& p, V& grad, V& sq, V& grad_avg, V& buf,
     avg = sqrt_(sq) + c.eps;
   }
   if (momentum) {
-    buf = buf * c.momentum + g / avg;  // addcdiv with value 1
-    p = add_scaled(p, c.neg_lr, buf);  // add_(buf, alpha=-lr)
+    buf = mul_(buf, c.momentum) + g / avg;  // mul_(momentum), addcdiv with value 1
+    p = add_scaled(p, c.neg_lr, buf);       // add_(buf, alpha=-lr)
   } else {
     p = p + c.neg_lr * g / avg;  // addcdiv(g, avg, value=-lr)
   }

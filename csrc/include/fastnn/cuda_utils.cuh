@@ -348,12 +348,15 @@ __device__ __forceinline__ void load_col_stats(const A* p, int64_t base, int64_t
 }
 
 template <typename Kernel>
-void allow_smem(Kernel kernel, size_t bytes) {
+void allow_smem(Kernel kernel, size_t bytes, int device) {
   // Above 48 KB of static + dynamic shared memory a kernel must opt in; our kernels' static
-  // scratch stays under kSmemReserve (a 48 KB row plus 1 KB of scratch failed to launch).
+  // scratch stays under kSmemReserve (a 48 KB row plus 1 KB of scratch failed to launch). The
+  // limit is the kernel's on this device for every host thread: it is set to the most any launch
+  // asks for, never to this launch's bytes, which a thread launching a longer row would have
+  // to outrun.
   if (bytes + kSmemReserve > 48 * 1024)
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        max_shared_memory(device) - kSmemReserve));
 }
 
 // fp64 and unaligned / odd-N tensors take the scalar (VEC = 1) staged kernels.
@@ -399,7 +402,7 @@ void launch_staged_fwd(KernelSmem kernel_smem, KernelGlobal kernel_global, const
                        size_t row_bytes, int device, cudaStream_t stream) {
   const unsigned grid = grid_size(a.rows);
   if (row_bytes + kSmemReserve <= static_cast<size_t>(max_shared_memory(device))) {
-    allow_smem(kernel_smem, row_bytes);
+    allow_smem(kernel_smem, row_bytes, device);
     kernel_smem<<<grid, kStagedThreads, row_bytes, stream>>>(a);
   } else {
     kernel_global<<<grid, kStagedThreads, 0, stream>>>(a);

@@ -68,6 +68,8 @@ class Launch:
     # into shared memory).
     in_flight: int | None = None
     async_copies: int | None = None
+    # PTX instructions that flush subnormals to zero (.ftz: libdevice's approximate rsqrt, exp)
+    ftz_ops: int = 0
 
     @property
     def resident_per_sm(self):
@@ -235,9 +237,10 @@ def compiling_for_sm90(sass=False):
         per_sm = None
         if self.fn.__name__ in PERSISTENT_KERNELS:
             per_sm, asked["per_sm"] = asked["per_sm"], None
+        ftz_ops = len(re.findall(r"\.ftz\b", kernel.asm["ptx"]))
         launches.append(
             Launch(self.fn.__name__, kernel.metadata.num_warps, regs, spill,
-                   kernel.metadata.shared, per_sm, in_flight, async_copies)
+                   kernel.metadata.shared, per_sm, in_flight, async_copies, ftz_ops)
         )  # fmt: skip
         return kernel
 

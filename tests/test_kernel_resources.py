@@ -62,6 +62,17 @@ def test_no_spills(records):
     assert not spilled, "spill stores per thread:\n" + "\n".join(spilled)
 
 
+def test_norm_kernels_keep_subnormals(records):
+    """No norm kernel flushes subnormals to zero: with eps=0 a row of 1e-20s has a mean square
+    of 1e-40, which tl.rsqrt (rsqrt.approx.ftz.f32) took for 0 (rstd = inf, torch: 1e20)."""
+    flushing = [
+        f"{r['case']}: {r['kernel']} ({r['ftz_ops']} .ftz instructions)"
+        for r in records
+        if "error" not in r and r["kernel"].startswith(("_rms_", "_ln_")) and r["ftz_ops"]
+    ]
+    assert not flushing, "\n".join(flushing)
+
+
 def test_native_norm_and_glu_kernels_use_no_local_memory():
     """The CUDA norm and GLU kernels keep rows and vectors in registers: no stack (spills or
     local arrays) in any of their instantiations. (The fp16 / bf16 Adam and RMSprop kernels do

@@ -38,6 +38,7 @@ from fastnn.triton_kernels.rms_norm import (
     persistent_programs,
     reduce_partials,
     row_config,
+    rsqrt_rn,
     store_dx,
     tl_acc_dtype,
     vector_aligned,
@@ -65,7 +66,7 @@ def _ln_fwd_kernel(
         shift = load_sum(X, R, row * N, rmask, HAS_RES, ACC).to(ACC)
         mean = shift + tl.sum(tl.where(mask, x - shift[:, None], 0.0), axis=1) / N
         xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
+        rstd = rsqrt_rn(tl.sum(xc * xc, axis=1) / N + eps, ACC)
         y = xc * rstd[:, None]
         if HAS_W:
             y = y * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
@@ -121,7 +122,7 @@ def _ln_fwd_long_rows(
         m2 += tl.sum(xc * xc, axis=1) + delta * (delta * (seen * count / total))
         seen = total
     mean = shift + row_sum / N
-    rstd = tl.rsqrt(m2 / N + eps)
+    rstd = rsqrt_rn(m2 / N + eps, ACC)
     for start in tl.range(0, N, BLOCK_N, num_stages=1):
         cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
         x = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC).to(ACC)

@@ -371,6 +371,17 @@ def _pow2_at_most(v):
 
 
 @triton.jit
+def rsqrt_rn(v, ACC: tl.constexpr):
+    """1 / sqrt(v), square root and division each rounded to nearest. tl.rsqrt compiles to
+    rsqrt.approx.ftz.f32, which flushes a subnormal v to 0: with eps=0, a row of 1e-20s (mean
+    square 1e-40) would get rstd = inf where torch gives 1e20. Once per row: no cost."""
+    if ACC == tl.float64:
+        return 1.0 / tl.sqrt(v)  # fp64 sqrt and division are IEEE
+    else:
+        return tl.div_rn(tl.full(v.shape, 1.0, ACC), tl.sqrt_rn(v))
+
+
+@triton.jit
 def column_block(start, rmask, N, BLOCK_N: tl.constexpr):
     """Columns start .. start + BLOCK_N of a tile of rows (rmask: the rows that exist):
     (cols, their mask, the tile's [rows, BLOCK_N] mask)."""
@@ -419,14 +430,14 @@ def _rms_fwd_kernel(
         offs = base + cols[None, :]
         if REREAD:  # rows without a residual that the tile covers exactly: no masks
             x = load_row(X, offs, mask, ACC, READ_FIRST, True)
-            rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+            rstd = rsqrt_rn(tl.sum(x * x, axis=1) / N + eps, ACC)
             y = load_row(X, offs, mask, ACC, READ_SECOND, True) * rstd[:, None]
             if HAS_W:
                 y = y * load_row(W, cols, cmask, ACC, READ_ONCE, True)[None, :]
             tl.store(Y + offs, y.to(Y.dtype.element_ty))
         else:
             x = load_sum_saved(X, R, S, offs, mask, HAS_RES, ACC)
-            rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+            rstd = rsqrt_rn(tl.sum(x * x, axis=1) / N + eps, ACC)
             y = x * rstd[:, None]
             if HAS_W:
                 y = y * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
@@ -455,7 +466,7 @@ def _rms_fwd_long_rows(
         cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
         x = load_sum_saved(X, R, S, base + cols[None, :], mask, HAS_RES, ACC)
         acc += x * x
-    rstd = tl.rsqrt(tl.sum(acc, axis=1) / N + eps)
+    rstd = rsqrt_rn(tl.sum(acc, axis=1) / N + eps, ACC)
     for start in tl.range(0, N, BLOCK_N, num_stages=1):
         cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)
         # Recomputing x + r (instead of reading S back) keeps this pass free of any ordering

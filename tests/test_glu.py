@@ -516,6 +516,30 @@ def test_inplace_backward_overwriting_a_saved_tensor_is_caught(backend):
             out.sum().backward()
 
 
+def test_triton_packed_rows_in_slabs_past_the_grid_limit(monkeypatch):
+    """A packed GLU launches one program per (row, column block); past CUDA's 2^31 - 1 (over
+    2^31 rows of H <= 1024) the rows go in slabs of views. The limit lowered to 5 programs
+    here: 7 rows of two column blocks run in four launches, fwd, bwd and in-place bwd."""
+    skip_unless_available("triton", "glu", "cpu")
+    from fastnn.triton_kernels import glu as triton_glu
+
+    gate_up = torch.randn(7, 2 * 1030, dtype=torch.float64)
+    dh = torch.randn(7, 1030, dtype=torch.float64)
+    whole = (
+        triton_glu.glu_packed_fwd(gate_up, "silu"),
+        triton_glu.glu_packed_bwd(dh, gate_up, "silu"),
+    )
+    monkeypatch.setattr(triton_glu, "MAX_PROGRAMS", 5)
+    in_slabs = (
+        triton_glu.glu_packed_fwd(gate_up, "silu"),
+        triton_glu.glu_packed_bwd(dh, gate_up, "silu"),
+    )
+    overwritten = gate_up.clone()
+    triton_glu.glu_packed_bwd_(dh, overwritten, "silu")
+    for got, want in zip((*in_slabs, overwritten), (*whole, whole[1]), strict=True):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_native_inplace_ops_write_the_out_of_place_results(packed, dtype):

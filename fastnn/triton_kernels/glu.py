@@ -220,33 +220,43 @@ def _compute(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _grid(rows, H, packed):
-    return (rows * triton.cdiv(H, BLOCK),) if packed else (triton.cdiv(H, BLOCK),)
+MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on grid axis 0
+
+
+def _launches(rows, H, packed, tensors):
+    """(tensors, grid) per launch. A packed input takes one program per (row, column block):
+    past 2^31 - 1 of them (over 2^31 rows of H <= 1024) the rows go in slabs, each launch
+    given views of its rows."""
+    if not packed:
+        yield tensors, (triton.cdiv(H, BLOCK),)
+        return
+    col_blocks = triton.cdiv(H, BLOCK)
+    slab = max(1, MAX_PROGRAMS // col_blocks)
+    if rows <= slab:
+        yield tensors, (rows * col_blocks,)
+        return
+    as_rows = [t.view(rows, t.shape[-1]) for t in tensors]  # the kernels write through them
+    for r0 in range(0, rows, slab):
+        n = min(slab, rows - r0)
+        yield [t[r0 : r0 + n] for t in as_rows], (n * col_blocks,)
 
 
 def _fwd(g, u, out, rows, H, in_stride, packed, act):
     with device_context(g):
-        _glu_fwd_kernel[_grid(rows, H, packed)](
-            g, u, out, H, in_stride, act, packed, _compute(g.dtype), BLOCK, num_warps=NUM_WARPS
-        )
+        for (g_, u_, out_), grid in _launches(rows, H, packed, (g, u, out)):
+            _glu_fwd_kernel[grid](
+                g_, u_, out_, H, in_stride, act, packed, _compute(g.dtype), BLOCK,
+                num_warps=NUM_WARPS,
+            )  # fmt: skip
 
 
 def _bwd(dh, g, u, dg, du, rows, H, in_stride, packed, act):
     with device_context(g):
-        _glu_bwd_kernel[_grid(rows, H, packed)](
-            dh,
-            g,
-            u,
-            dg,
-            du,
-            H,
-            in_stride,
-            act,
-            packed,
-            _compute(g.dtype),
-            BLOCK,
-            num_warps=NUM_WARPS,
-        )
+        for (dh_, g_, u_, dg_, du_), grid in _launches(rows, H, packed, (dh, g, u, dg, du)):
+            _glu_bwd_kernel[grid](
+                dh_, g_, u_, dg_, du_, H, in_stride, act, packed, _compute(g.dtype), BLOCK,
+                num_warps=NUM_WARPS,
+            )  # fmt: skip
 
 
 def glu_fwd(gate, up, activation):

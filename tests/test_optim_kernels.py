@@ -448,7 +448,7 @@ def _adam_call(**changes):
     for k, v in changes.items():
         (kw if k in kw else args)[k] = v
     op = ops.get("native", "adam_step_")
-    return lambda: op(*args.values(), None, None, None, **kw)
+    return lambda found_inf=None: op(*args.values(), None, None, found_inf, **kw)
 
 
 def _bad_calls():
@@ -478,25 +478,34 @@ def _bad_calls():
     ]
 
 
+# found_inf set (GradScaler saw an inf: the op writes nothing) refuses the same calls.
+FOUND_INF = [None, torch.tensor(1.0)]
+
+
+@pytest.mark.parametrize("found_inf", FOUND_INF, ids=["no_inf", "found_inf"])
 @pytest.mark.parametrize("case", range(len(_bad_calls())))
-def test_bad_input_is_a_clear_error(case):
+def test_bad_input_is_a_clear_error(case, found_inf):
     call, message = _bad_calls()[case]
     with pytest.raises(RuntimeError, match=message):
-        call()
+        call(found_inf)
 
 
-def test_bad_rmsprop_input_is_a_clear_error():
+@pytest.mark.parametrize("found_inf", FOUND_INF, ids=["no_inf", "found_inf"])
+def test_bad_rmsprop_input_is_a_clear_error(found_inf):
     lists = _rmsprop_state(((3,), (4,)), torch.float32, torch.float32, True, True, False)
     op = ops.get("native", "rmsprop_step_")
     kw = dict(RMSPROP_KW, weight_decay=0.0, momentum=0.9, centered=True, maximize=False)
     steps = [torch.zeros(()), torch.zeros(())]
     with pytest.raises(RuntimeError, match="steps has 1 tensors but params has 2"):
-        op(*lists[:5], steps[:1], [], None, None, None, **kw)
+        op(*lists[:5], steps[:1], [], None, None, found_inf, **kw)
     with pytest.raises(RuntimeError, match="grad_avgs \\(centered=True\\) has 0 tensors"):
-        op(lists[0], lists[1], lists[2], [], lists[4], steps, [], None, None, None, **kw)
+        op(lists[0], lists[1], lists[2], [], lists[4], steps, [], None, None, found_inf, **kw)
     bufs = [lists[4][0].half(), lists[4][1]]
     with pytest.raises(RuntimeError, match="momentum_buffers\\[0\\] is Half, expected Float"):
-        op(lists[0], lists[1], lists[2], lists[3], bufs, steps, [], None, None, None, **kw)
+        op(lists[0], lists[1], lists[2], lists[3], bufs, steps, [], None, None, found_inf, **kw)
+    grads = [lists[1][0].long(), lists[1][1]]
+    with pytest.raises(RuntimeError, match="grads\\[0\\] is Long but params\\[0\\] is Float"):
+        op(lists[0], grads, *lists[2:5], steps, [], None, None, found_inf, **kw)
 
 
 def test_opcheck_native_ops():

@@ -172,8 +172,9 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                        amsgrad);
   const bool has_master = !master_params.empty();
 
-  // found_inf != 0 (GradScaler saw an inf or NaN): nothing is written at all.
-  if (oh::host_scalar(kOp, found_inf, "found_inf", 0.0) != 0.0) return;
+  // found_inf != 0 (GradScaler saw an inf or NaN): nothing is written at all, once the
+  // arguments have passed the checks every call makes.
+  const bool skip = oh::host_scalar(kOp, found_inf, "found_inf", 0.0) != 0.0;
   const double scale = oh::host_scalar(kOp, grad_scale, "grad_scale", 1.0);
   const bool store_grads = has(grad_scale);
   if (has(lr_tensor)) lr = oh::host_scalar(kOp, lr_tensor, "lr_tensor", lr);
@@ -233,6 +234,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     total += p.numel();
     ends.push_back(total);
   }
+  if (skip) return;
   oh::count_steps(kOp, steps, false, std::nullopt);
   if (total == 0) return;
 

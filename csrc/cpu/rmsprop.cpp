@@ -175,7 +175,8 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   oh::check_steps(kOp, steps, at::Device(at::kCPU));
   const bool has_master = !master_params.empty();
 
-  if (oh::host_scalar(kOp, found_inf, "found_inf", 0.0) != 0.0) return;  // nothing is written
+  // found_inf != 0: nothing is written, once the arguments have passed every call's checks
+  const bool skip = oh::host_scalar(kOp, found_inf, "found_inf", 0.0) != 0.0;
   const double scale = oh::host_scalar(kOp, grad_scale, "grad_scale", 1.0);
   const bool store_grads = has(grad_scale);
   if (has(lr_tensor)) lr = oh::host_scalar(kOp, lr_tensor, "lr_tensor", lr);
@@ -214,6 +215,7 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     total += p.numel();
     ends.push_back(total);
   }
+  if (skip) return;
   oh::count_steps(kOp, steps, false, std::nullopt);
   if (total == 0) return;
 

@@ -150,7 +150,9 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   c10::cuda::CUDAGuard guard(device);
   std::vector<at::Tensor> keep;  // temporaries that must outlive the launches' enqueueing
   AdamLaunch a;
-  if (!mta::set_scalar_args(a, lr_tensor, lr, grad_scale, found_inf, device, kOp, keep)) return;
+  // false: found_inf != 0 on the host, and nothing is written once the arguments pass the checks
+  const bool skip =
+      !mta::set_scalar_args(a, lr_tensor, lr, grad_scale, found_inf, device, kOp, keep);
   a.hyper = om::AdamHyper{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize};
   a.l2 = weight_decay != 0.0 && !decoupled_weight_decay;
   a.decoupled = weight_decay != 0.0 && decoupled_weight_decay;
@@ -179,6 +181,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     }
     keys[i] = {int(p.scalar_type()), int(st), has_master};
   }
+  if (skip) return;
   // Counted before the launches: host counts are read below, device ones by the kernel.
   oh::count_steps(kOp, steps, a.steps_on_device,
                   a.found_inf.ptr != nullptr ? found_inf : std::nullopt);

@@ -132,7 +132,9 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   c10::cuda::CUDAGuard guard(device);
   std::vector<at::Tensor> keep;
   RmspropLaunch a;
-  if (!mta::set_scalar_args(a, lr_tensor, lr, grad_scale, found_inf, device, kOp, keep)) return;
+  // false: found_inf != 0 on the host, and nothing is written once the arguments pass the checks
+  const bool skip =
+      !mta::set_scalar_args(a, lr_tensor, lr, grad_scale, found_inf, device, kOp, keep);
   a.hyper = om::RmspropHyper{alpha, eps, weight_decay, momentum, maximize};
   a.l2 = weight_decay != 0.0;
   a.centered = centered;
@@ -152,7 +154,9 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
         i, p, square_avgs, grad_avgs, momentum_buffers, master_params, centered, use_momentum);
     keys[i] = {int(p.scalar_type()), int(st), has_master};
   }
-  oh::count_steps(kOp, steps, oh::check_steps(kOp, steps, device),
+  const bool steps_on_device = oh::check_steps(kOp, steps, device);
+  if (skip) return;
+  oh::count_steps(kOp, steps, steps_on_device,
                   a.found_inf.ptr != nullptr ? found_inf : std::nullopt);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

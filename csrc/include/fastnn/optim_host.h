@@ -192,7 +192,7 @@ inline double next_host_step(const at::Tensor& s) {
 // steps += 1, called once every check has passed (a refused call changes nothing). Host counters
 // are written here, device ones in one foreach add; with found_inf on the device (the fused
 // GradScaler protocol) that adds (found_inf == 0), so a skipped step leaves them, with no sync.
-// (A found_inf on the host is read before: the op returns at once when it is non-zero.)
+// (A found_inf on the host is read before: when it is non-zero the op returns after its checks.)
 inline void count_steps(const char* op, at::TensorList steps, bool on_device,
                         const std::optional<at::Tensor>& device_found_inf) {
   if (!on_device) {

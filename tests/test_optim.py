@@ -610,7 +610,10 @@ def test_state_dict_layout_is_torchs():
     for k, v in ref_sd["state"].items():
         assert list(sd["state"][k]) == list(v)  # same keys, same order
         assert sd["state"][k]["step"].device == v["step"].device
-    extra = set(sd["param_groups"][0]) - set(ref_sd["param_groups"][0])
+    assert sd["param_groups"] == ref_sd["param_groups"]  # the same keys and values
+    assert opt.defaults == ref_opt.defaults and repr(opt) == repr(ref_opt)
+    with_masters = AdamW(clone_leaves(params), amsgrad=True, master_weights=True)
+    extra = set(with_masters.state_dict()["param_groups"][0]) - set(ref_sd["param_groups"][0])
     assert extra == {"master_weights"}
 
 

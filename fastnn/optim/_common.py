@@ -97,9 +97,10 @@ class FusedStepMixin:
                 f"fastnn.optim.{type(self).__name__} does not support differentiable=True (its "
                 f"fused update is not differentiable); use torch.optim.{type(self).__name__}"
             )
-        self.defaults["master_weights"] = bool(master_weights)
-        for group in self.param_groups:
-            group.setdefault("master_weights", bool(master_weights))
+        if master_weights:  # without it the defaults and groups have torch's keys alone
+            self.defaults["master_weights"] = True
+            for group in self.param_groups:
+                group.setdefault("master_weights", True)
         self._register_fp32_hooks()
         self._master_versions = {}  # id(param) -> its _version after its last update
 
@@ -113,9 +114,6 @@ class FusedStepMixin:
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.defaults.setdefault("master_weights", False)
-        for group in self.param_groups:
-            group.setdefault("master_weights", self.defaults["master_weights"])
         self._register_fp32_hooks()
         # (load_state_dict calls this too: loaded masters hold, whatever wrote the params)
         self._master_versions = {}
@@ -360,7 +358,8 @@ def _restore_fp32_state(optimizer):
     optimizer._fastnn_loaded_state = {}
     for group in optimizer.param_groups:
         # A state_dict saved by torch.optim has no master_weights: keep this optimizer's choice.
-        group.setdefault("master_weights", optimizer.defaults.get("master_weights", False))
+        if optimizer.defaults.get("master_weights"):
+            group.setdefault("master_weights", True)
         for p in group["params"]:
             state = optimizer.state.get(p)
             if not state or not _low_precision_master(group, p):

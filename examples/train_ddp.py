@@ -188,11 +188,12 @@ class CharData:
 
     def check_windows(self, seq_len):
         """Exits, before any training, when a split is too short for one window of seq_len."""
+        total = len(self.train) + len(self.val)
         for split, data in (("training", self.train), ("validation", self.val)):
             if len(data) <= seq_len + 1:
                 raise SystemExit(
-                    f"the {split} text has {len(data)} characters; --seq-len {seq_len} needs "
-                    f"more than {seq_len + 1}"
+                    f"the text is too short: its {split} split has {len(data)} of its {total} "
+                    f"characters, and --seq-len {seq_len} needs more than {seq_len + 1}"
                 )
 
     def batch(self, split, seed, step, rank, batch_size, seq_len, device):
@@ -434,6 +435,8 @@ def parse_args(argv=None):
             ap.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.dim % args.heads or (args.dim // args.heads) % 2:
         ap.error("--dim must be a multiple of --heads with an even head size")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here (use --device cpu or auto)")
     return args
 
 

@@ -221,7 +221,7 @@ def test_corpus_is_deterministic_and_batches_depend_only_on_seed_step_rank(examp
     assert not torch.equal(x, data.batch("train", 0, 3, 0, 4, 16, torch.device("cpu"))[0])
     # A split too short for one window is refused before training, naming the split.
     data.check_windows(16)
-    with pytest.raises(SystemExit, match="validation text has"):
+    with pytest.raises(SystemExit, match="validation split has"):
         data.check_windows(len(data.val))
 
 

@@ -84,7 +84,10 @@ def _check_norm_args(op, input, normalized_shape, residual, params, eps):
             f"fastnn: input of shape {list(input.shape)} has fewer dims than normalized_shape "
             f"{list(shape)}"
         )
-    if tuple(input.shape[input.dim() - len(shape) :]) != shape:
+    # Under torch.jit.trace the sizes are traced values: comparing them warns (TracerWarning)
+    # and records nothing, so the trace-time call leaves its shapes to the op's own checks.
+    sizes = not torch.jit.is_tracing()
+    if sizes and tuple(input.shape[input.dim() - len(shape) :]) != shape:
         raise RuntimeError(
             f"fastnn: input of shape {list(input.shape)} does not end with normalized_shape "
             f"{list(shape)}"
@@ -92,7 +95,7 @@ def _check_norm_args(op, input, normalized_shape, residual, params, eps):
     for name, p in params:
         if p is None:
             continue
-        if tuple(p.shape) != shape:
+        if sizes and tuple(p.shape) != shape:
             raise RuntimeError(
                 f"fastnn: {name} of shape {list(p.shape)} does not match normalized_shape "
                 f"{list(shape)}"
@@ -100,7 +103,7 @@ def _check_norm_args(op, input, normalized_shape, residual, params, eps):
         _check_float(p, name)
         _check_same_device(p, name, input)
     if residual is not None:
-        if residual.shape != input.shape:
+        if sizes and residual.shape != input.shape:
             raise RuntimeError(
                 f"fastnn: residual of shape {list(residual.shape)} does not match input of "
                 f"shape {list(input.shape)}"
@@ -227,9 +230,9 @@ def _unflatten(out, shape, residual_out, residual):
     constants (a traced norm returned its traced shape), a view's as the sizes they were read
     from; `shape` must be read before the input is flattened (a flatten or contiguous that
     changes nothing returns the input itself, whose sizes the tracer then reads off the result)."""
-    if out.shape == shape:  # a 2-D input's results are in its shape (3.3 us less per call)
-        return out if residual is None else (out, residual_out)
     tracing = torch.jit.is_tracing()
+    if not tracing and out.shape == shape:  # a 2-D input's results are in its shape (3.3 us)
+        return out if residual is None else (out, residual_out)
 
     def unflatten(t):
         return t.view(shape) if tracing else torch.ops.aten._unsafe_view(t, shape)
@@ -371,15 +374,16 @@ def glu_family(gate, up=None, activation="silu", *, inplace_backward=False):
             f"fastnn: unknown GLU activation {activation!r}; expected one of {ACTIVATIONS}"
         )
     _check_float(gate, "gate", NotImplementedError)
+    sizes = not torch.jit.is_tracing()  # traced sizes: as in _check_norm_args
     if up is None:
-        if gate.dim() == 0 or gate.shape[-1] % 2 != 0:
+        if gate.dim() == 0 or (sizes and gate.shape[-1] % 2 != 0):
             raise RuntimeError(
                 f"fastnn: packed gate_up of shape {list(gate.shape)} needs an even last dim "
                 "holding [gate | up]"
             )
     else:
         _check_float(up, "up", NotImplementedError)
-        if gate.shape != up.shape:
+        if sizes and gate.shape != up.shape:
             raise RuntimeError(
                 f"fastnn: gate of shape {list(gate.shape)} and up of shape {list(up.shape)} "
                 "differ; the GLU ops do not broadcast (expand them to one shape first)"

@@ -485,7 +485,7 @@ def test_eager_calls_run_the_backends_ops(backend, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape checks fixed by the trace
+@pytest.mark.filterwarnings("error::torch.jit.TracerWarning")  # no shape check warns
 def test_modules_refuse_torch_jit_script_clearly_and_trace():
     """TorchScript cannot compile the custom-op calls: the error names the module and what to
     use instead (scripting a model that holds one too); torch.jit.trace works."""
@@ -508,6 +508,7 @@ class _WithResidual(torch.nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("error::torch.jit.TracerWarning")
 @pytest.mark.parametrize("backend", ["torch", "native", "triton"])
 def test_traced_norms_take_other_sizes_of_the_traced_rank(backend):
     """A trace records the input's sizes as the input's, not as the traced numbers: other sizes

@@ -139,13 +139,17 @@ class SwiGLUMLP(_NotScriptable, nn.Module):
 
 
 def _split_gate_up_state(module, state_dict, prefix, local_metadata):
-    """state_dict post-hook of a fused SwiGLUMLP: gate_up_proj.* -> gate_proj.*, up_proj.*."""
+    """state_dict post-hook of a fused SwiGLUMLP: gate_up_proj.* -> gate_proj.*, up_proj.*, in
+    the unfused module's key order (gate, up, down: down_proj.* moves behind them)."""
+    names = [n for n in ("weight", "bias") if f"{prefix}gate_up_proj.{n}" in state_dict]
+    halves = {n: state_dict.pop(f"{prefix}gate_up_proj.{n}").chunk(2, dim=0) for n in names}
+    for i, linear in enumerate(("gate_proj", "up_proj")):
+        for name in names:
+            state_dict[f"{prefix}{linear}.{name}"] = halves[name][i]
     for name in ("weight", "bias"):
-        fused = state_dict.pop(f"{prefix}gate_up_proj.{name}", None)
-        if fused is not None:
-            gate, up = fused.chunk(2, dim=0)
-            state_dict[f"{prefix}gate_proj.{name}"] = gate
-            state_dict[f"{prefix}up_proj.{name}"] = up
+        key = f"{prefix}down_proj.{name}"
+        if key in state_dict:
+            state_dict[key] = state_dict.pop(key)
 
 
 def _merge_gate_up_state(

@@ -355,6 +355,10 @@ def test_fused_mlp_state_dict_interop(bias):
     assert torch.equal(fused.gate_up_proj.weight[:12], plain.gate_proj.weight)
     assert torch.equal(fused.gate_up_proj.weight[12:], plain.up_proj.weight)
 
+    assert list(fused.state_dict()) == list(plain.state_dict())  # keys in the same order
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), fused, torch.nn.Linear(8, 8))
+    unfused = torch.nn.Sequential(torch.nn.Linear(8, 8), plain, torch.nn.Linear(8, 8))
+    assert list(model.state_dict()) == list(unfused.state_dict())
     back = fastnn.SwiGLUMLP(8, 12, bias=bias)
     back.load_state_dict(fused.state_dict())
     for k, v in plain.state_dict().items():

@@ -239,6 +239,12 @@ class _PromotingRMSNorm(RMSNorm):
     """fastnn.RMSNorm whose output has the promotion of the input's and the weight's dtypes, as
     the look-alikes that multiply by the weight last (an fp32 weight: fp32 out of bf16 input)."""
 
+    def _get_name(self):
+        return "RMSNorm"  # a patched model's repr names fastnn's class, not this private one
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, output in the promoted dtype of input and weight"
+
     def forward(self, x, residual=None):
         result = super().forward(x, residual)
         out = result if residual is None else result[0]

@@ -413,6 +413,10 @@ def test_a_norm_whose_output_follows_its_fp32_weight_keeps_doing_so():
     report = patch(model)
     assert [r.after for r in report] == ["fastnn.RMSNorm(output in the promoted dtype)"]
     assert isinstance(model[1], fastnn.RMSNorm)
+    assert repr(model[1]) == (
+        "RMSNorm((8,), eps=1e-06, elementwise_affine=True, output in the promoted dtype of "
+        "input and weight)"
+    )
     got = model(x)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # bf16 activations

@@ -160,19 +160,46 @@ class build_py(_build_py):
 SDIST = "sdist" in sys.argv  # a source archive: no binary, so no build-specific version label
 
 
+def _installed_torch_version(isolated_dir):
+    """(__version__, git_version) of the torch installed where this build's package goes, read
+    from its torch/version.py (a wheel's metadata version lacks the +cu130 label), or None.
+    pip's isolated build runs the target environment's interpreter (sys.prefix is the target's)
+    with its site-packages off sys.path; `python -m build` runs in a venv of its own, whose
+    torch is the isolated one itself (None)."""
+    import sysconfig
+
+    keys = ("__version__", "git_version")
+    for lib in sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}):
+        version_py = Path(lib, "torch", "version.py")
+        if not version_py.is_file() or version_py.parent.resolve() == Path(isolated_dir).resolve():
+            continue
+        text = version_py.read_text()
+        found = [re.search(rf"^{k}\s*=\s*['\"]([^'\"]*)['\"]", text, re.M) for k in keys]
+        if all(found):
+            return tuple(m.group(1) for m in found)
+    return None
+
+
 def _refuse_isolated_build(torch):
     """pip's build isolation (and `python -m build`'s) installs the newest torch into a throwaway
-    environment; an extension compiled there would require that torch, not the user's."""
+    environment; an extension compiled there would require that torch, not the user's, unless
+    the user's is the same version."""
     where = os.path.dirname(torch.__file__)
     isolated = "pip-build-env" in where or f"{os.sep}build-env-" in where
-    if isolated and not SDIST and _flag("FASTNN_ALLOW_BUILD_ISOLATION", "0") != "1":
-        sys.exit(
-            f"fastnn: this build runs in an isolated environment whose torch ({torch.__version__}, "
-            f"{where}) is not the one you will run with, and the extension is tied to the torch "
-            "it is built against. Build against your torch: pip install --no-build-isolation . "
-            "(with setuptools, wheel and ninja installed), or FASTNN_NO_EXTENSION=1 for a "
-            "pure-Python install; FASTNN_ALLOW_BUILD_ISOLATION=1 builds here anyway."
-        )
+    if not isolated or SDIST or _flag("FASTNN_ALLOW_BUILD_ISOLATION", "0") == "1":
+        return
+    installed = _installed_torch_version(where)
+    if installed == (torch.__version__, torch.version.git_version):
+        return  # the same torch build as the one the package will run with
+    yours = f"your environment's is {installed[0]}" if installed else "your environment has none"
+    sys.exit(
+        f"fastnn: this build runs in an isolated environment whose torch ({torch.__version__}, "
+        f"{where}) is not the one you will run with ({yours}), and the extension is tied to the "
+        "torch it is built against. Build against your torch: pip install "
+        "--no-build-isolation . (with setuptools, wheel and ninja installed), or "
+        "FASTNN_NO_EXTENSION=1 for a pure-Python install; FASTNN_ALLOW_BUILD_ISOLATION=1 builds "
+        "here anyway."
+    )
 
 
 def _extensions():

@@ -204,21 +204,26 @@ def test_rmsprop_trajectory(backend, wd, momentum, centered, maximize, alpha):
 
 def centered_rmsprop_at_cancellation(backend, device):
     """A steady gradient: centered RMSprop's square_avg - grad_avg^2 cancels, and only rounded
-    once (torch's addcmul) it stays above 0 where rounded twice it hits exactly 0 at step 1225
-    and the step divides by eps alone (a param 5e4x off torch's). A 1e25 gradient: square_avg
-    and grad_avg^2 overflow, inf - inf would be NaN; once rounded, the update is 0, as torch's."""
-    steady = [torch.nn.Parameter(torch.zeros(20, device=device)) for _ in range(2)]
-    huge = [torch.nn.Parameter(torch.ones(3, device=device)) for _ in range(2)]
+    once (torch's addcmul on the CPU) it stays above 0 where rounded twice it hits exactly 0 at
+    step 1225 and the step divides by eps alone (a param 5e4x off torch's). A 1e25 gradient:
+    square_avg and grad_avg^2 overflow, inf - inf would be NaN; once rounded, the update is 0,
+    as torch's. The oracle is torch's for-loop on the CPU for every device (a CUDA addcmul may
+    round the product first, as a + value * (t1 * t2))."""
+    devices = (device, "cpu")
+    steady = [torch.nn.Parameter(torch.zeros(20, device=d)) for d in devices]
+    huge = [torch.nn.Parameter(torch.ones(3, device=d)) for d in devices]
     opts = [RMSprop([steady[0], huge[0]], lr=1e-3, centered=True)]
     opts.append(torch.optim.RMSprop([steady[1], huge[1]], lr=1e-3, centered=True, foreach=False))
     for k, opt in enumerate(opts):
         with fastnn.use_backend(backend):
             for step in range(1500):
                 steady[k].grad = torch.full_like(steady[k], 1.4809523820877075)
-                huge[k].grad = torch.tensor([1e25, 1.0, 1.0], device=device) if step == 0 else None
+                huge[k].grad = (
+                    torch.tensor([1e25, 1.0, 1.0], device=devices[k]) if step == 0 else None
+                )
                 opt.step()
-    torch.testing.assert_close(steady[0], steady[1], rtol=1e-4, atol=0)
-    torch.testing.assert_close(huge[0], huge[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(steady[0].cpu(), steady[1], rtol=1e-4, atol=0)
+    torch.testing.assert_close(huge[0].cpu(), huge[1], rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])  # the interpreter's tl.fma rounds twice

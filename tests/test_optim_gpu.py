@@ -205,11 +205,12 @@ def test_auto_backend_on_cuda_is_not_torch_when_kernels_exist():
     # With a kernel available, auto must not fall back to the reference on a GPU.
     from fastnn import _backend
 
-    chosen = _backend.resolve("adam", "cuda")
-    order = _backend.auto_order("adam", "cuda")
-    assert chosen == next(
-        b for b in order if _backend.unavailable_reason(b, "adam", "cuda") is None
-    )
+    kernels = [
+        b for b in ("native", "triton") if _backend.unavailable_reason(b, "adam", "cuda") is None
+    ]
+    if not kernels:
+        pytest.skip("no Adam kernel for CUDA here (neither the extension's nor Triton's)")
+    assert _backend.resolve("adam", "cuda") in kernels
 
 
 def test_adam_and_adamw_classes_on_cuda_share_state_layout():

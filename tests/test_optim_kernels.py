@@ -571,7 +571,9 @@ def test_adam_cuda(dtype, capturable, misaligned):
         if capturable
         else None,
         grad_scale=torch.tensor(4.0, device="cuda"),
-        found_inf=torch.tensor(0.0, device="cuda"),
+        # on the device with device step counts only (the fused protocol: a skipped step must
+        # leave the counts without a host sync; host counts take a host found_inf)
+        found_inf=torch.tensor(0.0, device="cuda" if capturable else "cpu"),
         **kw,
     )
     _adam("torch", eager, steps, grad_scale=torch.tensor(4.0), **kw)

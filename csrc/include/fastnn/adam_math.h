@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define FASTNN_OPT_HD __host__ __device__ __forceinline__
@@ -44,20 +45,14 @@ FASTNN_OPT_HD double fma_(double a, double b, double c) { return ::fma(a, b, c);
 // buf.mul_(momentum) then addcdiv_): nvcc contracts a * b + c into one fma unless told not to.
 template <typename V, typename M>
 FASTNN_OPT_HD V mul_(V a, M b) {
-  return a * b;  // host vectors: the host build contracts nothing
-}
-FASTNN_OPT_HD float mul_(float a, float b) {
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
+  if constexpr (std::is_same_v<V, double>) {
+    return __dmul_rn(a, b);
+  } else {
+    return __fmul_rn(a, b);
+  }
 #else
-  return a * b;
-#endif
-}
-FASTNN_OPT_HD double mul_(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
+  return a * b;  // host scalars and vectors: the host build contracts nothing
 #endif
 }
 

@@ -2,8 +2,6 @@
 for-loop on the GPU for every backend, no host synchronisation in step(), the fused GradScaler
 protocol in capturable mode, and CUDA-graph capture of step()."""
 
-import os
-
 import pytest
 import torch
 from conftest import BACKENDS, skip_unless_available
@@ -14,17 +12,6 @@ import fastnn
 from fastnn.optim import Adam, AdamW, RMSprop
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def _compiled_triton(request):
-    # tests/conftest.py turns the Triton interpreter on for CPU runs; the multi-tensor kernels
-    # run on CUDA tensors only compiled (TRITON_INTERPRET=0 for this file on a GPU).
-    backend = getattr(request.node, "callspec", None) and request.node.callspec.params.get(
-        "backend"
-    )
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("set TRITON_INTERPRET=0 to run the compiled Triton kernels on the GPU")
 
 
 # Sizes around the kernels' boundaries: 1, odd, a few 64K chunks plus a tail, 0.

@@ -223,13 +223,10 @@ def _compute(dtype):
 MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on grid axis 0
 
 
-def _launches(rows, H, packed, tensors):
-    """(tensors, grid) per launch. A packed input takes one program per (row, column block):
-    past 2^31 - 1 of them (over 2^31 rows of H <= 1024) the rows go in slabs, each launch
-    given views of its rows."""
-    if not packed:
-        yield tensors, (triton.cdiv(H, BLOCK),)
-        return
+def _launches(rows, H, tensors):
+    """(tensors, grid) per launch: one program per (row, column block) (separate gate and up
+    are one row of all their elements); past 2^31 - 1 of them (a packed input of over 2^31
+    rows of H <= 1024) the rows go in slabs, each launch given views of its rows."""
     col_blocks = triton.cdiv(H, BLOCK)
     slab = max(1, MAX_PROGRAMS // col_blocks)
     if rows <= slab:
@@ -243,7 +240,7 @@ def _launches(rows, H, packed, tensors):
 
 def _fwd(g, u, out, rows, H, in_stride, packed, act):
     with device_context(g):
-        for (g_, u_, out_), grid in _launches(rows, H, packed, (g, u, out)):
+        for (g_, u_, out_), grid in _launches(rows, H, (g, u, out)):
             _glu_fwd_kernel[grid](
                 g_, u_, out_, H, in_stride, act, packed, _compute(g.dtype), BLOCK,
                 num_warps=NUM_WARPS,
@@ -252,7 +249,7 @@ def _fwd(g, u, out, rows, H, in_stride, packed, act):
 
 def _bwd(dh, g, u, dg, du, rows, H, in_stride, packed, act):
     with device_context(g):
-        for (dh_, g_, u_, dg_, du_), grid in _launches(rows, H, packed, (dh, g, u, dg, du)):
+        for (dh_, g_, u_, dg_, du_), grid in _launches(rows, H, (dh, g, u, dg, du)):
             _glu_bwd_kernel[grid](
                 dh_, g_, u_, dg_, du_, H, in_stride, act, packed, _compute(g.dtype), BLOCK,
                 num_warps=NUM_WARPS,

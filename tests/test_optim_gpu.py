@@ -1,6 +1,7 @@
 """fastnn optimizers on a CUDA device (skipped without one): trajectories against torch.optim's
-for-loop on the GPU for every backend, no host synchronisation in step(), the fused GradScaler
-protocol in capturable mode, and CUDA-graph capture of step()."""
+for-loop on the GPU for every backend, the native CUDA kernels' bits against the CPU kernels', no
+host synchronisation in step(), the fused GradScaler protocol in capturable mode, and CUDA-graph
+capture of step()."""
 
 import pytest
 import torch
@@ -61,6 +62,27 @@ def test_trajectory_cuda(backend, cls, kw, capturable):
     _run(ref_opt, ref, grads)
     for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
         assert_rel_close(a.detach(), b.detach().double(), torch.float32, FORWARD, f"param {i}")
+
+
+@pytest.mark.parametrize("cls,kw", CASES)
+def test_native_cuda_steps_give_the_cpu_kernels_bits(cls, kw):
+    """One header (fastnn/adam_math.h, rmsprop_math.h) for both devices, IEEE sqrt and division
+    on both, a fused multiply-add exactly where it writes fma_ (mul_ keeps nvcc from contracting
+    the others), coefficients rounded once from the host's doubles: the CUDA kernels' 20 steps
+    must land on the CPU kernels' bits."""
+    skip_unless_available("native", cls.lower().rstrip("w"), "cuda")
+    skip_unless_available("native", cls.lower().rstrip("w"), "cpu")
+    params = _params()
+    grads = _grads(params, STEPS)
+    on_gpu = [torch.nn.Parameter(p.clone()) for p in params]
+    on_cpu = [torch.nn.Parameter(p.cpu()) for p in params]
+    opts = [getattr(fastnn.optim, cls)(ps, lr=0.01, **kw) for ps in (on_gpu, on_cpu)]
+    with fastnn.use_backend("native"):
+        _run(opts[0], on_gpu, grads)
+        _run(opts[1], on_cpu, [[g.cpu() for g in gs] for gs in grads])
+    for i, (a, b) in enumerate(zip(on_gpu, on_cpu, strict=True)):
+        differ = (a.detach().cpu() != b.detach()).sum().item()
+        assert differ == 0, f"param {i} {list(a.shape)}: {differ} elements off the CPU's bits"
 
 
 @pytest.mark.parametrize("backend", ["native", "triton"])  # the reference may sync: the oracle

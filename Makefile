@@ -32,7 +32,7 @@ build: .venv/.editable-stamp
 	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-$(DEV_CUDA_ARCH)}" \
 	  flock build/.lock $(PY) setup.py -q build_ext --inplace
 
-CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
+CXX_SOURCES = $(shell find csrc tests/cpp -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
 lint: .venv/.deps-stamp
 	$(PY) -m ruff check .

@@ -8,7 +8,9 @@
 // for fp64. No fast-math: IEEE division and square root. Where torch's ops compute a multiply-add
 // rounded once (addcmul, lerp, add with alpha: fused in its CPU and CUDA kernels) so does fma_
 // here, on every host and device; the host build contracts nothing else, and where nvcc could
-// contract a * b + c that torch rounds twice, mul_ keeps the product's own rounding.
+// contract a * b + c that torch rounds twice, mul_ keeps the product's own rounding
+// (tests/test_optim_math_contraction.py builds this math with every multiply-add contracted and
+// compares its bits with the host build's).
 //
 // V, the type of the per-element values, is M, or on the host a GCC vector of M (the CPU kernels
 // run 16- or 32-byte vectors through the same code; see host_vec). The option flags are plain

@@ -1,0 +1,72 @@
+"""The optimizer math shared by the CPU and CUDA kernels rounds the same on both, checked without a
+GPU: nvcc fuses every a * b + c it finds into one fma by default, the host build fuses none (only
+the header's explicit fma_), so tests/cpp/optim_math_contraction.cpp is built both ways with g++
+(the second with every multiply-add contracted and mul_'s device branch taken) and the checksums
+of 100,000 scalar updates per op, math type and option combination must agree."""
+
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "tests" / "cpp" / "optim_math_contraction.cpp"
+INCLUDE = f"-I{ROOT / 'csrc' / 'include'}"
+COMMON = ["g++", "-std=c++20", "-O2", "-Wall", "-Werror", "-Wno-psabi", INCLUDE]
+AS_HOST = ["-ffp-contract=off"]  # baseline x86-64: no fma instruction to contract into
+# x86-64-v3 has FMA; -ffp-contract=fast fuses across the inlined header as nvcc's --fmad=true does.
+AS_NVCC = ["-march=x86-64-v3", "-ffp-contract=fast", "-DFASTNN_EMULATE_NVCC"]
+# beta1 beta2 eps weight_decay step lr grad_scale alpha momentum: torch's defaults with a grad
+# scaler's power of two, and odd values with a scale that takes the division branch.
+HYPERPARAMETERS = [
+    ["0.9", "0.999", "1e-8", "0.01", "7", "0.001", "65536", "0.99", "0.9"],
+    ["0.8", "0.95", "1e-6", "0.1", "1", "0.03", "3", "0.5", "0.7"],
+]
+
+pytestmark = pytest.mark.skipif(
+    platform.machine() != "x86_64" or shutil.which("g++") is None,
+    reason="builds with g++ for x86-64 (the nvcc stand-in needs x86-64-v3's fma)",
+)
+
+
+def build(tmp_path, name, flags):
+    exe = tmp_path / name
+    subprocess.run([*COMMON, *flags, str(SOURCE), "-o", str(exe)], check=True)
+    return exe
+
+
+def checksums(exe, args):
+    out = subprocess.run([str(exe), *args], check=True, capture_output=True, text=True).stdout
+    lines = out.splitlines()
+    assert len(lines) == 64, out  # {adam, rmsprop} x {float, double} x 16 option combinations
+    return lines
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("contraction")
+    return {
+        "host": build(tmp, "host", AS_HOST),
+        "nvcc": build(tmp, "nvcc", AS_NVCC),
+        # The nvcc stand-in without mul_'s device branch: RMSprop's buf * momentum + g / avg
+        # then fuses, which torch rounds twice; the check must see it.
+        "unguarded": build(tmp, "unguarded", [a for a in AS_NVCC if a != "-DFASTNN_EMULATE_NVCC"]),
+    }
+
+
+@pytest.mark.parametrize("args", HYPERPARAMETERS, ids=["torch-defaults", "odd"])
+def test_every_multiply_add_rounds_as_on_the_host(builds, args):
+    host, nvcc = checksums(builds["host"], args), checksums(builds["nvcc"], args)
+    differ = [f"{a}  vs  {b}" for a, b in zip(host, nvcc, strict=True) if a != b]
+    assert not differ, "contracted build differs:\n" + "\n".join(differ)
+
+
+def test_the_check_sees_an_unguarded_product(builds):
+    args = HYPERPARAMETERS[0]
+    host, unguarded = checksums(builds["host"], args), checksums(builds["unguarded"], args)
+    pairs = zip(host, unguarded, strict=True)
+    differ = {line.rsplit(" ", 1)[0] for line, other in pairs if line != other}
+    momentum = {f"rmsprop {m} {f:2d}" for m in ("float", "double") for f in range(16) if f & 4}
+    assert differ == momentum

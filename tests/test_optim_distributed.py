@@ -1,7 +1,9 @@
 """fastnn optimizers under torch.distributed on 2 gloo ranks (127.0.0.1, a free port, processes
 from torch.multiprocessing.spawn): DDP with gradients as bucket views, and FSDP2 (fully_shard on
 a CPU device mesh, DTensor params updated on their local shards). Each must match a
-single-process torch.optim run on the whole batch.
+single-process torch.optim run on the whole batch. And an FSDP2 run checkpointed with
+torch.distributed.checkpoint halfway, resumed in fresh objects, must end on the bits of the run
+that was never interrupted.
 
 One spawn runs every check on every available backend: starting two processes that import torch
 costs seconds, the checks themselves milliseconds."""
@@ -25,11 +27,13 @@ def _batch(step):
     return torch.randn(8, 8, generator=g), torch.randn(8, 4, generator=g)
 
 
-def _train(model, opt, rank, world):
-    """STEPS steps on this rank's share of each global batch (everything when world == 1)."""
-    for step in range(STEPS):
+def _train(model, opt, rank, world, steps=range(STEPS)):
+    """Steps on this rank's share of each global batch (everything when world == 1), in the
+    model's dtype."""
+    dtype = next(model.parameters()).dtype
+    for step in steps:
         x, y = _batch(step)
-        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        x, y = x.chunk(world)[rank].to(dtype), y.chunk(world)[rank].to(dtype)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
@@ -81,6 +85,64 @@ def _check_fsdp2(rank, backend):
         assert_rel_close(full.detach(), r.double(), torch.float32, what=f"FSDP2 {backend} {i}")
 
 
+def _check_fsdp2_checkpoint(rank, backend):
+    """DCP save after 3 of 6 steps, load into a new model and optimizer, 3 more steps: the same
+    bits as 6 uninterrupted steps. AdamW keeps fp32 master weights of a bf16 model (the
+    state_dict hooks must keep them fp32 through the load), RMSprop all of its options."""
+    import shutil
+    import tempfile
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import fastnn
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    folder = [tempfile.mkdtemp(prefix="fastnn-dcp-") if rank == 0 else None]
+    dist.broadcast_object_list(folder, src=0)  # one checkpoint folder for both ranks
+    cases = [
+        (fastnn.optim.AdamW, dict(lr=0.01, weight_decay=0.1, master_weights=True), torch.bfloat16),
+        (fastnn.optim.RMSprop, dict(lr=0.01, momentum=0.5, centered=True), torch.float32),
+    ]
+    for k, (cls, kw, dtype) in enumerate(cases):
+
+        def fresh(cls=cls, kw=kw, dtype=dtype):
+            model = _model().to(dtype)
+            fully_shard(model, mesh=mesh)
+            return model, cls(model.parameters(), **kw)
+
+        with fastnn.use_backend(backend):
+            whole, whole_opt = fresh()
+            _train(whole, whole_opt, rank, WORLD)
+            first, first_opt = fresh()
+            _train(first, first_opt, rank, WORLD, range(STEPS // 2))
+            model_sd, optim_sd = get_state_dict(first, first_opt)
+            path = f"{folder[0]}/{backend}-{k}"
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+            resumed, resumed_opt = fresh()
+            model_sd, optim_sd = get_state_dict(resumed, resumed_opt)
+            loaded = {"model": model_sd, "optim": optim_sd}
+            dcp.load(loaded, checkpoint_id=path)
+            set_state_dict(
+                resumed,
+                resumed_opt,
+                model_state_dict=loaded["model"],
+                optim_state_dict=loaded["optim"],
+            )
+            _train(resumed, resumed_opt, rank, WORLD, range(STEPS // 2, STEPS))
+        what = f"{cls.__name__} {backend}"
+        for i, (a, b) in enumerate(zip(whole.parameters(), resumed.parameters(), strict=True)):
+            assert torch.equal(a.full_tensor(), b.full_tensor()), f"{what}: param {i} differs"
+            for key, value in resumed_opt.state[b].items():
+                if key != "step":
+                    assert value.dtype == torch.float32, f"{what}: {key} is {value.dtype}"
+    dist.barrier()  # both ranks done reading before rank 0 removes the checkpoints
+    if rank == 0:
+        shutil.rmtree(folder[0])
+
+
 def run_checks(rank):
     """Every check on every backend that runs both optimizers on the CPU here; returns the
     backends that ran."""
@@ -94,6 +156,7 @@ def run_checks(rank):
             continue
         _check_ddp(rank, backend)
         _check_fsdp2(rank, backend)
+        _check_fsdp2_checkpoint(rank, backend)
         ran.append(backend)
     return " ".join(ran)
 

@@ -64,19 +64,27 @@ def test_trajectory_cuda(backend, cls, kw, capturable):
         assert_rel_close(a.detach(), b.detach().double(), torch.float32, FORWARD, f"param {i}")
 
 
-@pytest.mark.parametrize("cls,kw", CASES)
-def test_native_cuda_steps_give_the_cpu_kernels_bits(cls, kw):
+# Every CUDA case in fp32 at lr 0.01, and fp64 AdamW at an lr and weight decay whose
+# 1 - lr * wd rounds differently in double when fused (tests/test_optim_math_contraction.py).
+BITWISE_CASES = [(cls, kw, 0.01, torch.float32) for cls, kw in CASES] + [
+    ("AdamW", dict(weight_decay=0.0889), 0.0909, torch.float64)
+]
+
+
+@pytest.mark.parametrize("cls,kw,lr,dtype", BITWISE_CASES)
+def test_native_cuda_steps_give_the_cpu_kernels_bits(cls, kw, lr, dtype):
     """One header (fastnn/adam_math.h, rmsprop_math.h) for both devices, IEEE sqrt and division
     on both, a fused multiply-add exactly where it writes fma_ (mul_ keeps nvcc from contracting
-    the others), coefficients rounded once from the host's doubles: the CUDA kernels' 20 steps
-    must land on the CPU kernels' bits."""
+    the others); per tensor the coefficients are computed in double from the same host-side lr
+    and bias corrections (glibc's pow on the host step counts: not capturable, whose device
+    steps go through CUDA's pow): the CUDA kernels' 20 steps must land on the CPU kernels' bits."""
     skip_unless_available("native", cls.lower().rstrip("w"), "cuda")
     skip_unless_available("native", cls.lower().rstrip("w"), "cpu")
-    params = _params()
+    params = _params(dtype)
     grads = _grads(params, STEPS)
     on_gpu = [torch.nn.Parameter(p.clone()) for p in params]
     on_cpu = [torch.nn.Parameter(p.cpu()) for p in params]
-    opts = [getattr(fastnn.optim, cls)(ps, lr=0.01, **kw) for ps in (on_gpu, on_cpu)]
+    opts = [getattr(fastnn.optim, cls)(ps, lr=lr, **kw) for ps in (on_gpu, on_cpu)]
     with fastnn.use_backend("native"):
         _run(opts[0], on_gpu, grads)
         _run(opts[1], on_cpu, [[g.cpu() for g in gs] for gs in grads])

@@ -3,10 +3,10 @@
 // combination; prints one checksum of all results' bits per (op, math type, options).
 //
 // tests/test_optim_math_contraction.py builds it twice: as the host kernels are built (no fused
-// multiply-add but the header's explicit fma_), and with every a * b + c the compiler finds
-// contracted into one fma, as nvcc does by default, with mul_'s device branch taken
-// (FASTNN_EMULATE_NVCC). Equal checksums: no multiply-add in the header rounds differently on
-// the GPU than on the CPU.
+// multiply-add but the header's explicit fma_), and with -ffp-contract=fast, which fuses the
+// a * b + c GCC finds within a basic block into one fma as nvcc does by default, with mul_'s
+// device branch taken (FASTNN_EMULATE_NVCC). Equal checksums: no multiply-add the compiler can
+// see rounds differently on the GPU than on the CPU.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>

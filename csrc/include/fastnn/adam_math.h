@@ -237,7 +237,9 @@ FASTNN_OPT_HD AdamCoeffs<M> adam_coeffs(const AdamHyper& h, double lr, double bc
   AdamCoeffs<M> c;
   c.grad = grad_unscale<M>(grad_scale, h.maximize);
   c.weight_decay = static_cast<M>(h.weight_decay);
-  c.decay = static_cast<M>(1.0 - lr * h.weight_decay);
+  // Thread 0 of each CUDA block computes this: mul_ keeps nvcc from fusing it into one DFMA,
+  // which would round 1 - lr * wd once where Python (and the host) round it twice.
+  c.decay = static_cast<M>(1.0 - mul_(lr, h.weight_decay));
   c.beta1_lerp = lerp_weight<M>(1.0 - h.beta1);
   c.beta2 = static_cast<M>(h.beta2);
   c.one_minus_beta2 = static_cast<M>(1.0 - h.beta2);
@@ -256,7 +258,7 @@ template <typename V, typename M>
 FASTNN_OPT_HD void adam_update(V& p, V& grad, V& m, V& v, V& v_max, const AdamCoeffs<M>& c, bool l2,
                                bool decoupled, bool amsgrad) {
   V g = unscale_(grad, c.grad);
-  if (decoupled) p = p * c.decay;
+  if (decoupled) p = mul_(p, c.decay);  // rounded before the update is added, as torch's mul_
   if (l2) g = add_scaled(g, c.weight_decay, p);  // grad.add(param, alpha=weight_decay)
   m = lerp_(m, g, c.beta1_lerp);
   v = fma_(c.one_minus_beta2 * g, g, v * c.beta2);  // addcmul: self + (value * t1) * t2

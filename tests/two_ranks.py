@@ -24,7 +24,8 @@ def _worker(rank, port, tests_dir, out_dir, module, function):
     # Spawned processes start fresh: the tests directory is not on their path, so the check
     # travels by name.
     sys.path.insert(0, tests_dir)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # The pytest tmp_path, for checks that write files both ranks read (a checkpoint).
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TWO_RANKS_DIR=out_dir)
     # A rank that fails makes the other's next collective fail within this, not torch's 30 min.
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     try:

@@ -50,7 +50,8 @@ FAMILY = {"adam": "adam", "adamw": "adam", "rmsprop": "rmsprop"}
 # more: the dev VM's memory bandwidth drifts over stretches of 0.1-1 s (one process, one step
 # after another: 2.9 ms for a while, then 4.5-5 ms, fastnn's centered RMSprop, 2026-11-28), longer
 # than a case's 7 rounds take, so 7-round medians of one implementation could all fall in a
-# quiet stretch (RMSprop ratios 1.7x-3.0x over five runs); 31 rounds gave 1.74x-1.92x.
+# quiet stretch (RMSprop ratios 1.7x-3.0x over five runs). 31 rounds narrow that, not remove it
+# (1.74x-1.92x in three runs that day, 2.62x in a fourth).
 TIMING = {"cuda": (1, 5, 2), "cpu": (1, 31, 1), "smoke": (0, 1, 1)}
 
 

@@ -78,8 +78,8 @@ def test_native_cuda_steps_give_the_cpu_kernels_bits(cls, kw, lr, dtype):
     the others); per tensor the coefficients are computed in double from the same host-side lr
     and bias corrections (glibc's pow on the host step counts: not capturable, whose device
     steps go through CUDA's pow): the CUDA kernels' 20 steps must land on the CPU kernels' bits."""
-    skip_unless_available("native", cls.lower().rstrip("w"), "cuda")
-    skip_unless_available("native", cls.lower().rstrip("w"), "cpu")
+    for device in ("cuda", "cpu"):
+        skip_unless_available("native", cls.lower().rstrip("w"), device)
     params = _params(dtype)
     grads = _grads(params, STEPS)
     on_gpu = [torch.nn.Parameter(p.clone()) for p in params]

@@ -1,7 +1,8 @@
 """fastnn optimizers under torch.distributed on 2 gloo ranks (127.0.0.1, a free port, processes
-from torch.multiprocessing.spawn): DDP with gradients as bucket views, and FSDP2 (fully_shard on
-a CPU device mesh, DTensor params updated on their local shards). Each must match a
-single-process torch.optim run on the whole batch. And an FSDP2 run checkpointed with
+from torch.multiprocessing.spawn): DDP with gradients as bucket views, ZeroRedundancyOptimizer
+(each rank's fastnn optimizer holds and updates its own share of the params), and FSDP2
+(fully_shard on a CPU device mesh, DTensor params updated on their local shards). Each must match
+a single-process torch.optim run on the whole batch. And an FSDP2 run checkpointed with
 torch.distributed.checkpoint halfway, resumed in fresh objects, must end on the bits of the run
 that was never interrupted.
 
@@ -58,6 +59,33 @@ def _check_ddp(rank, backend):
     ref = _reference(torch.optim.AdamW, lr=0.01, weight_decay=0.1)
     for i, (p, r) in enumerate(zip(model.parameters(), ref, strict=True)):
         assert_rel_close(p.detach(), r.double(), torch.float32, what=f"DDP {backend} param {i}")
+
+
+def _check_zero(rank, backend):
+    """ZeRO-1: torch's ZeroRedundancyOptimizer builds one fastnn optimizer per rank over its share
+    of the params and broadcasts the updated params; the consolidated state_dict is torch's."""
+    from tolerances import assert_rel_close
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fastnn
+
+    model = DDP(_model())
+    kw = dict(lr=0.01, amsgrad=True)
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fastnn.optim.Adam, **kw)
+    with fastnn.use_backend(backend):
+        _train(model, opt, rank, WORLD)
+    params = list(model.parameters())
+    assert 0 < len(opt.optim.state) < len(params), "each rank steps only its own share"
+    ref = _reference(torch.optim.Adam, **kw)
+    for i, (p, r) in enumerate(zip(params, ref, strict=True)):
+        assert_rel_close(p.detach(), r.double(), torch.float32, what=f"ZeRO {backend} param {i}")
+    opt.consolidate_state_dict(to=0)
+    if rank == 0:
+        state = opt.state_dict()["state"]
+        keys = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+        assert sorted(state) == list(range(len(params))), f"ZeRO {backend}: {sorted(state)}"
+        assert all(set(s) == keys for s in state.values()), f"ZeRO {backend}: {state[0].keys()}"
 
 
 def _check_fsdp2(rank, backend):
@@ -157,6 +185,7 @@ def run_checks(rank):
         if _backend.unavailable_reason(backend, "rmsprop", "cpu") is not None:
             continue
         _check_ddp(rank, backend)
+        _check_zero(rank, backend)
         _check_fsdp2(rank, backend)
         _check_fsdp2_checkpoint(rank, backend)
         ran.append(backend)
@@ -164,7 +193,7 @@ def run_checks(rank):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_ddp_fsdp2_and_checkpoint_resume(tmp_path):
+def test_ddp_zero_fsdp2_and_checkpoint_resume(tmp_path):
     ran = two_ranks.run(run_checks, tmp_path)
     from fastnn import _backend
 

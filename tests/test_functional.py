@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BACKENDS, skip_unless_available
+from torch.utils.checkpoint import checkpoint
 
 import fastnn
 from fastnn import functional as FF
@@ -631,6 +632,52 @@ def test_calls_without_grad_mode_match_calls_with_it(backend, case, mode):
     for a, b in zip(recorded, plain, strict=True):
         assert a.requires_grad and not b.requires_grad and b.grad_fn is None
         assert torch.equal(a, b)
+
+
+class _CheckpointedBlock(torch.nn.Module):
+    """Both fused residual norms and a SwiGLU MLP, as a transformer block chains them."""
+
+    def __init__(self, inplace_backward):
+        super().__init__()
+        self.attn_norm, self.mlp_norm = fastnn.RMSNorm(8), fastnn.LayerNorm(8)
+        self.proj = torch.nn.Linear(8, 8)
+        self.mlp = fastnn.SwiGLUMLP(8, 20, inplace_backward=inplace_backward)
+
+    def forward(self, x, residual):
+        h, residual = self.attn_norm(x, residual)
+        h, residual = self.mlp_norm(self.proj(h), residual)
+        return self.mlp(h), residual
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace_backward", [False, True])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_gives_the_grads_of_a_plain_backward(
+    backend, inplace_backward, use_reentrant
+):
+    """torch.utils.checkpoint reruns the block's forward in the backward (reentrant: inside a
+    backward of its own; not: recomputing each saved tensor as it is unpacked); the in-place
+    GLU backward then writes over recomputed gate / up. Same kernels on the same inputs: the
+    same bits as without checkpointing."""
+    for family in ("rms_norm", "layer_norm", "glu"):
+        skip_unless_available(backend, family, "cpu")
+    torch.manual_seed(0)
+    block = _CheckpointedBlock(inplace_backward)
+    x, r = torch.randn(4, 3, 8), torch.randn(4, 3, 8)
+
+    def grads(checkpointed):
+        inputs = [t.clone().requires_grad_(True) for t in (x, r)]
+        with fastnn.use_backend(backend):
+            if checkpointed:
+                out, s = checkpoint(block, *inputs, use_reentrant=use_reentrant)
+            else:
+                out, s = block(*inputs)
+            block.zero_grad()  # reentrant checkpointing takes .backward() only, not .grad()
+            (out.square().sum() + s.sin().sum()).backward()
+            return [t.grad for t in (*inputs, *block.parameters())]
+
+    for i, (got, want) in enumerate(zip(grads(True), grads(False), strict=True)):
+        assert torch.equal(got, want), f"grad {i}"
 
 
 _INFERENCE_INPUT_CASES = {

@@ -305,6 +305,39 @@ def test_param_groups_frozen_and_zero_size(backend):
     )
 
 
+@pytest.mark.parametrize(
+    "cls,kw,added",
+    [
+        ("Adam", dict(lr=0.01), dict(lr=0.05, amsgrad=True, weight_decay=0.1)),
+        ("RMSprop", dict(lr=0.01), dict(lr=0.02, momentum=0.9, centered=True)),
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_group_added_mid_run_steps_as_torchs(backend, cls, kw, added):
+    """add_param_group after 5 steps (unfreezing a layer): the new group's options, defaults
+    filled in from the constructor's, its params' states starting at step 0."""
+    skip_unless_available(backend, "adam" if cls == "Adam" else "rmsprop", "cpu")
+    params = make_params(backend=backend)
+    grads = make_grads(params, STEPS)
+    first = len(params) // 2
+    results = []
+    for make, extra in (
+        (getattr(fastnn.optim, cls), {}),
+        (getattr(torch.optim, cls), {"foreach": False}),
+    ):
+        ps = clone_leaves(params)
+        opt = make(ps[:first], **kw, **extra)
+        with fastnn.use_backend(backend):
+            run(opt, ps, grads[:5], skip=range(first, len(ps)))
+            opt.add_param_group({"params": ps[first:], **added})
+            run(opt, ps, grads[5:])
+        results.append((opt, ps))
+    (opt, ours), (ref_opt, ref) = results
+    assert opt.param_groups[1].keys() >= ref_opt.param_groups[1].keys()
+    assert_params_close(ours, ref)
+    assert_states_close(opt, ref_opt, ours, ref)
+
+
 @pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_noncontiguous_params_and_grads(backend, cls):

@@ -30,6 +30,16 @@ def skip_unless_available(backend, family, device):
         pytest.skip(f"{backend} backend unavailable for {family} on {device}: {why}")
 
 
+@pytest.fixture
+def small_triton_chunks(monkeypatch):
+    """The Triton optimizers' multi-tensor chunks and blocks cut to 256 and 128 elements, so the
+    interpreter runs few programs and small tensors still span several chunks."""
+    from fastnn.triton_kernels import adam as triton_adam
+
+    monkeypatch.setattr(triton_adam, "CHUNK", 256)
+    monkeypatch.setattr(triton_adam, "BLOCK", 128)
+
+
 @pytest.fixture(autouse=True)
 def _restore_backend():
     previous = fastnn.get_backend()

@@ -6,7 +6,7 @@ capture of step()."""
 import pytest
 import torch
 from conftest import BACKENDS, skip_unless_available
-from test_optim import centered_rmsprop_at_cancellation
+from optim_cases import centered_rmsprop_at_cancellation
 from tolerances import FORWARD, assert_rel_close
 
 import fastnn

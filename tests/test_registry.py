@@ -89,7 +89,7 @@ def _norm_cases(dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-# The in-place ops (names ending in _) have their own opchecks: test_optim.py, test_glu.py.
+# The in-place ops (names ending in _) have their own opchecks: test_optim_api.py, test_glu.py.
 @pytest.mark.parametrize("name", [n for n in sorted(FAMILY) if not n.endswith("_")])
 def test_opcheck_layer_ops(backend, name):
     skip_unless_available(backend, FAMILY[name], "cpu")

@@ -1,0 +1,488 @@
+"""fastnn.optim as a drop-in for torch.optim beyond the update itself: GradScaler and the fused
+scaler protocol, torch's own validation errors, complex params, what step() hands the ops (one
+call per device and dtype group, hooks, closures, schedulers, torch.compile), and opcheck of
+the ops."""
+
+import pytest
+import torch
+from conftest import BACKENDS, DEVICES, skip_unless_available
+from optim_cases import (
+    STEPS,
+    assert_params_close,
+    assert_states_close,
+    clone_leaves,
+    make_grads,
+    make_params,
+    run,
+    use,
+)
+from tolerances import assert_rel_close
+
+import fastnn
+from fastnn.optim import Adam, AdamW
+
+pytestmark = pytest.mark.usefixtures("small_triton_chunks")
+
+
+# ---- GradScaler ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["Adam", "RMSprop", "Adam-fused"])
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_grad_scaler(backend, cls, unscale_first):
+    # A step with an inf in one grad changes nothing (params, state, step counts); the others
+    # match torch's run on the unscaled grads. As for torch's optimizers, GradScaler unscales and
+    # skips step() itself, except with fused=True (Adam): the fused protocol, GradScaler hands
+    # grad_scale / found_inf to step(). unscale_first: the user unscales (e.g. to clip) before
+    # scaler.step.
+    cls, fused = cls.split("-")[0], cls.endswith("-fused")
+    skip_unless_available(backend, cls.lower(), "cpu")
+    params = make_params(backend=backend)
+    grads = make_grads(params, 6)
+    kw = dict(lr=0.01, weight_decay=0.1)
+    ours, ref = clone_leaves(params), clone_leaves(params)
+    opt = getattr(fastnn.optim, cls)(ours, **kw, **({"fused": True} if fused else {}))
+    ref_opt = getattr(torch.optim, cls)(ref, foreach=False, **kw)
+    assert opt._step_supports_amp_scaling == fused
+    post_hooks = []
+    opt.register_step_post_hook(lambda *args: post_hooks.append(1))
+    k = next(i for i, p in enumerate(ours) if p.dim() == 2)  # the param that gets the inf
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    with fastnn.use_backend(backend):
+        for step, gs in enumerate(grads):
+            poisoned = step == 3
+            for p in ours:
+                p.grad = None
+            loss = sum((p * g).sum() for p, g in zip(ours, gs, strict=True))
+            scaler.scale(loss).backward()  # grads g * 1024: exact (a power of two)
+            if poisoned:
+                ours[k].grad[0, 0] = float("inf")
+            before = [p.detach().clone() for p in ours]
+            state_before = {n: v.clone() for n, v in opt.state[ours[k]].items()} if step else {}
+            if unscale_first:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+            if poisoned:
+                assert all(torch.equal(a, b) for a, b in zip(ours, before, strict=True))
+                for n, v in state_before.items():
+                    assert torch.equal(opt.state[ours[k]][n], v), f"{n} changed"
+            else:
+                run(ref_opt, ref, [gs])
+    assert float(opt.state[ours[0]]["step"]) == 5
+    assert len(post_hooks) == (6 if fused else 5)  # skipped steps run no hooks, as torch's
+    assert_params_close(ours, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_protocol_leaves_grads_unscaled(backend, cls, dtype, device):
+    # torch's fused Adam writes grad / grad_scale back into .grad (its sign kept under maximize)
+    # and leaves .grad alone when found_inf is set. So does every fastnn backend, also for a grad
+    # the kernels read through a copy (a transposed param with a contiguous grad) and for a
+    # length that ends in the kernels' scalar tail (7).
+    skip_unless_available(backend, "rmsprop" if cls == "RMSprop" else "adam", device)
+    torch.manual_seed(0)
+    base = [torch.randn(9, 6, dtype=dtype), torch.randn(7, dtype=dtype)]
+    base = [b.to(device) for b in base]
+    ours = [torch.nn.Parameter(base[0].t()), torch.nn.Parameter(base[1].clone())]
+    scaled = [torch.randn(p.shape, dtype=dtype).mul_(1024.0).to(device) for p in ours]
+    # On a GPU the fused protocol needs the step counts on the device (capturable).
+    kw = dict(lr=0.01, weight_decay=0.1, maximize=True, capturable=device != "cpu")
+    opt = getattr(fastnn.optim, cls)(ours, **kw)
+    for found_inf in (1.0, 0.0):
+        for p, g in zip(ours, scaled, strict=True):
+            p.grad = g.clone()
+        opt.grad_scale = torch.tensor(1024.0, device=device)
+        opt.found_inf = torch.tensor(found_inf, device=device)
+        with fastnn.use_backend(backend):
+            opt.step()
+        for p, g in zip(ours, scaled, strict=True):
+            want = g if found_inf else (g.float() / 1024.0).to(dtype)
+            assert torch.equal(p.grad, want), f"found_inf={found_inf}"
+    if cls == "RMSprop":
+        return  # torch has no fused RMSprop to compare with
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in base]
+    # contiguous: torch's fused CUDA kernel needs a param and its grad in one layout.
+    theirs[0] = torch.nn.Parameter(base[0].t().contiguous())
+    fused = getattr(torch.optim, cls)(theirs, lr=0.01, weight_decay=0.1, maximize=True, fused=True)
+    for p, g in zip(theirs, scaled, strict=True):
+        p.grad = g.clone()
+    fused.grad_scale = torch.tensor(1024.0, device=device)
+    fused.found_inf = torch.tensor(0.0, device=device)
+    fused.step()
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+# ---- Errors: torch's own, and nothing changed ------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
+def test_sparse_grad_error_changes_nothing(cls):
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    dense = torch.nn.Parameter(torch.randn(3))
+    opt = getattr(fastnn.optim, cls)([{"params": [dense]}, {"params": emb.parameters()}], lr=0.1)
+    dense.grad = torch.ones(3)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = (dense.detach().clone(), emb.weight.detach().clone())
+    with pytest.raises(RuntimeError, match="does not support sparse gradients.*SparseAdam"):
+        opt.step()
+    assert torch.equal(dense, before[0]) and torch.equal(emb.weight, before[1])
+    assert len(opt.state) == 0  # not even the dense param of the first group stepped
+
+
+def _errors(make):
+    try:
+        make()
+    except Exception as e:  # noqa: BLE001 - the point is to compare whatever torch raises
+        return type(e), str(e)
+    return None
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        ("Adam", dict(lr=-1.0)),
+        ("Adam", dict(eps=-1.0)),
+        ("Adam", dict(betas=(1.0, 0.999))),
+        ("Adam", dict(betas=(0.9, -0.1))),
+        ("Adam", dict(weight_decay=-1.0)),
+        ("Adam", dict(lr=torch.tensor([0.1, 0.2]))),
+        ("Adam", dict(lr=torch.tensor(0.1), foreach=True)),
+        ("Adam", dict(fused=True, foreach=True)),
+        ("AdamW", dict(betas=(0.9, 1.5))),
+        ("RMSprop", dict(alpha=-0.5)),
+        ("RMSprop", dict(momentum=-0.5)),
+        ("RMSprop", dict(lr=-0.1)),
+        ("RMSprop", dict(eps=-1.0)),
+    ],
+)
+def test_validation_errors_are_torchs(cls, kw):
+    p = torch.nn.Parameter(torch.randn(3))
+    expected = _errors(lambda: getattr(torch.optim, cls)([p], **kw))
+    assert expected is not None
+    assert _errors(lambda: getattr(fastnn.optim, cls)([p], **kw)) == expected
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
+def test_duplicate_params_and_empty_list_errors_are_torchs(cls):
+    p = torch.nn.Parameter(torch.randn(3))
+    for params in ([{"params": [p]}, {"params": [p]}], []):
+        expected = _errors(lambda params=params: getattr(torch.optim, cls)(params))
+        assert expected is not None
+        assert _errors(lambda params=params: getattr(fastnn.optim, cls)(params)) == expected
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["", "grad_scale"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
+def test_a_param_listed_twice_steps_twice_as_torchs_for_loop(backend, cls, scaled):
+    """torch warns of it and its for-loop step updates the param twice in turn, each update
+    counting its own step; fastnn makes one op call per occurrence (one call holding a tensor
+    twice would update its memory from two places at once). With the fused GradScaler
+    protocol both updates read the grad unscaled once, as after GradScaler's unscale_."""
+    params = make_params(backend=backend)
+    ours, ref = clone_leaves(params), clone_leaves(params)
+    kw = dict(lr=1e-2, momentum=0.9, centered=True) if cls == "RMSprop" else dict(lr=1e-2)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = getattr(fastnn.optim, cls)([*ours, ours[0]], **kw)
+        ref_opt = getattr(torch.optim, cls)([*ref, ref[0]], foreach=False, **kw)
+    grads = [[*g, g[0]] for g in make_grads(params, 5)]
+    with use(backend):
+        for step_grads in grads:
+            for p, g in zip(ours, step_grads[:-1], strict=True):  # the last: ours[0]'s again
+                p.grad = g * 1024.0 if scaled else g.clone()
+            if scaled:
+                opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+            opt.step()
+    run(ref_opt, [*ref, ref[0]], grads)
+    assert_params_close(ours, ref)
+    assert_states_close(opt, ref_opt, ours, ref)
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
+def test_differentiable_is_refused_clearly(cls):
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(RuntimeError, match="does not support differentiable=True"):
+        getattr(fastnn.optim, cls)([p], differentiable=True)
+
+
+def test_signatures_and_defaults_are_torchs():
+    import inspect
+
+    for cls in ("Adam", "AdamW", "RMSprop"):
+        ours = inspect.signature(getattr(fastnn.optim, cls)).parameters
+        theirs = inspect.signature(getattr(torch.optim, cls)).parameters
+        assert list(ours)[: len(theirs)] == list(theirs) or set(ours) - {"master_weights"} == set(
+            theirs
+        )
+        for name, par in theirs.items():
+            assert ours[name].default == par.default, (cls, name)
+            assert ours[name].kind == par.kind, (cls, name)
+        assert ours["master_weights"].kind == inspect.Parameter.KEYWORD_ONLY
+    # The class relations of torch's: AdamW is an Adam.
+    for cls in ("Adam", "AdamW", "RMSprop"):
+        assert issubclass(getattr(fastnn.optim, cls), getattr(torch.optim, cls))
+    assert issubclass(fastnn.optim.AdamW, fastnn.optim.Adam)
+
+
+def test_foreach_and_fused_accepted():
+    p = torch.nn.Parameter(torch.randn(4))
+    for kw in (dict(foreach=True), dict(foreach=False), dict(fused=True), dict(fused=False)):
+        opt = Adam([p], lr=0.1, **kw)
+        p.grad = torch.ones(4)
+        opt.step()
+    # fused=True puts the step on the param's device, as torch's fused Adam does.
+    assert opt.state[p]["step"].device == p.device
+
+
+# ---- Complex params: handled as real views, as torch.optim does --------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
+def test_complex_params(backend, cls):
+    skip_unless_available(backend, cls.lower(), "cpu")
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(5, 3, dtype=torch.complex64, generator=g)
+    grads = [[torch.randn(5, 3, dtype=torch.complex64, generator=g)] for _ in range(STEPS)]
+    ours, ref = [torch.nn.Parameter(base.clone())], [torch.nn.Parameter(base.clone())]
+    kw = dict(lr=0.01, weight_decay=0.1)
+    opt = getattr(fastnn.optim, cls)(ours, **kw)
+    with fastnn.use_backend(backend):
+        run(opt, ours, grads)
+    run(getattr(torch.optim, cls)(ref, foreach=False, **kw), ref, grads)
+    assert ours[0].dtype == torch.complex64
+    assert_rel_close(
+        torch.view_as_real(ours[0].detach()),
+        torch.view_as_real(ref[0].detach()).double(),
+        torch.float32,
+    )
+
+
+# ---- The step() engine: what it passes to the op ---------------------------------------------
+
+
+def test_one_op_call_per_device_dtype_group(monkeypatch):
+    calls = []
+    real = fastnn.ops.get
+
+    def spy(backend, name):
+        op = real(backend, name)
+
+        def wrapped(*args, **kwargs):
+            calls.append([t.dtype for t in args[0]])
+            return op(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(fastnn.ops, "get", spy)
+    ps = [torch.nn.Parameter(torch.randn(3, dtype=d)) for d in (torch.float32, torch.float64) * 3]
+    opt = Adam(ps, lr=0.1)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    with fastnn.use_backend("torch"):
+        opt.step()
+    assert sorted(map(str, calls)) == sorted(map(str, [[torch.float32] * 3, [torch.float64] * 3]))
+
+
+def test_step_hooks_and_closure():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = Adam([p], lr=0.1)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+
+    def closure():
+        opt.zero_grad()
+        loss = (p * p).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert seen == ["pre", "post"] and loss is not None and float(opt.state[p]["step"]) == 1
+
+
+def test_lr_scheduler_with_tensor_lr():
+    # Schedulers write a tensor lr in place; the kernels read it on every step.
+    p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    opt, ref = AdamW([p], lr=torch.tensor(0.1)), torch.optim.AdamW([q], lr=torch.tensor(0.1))
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (opt, ref)]
+    for step in range(6):
+        for x in (p, q):
+            x.grad = torch.full((4,), float(step + 1))
+        opt.step()
+        ref.step()
+        for s in scheds:
+            s.step()
+    assert (
+        float(opt.param_groups[0]["lr"])
+        == float(ref.param_groups[0]["lr"])
+        == pytest.approx(0.0125)
+    )
+    assert_params_close([p], [q])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "cls,kw",
+    [("Adam", dict(amsgrad=True)), ("AdamW", {}), ("RMSprop", dict(momentum=0.9, centered=True))],
+)
+def test_compiled_step_matches_eager(backend, cls, kw):
+    """torch.compile(fullgraph=True) of a function calling step(): the update ops trace as
+    opaque calls and the compiled steps follow torch's eager trajectory."""
+    skip_unless_available(backend, "adam", "cpu")
+    torch._dynamo.reset()
+    params = make_params(backend=backend)
+    grads = make_grads(params, 3)
+    ours, ref = clone_leaves(params), clone_leaves(params)
+    opt = getattr(fastnn.optim, cls)(ours, lr=0.01, **kw)
+    ref_opt = getattr(torch.optim, cls)(ref, lr=0.01, foreach=False, **kw)
+    compiled_step = torch.compile(opt.step, fullgraph=True)
+    with fastnn.use_backend(backend):
+        for step_grads in grads:
+            for p, g in zip(ours, step_grads, strict=True):
+                p.grad = g.clone()
+            compiled_step()
+    run(ref_opt, ref, grads)
+    assert_params_close(ours, ref)
+    assert_states_close(opt, ref_opt, ours, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kw", [("AdamW", {}), ("RMSprop", dict(momentum=0.9, centered=True))])
+def test_compiled_step_follows_a_scheduler_without_recompiling(backend, cls, kw, device):
+    """A compiled step under an lr scheduler that changes a float lr every step: two graphs (the
+    first step, which creates the state, and the rest), and the eager step's params bitwise."""
+    skip_unless_available(backend, "adam", device)
+    from torch._dynamo.utils import counters
+
+    def train(compiled):
+        torch._dynamo.reset()
+        counters.clear()
+        params = [p.to(device) for p in make_params(backend=backend)]
+        opt = getattr(fastnn.optim, cls)(params, lr=0.01, **kw)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1 / (epoch + 1))
+        step = torch.compile(opt.step) if compiled else opt.step
+        with fastnn.use_backend(backend):
+            for step_grads in make_grads(params, 6):
+                for p, g in zip(params, step_grads, strict=True):
+                    p.grad = g.to(device)
+                step()
+                sched.step()
+        return params, counters["stats"]["unique_graphs"]
+
+    compiled, graphs = train(True)
+    eager, _ = train(False)
+    assert graphs == 2
+    for a, b in zip(compiled, eager, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["adam_step_", "rmsprop_step_"])
+def test_opcheck(backend, op):
+    # Schema, fake implementation and mutation annotations of the registered op.
+    skip_unless_available(backend, op.split("_")[0], "cpu")
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(5, generator=g), torch.randn(3, 2, generator=g)]
+
+    def like(positive=False):
+        return [torch.randn(p.shape, generator=g).abs() if positive else torch.randn(p.shape, generator=g) for p in ps]  # fmt: skip
+
+    scalars = [torch.tensor(0.01), torch.tensor(2.0), torch.tensor(0.0)]  # lr, scale, found_inf
+    if op == "adam_step_":
+        steps = [torch.tensor(2.0), torch.tensor(5.0)]
+        args = [ps, like(), like(), like(True), like(True), steps, [], *scalars]
+        kw = dict(lr=0.0, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+        kw.update(decoupled_weight_decay=True, amsgrad=True, maximize=False)
+    else:
+        sq = [t + 4 for t in like(True)]
+        args = [
+            ps,
+            like(),
+            sq,
+            like(),
+            like(),
+            [torch.tensor(2.0), torch.tensor(5.0)],
+            [],
+            *scalars,
+        ]
+        kw = dict(lr=0.0, alpha=0.9, eps=1e-8, weight_decay=0.1, momentum=0.9, centered=True)
+        kw["maximize"] = False
+    torch.library.opcheck(fastnn.ops.get(backend, op), args, kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["adam_step_", "rmsprop_step_"])
+def test_ops_count_the_steps(backend, op):
+    # Each op adds one to every step count (torch.optim's state["step"]; a zero-size param's
+    # too) before it uses them, and with found_inf != 0 writes nothing, counts included.
+    skip_unless_available(backend, op.split("_")[0], "cpu")
+    ps = [torch.randn(3), torch.zeros(0)]
+
+    def like(positive=False):
+        return [torch.rand(p.shape) + 1 if positive else torch.randn(p.shape) for p in ps]
+
+    for found_inf, want in ((0.0, [2.0, 5.0]), (1.0, [1.0, 4.0])):
+        steps = [torch.tensor(1.0), torch.tensor(4.0, dtype=torch.float64)]
+        scalars = [None, None, torch.tensor(found_inf)]
+        if op == "adam_step_":
+            args = [ps, like(), like(), like(True), [], steps, [], *scalars]
+            kw = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+            kw.update(decoupled_weight_decay=False, amsgrad=False, maximize=False)
+        else:
+            args = [ps, like(), like(True), [], [], steps, [], *scalars]
+            kw = dict(lr=0.1, alpha=0.9, eps=1e-8, weight_decay=0.0, momentum=0.0)
+            kw.update(centered=False, maximize=False)
+        fastnn.ops.get(backend, op)(*args, **kw)
+        assert [float(s) for s in steps] == want, f"found_inf={found_inf}"
+        assert steps[1].dtype == torch.float64
+
+
+def test_a_refused_update_leaves_its_step_counts():
+    # The op refuses a corrupted state (an int64 moment): the error propagates and the counts of
+    # the refused update stay where they were, so a retry uses the right bias correction.
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = Adam([p], lr=0.01)
+    p.grad = torch.ones(5)
+    opt.step()
+    opt.state[p]["exp_avg"] = torch.zeros(5, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="exp_avg"):
+        opt.step()
+    assert float(opt.state[p]["step"]) == 1
+
+
+@pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_bumps_versions_so_stale_graphs_are_refused(backend, cls):
+    # As with torch.optim: a graph that saved a param before step() refuses a second backward.
+    skip_unless_available(backend, cls.lower(), "cpu")
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = getattr(fastnn.optim, cls)([p], lr=0.1)
+    loss = (p * p).sum()
+    loss.backward(retain_graph=True)
+    with fastnn.use_backend(backend):
+        opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_amsgrad_keeps_a_nan_in_max_exp_avg_sq_as_torch(backend):
+    skip_unless_available(backend, "adam", "cpu")
+    ours, ref = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = Adam([ours], lr=0.1, amsgrad=True)
+    ref_opt = torch.optim.Adam([ref], lr=0.1, amsgrad=True, foreach=False)
+    for grads in ([1.0, 1.0, 1.0], [float("nan"), 1.0, 1.0]):
+        ours.grad, ref.grad = torch.tensor(grads), torch.tensor(grads)
+        with fastnn.use_backend(backend):
+            opt.step()
+        ref_opt.step()
+    mine, theirs = opt.state[ours]["max_exp_avg_sq"], ref_opt.state[ref]["max_exp_avg_sq"]
+    assert torch.equal(mine.isnan(), theirs.isnan()) and theirs.isnan().any()

@@ -178,15 +178,26 @@ class FusedStepMixin:
             # An integer step from a state_dict (torch's for-loop accepts one); the kernels count
             # in floating point, as torch.optim's own step tensors do.
             state["step"] = step.to(_get_scalar_dtype(is_fused=group.get("fused")))
-        if master and (MASTER not in state or self._written_outside_step(p)):
+        if not master:
+            # A master copy loaded for a param that is no longer low precision (a bf16 run
+            # resumed in fp32): the param steps from itself, as torch.optim's would.
+            state.pop(MASTER, None)
+        elif MASTER not in state:
             state[MASTER] = p.detach().to(torch.float32, copy=True)
+        elif self._written_outside_step(p):
+            # Elements that no longer hold their master's rounding were written outside step()
+            # (a model's load_state_dict, an in-place clamp or copy under no_grad): they restart
+            # from p, or the next step would undo the write. The others keep their master: a
+            # version bump may come from a write to another view of p's storage (params that
+            # are slices of one flat buffer share one version counter). Elementwise, with no
+            # host sync.
+            m = state[MASTER]
+            m.copy_(torch.where(p.detach() == m.to(p.dtype), m, p.detach()))
         return state
 
     def _written_outside_step(self, p):
-        """Whether p changed since its last update here (a model's load_state_dict, an in-place
-        clamp or copy under no_grad): its master copy is stale and restarts from p, or the next
-        step would undo the change. Writes through p.data are not seen (it has a version
-        counter of its own); torch.compile skips the check."""
+        """Whether p's version moved since its last update here. Writes through p.data are not
+        seen (it has a version counter of its own); torch.compile skips the check."""
         if torch.compiler.is_compiling():
             return False
         seen = self._master_versions.get(id(p))
@@ -216,9 +227,13 @@ class FusedStepMixin:
                 for (device, _, special), idx in _buckets(params, occurrence).items():
                     bucket = ([params[i] for i in idx], [states[i] for i in idx])
                     self._update_bucket(group, device, *bucket, special, scale, found_inf)
-            if group.get("master_weights") and not torch.compiler.is_compiling():
-                for p in params:
-                    self._master_versions[id(p)] = p._version
+        # After every group: a group's update bumps the version counter its params may share
+        # with another group's (views of one buffer).
+        if not torch.compiler.is_compiling():
+            for group, params in work:
+                if group.get("master_weights"):
+                    for p in params:
+                        self._master_versions[id(p)] = p._version
         return loss
 
     def _check_group(self, group):

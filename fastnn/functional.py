@@ -406,6 +406,13 @@ def glu_family(gate, up=None, activation="silu", *, inplace_backward=False):
     return _forward(backend, "glu_fwd")(gate, up, activation)
 
 
+def _memory_overlaps(a, b):
+    """Whether contiguous a and b share any byte (an element of one is read after the other's
+    gradient was written over it)."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a.nbytes > 0 and b.nbytes > 0 and a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
+
+
 def _glu_inplace_backward(gate, up, activation, backend):
     from fastnn.ops import glu as glu_ops
 
@@ -424,15 +431,15 @@ def _glu_inplace_backward(gate, up, activation, backend):
                 "that requires grad; pass a computed tensor (e.g. a Linear output) or use "
                 "inplace_backward=False"
             )
-    if up is not None and gate.data_ptr() == up.data_ptr() and up.numel() > 0:
-        raise RuntimeError(
-            "fastnn: inplace_backward=True would write both gradients over one memory (gate "
-            "and up alias each other); use inplace_backward=False"
-        )
     # Contiguous inputs so the kernel overwrites the very tensors it saved (a copy made here
     # is ours to overwrite).
     gate = gate.contiguous()
     up = None if up is None else up.contiguous()
+    if up is not None and _memory_overlaps(gate, up):
+        raise RuntimeError(
+            "fastnn: inplace_backward=True would write both gradients over one memory (gate "
+            "and up overlap in memory); use inplace_backward=False"
+        )
     return glu_ops.InplaceBackwardGLU.apply(gate, up, activation, backend)
 
 

@@ -196,7 +196,7 @@ def _verify_rms_norm(module):
     """None when module.forward computes RMSNorm(weight, eps), else why not."""
     weight, eps = module.weight, _norm_eps(module)
     if weight.is_meta:
-        return "its weight is on the meta device; cannot probe it"
+        return "its weight is on the meta device; cannot probe it", False
     n = weight.shape[0]
     x = _randn((4, n), weight, seed=0)
     # Row scales: ordinary, large, small, and mean square = eps / 4 where eps's place matters.

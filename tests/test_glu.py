@@ -501,8 +501,16 @@ def test_inplace_backward_refuses_second_backward_and_leaves(backend):
         with pytest.raises(RuntimeError, match="a view of a leaf tensor"):
             FF.swiglu(x.view(3, 2, 2), inplace_backward=True)  # packed
         h = x * 1.0
-        with pytest.raises(RuntimeError, match="alias each other"):
+        with pytest.raises(RuntimeError, match="overlap in memory"):
             FF.swiglu(h, h, inplace_backward=True)
+        flat = h.view(-1)  # gate and up partly overlapping: elements 4-7 are in both
+        with pytest.raises(RuntimeError, match="overlap in memory"):
+            FF.swiglu(flat[0:8], flat[4:12], inplace_backward=True)
+        # Adjacent, not overlapping; non-contiguous overlapping inputs are copied first.
+        flat = (x * 1.0).view(-1)
+        FF.swiglu(flat[0:6], flat[6:12], inplace_backward=True).sum().backward()
+        h = x * 1.0
+        FF.swiglu(h[:, 0:3], h[:, 1:4], inplace_backward=True).sum().backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

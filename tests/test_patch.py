@@ -445,6 +445,18 @@ def test_a_norm_that_casts_to_its_16_bit_weight_dtype_is_left_alone():
     assert model["llama"](torch.randn(2, 8)).dtype == torch.float32  # promotion, as before
 
 
+def test_look_alikes_on_the_meta_device_are_left_alone_with_a_reason():
+    """A model built on the meta device (before loading weights): look-alikes cannot be probed,
+    so they are listed as skipped; torch's own norms, matched by type, are replaced."""
+    with torch.device("meta"):
+        model = nn.Sequential(ThirdPartyRMSNorm(8), ThirdPartyMLP(8, 16), nn.RMSNorm(8))
+    report = patch(model)
+    assert [r.path for r in report.replaced] == ["2"]
+    assert [path for path, _ in report.skipped] == ["0", "1"]
+    assert all("meta device" in why for _, why in report.skipped)
+    assert type(model[0]) is ThirdPartyRMSNorm and type(model[2]) is fastnn.RMSNorm
+
+
 def test_rejects_non_modules():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         patch(lambda x: x)

@@ -157,12 +157,23 @@ def _merge_gate_up_state(
 ):
     """load_state_dict pre-hook of a fused SwiGLUMLP: gate_proj.* + up_proj.* -> gate_up_proj.*.
     A state_dict that already has gate_up_proj.* loads as is; one half alone is left in place,
-    so strict loading reports it as unexpected and gate_up_proj.* as missing."""
+    so strict loading reports it as unexpected and gate_up_proj.* as missing. Each half must
+    have its unfused Linear's shape (rows 7 + 5 would fill a [12, H] weight, split wrong): a
+    mismatch is reported as the unfused module reports it, and load_state_dict raises."""
     for name in ("weight", "bias"):
         gate_key, up_key = f"{prefix}gate_proj.{name}", f"{prefix}up_proj.{name}"
-        if gate_key in state_dict and up_key in state_dict:
+        fused = getattr(module.gate_up_proj, name)
+        if gate_key in state_dict and up_key in state_dict and fused is not None:
             gate, up = state_dict.pop(gate_key), state_dict.pop(up_key)
-            state_dict[f"{prefix}gate_up_proj.{name}"] = torch.cat([gate, up], dim=0)
+            half = (fused.shape[0] // 2, *fused.shape[1:])
+            wrong = [(k, t) for k, t in ((gate_key, gate), (up_key, up)) if t.shape != half]
+            for key, t in wrong:
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {t.shape} from "
+                    f"checkpoint, the shape in current model is {torch.Size(half)}."
+                )
+            if not wrong:
+                state_dict[f"{prefix}gate_up_proj.{name}"] = torch.cat([gate, up], dim=0)
 
 
 __all__ = ["LayerNorm", "RMSNorm", "SwiGLU", "SwiGLUMLP"]

@@ -376,6 +376,13 @@ def test_fused_mlp_state_dict_interop(bias):
     del broken["up_proj.weight"]
     with pytest.raises(RuntimeError, match="gate_proj.weight|gate_up_proj.weight"):
         fastnn.SwiGLUMLP(8, 12, bias=bias, fused_gate_up=True).load_state_dict(broken)
+    # Halves of the wrong shapes whose rows add up to the fused weight's are refused as the
+    # unfused module refuses them, even when not strict.
+    wrong = plain.state_dict()
+    wrong["gate_proj.weight"], wrong["up_proj.weight"] = torch.randn(13, 8), torch.randn(11, 8)
+    for module in (plain, fused):
+        with pytest.raises(RuntimeError, match=r"size mismatch for gate_proj.weight.*\[13, 8\]"):
+            module.load_state_dict(wrong, strict=False)
 
 
 def test_fused_mlp_can_keep_its_own_state_dict_keys():

@@ -70,10 +70,11 @@ def test_state_dict_round_trip(backend, cls, kw, direction):
     assert_states_close(opt_b, ref_opt, b, ref)
 
 
+@pytest.mark.parametrize("step_dtype", [torch.int64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
-def test_integer_steps_in_a_state_dict_count_on(cls):
-    # A state_dict whose step counts are integer tensors: torch's for-loop steps on from it, and
-    # so does fastnn (its kernels count in floating point: the count is converted once).
+def test_integer_and_16_bit_steps_in_a_state_dict_count_on(cls, step_dtype):
+    # A state_dict whose step counts are integer or 16-bit tensors: torch's for-loop steps on
+    # from it, and so does fastnn (its kernels count in fp32: the count is converted once).
     params = make_params()
     first, second = _split(make_grads(params, STEPS))
     ref = clone_leaves(params)
@@ -81,7 +82,7 @@ def test_integer_steps_in_a_state_dict_count_on(cls):
     run(ref_opt, ref, first)
     sd = copy.deepcopy(ref_opt.state_dict())
     for entry in sd["state"].values():
-        entry["step"] = torch.tensor(int(entry["step"]))
+        entry["step"] = torch.tensor(int(entry["step"]), dtype=step_dtype)
     ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
     opt = getattr(fastnn.optim, cls)(ours, lr=0.01)
     opt.load_state_dict(sd)

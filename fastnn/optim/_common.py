@@ -174,9 +174,12 @@ class FusedStepMixin:
         # cannot move by (1 - 0.999) of itself (below half a bf16 ulp, 2^-9).
         self._new_state(p, group, state, torch.float32 if master else None)
         step = state["step"]
-        if isinstance(step, torch.Tensor) and not step.is_floating_point():
-            # An integer step from a state_dict (torch's for-loop accepts one); the kernels count
-            # in floating point, as torch.optim's own step tensors do.
+        if isinstance(step, torch.Tensor) and (
+            not step.is_floating_point() or step.dtype in LOW_PRECISION
+        ):
+            # An integer step from a state_dict (torch's for-loop accepts one), or a 16-bit one
+            # (a checkpoint with every float cast down): the kernels count in fp32 / fp64, as
+            # torch.optim's own step tensors do (fp16 counts only to 2048 exactly).
             state["step"] = step.to(_get_scalar_dtype(is_fused=group.get("fused")))
         if not master:
             # A master copy loaded for a param that is no longer low precision (a bf16 run

@@ -193,7 +193,8 @@ def _looks_like_rms_norm(module):
 
 
 def _verify_rms_norm(module):
-    """None when module.forward computes RMSNorm(weight, eps), else why not."""
+    """(None, promotes) when module.forward computes RMSNorm(weight, eps), else (why not,
+    False); promotes: its output takes a wider weight's dtype."""
     weight, eps = module.weight, _norm_eps(module)
     if weight.is_meta:
         return "its weight is on the meta device; cannot probe it", False

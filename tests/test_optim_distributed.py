@@ -46,8 +46,15 @@ def _reference(torch_cls, **kw):
     return [p.detach() for p in model.parameters()]
 
 
-def _check_ddp(rank, backend):
+def _assert_matches_reference(params, what, torch_cls, **kw):
+    """Each param (whole tensors) against torch_cls's single-process run with options kw."""
     from tolerances import assert_rel_close
+
+    for i, (p, r) in enumerate(zip(params, _reference(torch_cls, **kw), strict=True)):
+        assert_rel_close(p.detach(), r.double(), torch.float32, what=f"{what} param {i}")
+
+
+def _check_ddp(rank, backend):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import fastnn
@@ -56,15 +63,14 @@ def _check_ddp(rank, backend):
     opt = fastnn.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
     with fastnn.use_backend(backend):
         _train(model, opt, rank, WORLD)
-    ref = _reference(torch.optim.AdamW, lr=0.01, weight_decay=0.1)
-    for i, (p, r) in enumerate(zip(model.parameters(), ref, strict=True)):
-        assert_rel_close(p.detach(), r.double(), torch.float32, what=f"DDP {backend} param {i}")
+    _assert_matches_reference(
+        model.parameters(), f"DDP {backend}", torch.optim.AdamW, lr=0.01, weight_decay=0.1
+    )
 
 
 def _check_zero(rank, backend):
     """ZeRO-1: torch's ZeroRedundancyOptimizer builds one fastnn optimizer per rank over its share
     of the params and broadcasts the updated params; the consolidated state_dict is torch's."""
-    from tolerances import assert_rel_close
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -77,9 +83,7 @@ def _check_zero(rank, backend):
         _train(model, opt, rank, WORLD)
     params = list(model.parameters())
     assert 0 < len(opt.optim.state) < len(params), "each rank steps only its own share"
-    ref = _reference(torch.optim.Adam, **kw)
-    for i, (p, r) in enumerate(zip(params, ref, strict=True)):
-        assert_rel_close(p.detach(), r.double(), torch.float32, what=f"ZeRO {backend} param {i}")
+    _assert_matches_reference(params, f"ZeRO {backend}", torch.optim.Adam, **kw)
     opt.consolidate_state_dict(to=0)
     if rank == 0:
         state = opt.state_dict()["state"]
@@ -89,7 +93,6 @@ def _check_zero(rank, backend):
 
 
 def _check_fsdp2(rank, backend):
-    from tolerances import assert_rel_close
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -102,15 +105,15 @@ def _check_fsdp2(rank, backend):
     opt = fastnn.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.5, centered=True)
     with fastnn.use_backend(backend):
         _train(model, opt, rank, WORLD)
-    ref = _reference(torch.optim.RMSprop, lr=0.01, momentum=0.5, centered=True)
-    for i, (p, r) in enumerate(zip(model.parameters(), ref, strict=True)):
+    for p in model.parameters():
         assert isinstance(p, DTensor)
         # State is kept as torch.optim keeps it for DTensor params: sharded like the param.
         state = opt.state[p]
         assert isinstance(state["square_avg"], DTensor)
         assert state["square_avg"].placements == p.placements
-        full = p.full_tensor()
-        assert_rel_close(full.detach(), r.double(), torch.float32, what=f"FSDP2 {backend} {i}")
+    whole = [p.full_tensor() for p in model.parameters()]
+    kw = dict(lr=0.01, momentum=0.5, centered=True)
+    _assert_matches_reference(whole, f"FSDP2 {backend}", torch.optim.RMSprop, **kw)
 
 
 def _check_fsdp2_checkpoint(rank, backend):

@@ -137,6 +137,14 @@ def test_master_weights_state_dict_round_trip(backend):
         assert torch.equal(opt_b.state[p]["master_param"], ref_opt.state[q]["master_param"])
 
 
+def _skip_interpreted_triton(backend):
+    if backend == "triton":
+        pytest.skip(
+            "the Triton interpreter truncates fp32 -> bf16, so its params are not their masters' "
+            "rounding and read as written outside step()"
+        )
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", ["AdamW", "RMSprop"])
 def test_master_weights_follow_writes_outside_step(backend, cls):
@@ -145,11 +153,7 @@ def test_master_weights_follow_writes_outside_step(backend, cls):
     way (a stale master made the next step undo the write), and the other elements keep theirs
     (restarting them from the bf16 values loses what the master holds below bf16's rounding)."""
     skip_unless_available(backend, cls.lower().rstrip("w"), "cpu")
-    if backend == "triton":
-        pytest.skip(
-            "the Triton interpreter truncates fp32 -> bf16, so its params are not their masters' "
-            "rounding and read as written outside step()"
-        )
+    _skip_interpreted_triton(backend)
     params = make_params(torch.bfloat16, shapes=[(33, 7), (5,)], backend=backend)
     grads = make_grads(params, 4)
     ours = clone_leaves(params)
@@ -178,11 +182,7 @@ def test_master_weights_of_params_sharing_one_buffer_hold(backend, cls):
     step(), so every master holds, as an fp32 run of separate params (were they restarted from
     the bf16 params, updates of lr 1e-4 would round away and the params never move)."""
     skip_unless_available(backend, cls.lower().rstrip("w"), "cpu")
-    if backend == "triton":
-        pytest.skip(
-            "the Triton interpreter truncates fp32 -> bf16, so its params are not their masters' "
-            "rounding and read as written outside step()"
-        )
+    _skip_interpreted_triton(backend)
     flat = torch.ones(12, dtype=torch.bfloat16)
     ours = [torch.nn.Parameter(flat[:5]), torch.nn.Parameter(flat[5:])]
     ref32 = [torch.nn.Parameter(torch.ones(n)) for n in (5, 7)]

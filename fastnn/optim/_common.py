@@ -194,8 +194,8 @@ class FusedStepMixin:
             # version bump may come from a write to another view of p's storage (params that
             # are slices of one flat buffer share one version counter). Elementwise, with no
             # host sync.
-            m = state[MASTER]
-            m.copy_(torch.where(p.detach() == m.to(p.dtype), m, p.detach()))
+            m, value = state[MASTER], p.detach()
+            m.copy_(torch.where(value == m.to(value.dtype), m, value))
         return state
 
     def _written_outside_step(self, p):

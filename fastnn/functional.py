@@ -431,6 +431,14 @@ def _glu_inplace_backward(gate, up, activation, backend):
                 "that requires grad; pass a computed tensor (e.g. a Linear output) or use "
                 "inplace_backward=False"
             )
+    if up is not None and torch.is_grad_enabled() and gate.requires_grad != up.requires_grad:
+        # The kernel writes both gradients; one over a tensor autograd does not track (a cached
+        # or detached tensor, maybe a parameter's memory) would change its values unseen.
+        name = "up" if gate.requires_grad else "gate"
+        raise RuntimeError(
+            f"fastnn: inplace_backward=True would write a gradient over {name}, which does not "
+            "require grad (its values would change); use inplace_backward=False"
+        )
     # Contiguous inputs so the kernel overwrites the very tensors it saved (a copy made here
     # is ours to overwrite).
     gate = gate.contiguous()

@@ -513,6 +513,11 @@ def test_inplace_backward_refuses_second_backward_and_leaves(backend):
         flat = h.view(-1)  # gate and up partly overlapping: elements 4-7 are in both
         with pytest.raises(RuntimeError, match="overlap in memory"):
             FF.swiglu(flat[0:8], flat[4:12], inplace_backward=True)
+        # A detached parameter shares its memory: the gradient would be written over it.
+        w = torch.nn.Parameter(torch.randn(3, 4))
+        for gate, up, name in ((x * 1.0, w.detach(), "up"), (w.detach(), x * 1.0, "gate")):
+            with pytest.raises(RuntimeError, match=f"over {name}, which does not require grad"):
+                FF.swiglu(gate, up, inplace_backward=True)
         # Adjacent, not overlapping; non-contiguous overlapping inputs are copied first.
         flat = (x * 1.0).view(-1)
         FF.swiglu(flat[0:6], flat[6:12], inplace_backward=True).sum().backward()

@@ -222,10 +222,10 @@ def _unflatten(out, shape, residual_out, residual):
     """The op's [rows, N] results in the input's shape: out, or (out, residual_out) when a
     residual was fused. aten._unsafe_view, not view: the results are new tensors, not views
     (torch's norms return none), so detach_() and in-place updates under no_grad work on them.
-    With grad mode on, residual_out is the tensor the backward saves, or a view of it: an
+    When it requires grad, residual_out is the tensor the backward saves, or a view of it: an
     _unsafe_view has a version counter of its own, so an in-place change of it went unseen and
     the backward used the changed values (silently wrong gradients; torch raises for the unfused
-    x + r, as now); with grad mode off nothing is saved, and it is a new tensor too.
+    x + r, as now); otherwise nothing is saved, and it is a new tensor too.
     Under torch.jit.trace a view: the tracer records the sizes given to a torch.ops call as
     constants (a traced norm returned its traced shape), a view's as the sizes they were read
     from; `shape` must be read before the input is flattened (a flatten or contiguous that
@@ -240,7 +240,7 @@ def _unflatten(out, shape, residual_out, residual):
     if residual is None:
         return unflatten(out)
     # (one graph for torch.jit.trace, whose check traces without grad mode)
-    saved = tracing or torch.is_grad_enabled()
+    saved = tracing or residual_out.requires_grad
     return unflatten(out), residual_out.view(shape) if saved else unflatten(residual_out)
 
 

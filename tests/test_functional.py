@@ -173,6 +173,10 @@ def test_norm_results_are_contiguous_new_tensors_as_torch_returns(backend, kind)
         # torch's message for a view: "created in no_grad mode"
         (y.mul_(w).sum() + z.mul_(w).sum() + s.mul_(w).sum()).backward()
         s.detach_()
+        # Grad mode on, nothing requiring grad (evaluation without no_grad): nothing is saved.
+        _, s = norm(torch.randn(2, 3, 8), (8,), residual=torch.randn(2, 3, 8))
+        assert s._base is None
+        s.detach_()
     assert w.grad is not None
 
 

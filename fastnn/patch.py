@@ -322,6 +322,17 @@ def _verify_mlp(module, names):
     w = module.down_proj.weight
     if w.is_meta:
         return "its weights are on the meta device; cannot probe it", None
+    params = [p for name in names for p in getattr(module, name).parameters()]
+    kinds = sorted({f"{p.dtype} on {p.device}" for p in params})
+    if len(kinds) > 1:  # the probe and SwiGLUMLP (one dtype for all its Linears) cannot follow
+        return f"its projections' parameters differ in dtype or device ({', '.join(kinds)})", None
+    other = _other_input_dtype_taken(module, names)
+    if other is not None:
+        return (
+            f"its forward takes {other} input with {w.dtype} weights (it casts); fastnn's "
+            "SwiGLUMLP, as torch.nn.Linear, needs the weights' dtype",
+            None,
+        )
     dtypes = [w.dtype] + ([torch.float32] if w.dtype in (torch.float16, torch.bfloat16) else [])
     try:
         # Gates of about N(0, 1), and of N(0, 8^2) for activations clamped beyond the first's
@@ -348,6 +359,21 @@ def _verify_mlp(module, names):
     ) + f" for act in {', '.join(ACTIVATIONS)}"
     mismatches = (_mismatch(out, ours_[closest], x_, formula) for x_, out, ours_ in probes[::-1])
     return f"{next(filter(None, mismatches))} (closest: {closest})", None
+
+
+def _other_input_dtype_taken(module, names):
+    """bf16 (fp32 for 16-bit weights) when module's forward runs on a [3, hidden] input of that
+    dtype (it casts the input to its weights' dtype), else None."""
+    w = module.down_proj.weight
+    other = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    x = _randn((3, module.down_proj.out_features), w.new_empty(0, dtype=other), seed=2)
+    linears = [getattr(module, name) for name in names]
+    try:
+        with _hooks_off(linears), torch.no_grad():
+            module.forward(x)
+    except Exception:
+        return None
+    return other
 
 
 def _worst_error(outputs, ours):

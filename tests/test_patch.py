@@ -342,6 +342,31 @@ def test_mlp_probe_does_not_trust_zero_initialised_weights():
         assert torch.count_nonzero(getattr(mlp, zeroed).weight) == 0  # its own weight kept
 
 
+class CastingMLP(ThirdPartyMLP):
+    def forward(self, x):
+        return super().forward(x.to(self.gate_proj.weight.dtype)).to(x.dtype)
+
+
+def test_mlps_of_mixed_dtypes_or_that_cast_their_input_are_left_alone():
+    """SwiGLUMLP runs its Linears in one dtype, the input's: an MLP with an fp32 down_proj in
+    bf16, or one casting its input to its weights' dtype, would fail after the swap."""
+    mixed = ThirdPartyMLP(8, 16).bfloat16()
+    mixed.down_proj.float()
+    model = nn.ModuleDict(
+        {"mixed": mixed, "casting": CastingMLP(8, 16), "plain": ThirdPartyMLP(8, 16)}
+    )
+    report = patch(model)
+    assert [r.path for r in report] == ["plain"]
+    skipped = dict(report.skipped)
+    assert (
+        "differ in dtype or device (torch.bfloat16 on cpu, torch.float32 on cpu)"
+        in skipped["mixed"]
+    )
+    assert "takes torch.bfloat16 input with torch.float32 weights" in skipped["casting"]
+    x = torch.randn(2, 8)
+    assert model["casting"](x.bfloat16()).dtype == torch.bfloat16
+
+
 class ChannelsFirstRMSNorm(nn.Module):
     """RMSNorm over dim 1 of [B, C, ...] (image models): right structure, other dim."""
 

@@ -95,19 +95,23 @@ def load():
     info = build_info()
     if info is not None:
         _error = mismatch(info)
+    # A pure-Python install, built so (VARIANT pure) or from a source tree never built, went
+    # without the extension by choice: nothing to warn about.
+    chosen = getattr(info, "VARIANT", None) == "pure"
     try:
         if _error is None:
             importlib.import_module("fastnn._C")
     except ImportError as e:
-        if info is None:
+        if info is None and isinstance(e, ModuleNotFoundError) and e.name == "fastnn._C":
+            chosen = True
             _error = (
                 "the fastnn._C extension is not built (pure-Python install); build it: "
                 f"`make setup` or {REBUILD}"
             )
-        else:
+        else:  # an extension file that does not load, with or without its build info
             _error = f"the fastnn._C extension failed to load: {e}; rebuild it: {REBUILD}"
     if _error is not None:
-        if info is not None:
+        if not chosen:
             # A built extension that cannot load is a broken install, not a choice: say so once
             # instead of running every op on the (slow) torch backend unannounced.
             warnings.warn(

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,38 @@ def test_forged_torch_mismatch_gives_readable_error(forged_copy):
     assert not facts["extension"]["loaded"]
     assert f"built against torch {forged}" in facts["extension"]["error"]
     assert all(f["cpu"]["backend"] == "torch" for f in facts["families"].values())
+
+
+def _load_with(monkeypatch, info, import_error):
+    """_extension.load() afresh with build info `info` and fastnn._C's import raising
+    `import_error`; returns (the warnings it gave, the error it recorded)."""
+    monkeypatch.setattr(_extension, "_loaded", False)
+    monkeypatch.setattr(_extension, "_error", None)
+    monkeypatch.setattr(_extension, "build_info", lambda: info)
+
+    def import_module(name):
+        assert name == "fastnn._C"
+        raise import_error
+
+    monkeypatch.setattr(_extension.importlib, "import_module", import_module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not _extension.load()
+    return [str(w.message) for w in caught], _extension.error()
+
+
+def test_a_pure_python_install_does_not_warn(monkeypatch):
+    """Without the extension by choice (a pure build, or a checkout never built): no warning."""
+    not_found = ModuleNotFoundError("No module named 'fastnn._C'", name="fastnn._C")
+    caught, error = _load_with(monkeypatch, types.SimpleNamespace(VARIANT="pure"), not_found)
+    assert caught == [] and "pure-Python build" in error
+    caught, error = _load_with(monkeypatch, None, not_found)
+    assert caught == [] and "not built" in error
+
+
+def test_an_extension_that_does_not_load_is_not_called_unbuilt(monkeypatch):
+    """A _C file that cannot load, build info or not, is a broken install: said at import."""
+    broken = ImportError("fastnn/_C.abi3.so: file too short", name="fastnn._C")
+    caught, error = _load_with(monkeypatch, None, broken)
+    assert "failed to load" in error and "file too short" in error
+    assert len(caught) == 1 and "native kernels unavailable" in caught[0]

@@ -12,12 +12,16 @@ Environment knobs (all optional):
   FASTNN_BUILD_DIR             build folder (default `build`); wheel builds use their own
                                (tools/build_wheel.sh) so they never touch the in-place dev build's
                                objects in build/temp.*.
+  FASTNN_LOCAL_VERSION=1       a binary build's version carries a local label (below); set by
+                               tools/build_wheel.sh. Off by default: pip refuses a wheel it built
+                               from an sdist (fastnn-0.1.0.tar.gz) whose version differs from the
+                               archive's ("inconsistent version").
 No GPU is needed to build: nothing here queries a device.
 
 A wheel with the extension is tied to the torch it was built against: the kernels use torch's
 C++ API (ATen, c10, torch/library.h), whose ABI changes between torch minor releases. So its
-metadata requires torch==X.Y.* and its version carries a local label saying what it was built
-against (0.1.0+cu130.torch2.14, 0.1.0+cpu.torch2.14). setup.py also writes fastnn/_build_info.py
+metadata requires torch==X.Y.* and a released wheel's version carries a local label saying what
+it was built against (0.1.0+cu130.torch2.14, 0.1.0+cpu.torch2.14). setup.py also writes fastnn/_build_info.py
 next to the built extension; fastnn/_extension.py compares it with the running torch and explains
 a mismatch instead of failing with an undefined symbol. The extension uses only CPython's limited
 API (Py_LIMITED_API), so one wheel serves every CPython >= 3.10 (tag cp310-abi3).
@@ -229,6 +233,12 @@ def _extensions():
     _refuse_isolated_build(torch)
 
     with_cuda = build_cuda != "0" and torch.version.cuda is not None and cuda_home is not None
+    if with_cuda and not os.path.isfile(os.path.join(cuda_home, "bin", "nvcc")):
+        sys.exit(
+            f"fastnn: the CUDA toolkit {cuda_home} (CUDA_HOME / CUDA_PATH) has no bin/nvcc; point "
+            "CUDA_HOME at a toolkit, unset it (nvcc is then found on PATH), or build without "
+            "CUDA: FASTNN_BUILD_CUDA=0"
+        )
     if build_cuda == "1" and not with_cuda:
         why = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA toolkit found"
         sys.exit(f"FASTNN_BUILD_CUDA=1 but {why}; set CUDA_HOME or use FASTNN_BUILD_CUDA=0")
@@ -241,7 +251,9 @@ def _extensions():
     define_macros = [("Py_LIMITED_API", "0x030A0000")]  # one wheel for every CPython >= 3.10
     # -Wno-psabi: the CPU kernels pass 32-byte GCC vectors between always-inline helpers (inlined
     # into AVX2 clones), which GCC flags as an ABI change that no call ever makes.
-    cxx = ["-O3", "-fopenmp", "-Wno-psabi", f"-DFASTNN_WITH_CUDA={int(with_cuda)}"]
+    # -g0: Python's CFLAGS carry -g, whose debug info made the CPU extension 15.9 MB against
+    # 1.4 MB (symbol names, all perf needs, stay).
+    cxx = ["-O3", "-g0", "-fopenmp", "-Wno-psabi", f"-DFASTNN_WITH_CUDA={int(with_cuda)}"]
     nvcc = ["-O3", "-lineinfo", "-DFASTNN_WITH_CUDA=1"]
     include_dirs = [str(ROOT / "csrc" / "include")]
     ext_cls = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
@@ -279,8 +291,9 @@ def _extensions():
 
 
 def _version(facts):
-    """The base version plus a local label naming what a binary build is built against."""
-    if facts["VARIANT"] == "pure" or SDIST:
+    """The base version, plus a local label naming what a binary build is built against when
+    FASTNN_LOCAL_VERSION=1 (module docstring)."""
+    if facts["VARIANT"] == "pure" or SDIST or _flag("FASTNN_LOCAL_VERSION", "0") != "1":
         return _base_version()
     torch_mm = ".".join(facts["TORCH_VERSION"].split("+")[0].split(".")[:2])
     device = "cu" + facts["CUDA_VERSION"].replace(".", "") if facts["CUDA_VERSION"] else "cpu"

@@ -275,3 +275,16 @@ def test_every_op_on_native_cpu_matches_reference(installed):
                 # A step moves O(1) values by about lr = 1e-2, so the relative check above sees
                 # little of the update; hold each element to twice eager fp32's error instead.
                 assert_ratio_close(g, w, eager[i], what=what)
+
+
+@pytest.mark.parametrize("local", [None, "1"], ids=["plain", "labelled"])
+def test_version_label_only_when_asked(local, tmp_path):
+    """`pip install fastnn-0.1.0.tar.gz` builds a wheel and refuses one whose version is not the
+    archive's; the +cpu.torchX.Y label is for released wheels (tools/build_wheel.sh asks)."""
+    env = {k: v for k, v in os.environ.items() if k != "FASTNN_LOCAL_VERSION"}
+    env.update(FASTNN_BUILD_CUDA="0", FASTNN_BUILD_DIR=str(tmp_path))
+    if local:
+        env["FASTNN_LOCAL_VERSION"] = local
+    out = _run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env).split()[-1]
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    assert out == ("0.1.0+cpu.torch" + f"{major}.{minor}" if local else "0.1.0")

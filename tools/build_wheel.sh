@@ -22,6 +22,7 @@ case "$variant" in
   *) echo "usage: $0 [cuda|cpu|pure]" >&2; exit 2 ;;
 esac
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export FASTNN_LOCAL_VERSION=${FASTNN_LOCAL_VERSION:-1}  # 0.1.0+cu130.torch2.14: see setup.py
 export FASTNN_BUILD_DIR=${FASTNN_BUILD_DIR:-build/wheel-$variant}
 # bdist_wheel packs everything under the build's lib folder: clear it so no extension left there
 # by an earlier build (another arch list, a removed source) ships. Objects in temp.* stay.

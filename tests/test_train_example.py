@@ -232,6 +232,8 @@ def test_corpus_is_deterministic_and_batches_depend_only_on_seed_step_rank(examp
         (["--log-every", "0"], "--log-every must be at least 1"),
         (["--resume"], "--resume needs --ckpt"),
         (["--heads", "5"], "multiple of --heads"),
+        (["--ckpt", "/no/such/dir/run.pt"], "its directory does not exist"),
+        (["--stop-after", "0"], "--stop-after must be at least 1"),
     ],
 )
 def test_bad_flags_are_argument_errors(example, argv, message, capsys):

@@ -1,6 +1,7 @@
 // LayerNorm on CUDA, optionally fused with the residual add (schemas in csrc/library.cpp,
 // semantics of fastnn/reference/layer_norm.py):
-//   forward   s = input + residual (rounded to input's dtype), mean = s[0] + mean(s - s[0]),
+//   forward   s = input + residual (rounded to input's dtype), mean = c + mean(s - c) for
+//             c = s[0] + mean(s - s[0]) (c where that is not finite),
 //             rstd = 1 / sqrt(mean((s - mean)^2) + eps), out = (s - mean) * rstd * weight + bias
 //   backward  xhat = (x - mean) * rstd, g = dy * w,
 //             dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) + d(residual_out),
@@ -126,8 +127,11 @@ __global__ void __launch_bounds__(1024) ln_fwd_reg_kernel(FwdArgs<T, W> a) {
   Vec<T, VEC> s[ITEMS];
   load_sum_tile(a, off, 0, valid, s);
   const A shift = first_element(a, off, valid);
-  const A mean = shift + row_sum(sum_dev<false>(s, shift, 0, nvec), scratch) / static_cast<A>(a.n);
-  const A var = row_sum(sum_dev<true>(s, mean, 0, nvec), scratch) / static_cast<A>(a.n);
+  const A inv_n = A(1) / static_cast<A>(a.n);
+  const A first = shift + row_sum(sum_dev<false>(s, shift, 0, nvec), scratch) * inv_n;
+  const A second = first + row_sum(sum_dev<false>(s, first, 0, nvec), scratch) * inv_n;
+  const A mean = isfinite(second) ? second : first;
+  const A var = row_sum(sum_dev<true>(s, mean, 0, nvec), scratch) * inv_n;
   const A rstd = rsqrt_acc(var + a.eps);
   constexpr int kChunk = ITEMS < kParamItems ? ITEMS : kParamItems;
 #pragma unroll
@@ -140,10 +144,10 @@ __global__ void __launch_bounds__(1024) ln_fwd_reg_kernel(FwdArgs<T, W> a) {
   }
 }
 
-// Any N: three passes over the row (deviations from its first element, squared deviations from the
-// mean, output) in tiles of kStagedItems vectors per thread; the later ones read it from shared
-// memory (SMEM) or global memory (res_out when a residual was added: the same thread wrote those
-// elements).
+// Any N: three passes over the row (deviations from its first element; deviations from that
+// estimate of the mean and their squares; output) in tiles of kStagedItems vectors per thread; the
+// later ones read it from shared memory (SMEM) or global memory (res_out when a residual was added:
+// the same thread wrote those elements).
 template <typename T, typename W, int VEC, bool SMEM>
 __global__ void __launch_bounds__(kStagedThreads) ln_fwd_staged_kernel(FwdArgs<T, W> a) {
   using A = acc_t<T>;
@@ -164,16 +168,24 @@ __global__ void __launch_bounds__(kStagedThreads) ln_fwd_staged_kernel(FwdArgs<T
     if constexpr (SMEM) stage_tile(stage, first, nvec, s);
     total += sum_dev<false>(s, shift, first, nvec);
   }
-  const A mean = shift + row_sum(total, scratch) / static_cast<A>(a.n);
-  A sq = 0;
+  const A inv_n = A(1) / static_cast<A>(a.n);
+  const A estimate = shift + row_sum(total, scratch) * inv_n;
+  // Deviations from the estimate and their squares in one pass: mean = estimate + their mean,
+  // variance = mean square - (mean - estimate)^2 (the estimate is within an ulp of
+  // x[0] - mean of the mean, far below the row's spread: no cancellation).
+  A dev = 0, sq = 0;
 #pragma unroll 1
   for (int64_t first = 0; valid && first < nvec; first += step) {
     Vec<T, VEC> s[kStagedItems];
     reload_tile<SMEM>(stage, src, first, nvec, s);
-    sq += sum_dev<true>(s, mean, first, nvec);
+    dev += sum_dev<false>(s, estimate, first, nvec);
+    sq += sum_dev<true>(s, estimate, first, nvec);
   }
-  const A rstd = rsqrt_acc(row_sum(sq, scratch) / static_cast<A>(a.n) + a.eps);
-  if (!valid) return;  // no barrier follows
+  const A correction = row_sum(dev, scratch) * inv_n;
+  const A mean = isfinite(estimate + correction) ? estimate + correction : estimate;
+  const A var = row_sum(sq, scratch) * inv_n - correction * correction;
+  const A rstd = rsqrt_acc((var < A(0) ? A(0) : var) + a.eps);  // NaN stays NaN
+  if (!valid) return;                                           // no barrier follows
   // The output pass holds weight and bias too: tiles of kParamItems vectors.
 #pragma unroll 1
   for (int64_t first = 0; first < nvec; first += kParamItems * blockDim.x) {

@@ -64,7 +64,7 @@ def _ln_fwd_kernel(
         cols, cmask, mask = column_block(0, rmask, N, BLOCK_N)
         x = load_sum_saved(X, R, S, base + cols[None, :], mask, HAS_RES, ACC)
         shift = load_sum(X, R, row * N, rmask, HAS_RES, ACC).to(ACC)
-        mean = shift + tl.sum(tl.where(mask, x - shift[:, None], 0.0), axis=1) / N
+        mean = _centred_mean(x, mask, shift, N)
         xc = tl.where(mask, x - mean[:, None], 0.0)
         rstd = rsqrt_rn(tl.sum(xc * xc, axis=1) / N + eps, ACC)
         y = xc * rstd[:, None]
@@ -88,6 +88,21 @@ def _ln_fwd_kernel(
 
 
 @triton.jit
+def _centred_mean(x, mask, shift, count):
+    """row_mean of fastnn/reference/layer_norm.py over the tile x [BLOCK_M, BLOCK_N] (`count`
+    elements a row, the rest masked): c = shift + mean(x - shift), then c + mean(x - c), c where
+    that is not finite."""
+    first = shift + tl.sum(tl.where(mask, x - shift[:, None], 0.0), axis=1) / count
+    second = first + tl.sum(tl.where(mask, x - first[:, None], 0.0), axis=1) / count
+    return tl.where(_is_finite(second), second, first)
+
+
+@triton.jit
+def _is_finite(v):
+    return (v == v) & (tl.abs(v) != float("inf"))
+
+
+@triton.jit
 def _ln_fwd_long_rows(
     X, R, W, B, Y, S, row, rmask, N, eps,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
@@ -96,11 +111,16 @@ def _ln_fwd_long_rows(
     """The rows `row` in two passes over column blocks. The first adds up the block sums for
     the mean and merges each block's exact (mean, sum of squared deviations), computed in
     registers, into the row's running pair for the variance (Chan et al.'s parallel update: no
-    E[x^2] - E[x]^2 cancellation, one read less), all of deviations from the row's first
-    element (row_mean in fastnn/reference/layer_norm.py); the second writes the output, its
-    re-read of the rows mostly hitting L2. Returns (mean, rstd)."""
+    E[x^2] - E[x]^2 cancellation, one read less), all of deviations from the first block's
+    mean (row_mean in fastnn/reference/layer_norm.py; the row's first element where that is not
+    finite); the second writes the output, its re-read of the rows mostly hitting L2. Returns
+    (mean, rstd)."""
     base = row[:, None] * N
-    shift = load_sum(X, R, row * N, rmask, HAS_RES, ACC).to(ACC)
+    first = load_sum(X, R, row * N, rmask, HAS_RES, ACC).to(ACC)
+    cols, cmask, mask = column_block(0, rmask, N, BLOCK_N)
+    x = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC).to(ACC)
+    shift = _centred_mean(x, mask, first, tl.sum(cmask.to(ACC), axis=0))
+    shift = tl.where(_is_finite(shift), shift, first)
     row_sum = tl.zeros([BLOCK_M], dtype=ACC)
     merged_mean = tl.zeros([BLOCK_M], dtype=ACC)
     m2 = tl.zeros([BLOCK_M], dtype=ACC)

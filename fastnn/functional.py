@@ -42,6 +42,15 @@ def _is_int(n):
     )
 
 
+def _is_int_tensor(n):
+    # torch's int-list arguments take one-element integer tensors as elements (not bool).
+    return (
+        isinstance(n, torch.Tensor)
+        and n.numel() == 1
+        and not (n.is_floating_point() or n.is_complex() or n.dtype == torch.bool)
+    )
+
+
 def _normalized_shape(normalized_shape):
     # (the modules' own tuple of ints first: 0.2 us, where the general path takes 1.0)
     if type(normalized_shape) is tuple and all(type(n) is int for n in normalized_shape):
@@ -49,7 +58,7 @@ def _normalized_shape(normalized_shape):
     if _is_int(normalized_shape):
         return (int(normalized_shape),)
     if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
-        _is_int(n) for n in normalized_shape
+        _is_int(n) or _is_int_tensor(n) for n in normalized_shape
     ):
         raise TypeError(
             f"fastnn: normalized_shape must be an int or a tuple of ints, got {normalized_shape!r}"

@@ -85,6 +85,8 @@ def _bad_norm_calls():
             F, TypeError, "eps must be a float, got Tensor",
         ),
         (lambda m: m.layer_norm(x, True), F, TypeError, "an int or a tuple of ints, got True"),
+        (lambda m: m.layer_norm(x, [torch.tensor(4.0)]), F, TypeError, "an int or a tuple of ints"),
+        (lambda m: m.rms_norm(x, [torch.tensor([4, 4])]), F, TypeError, "an int or a tuple of ints"),
         (
             lambda m: m.layer_norm(x, (4,), torch.ones(4, dtype=torch.float64)),
             F, RuntimeError, "float32 input takes weight and bias of its dtype",
@@ -103,6 +105,13 @@ def test_bad_norm_input_is_named(case):
         with pytest.raises(Exception) as theirs:
             call(torch_module)
         assert isinstance(raised.value, type(theirs.value)), (type(theirs.value), theirs.value)
+
+
+def test_normalized_shape_takes_integer_tensors_as_torch_does():
+    x, w = torch.randn(3, 4), torch.randn(4)
+    for shape in ([torch.tensor(4)], (torch.tensor([4]),), [torch.tensor(4, dtype=torch.int32)]):
+        torch.testing.assert_close(FF.layer_norm(x, shape, w), F.layer_norm(x, shape, w))
+        torch.testing.assert_close(FF.rms_norm(x, shape, w), F.rms_norm(x, shape, w))
 
 
 def test_bad_glu_input_is_named():

@@ -74,10 +74,10 @@ __device__ __forceinline__ acc_t<T> sum_dev(const Vec<T, VEC> (&s)[ITEMS], acc_t
   return total;
 }
 
-// The row's first element (input + residual rounded as load_sum_tile rounds it), which the mean
-// is taken from: mean = s[0] + mean(s - s[0]), so a constant row's mean is its value exactly
-// (fastnn/reference/layer_norm.py, row_mean). Every thread of the row reads it: one broadcast
-// load from a line the tile loads anyway.
+// The row's first element (input + residual rounded as load_sum_tile rounds it), which the mean's
+// first estimate is taken from: s[0] + mean(s - s[0]), so a constant row's mean is its value
+// exactly (fastnn/reference/layer_norm.py, row_mean). Every thread of the row reads it: one
+// broadcast load from a line the tile loads anyway.
 template <typename T, typename W>
 __device__ __forceinline__ acc_t<T> first_element(const FwdArgs<T, W>& a, int64_t off, bool valid) {
   using A = acc_t<T>;
@@ -183,7 +183,9 @@ __global__ void __launch_bounds__(kStagedThreads) ln_fwd_staged_kernel(FwdArgs<T
   }
   const A correction = row_sum(dev, scratch) * inv_n;
   const A mean = isfinite(estimate + correction) ? estimate + correction : estimate;
-  const A var = row_sum(sq, scratch) * inv_n - correction * correction;
+  // An overflowed mean square stays Inf (Inf - Inf would be NaN; a NaN one stays NaN).
+  const A mean_sq = row_sum(sq, scratch) * inv_n;
+  const A var = isinf(mean_sq) ? mean_sq : mean_sq - correction * correction;
   const A rstd = rsqrt_acc((var < A(0) ? A(0) : var) + a.eps);  // NaN stays NaN
   if (!valid) return;                                           // no barrier follows
   // The output pass holds weight and bias too: tiles of kParamItems vectors.

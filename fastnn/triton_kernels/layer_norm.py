@@ -1,8 +1,8 @@
 """Triton LayerNorm forward and backward over the last dim of a 2-D input, optionally fused with
 a residual add: the `triton` backend of `fastnn::layer_norm_fwd` / `fastnn::layer_norm_bwd`.
 
-Semantics are fastnn/reference/layer_norm.py's: mean (as the row's first element plus the mean
-deviation from it), then the variance as the mean of squared deviations (within a register-resident
+Semantics are fastnn/reference/layer_norm.py's: mean (an estimate from the row's first element,
+then that plus the mean deviation from it: row_mean), then the variance as the mean of squared deviations (within a register-resident
 tile, two passes over registers; over the column blocks of a long row, each block's exact pair
 merged into the row's, so no cancellation either), statistics in fp32 (fp64 for fp64 input).
 The work is laid out as in rms_norm.py (whose shared helpers this module uses): register-resident
@@ -121,7 +121,11 @@ def _ln_fwd_long_rows(
     x = load_sum(X, R, base + cols[None, :], mask, HAS_RES, ACC).to(ACC)
     shift = _centred_mean(x, mask, first, tl.sum(cmask.to(ACC), axis=0))
     shift = tl.where(_is_finite(shift), shift, first)
-    row_sum = tl.zeros([BLOCK_M], dtype=ACC)
+    # The block sums add up, and the mean is taken, in fp64, as the CPU kernel does: the first
+    # block's mean can lie far from the row's, and an fp32 running sum rounds to an ulp of itself
+    # at every block (N(0, 1) rows with x[0] = 1e4, N = 262144: mean 9.8e-7 off relatively,
+    # 3.1e-7 in fp64).
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float64)
     merged_mean = tl.zeros([BLOCK_M], dtype=ACC)
     m2 = tl.zeros([BLOCK_M], dtype=ACC)
     seen = tl.zeros([BLOCK_M], dtype=ACC)
@@ -130,7 +134,7 @@ def _ln_fwd_long_rows(
         x = load_sum_saved(X, R, S, base + cols[None, :], mask, HAS_RES, ACC)
         x = tl.where(mask, x - shift[:, None], 0.0)
         block_sum = tl.sum(x, axis=1)
-        row_sum += block_sum
+        row_sum += block_sum.to(tl.float64)
         count = tl.sum(cmask.to(ACC), axis=0)
         block_mean = block_sum / count
         xc = tl.where(mask, x - block_mean[:, None], 0.0)
@@ -141,7 +145,7 @@ def _ln_fwd_long_rows(
         # square of a first block's mean could overflow (fp32 beyond 1.8e19) into inf * 0.
         m2 += tl.sum(xc * xc, axis=1) + delta * (delta * (seen * count / total))
         seen = total
-    mean = shift + row_sum / N
+    mean = (shift.to(tl.float64) + row_sum / N).to(ACC)
     rstd = rsqrt_rn(m2 / N + eps, ACC)
     for start in tl.range(0, N, BLOCK_N, num_stages=1):
         cols, cmask, mask = column_block(start, rmask, N, BLOCK_N)

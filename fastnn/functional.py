@@ -403,12 +403,15 @@ def glu_family(gate, up=None, activation="silu", *, inplace_backward=False):
                 "promote (cast them to one dtype first)"
             )
         _check_same_device(up, "up", gate, "gate")
+    inplace_backward = inplace_backward and not _under_transform()  # plain ops there
+    if inplace_backward:
+        _refuse_overwriting(gate, up)  # on DTensors too: their local shards are not leaves
     if _dtensor.any_dtensor(gate, up):
         return _dtensor.glu(
             lambda g, u: glu_family(g, u, activation, inplace_backward=inplace_backward), gate, up
         )
     backend = _backend.resolve("glu", gate.device.type)
-    if inplace_backward and not _under_transform():  # an eager memory saving; plain ops there
+    if inplace_backward:  # an eager memory saving
         return _glu_inplace_backward(gate, up, activation, backend)
     if up is None:
         return _forward(backend, "glu_packed_fwd")(gate, activation)
@@ -422,14 +425,10 @@ def _memory_overlaps(a, b):
     return a.nbytes > 0 and b.nbytes > 0 and a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
 
 
-def _glu_inplace_backward(gate, up, activation, backend):
-    from fastnn.ops import glu as glu_ops
-
-    if torch.compiler.is_compiling():
-        raise RuntimeError(
-            "fastnn: inplace_backward=True is for eager mode; under torch.compile leave it off "
-            "(the compiler plans the backward's memory itself)"
-        )
+def _refuse_overwriting(gate, up):
+    """Raises when inplace_backward=True would write a gradient over memory autograd does not
+    own for this call: a leaf (a parameter) or a view of one, or a tensor that does not require
+    grad beside one that does."""
     for name, t in (("gate", gate), ("up", up)):
         # A view's memory is its base's: a slice of a parameter is a parameter too.
         base = t if t is None or t._base is None else t._base
@@ -447,6 +446,16 @@ def _glu_inplace_backward(gate, up, activation, backend):
         raise RuntimeError(
             f"fastnn: inplace_backward=True would write a gradient over {name}, which does not "
             "require grad (its values would change); use inplace_backward=False"
+        )
+
+
+def _glu_inplace_backward(gate, up, activation, backend):
+    from fastnn.ops import glu as glu_ops
+
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "fastnn: inplace_backward=True is for eager mode; under torch.compile leave it off "
+            "(the compiler plans the backward's memory itself)"
         )
     # Contiguous inputs so the kernel overwrites the very tensors it saved (a copy made here
     # is ours to overwrite).

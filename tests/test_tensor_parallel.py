@@ -186,6 +186,10 @@ def _check_mixed_is_refused(mesh):
         FF.rms_norm(x, (D,), torch.ones(D))
     with pytest.raises(RuntimeError, match="residual is a DTensor but input is a torch.Tensor"):
         FF.layer_norm(torch.ones(2, 4, D), (D,), residual=x)
+    # inplace_backward=True over a DTensor parameter: its local shard is no leaf, the DTensor is.
+    w = torch.nn.Parameter(distribute_tensor(_randn(2, 4, D, seed=31), mesh, [Shard(0)]))
+    with pytest.raises(RuntimeError, match="over gate, a leaf tensor that requires grad"):
+        FF.swiglu(w, w * 2.0, inplace_backward=True)
 
 
 def run_checks(rank):

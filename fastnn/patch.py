@@ -368,8 +368,9 @@ def _other_input_dtype_taken(module, names):
     other = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     x = _randn((3, module.down_proj.out_features), w.new_empty(0, dtype=other), seed=2)
     linears = [getattr(module, name) for name in names]
-    try:
-        with _hooks_off(linears), torch.no_grad():
+    cuda = [x.device] if x.device.type == "cuda" else []
+    try:  # the RNG state forked, as _forward_both_modes does: a dropout must not advance it
+        with _hooks_off(linears), torch.no_grad(), torch.random.fork_rng(devices=cuda):
             module.forward(x)
     except Exception:
         return None

@@ -366,6 +366,15 @@ def test_mlps_of_mixed_dtypes_or_that_cast_their_input_are_left_alone():
     x = torch.randn(2, 8)
     assert model["casting"](x.bfloat16()).dtype == torch.bfloat16
 
+    class DropoutCastingMLP(CastingMLP):  # the probes must leave the global RNG where it was
+        def forward(self, x):
+            return F.dropout(super().forward(x), p=0.5, training=self.training)
+
+    model = nn.ModuleDict({"mlp": DropoutCastingMLP(8, 16)})
+    state = torch.random.get_rng_state()
+    report = patch(model)
+    assert len(report) == 0 and torch.equal(torch.random.get_rng_state(), state)
+
 
 class ChannelsFirstRMSNorm(nn.Module):
     """RMSNorm over dim 1 of [B, C, ...] (image models): right structure, other dim."""

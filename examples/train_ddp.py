@@ -430,7 +430,9 @@ def parse_args(argv=None):
         args.mlp_hidden = -(-8 * args.dim // 3 // 32) * 32
     if args.resume and not args.ckpt:
         ap.error("--resume needs --ckpt")
-    if args.ckpt and not os.path.isdir(os.path.dirname(os.path.abspath(args.ckpt))):
+    # Rank 0 writes the checkpoint: on several nodes, its directory may exist on node 0 only.
+    first_rank = os.environ.get("RANK", "0") == "0"
+    if args.ckpt and first_rank and not os.path.isdir(os.path.dirname(os.path.abspath(args.ckpt))):
         ap.error(f"--ckpt {args.ckpt}: its directory does not exist (checked before training)")
     if args.stop_after is not None and args.stop_after < 1:
         ap.error("--stop-after must be at least 1")

@@ -240,3 +240,8 @@ def test_bad_flags_are_argument_errors(example, argv, message, capsys):
     with pytest.raises(SystemExit):
         example.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_only_rank_0_needs_the_checkpoint_directory(example, monkeypatch):
+    monkeypatch.setenv("RANK", "8")  # another node's rank: rank 0 writes the checkpoint
+    assert example.parse_args(["--ckpt", "/no/such/dir/run.pt"]).ckpt == "/no/such/dir/run.pt"

@@ -140,9 +140,13 @@ class SwiGLUMLP(_NotScriptable, nn.Module):
 
 def _split_gate_up_state(module, state_dict, prefix, local_metadata):
     """state_dict post-hook of a fused SwiGLUMLP: gate_up_proj.* -> gate_proj.*, up_proj.*, in
-    the unfused module's key order (gate, up, down: down_proj.* moves behind them)."""
+    the unfused module's key order (gate, up, down: down_proj.* moves behind them). The halves
+    are views of gate_up_proj's tensors, detached also under keep_vars=True (no Parameter holds
+    a half; a view with a grad_fn would refuse copy.deepcopy, as state_dicts are copied)."""
     names = [n for n in ("weight", "bias") if f"{prefix}gate_up_proj.{n}" in state_dict]
-    halves = {n: state_dict.pop(f"{prefix}gate_up_proj.{n}").chunk(2, dim=0) for n in names}
+    halves = {
+        n: state_dict.pop(f"{prefix}gate_up_proj.{n}").detach().chunk(2, dim=0) for n in names
+    }
     for i, linear in enumerate(("gate_proj", "up_proj")):
         for name in names:
             state_dict[f"{prefix}{linear}.{name}"] = halves[name][i]

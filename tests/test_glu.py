@@ -4,6 +4,8 @@ dtypes and activations; eager-torch ratio check in fp16 / bf16; extreme gates; n
 and zero-size inputs; gradcheck; opcheck; torch.compile; SwiGLUMLP (fused weights, state_dict
 interop); bad inputs. GPU-only cases are in test_glu_gpu.py."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -356,6 +358,11 @@ def test_fused_mlp_state_dict_interop(bias):
     assert torch.equal(fused.gate_up_proj.weight[12:], plain.up_proj.weight)
 
     assert list(fused.state_dict()) == list(plain.state_dict())  # keys in the same order
+    # keep_vars=True: views of the fused tensors that copy as the unfused module's Parameters do.
+    kept = copy.deepcopy(fused.state_dict(keep_vars=True))
+    assert list(kept) == list(plain.state_dict(keep_vars=True))
+    halves = fused.state_dict(keep_vars=True)
+    assert halves["gate_proj.weight"].data_ptr() == fused.gate_up_proj.weight.data_ptr()
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), fused, torch.nn.Linear(8, 8))
     unfused = torch.nn.Sequential(torch.nn.Linear(8, 8), plain, torch.nn.Linear(8, 8))
     assert list(model.state_dict()) == list(unfused.state_dict())

@@ -112,11 +112,20 @@ def test_state_dict_layout_is_torchs():
     assert extra == {"master_weights"}
 
 
+def _skip_interpreted_triton(backend):
+    if backend == "triton":
+        pytest.skip(
+            "the Triton interpreter truncates fp32 -> bf16, so its params are not their masters' "
+            "rounding and read as written outside step()"
+        )
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_master_weights_state_dict_round_trip(backend):
     # Saved master weights and fp32 moments come back fp32 (torch.optim's loader would cast them
     # to bf16), and training continues exactly as without the interruption.
     skip_unless_available(backend, "adam", "cpu")
+    _skip_interpreted_triton(backend)  # a loaded master is checked against its param
     params = make_params(torch.bfloat16, backend=backend)
     first, second = _split(make_grads(params, STEPS))
     ref = clone_leaves(params)
@@ -135,14 +144,6 @@ def test_master_weights_state_dict_round_trip(backend):
     for p, q in zip(b, ref, strict=True):
         assert torch.equal(p, q)
         assert torch.equal(opt_b.state[p]["master_param"], ref_opt.state[q]["master_param"])
-
-
-def _skip_interpreted_triton(backend):
-    if backend == "triton":
-        pytest.skip(
-            "the Triton interpreter truncates fp32 -> bf16, so its params are not their masters' "
-            "rounding and read as written outside step()"
-        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -172,6 +173,33 @@ def test_master_weights_follow_writes_outside_step(backend, cls):
         run(ref_opt, ref32, grads32[2:])
     for p, r in zip(ours, ref32, strict=True):
         assert_rel_close(opt.state[p]["master_param"], r.detach().double(), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["AdamW", "RMSprop"])
+def test_a_master_kept_by_torch_optim_does_not_undo_its_steps(backend, cls):
+    """fastnn (master weights) -> torch.optim, which keeps the master entry and ignores it,
+    trains -> fastnn again: the stale master must not take the params back to where fastnn
+    left them (one step with zero grads undid torch's ten)."""
+    skip_unless_available(backend, cls.lower().rstrip("w"), "cpu")
+    _skip_interpreted_triton(backend)
+    params = make_params(torch.bfloat16, shapes=[(33, 7), (5,)], backend=backend)
+    grads = make_grads(params, 12)
+    ours = clone_leaves(params)
+    with fastnn.use_backend(backend):
+        opt = getattr(fastnn.optim, cls)(ours, lr=0.02, master_weights=True)
+        run(opt, ours, grads[:2])
+        theirs = getattr(torch.optim, cls)(ours, lr=0.02)
+        theirs.load_state_dict(opt.state_dict())
+        run(theirs, ours, grads[2:])
+        trained = [p.detach().clone() for p in ours]
+        again = getattr(fastnn.optim, cls)(ours, lr=0.02, master_weights=True)
+        again.load_state_dict(theirs.state_dict())
+        for p in ours:
+            p.grad = torch.zeros_like(p)
+        again.step()
+    for p, t in zip(ours, trained, strict=True):
+        assert_rel_close(p.detach().double(), t.double(), torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

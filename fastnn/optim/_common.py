@@ -115,7 +115,8 @@ class FusedStepMixin:
     def __setstate__(self, state):
         super().__setstate__(state)
         self._register_fp32_hooks()
-        # (load_state_dict calls this too: loaded masters hold, whatever wrote the params)
+        # (load_state_dict calls this too: no version seen, so the next step checks each loaded
+        # master against its param; see _written_outside_step)
         self._master_versions = {}
 
     def load_state_dict(self, state_dict):
@@ -199,12 +200,15 @@ class FusedStepMixin:
         return state
 
     def _written_outside_step(self, p):
-        """Whether p's version moved since its last update here. Writes through p.data are not
-        seen (it has a version counter of its own); torch.compile skips the check."""
+        """Whether p may have been written since its master was: its version moved since its
+        last update here, or it has had none since this optimizer was loaded or unpickled (a
+        loaded master can be older than p: torch.optim keeps the entry and ignores it, so a
+        run of it in between left the master stale). Writes through p.data are not seen (it has
+        a version counter of its own); torch.compile skips the check."""
         if torch.compiler.is_compiling():
             return False
         seen = self._master_versions.get(id(p))
-        return seen is not None and seen != p._version
+        return seen is None or seen != p._version
 
     @torch.no_grad()
     def step(self, closure=None):

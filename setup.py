@@ -21,9 +21,9 @@ No GPU is needed to build: nothing here queries a device.
 A wheel with the extension is tied to the torch it was built against: the kernels use torch's
 C++ API (ATen, c10, torch/library.h), whose ABI changes between torch minor releases. So its
 metadata requires torch==X.Y.* and a released wheel's version carries a local label saying what
-it was built against (0.1.0+cu130.torch2.14, 0.1.0+cpu.torch2.14). setup.py also writes fastnn/_build_info.py
-next to the built extension; fastnn/_extension.py compares it with the running torch and explains
-a mismatch instead of failing with an undefined symbol. The extension uses only CPython's limited
+it was built against (0.1.0+cu130.torch2.14, 0.1.0+cpu.torch2.14). setup.py also writes
+fastnn/_build_info.py next to the built extension; fastnn/_extension.py compares it with the
+running torch and explains a mismatch instead of failing with an undefined symbol. The extension uses only CPython's limited
 API (Py_LIMITED_API), so one wheel serves every CPython >= 3.10 (tag cp310-abi3).
 """
 

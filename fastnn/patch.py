@@ -135,14 +135,19 @@ def _takes_one_input(module):
     )
 
 
+def _rng_kept(x):
+    """The RNG state of the CPU (and of x's CUDA device) restored after the block: a probe's
+    dropout must not advance the model's random stream."""
+    return torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
+
+
 def _forward_both_modes(module, x):
     """module.forward(x) in training mode, then in eval mode (no grad, the modes of module and
     its children restored after, and the RNG state too: dropout draws from it), so that what
     differs between the modes (dropout) shows up whatever mode the model is in now."""
     modes = [(m, m.training) for m in module.modules()]
-    cuda = [x.device] if x.device.type == "cuda" else []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        with torch.no_grad(), _rng_kept(x):
             return [module.train(mode).forward(x) for mode in (True, False)]
     finally:
         for m, mode in modes:
@@ -361,16 +366,21 @@ def _verify_mlp(module, names):
     return f"{next(filter(None, mismatches))} (closest: {closest})", None
 
 
+def _mlp_probe_input(module, dtype):
+    """A [3, hidden] N(0, 1) probe of `dtype` on the module's device."""
+    like = module.down_proj.weight.new_empty(0, dtype=dtype)
+    return _randn((3, module.down_proj.out_features), like, seed=2)
+
+
 def _other_input_dtype_taken(module, names):
     """bf16 (fp32 for 16-bit weights) when module's forward runs on a [3, hidden] input of that
     dtype (it casts the input to its weights' dtype), else None."""
     w = module.down_proj.weight
     other = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    x = _randn((3, module.down_proj.out_features), w.new_empty(0, dtype=other), seed=2)
+    x = _mlp_probe_input(module, other)
     linears = [getattr(module, name) for name in names]
-    cuda = [x.device] if x.device.type == "cuda" else []
-    try:  # the RNG state forked, as _forward_both_modes does: a dropout must not advance it
-        with _hooks_off(linears), torch.no_grad(), torch.random.fork_rng(devices=cuda):
+    try:
+        with _hooks_off(linears), torch.no_grad(), _rng_kept(x):
             module.forward(x)
     except Exception:
         return None
@@ -392,7 +402,7 @@ def _probe_mlp(module, names, dtype, scale):
     [3, hidden] probe of `dtype` and standard deviation `scale`, the parameters of the
     projections `names` swapped for random ones of that dtype for the call."""
     like = module.down_proj.weight.new_empty(0, dtype=dtype)
-    x = _randn((3, module.down_proj.out_features), like, seed=2) * scale
+    x = _mlp_probe_input(module, dtype) * scale
     linears = [getattr(module, name) for name in names]
     originals = [dict(lin._parameters) for lin in linears]
     for seed, (lin, params) in enumerate(zip(linears, originals, strict=True), start=3):

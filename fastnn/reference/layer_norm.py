@@ -37,8 +37,9 @@ def row_mean(x):
     1 / sqrt(eps), magnifies: 0.9 for a row of -7.3 at eps = 1e-12). The second step removes
     that estimate's error when the first element is far from the mean: an ulp of the deviations
     from it (fp32 [8, 4096] N(0, 1) rows with x[:, 0] = 1e4, test_outlier_in_the_first_column:
-    mean 4.2e-4 off relatively, 2.2e-7 after). Backends that take long rows in blocks (CPU chunks, Triton's looping tier) take
-    their second centre from the first block: c + mean(x - c) over it, x[0] when not finite."""
+    mean 4.2e-4 off relatively, 2.2e-7 after). Backends that take long rows in blocks (CPU
+    chunks, Triton's looping tier) take their second centre from the first block: c + mean(x - c)
+    over it, x[0] when not finite."""
     shift = x[:, :1] if x.shape[1] > 0 else x.new_zeros(x.shape[0], 1)
     first = shift + (x - shift).mean(-1, keepdim=True)
     second = first + (x - first).mean(-1, keepdim=True)

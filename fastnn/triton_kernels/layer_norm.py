@@ -2,9 +2,10 @@
 a residual add: the `triton` backend of `fastnn::layer_norm_fwd` / `fastnn::layer_norm_bwd`.
 
 Semantics are fastnn/reference/layer_norm.py's: mean (an estimate from the row's first element,
-then that plus the mean deviation from it: row_mean), then the variance as the mean of squared deviations (within a register-resident
-tile, two passes over registers; over the column blocks of a long row, each block's exact pair
-merged into the row's, so no cancellation either), statistics in fp32 (fp64 for fp64 input).
+then that plus the mean deviation from it: row_mean), then the variance as the mean of squared
+deviations (within a register-resident tile, two passes over registers; over the column blocks of
+a long row, each block's exact pair merged into the row's, so no cancellation either), statistics
+in fp32 (fp64 for fp64 input).
 The work is laid out as in rms_norm.py (whose shared helpers this module uses): register-resident
 row tiles up to FWD_MAX_BYTES / BWD_MAX_BLOCK (and 16-bit backward rows of exactly
 BWD_REREAD_MAX_BLOCK, read twice: ln_bwd_max_block), column-block loops beyond, persistent

@@ -120,11 +120,17 @@ def test_centered_rmsprop_rounds_its_variance_once_as_torch_cuda(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
-def test_master_weights_bf16_cuda(backend, cls):
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32])
+def test_master_weights_bf16_cuda(backend, cls, grad_dtype):
+    # fp32 grads (Tensor.grad_dtype) are read unrounded: the masters follow the fp32 run fed them.
     skip_unless_available(backend, cls.lower(), "cuda")
+    if not hasattr(torch.Tensor, "grad_dtype"):
+        pytest.skip(f"torch {torch.__version__} has no Tensor.grad_dtype")
     params = _params(torch.bfloat16)
-    grads = _grads(params, STEPS)
+    grads = _grads([p.to(grad_dtype) for p in params], STEPS)
     ours = [torch.nn.Parameter(p.clone()) for p in params]
+    for p in ours:
+        p.grad_dtype = grad_dtype
     ref32 = [torch.nn.Parameter(p.float()) for p in params]
     opt = getattr(fastnn.optim, cls)(ours, lr=0.01, master_weights=True)
     ref_opt = getattr(torch.optim, cls)(ref32, lr=0.01, foreach=False)

@@ -49,12 +49,13 @@ def _to64(lists):
 # ---- Adam ---------------------------------------------------------------------------------------
 
 
-def _adam_state(sizes, dtype, state_dtype, amsgrad, master, seed=0, scale=1.0):
+def _adam_state(sizes, dtype, state_dtype, amsgrad, master, seed=0, scale=1.0, grad_dtype=None):
     """[params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params] and per-tensor
-    steps (1, 2, ... 11, cycling: bias corrections differ per tensor)."""
+    steps (1, 2, ... 11, cycling: bias corrections differ per tensor). Grads in grad_dtype, or
+    the params' dtype."""
     g = _gen(seed)
     params = [torch.randn(s, generator=g).to(dtype) for s in sizes]
-    grads = [(torch.randn(s, generator=g) * scale).to(dtype) for s in sizes]
+    grads = [(torch.randn(s, generator=g) * scale).to(grad_dtype or dtype) for s in sizes]
     m = [(0.1 * torch.randn(s, generator=g)).to(state_dtype) for s in sizes]
     v = [(0.01 * torch.rand(s, generator=g)).to(state_dtype) for s in sizes]
     vmax = [(t.float() + 0.01 * torch.rand(t.shape, generator=g)).to(state_dtype) for t in v]
@@ -305,11 +306,13 @@ def test_adam_zero_size_only():
 # ---- RMSprop ------------------------------------------------------------------------------------
 
 
-def _rmsprop_state(sizes, dtype, state_dtype, centered, momentum, master, seed=0, scale=1.0):
+def _rmsprop_state(
+    sizes, dtype, state_dtype, centered, momentum, master, seed=0, scale=1.0, grad_dtype=None
+):
     """[params, grads, square_avgs, grad_avgs, momentum_buffers, master_params]."""
     g = _gen(seed)
     params = [torch.randn(s, generator=g).to(dtype) for s in sizes]
-    grads = [(torch.randn(s, generator=g) * scale).to(dtype) for s in sizes]
+    grads = [(torch.randn(s, generator=g) * scale).to(grad_dtype or dtype) for s in sizes]
     # square_avg above grad_avg^2 (as it is after any real step) keeps the centered sqrt real.
     sq = [(0.5 + torch.rand(s, generator=g)).to(state_dtype) for s in sizes]
     ga = [(0.1 * torch.randn(s, generator=g)).to(state_dtype) for s in sizes]
@@ -544,6 +547,50 @@ def _misaligned(t):
 
 def _lr_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("master", [False, True])
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("family", ["adam", "rmsprop"])
+def test_fp32_grads_of_low_precision_params(family, dtype, master, device):
+    """fp32 grads of fp16 / bf16 params (Tensor.grad_dtype): the kernels read them unrounded
+    (the fp32 first moment is far closer to the fp64 reference than a step on the grads rounded
+    to the params' dtype gets) and, with a grad_scale, write them back unscaled in fp32."""
+    skip_unless_available("native", family, device)
+    if family == "adam":
+        kw = dict(ADAM_KW, weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True)
+        lists, steps = _adam_state(
+            SIZES, dtype, torch.float32, True, master, scale=4.0, grad_dtype=torch.float32
+        )
+        names = ADAM_NAMES
+
+        def run(backend, ls):
+            scale = torch.tensor(4.0, device=ls[0][0].device)
+            _adam(backend, ls, steps, grad_scale=scale, maximize=False, **kw)
+
+    else:
+        kw = dict(RMSPROP_KW, centered=True, momentum=0.9, weight_decay=0.1)
+        lists = _rmsprop_state(
+            SIZES, dtype, torch.float32, True, True, master, scale=4.0, grad_dtype=torch.float32
+        )
+        names = RMSPROP_NAMES
+
+        def run(backend, ls):
+            scale = torch.tensor(4.0, device=ls[0][0].device)
+            _rmsprop(backend, ls, grad_scale=scale, maximize=False, **kw)
+
+    rounded, eager, ref64 = _clone(lists), _clone(lists), _to64(lists)
+    rounded[1] = [g.to(dtype) for g in rounded[1]]
+    out = _to(lists, device)
+    for backend, ls in (("native", out), ("native", rounded), ("torch", eager), ("torch", ref64)):
+        run(backend, ls)
+    out = _to(out, "cpu")
+    assert all(g.dtype == torch.float32 for g in out[1])
+    _check(out, ref64, eager, names)
+    # exp_avgs / square_avgs: fp32 state, off by the grads' rounding if they were rounded
+    err, err_rounded = _rel_errors(out[2], ref64[2]), _rel_errors(rounded[2], ref64[2])
+    assert err.max() < err_rounded.max() / 100, (err.max(), err_rounded.max())
 
 
 @needs_cuda

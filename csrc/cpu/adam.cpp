@@ -49,9 +49,9 @@ struct AdamWork {
   void* grad;  // written back unscaled when store_grad
   void* exp_avg;
   void* exp_avg_sq;
-  void* max_exp_avg_sq;  // nullptr without amsgrad
-  float* master;         // nullptr without master weights
-  c10::ScalarType param_dtype, state_dtype;
+  void* max_exp_avg_sq;                                  // nullptr without amsgrad
+  float* master;                                         // nullptr without master weights
+  c10::ScalarType param_dtype, grad_dtype, state_dtype;  // grad: param's, or fp32 (fp16 / bf16)
   bool store_grad;  // a grad_scale was given: .grad becomes grad / grad_scale, as in torch's fused
   om::AdamCoeffs<float> cf;
   om::AdamCoeffs<double> cd;
@@ -118,13 +118,13 @@ void update_range(const AdamWork& w, const om::AdamCoeffs<M>& c, int64_t lo, int
     StreamPrefetch pf;
     if (w.master) pf.add(w.master, at::kFloat, off);
     pf.add(w.param, pt, off);
-    pf.add(w.grad, pt, off);
+    pf.add(w.grad, w.grad_dtype, off);
     pf.add(w.exp_avg, st, off);
     pf.add(w.exp_avg_sq, st, off);
     if (kAmsgrad) pf.add(w.max_exp_avg_sq, st, off);
     M* p = w.master ? load_tile<M>(w.master, at::kFloat, off, n, pb, kOp)
                     : load_tile<M>(w.param, pt, off, n, pb, kOp);
-    M* g = load_tile<M>(w.grad, pt, off, n, gb, kOp);
+    M* g = load_tile<M>(w.grad, w.grad_dtype, off, n, gb, kOp);
     M* m = load_tile<M>(w.exp_avg, st, off, n, mb, kOp);
     M* v = load_tile<M>(w.exp_avg_sq, st, off, n, vb, kOp);
     M* x = kAmsgrad ? load_tile<M>(w.max_exp_avg_sq, st, off, n, xb, kOp) : nullptr;
@@ -133,7 +133,7 @@ void update_range(const AdamWork& w, const om::AdamCoeffs<M>& c, int64_t lo, int
     } else {
       update_arrays_base<kL2, kDecoupled, kAmsgrad>(p, g, m, v, x, n, c, w.store_grad, pf);
     }
-    if (w.store_grad) store_tile<M>(g, w.grad, pt, off, n, kOp);
+    if (w.store_grad) store_tile<M>(g, w.grad, w.grad_dtype, off, n, kOp);
     if (w.master) store_tile<M>(p, w.master, at::kFloat, off, n, kOp);
     store_tile<M>(p, w.param, pt, off, n, kOp);
     store_tile<M>(m, w.exp_avg, st, off, n, kOp);
@@ -227,6 +227,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     w.max_exp_avg_sq = amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
     w.master = has_master ? master_params[i].data_ptr<float>() : nullptr;
     w.param_dtype = p.scalar_type();
+    w.grad_dtype = g.scalar_type();
     w.state_dtype = st;
     w.cf = om::adam_coeffs<float>(hyper, lr, bc1, bc2_sqrt, scale);
     w.cd = om::adam_coeffs<double>(hyper, lr, bc1, bc2_sqrt, scale);

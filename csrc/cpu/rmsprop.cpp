@@ -39,10 +39,10 @@ struct RmspropWork {
   void* param;
   void* grad;  // written back unscaled when store_grad
   void* square_avg;
-  void* grad_avg;  // nullptr unless centered
-  void* buf;       // nullptr unless momentum > 0
-  float* master;   // nullptr without master weights
-  c10::ScalarType param_dtype, state_dtype;
+  void* grad_avg;                                        // nullptr unless centered
+  void* buf;                                             // nullptr unless momentum > 0
+  float* master;                                         // nullptr without master weights
+  c10::ScalarType param_dtype, grad_dtype, state_dtype;  // grad: param's, or fp32 (fp16 / bf16)
   bool store_grad;  // a grad_scale was given: .grad becomes grad / grad_scale
 };
 
@@ -110,13 +110,13 @@ void update_range(const RmspropWork& w, const om::RmspropCoeffs<M>& c, int64_t l
     StreamPrefetch pf;
     if (w.master) pf.add(w.master, at::kFloat, off);
     pf.add(w.param, pt, off);
-    pf.add(w.grad, pt, off);
+    pf.add(w.grad, w.grad_dtype, off);
     pf.add(w.square_avg, st, off);
     if (kCentered) pf.add(w.grad_avg, st, off);
     if (kMomentum) pf.add(w.buf, st, off);
     M* p = w.master ? load_tile<M>(w.master, at::kFloat, off, n, pb, kOp)
                     : load_tile<M>(w.param, pt, off, n, pb, kOp);
-    M* g = load_tile<M>(w.grad, pt, off, n, gb, kOp);
+    M* g = load_tile<M>(w.grad, w.grad_dtype, off, n, gb, kOp);
     M* sq = load_tile<M>(w.square_avg, st, off, n, sb, kOp);
     M* ga = kCentered ? load_tile<M>(w.grad_avg, st, off, n, ab, kOp) : nullptr;
     M* buf = kMomentum ? load_tile<M>(w.buf, st, off, n, bb, kOp) : nullptr;
@@ -125,7 +125,7 @@ void update_range(const RmspropWork& w, const om::RmspropCoeffs<M>& c, int64_t l
     } else {
       update_arrays_base<kL2, kCentered, kMomentum>(p, g, sq, ga, buf, n, c, w.store_grad, pf);
     }
-    if (w.store_grad) store_tile<M>(g, w.grad, pt, off, n, kOp);
+    if (w.store_grad) store_tile<M>(g, w.grad, w.grad_dtype, off, n, kOp);
     if (w.master) store_tile<M>(p, w.master, at::kFloat, off, n, kOp);
     store_tile<M>(p, w.param, pt, off, n, kOp);
     store_tile<M>(sq, w.square_avg, st, off, n, kOp);
@@ -210,6 +210,7 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     w.buf = use_momentum ? momentum_buffers[i].data_ptr() : nullptr;
     w.master = has_master ? master_params[i].data_ptr<float>() : nullptr;
     w.param_dtype = p.scalar_type();
+    w.grad_dtype = g.scalar_type();
     w.state_dtype = st;
     work.push_back(w);
     total += p.numel();

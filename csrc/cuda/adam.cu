@@ -3,11 +3,12 @@
 // fastnn/multi_tensor_apply.cuh, argument checks shared with csrc/cpu/adam.cpp in
 // fastnn/optim_host.h).
 //
-// One multi-tensor launch per (param dtype, state dtype, master weights) group, more only past
-// ~370 tensors. Each block: thread 0 finds nothing to do when found_inf != 0, else computes the
-// tensor's coefficients in double (lr, step, grad_scale read from device memory when they are
-// device tensors: capturable, no host synchronisation) into shared memory; then every thread
-// updates 16-byte vectors of the chunk (scalar fallback for misaligned pointers and the tail).
+// One multi-tensor launch per (param, state, grad dtype, master weights) group, more only past
+// ~370 tensors: grads are in their param's dtype or, for fp16 / bf16 params, fp32. Each block:
+// thread 0 finds nothing to do when found_inf != 0, else computes the tensor's coefficients in
+// double (lr, step, grad_scale read from device memory when they are device tensors: capturable,
+// no host synchronisation) into shared memory; then every thread updates 16 bytes of params at a
+// time (scalar fallback for misaligned pointers and the tail).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -53,8 +54,8 @@ static_assert(sizeof(AdamChunks) + sizeof(AdamLaunch) <= mta::kParamBytes,
               "adam kernel parameters exceed the 32764-byte limit");
 
 // K consecutive elements from offset i (K > 1: vector loads, pointers aligned).
-template <int K, typename P, typename S, typename M, bool kMaster>
-__device__ __forceinline__ void update_elements(int64_t i, P* param, P* grad, S* m, S* v, S* v_max,
+template <int K, typename P, typename S, typename G, typename M, bool kMaster>
+__device__ __forceinline__ void update_elements(int64_t i, P* param, G* grad, S* m, S* v, S* v_max,
                                                 float* master, const om::AdamCoeffs<M>& c, bool l2,
                                                 bool decoupled, bool amsgrad, bool store_grads) {
   M pr[K], gr[K], mr[K], vr[K], xr[K];
@@ -84,7 +85,7 @@ __device__ __forceinline__ void update_elements(int64_t i, P* param, P* grad, S*
   if (store_grads) mta::store<K>(grad + i, gr);  // adam_update left gr = grad / grad_scale
 }
 
-template <typename P, typename S, bool kMaster>
+template <typename P, typename S, typename G, bool kMaster>
 __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
     adam_kernel(const __grid_constant__ AdamChunks chunks, const __grid_constant__ AdamLaunch a) {
   using M = std::conditional_t<std::is_same_v<P, double>, double, float>;
@@ -115,7 +116,7 @@ __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
 
   const int64_t start = span.start;
   P* param = static_cast<P*>(chunks.ptr[0][t]) + start;
-  P* grad = static_cast<P*>(chunks.ptr[1][t]) + start;
+  G* grad = static_cast<G*>(chunks.ptr[1][t]) + start;
   S* m = static_cast<S*>(chunks.ptr[2][t]) + start;
   S* v = static_cast<S*>(chunks.ptr[3][t]) + start;
   S* v_max = a.amsgrad ? static_cast<S*>(chunks.ptr[4][t]) + start : nullptr;
@@ -125,8 +126,8 @@ __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
                    mta::aligned<kVec>(v) && (!a.amsgrad || mta::aligned<kVec>(v_max)) &&
                    (!kMaster || mta::aligned<kVec>(master));
   mta::for_each_element<kVec>(span.n, vec, [&]<int K>(int64_t i) {
-    update_elements<K, P, S, M, kMaster>(i, param, grad, m, v, v_max, master, c, a.l2, a.decoupled,
-                                         a.amsgrad, a.store_grads);
+    update_elements<K, P, S, G, M, kMaster>(i, param, grad, m, v, v_max, master, c, a.l2,
+                                            a.decoupled, a.amsgrad, a.store_grads);
   });
 }
 
@@ -179,7 +180,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
       oh::check_master_param(kOp, i, p);
       oh::check_like(kOp, master_params[i], "master_params", i, p, at::kFloat);
     }
-    keys[i] = {int(p.scalar_type()), int(st), has_master};
+    keys[i] = {int(p.scalar_type()), int(st), int(g.scalar_type()), has_master};
   }
   if (skip) return;
   // Counted before the launches: host counts are read below, device ones by the kernel.
@@ -189,7 +190,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   mta::for_each_dtype_group(
       keys, has_master,
-      [&]<typename P, typename S, bool kMaster>(const std::vector<int64_t>& indices) {
+      [&]<typename P, typename S, typename G, bool kMaster>(const std::vector<int64_t>& indices) {
         auto fill = [&](AdamChunks& c, int slot, int64_t i) -> int64_t {
           c.ptr[0][slot] = params[i].data_ptr();
           c.ptr[1][slot] = grads_used[i].data_ptr();
@@ -208,7 +209,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
           return params[i].numel();
         };
         auto launch = [&](const AdamChunks& c, int64_t blocks) {
-          adam_kernel<P, S, kMaster><<<unsigned(blocks), mta::kThreads, 0, stream>>>(c, a);
+          adam_kernel<P, S, G, kMaster><<<unsigned(blocks), mta::kThreads, 0, stream>>>(c, a);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
         mta::pack_and_launch<AdamChunks>(indices, fill, launch);

@@ -3,7 +3,7 @@
 // fastnn/multi_tensor_apply.cuh, argument checks shared with csrc/cpu/rmsprop.cpp in
 // fastnn/optim_host.h).
 //
-// Same plan as csrc/cuda/adam.cu: one multi-tensor launch per (param dtype, state dtype, master
+// Same plan as csrc/cuda/adam.cu: one multi-tensor launch per (param, state, grad dtype, master
 // weights) group; thread 0 of each block checks found_inf and computes the coefficients (lr and
 // grad_scale from device memory when they are device tensors) into shared memory; 16-byte vector
 // updates with a scalar fallback.
@@ -44,8 +44,8 @@ struct RmspropLaunch {
 static_assert(sizeof(RmspropChunks) + sizeof(RmspropLaunch) <= mta::kParamBytes,
               "rmsprop kernel parameters exceed the 32764-byte limit");
 
-template <int K, typename P, typename S, typename M, bool kMaster>
-__device__ __forceinline__ void update_elements(int64_t i, P* param, P* grad, S* sq, S* grad_avg,
+template <int K, typename P, typename S, typename G, typename M, bool kMaster>
+__device__ __forceinline__ void update_elements(int64_t i, P* param, G* grad, S* sq, S* grad_avg,
                                                 S* buf, float* master,
                                                 const om::RmspropCoeffs<M>& c, bool l2,
                                                 bool centered, bool momentum, bool store_grads) {
@@ -73,7 +73,7 @@ __device__ __forceinline__ void update_elements(int64_t i, P* param, P* grad, S*
   if (store_grads) mta::store<K>(grad + i, gr);  // rmsprop_update left gr = grad / grad_scale
 }
 
-template <typename P, typename S, bool kMaster>
+template <typename P, typename S, typename G, bool kMaster>
 __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
     rmsprop_kernel(const __grid_constant__ RmspropChunks chunks,
                    const __grid_constant__ RmspropLaunch a) {
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
 
   const int64_t start = span.start;
   P* param = static_cast<P*>(chunks.ptr[0][t]) + start;
-  P* grad = static_cast<P*>(chunks.ptr[1][t]) + start;
+  G* grad = static_cast<G*>(chunks.ptr[1][t]) + start;
   S* sq = static_cast<S*>(chunks.ptr[2][t]) + start;
   S* grad_avg = a.centered ? static_cast<S*>(chunks.ptr[3][t]) + start : nullptr;
   S* buf = a.momentum ? static_cast<S*>(chunks.ptr[4][t]) + start : nullptr;
@@ -106,8 +106,8 @@ __global__ void __launch_bounds__(mta::kThreads, mta::kMinBlocks)
                    (!a.momentum || mta::aligned<kVec>(buf)) &&
                    (!kMaster || mta::aligned<kVec>(master));
   mta::for_each_element<kVec>(span.n, vec, [&]<int K>(int64_t i) {
-    update_elements<K, P, S, M, kMaster>(i, param, grad, sq, grad_avg, buf, master, c, a.l2,
-                                         a.centered, a.momentum, a.store_grads);
+    update_elements<K, P, S, G, M, kMaster>(i, param, grad, sq, grad_avg, buf, master, c, a.l2,
+                                            a.centered, a.momentum, a.store_grads);
   });
 }
 
@@ -152,7 +152,7 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     grads_used[i] = oh::grad_in_param_layout(g, p);
     const c10::ScalarType st = oh::check_rmsprop_state(
         i, p, square_avgs, grad_avgs, momentum_buffers, master_params, centered, use_momentum);
-    keys[i] = {int(p.scalar_type()), int(st), has_master};
+    keys[i] = {int(p.scalar_type()), int(st), int(g.scalar_type()), has_master};
   }
   const bool steps_on_device = oh::check_steps(kOp, steps, device);
   if (skip) return;
@@ -162,7 +162,7 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   mta::for_each_dtype_group(
       keys, has_master,
-      [&]<typename P, typename S, bool kMaster>(const std::vector<int64_t>& indices) {
+      [&]<typename P, typename S, typename G, bool kMaster>(const std::vector<int64_t>& indices) {
         auto fill = [&](RmspropChunks& c, int slot, int64_t i) -> int64_t {
           c.ptr[0][slot] = params[i].data_ptr();
           c.ptr[1][slot] = grads_used[i].data_ptr();
@@ -173,7 +173,7 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
           return params[i].numel();
         };
         auto launch = [&](const RmspropChunks& c, int64_t blocks) {
-          rmsprop_kernel<P, S, kMaster><<<unsigned(blocks), mta::kThreads, 0, stream>>>(c, a);
+          rmsprop_kernel<P, S, G, kMaster><<<unsigned(blocks), mta::kThreads, 0, stream>>>(c, a);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
         mta::pack_and_launch<RmspropChunks>(indices, fill, launch);

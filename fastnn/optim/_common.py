@@ -74,6 +74,15 @@ def lr_arguments(lr, device):
     return 0.0, lr.to(device, non_blocking=True)
 
 
+def grad_dtype_ok(grad_dtype, param_dtype):
+    """The grads every backend's kernels read: in their param's dtype, or float32 for a float16 /
+    bfloat16 param (Tensor.grad_dtype set to keep low-precision params' gradients in fp32; the
+    update reads them unrounded, into fp32 master weights too)."""
+    return grad_dtype == param_dtype or (
+        grad_dtype == torch.float32 and param_dtype in LOW_PRECISION
+    )
+
+
 def _low_precision_master(group, p):
     return bool(group.get("master_weights")) and p.dtype in LOW_PRECISION
 
@@ -154,6 +163,12 @@ class FusedStepMixin:
                 continue
             if grad.is_sparse:
                 raise RuntimeError(self._sparse_message())
+            if not grad_dtype_ok(grad.dtype, p.dtype):
+                raise RuntimeError(
+                    f"fastnn.optim.{type(self).__name__}: a {p.dtype} param (shape "
+                    f"{tuple(p.shape)}) has a {grad.dtype} grad; a grad must have its param's "
+                    "dtype, or float32 for a float16 / bfloat16 param"
+                )
             if is_dtensor(p) and grad.placements != p.placements:
                 # A replicated norm weight under sequence parallelism gets a Partial grad (each
                 # rank's rows): summed here, where torch's ops would sum it implicitly; the
@@ -279,7 +294,7 @@ class FusedStepMixin:
                 p, contiguous = gapped[-1][1], True
             if not (contiguous and g.is_contiguous()) and g.stride() != p.stride():
                 # e.g. a DDP bucket view of a transposed param: the kernels read a copy
-                relaid.append((g, torch.empty_like(p).copy_(g)))
+                relaid.append((g, torch.empty_like(p, dtype=g.dtype).copy_(g)))
                 g = relaid[-1][1]
             if not special:
                 self._lay_out_state_as(p, contiguous, state)

@@ -154,8 +154,8 @@ def adam_step_(
 ):
     """In-place Adam / AdamW update of lists of same-device tensors (schema `adam_step_`).
 
-    params, grads, exp_avgs, exp_avg_sqs: same shapes; fp32 / fp16 / bf16 / fp64 (states may be
-    fp32 for low-precision params). max_exp_avg_sqs: when amsgrad, else []. steps: 0-d step
+    params, grads, exp_avgs, exp_avg_sqs: same shapes; fp32 / fp16 / bf16 / fp64 (states and grads
+    may be fp32 for low-precision params). max_exp_avg_sqs: when amsgrad, else []. steps: 0-d step
     counts, incremented here first. master_params: fp32 copies of the params (or [])."""
     skip, found_inf = device_found_inf(found_inf)
     if skip:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnn.optim._common import is_dense
+from fastnn.optim._common import grad_dtype_ok, is_dense
 from fastnn.triton_kernels import device_context
 
 TABLE_COLS = 8  # six addresses, chunk numel, tensor index
@@ -68,6 +68,11 @@ def check_lists(name, params, grads, *lists):
                 raise ValueError(
                     f"fastnn.{name}: {what} {i} has shape {tuple(t.shape)}, param {tuple(p.shape)}"
                 )
+        if not grad_dtype_ok(grads[i].dtype, p.dtype):
+            raise TypeError(
+                f"fastnn.{name}: grad {i} is {grads[i].dtype} but param {i} is {p.dtype}; a grad "
+                "must have its param's dtype, or float32 for a float16 / bfloat16 param"
+            )
     live = [i for i, p in enumerate(params) if p.numel() > 0]
     if not live:
         return None

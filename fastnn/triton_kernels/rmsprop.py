@@ -125,8 +125,8 @@ def rmsprop_step_(
 ):
     """In-place RMSprop update of lists of same-device tensors (schema `rmsprop_step_`).
 
-    params, grads, square_avgs: same shapes; fp32 / fp16 / bf16 / fp64 (states may be fp32 for
-    low-precision params). grad_avgs: when centered, else []. momentum_buffers: when
+    params, grads, square_avgs: same shapes; fp32 / fp16 / bf16 / fp64 (states and grads may
+    be fp32 for low-precision params). grad_avgs: when centered, else []. momentum_buffers: when
     momentum > 0, else []. steps: 0-d step counts, incremented here (torch's state["step"]).
     master_params: fp32 copies of the params (or [])."""
     skip, found_inf = device_found_inf(found_inf)

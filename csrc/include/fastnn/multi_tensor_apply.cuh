@@ -233,28 +233,35 @@ __device__ __forceinline__ void store(T* p, const M (&in)[N]) {
 
 // ---- Storage dtypes -----------------------------------------------------------------------------
 
-// Calls f.template operator()<P, S, kMaster>() for params of dtype p, state of dtype s and
-// (kMaster) fp32 master weights. The combinations the op entry points accept: fp32 params with
-// fp32 state; fp64 params with fp64 or fp32 state; fp16 / bf16 params with state in their dtype
-// or fp32, with or without master weights. (11 instantiations per kernel.)
+// Calls f.template operator()<P, S, G, kMaster>() for params of dtype p, state of dtype s, grads
+// of dtype g and (kMaster) fp32 master weights. The combinations the op entry points accept: fp32
+// params with fp32 state and grads; fp64 params and grads with fp64 or fp32 state; fp16 / bf16
+// params with state in their dtype or fp32, grads in their dtype or fp32 (Tensor.grad_dtype), with
+// or without master weights. (19 instantiations per kernel.)
 template <typename F>
-void dispatch_dtypes(c10::ScalarType p, c10::ScalarType s, bool master, F&& f) {
+void dispatch_dtypes(c10::ScalarType p, c10::ScalarType s, c10::ScalarType g, bool master, F&& f) {
   TORCH_INTERNAL_ASSERT(!master || p == at::kHalf || p == at::kBFloat16);
   auto low = [&]<typename P>() {
-    if (s == at::kFloat) {
-      return master ? f.template operator()<P, float, true>()
-                    : f.template operator()<P, float, false>();
-    }
-    TORCH_INTERNAL_ASSERT(s == p);
-    return master ? f.template operator()<P, P, true>() : f.template operator()<P, P, false>();
+    TORCH_INTERNAL_ASSERT((s == p || s == at::kFloat) && (g == p || g == at::kFloat));
+    auto with_state = [&]<typename S>() {
+      if (g == at::kFloat) {
+        return master ? f.template operator()<P, S, float, true>()
+                      : f.template operator()<P, S, float, false>();
+      }
+      return master ? f.template operator()<P, S, P, true>()
+                    : f.template operator()<P, S, P, false>();
+    };
+    return s == at::kFloat ? with_state.template operator()<float>()
+                           : with_state.template operator()<P>();
   };
   switch (p) {
     case at::kFloat:
-      TORCH_INTERNAL_ASSERT(s == at::kFloat);
-      return f.template operator()<float, float, false>();
+      TORCH_INTERNAL_ASSERT(s == at::kFloat && g == at::kFloat);
+      return f.template operator()<float, float, float, false>();
     case at::kDouble:
-      return s == at::kDouble ? f.template operator()<double, double, false>()
-                              : f.template operator()<double, float, false>();
+      TORCH_INTERNAL_ASSERT(g == at::kDouble);
+      return s == at::kDouble ? f.template operator()<double, double, double, false>()
+                              : f.template operator()<double, float, double, false>();
     case at::kHalf:
       return low.template operator()<c10::Half>();
     case at::kBFloat16:
@@ -281,18 +288,20 @@ std::vector<std::pair<Key, std::vector<int64_t>>> group_by(int64_t n,
   return groups;
 }
 
-// The tensors grouped by key (param dtype, state dtype, master weights), in first-seen order;
-// per group, f.template operator()<P, S, kMaster>(indices) with the group's tensor indices.
-using DtypeKey = std::tuple<int, int, bool>;
+// The tensors grouped by key (param dtype, state dtype, grad dtype, master weights), in first-seen
+// order; per group, f.template operator()<P, S, G, kMaster>(indices) with its tensor indices.
+using DtypeKey = std::tuple<int, int, int, bool>;
 
 template <typename F>
 void for_each_dtype_group(const std::vector<DtypeKey>& keys, bool has_master, F&& f) {
   for (const auto& [key, indices] : group_by<DtypeKey>(int64_t(keys.size()), keys)) {
     const auto pt = c10::ScalarType(std::get<0>(key));
     const auto st = c10::ScalarType(std::get<1>(key));
-    dispatch_dtypes(pt, st, has_master, [&]<typename P, typename S, bool kMaster>() {
-      f.template operator()<P, S, kMaster>(indices);
-    });
+    const auto gt = c10::ScalarType(std::get<2>(key));
+    dispatch_dtypes(pt, st, gt, has_master,
+                    [&]<typename P, typename S, typename G, bool kMaster>() {
+                      f.template operator()<P, S, G, kMaster>(indices);
+                    });
   }
 }
 

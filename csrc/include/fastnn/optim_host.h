@@ -23,11 +23,11 @@ inline bool same_layout(const at::Tensor& a, const at::Tensor& ref) {
   return a.is_non_overlapping_and_dense() && a.strides() == ref.strides();
 }
 
-// The grad as the kernels read it: itself, or a copy in its param's layout (a DDP bucket view of
-// a transposed param, say). With a grad_scale the kernels write the unscaled grad into what they
-// read, and write_back_grads then copies those copies back.
+// The grad as the kernels read it: itself, or a copy (in its own dtype) in its param's layout (a
+// DDP bucket view of a transposed param, say). With a grad_scale the kernels write the unscaled
+// grad into what they read, and write_back_grads then copies those copies back.
 inline at::Tensor grad_in_param_layout(const at::Tensor& g, const at::Tensor& p) {
-  return same_layout(g, p) ? g : at::empty_like(p).copy_(g);
+  return same_layout(g, p) ? g : at::empty_like(p, p.options().dtype(g.scalar_type())).copy_(g);
 }
 
 inline void write_back_grads(at::TensorList grads, const std::vector<at::Tensor>& used) {
@@ -58,8 +58,15 @@ inline void check_like(const char* op, const at::Tensor& t, const char* list, si
               "; optimizer state must have its parameter's memory layout");
 }
 
+// A grad in its param's dtype, or fp32 for an fp16 / bf16 param (torch's Tensor.grad_dtype, set
+// to keep gradients of low-precision params in fp32): the kernels read either.
+inline bool grad_dtype_ok(c10::ScalarType g, c10::ScalarType p) {
+  return g == p || (g == at::kFloat && (p == at::kHalf || p == at::kBFloat16));
+}
+
 // params[i] (already checked to be on the right device) and grads[i]: a dense float param, a
-// strided grad of its dtype, device and shape. `sparse_hint` ends the sparse-gradient message.
+// strided grad of its device and shape, in a dtype grad_dtype_ok takes. `sparse_hint` ends the
+// sparse-gradient message.
 inline void check_param_and_grad(const char* op, size_t i, const at::Tensor& p, const at::Tensor& g,
                                  const char* sparse_hint) {
   check_float(p, "params");
@@ -67,8 +74,9 @@ inline void check_param_and_grad(const char* op, size_t i, const at::Tensor& p, 
               "] must be dense (no gaps or overlaps), got strides ", p.strides());
   TORCH_CHECK(g.layout() == at::kStrided, "fastnn: ", op, ": grads[", i, "] is sparse; ",
               sparse_hint);
-  TORCH_CHECK(g.scalar_type() == p.scalar_type(), "fastnn: ", op, ": grads[", i, "] is ",
-              g.scalar_type(), " but params[", i, "] is ", p.scalar_type());
+  TORCH_CHECK(grad_dtype_ok(g.scalar_type(), p.scalar_type()), "fastnn: ", op, ": grads[", i,
+              "] is ", g.scalar_type(), " but params[", i, "] is ", p.scalar_type(),
+              "; a grad must have its param's dtype, or float32 for a float16 / bfloat16 param");
   TORCH_CHECK(g.device() == p.device() && g.sizes() == p.sizes(), "fastnn: ", op, ": grads[", i,
               "] (", g.sizes(), " on ", g.device(), ") does not match params[", i, "] (", p.sizes(),
               " on ", p.device(), ")");

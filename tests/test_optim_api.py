@@ -78,18 +78,25 @@ def test_grad_scaler(backend, cls, unscale_first):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_fused_protocol_leaves_grads_unscaled(backend, cls, dtype, device):
+@pytest.mark.parametrize(
+    "dtype,grad_dtype",
+    [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32)],
+    ids=["fp32", "bf16", "bf16-fp32-grads"],
+)
+def test_fused_protocol_leaves_grads_unscaled(backend, cls, dtype, grad_dtype, device):
     # torch's fused Adam writes grad / grad_scale back into .grad (its sign kept under maximize)
     # and leaves .grad alone when found_inf is set. So does every fastnn backend, also for a grad
-    # the kernels read through a copy (a transposed param with a contiguous grad) and for a
-    # length that ends in the kernels' scalar tail (7).
+    # the kernels read through a copy (a transposed param with a contiguous grad), for a length
+    # that ends in the kernels' scalar tail (7) and for fp32 grads of bf16 params.
     skip_unless_available(backend, "rmsprop" if cls == "RMSprop" else "adam", device)
     torch.manual_seed(0)
     base = [torch.randn(9, 6, dtype=dtype), torch.randn(7, dtype=dtype)]
     base = [b.to(device) for b in base]
     ours = [torch.nn.Parameter(base[0].t()), torch.nn.Parameter(base[1].clone())]
-    scaled = [torch.randn(p.shape, dtype=dtype).mul_(1024.0).to(device) for p in ours]
+    for p in ours:
+        p.grad_dtype = grad_dtype
+    grad_dtype = grad_dtype or dtype
+    scaled = [torch.randn(p.shape, dtype=grad_dtype).mul_(1024.0).to(device) for p in ours]
     # On a GPU the fused protocol needs the step counts on the device (capturable).
     kw = dict(lr=0.01, weight_decay=0.1, maximize=True, capturable=device != "cpu")
     opt = getattr(fastnn.optim, cls)(ours, **kw)
@@ -101,10 +108,10 @@ def test_fused_protocol_leaves_grads_unscaled(backend, cls, dtype, device):
         with fastnn.use_backend(backend):
             opt.step()
         for p, g in zip(ours, scaled, strict=True):
-            want = g if found_inf else (g.float() / 1024.0).to(dtype)
+            want = g if found_inf else (g.float() / 1024.0).to(grad_dtype)
             assert torch.equal(p.grad, want), f"found_inf={found_inf}"
-    if cls == "RMSprop":
-        return  # torch has no fused RMSprop to compare with
+    if cls == "RMSprop" or grad_dtype != dtype:
+        return  # torch has no fused RMSprop, and its fused Adam refuses fp32 grads of bf16
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in base]
     # contiguous: torch's fused CUDA kernel needs a param and its grad in one layout.
     theirs[0] = torch.nn.Parameter(base[0].t().contiguous())

@@ -60,6 +60,15 @@ def _normalized_shape(normalized_shape):
     if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
         _is_int(n) or _is_int_tensor(n) for n in normalized_shape
     ):
+        if isinstance(normalized_shape, (tuple, list)) and any(
+            isinstance(n, torch.Tensor) and n.numel() == 1 and n.dtype == torch.bool
+            for n in normalized_shape
+        ):
+            # torch's argument parser takes a one-element bool tensor as an element, then
+            # refuses its value: a RuntimeError, not the TypeError of other wrong elements
+            raise RuntimeError(
+                f"fastnn: normalized_shape holds a bool tensor, not an integer: {normalized_shape!r}"
+            )
         raise TypeError(
             f"fastnn: normalized_shape must be an int or a tuple of ints, got {normalized_shape!r}"
         )

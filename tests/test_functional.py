@@ -112,6 +112,14 @@ def test_normalized_shape_takes_integer_tensors_as_torch_does():
     for shape in ([torch.tensor(4)], (torch.tensor([4]),), [torch.tensor(4, dtype=torch.int32)]):
         torch.testing.assert_close(FF.layer_norm(x, shape, w), F.layer_norm(x, shape, w))
         torch.testing.assert_close(FF.rms_norm(x, shape, w), F.rms_norm(x, shape, w))
+    # Elements that are not integers: torch's error types (a bool tensor passes its argument
+    # parser and fails after it)
+    for shape, error in (([torch.tensor(True)], RuntimeError), ([torch.tensor(4.0)], TypeError)):
+        for ours, theirs in ((FF.layer_norm, F.layer_norm), (FF.rms_norm, F.rms_norm)):
+            with pytest.raises(error):
+                theirs(x, shape)
+            with pytest.raises(error, match="normalized_shape"):
+                ours(x, shape)
 
 
 def test_bad_glu_input_is_named():

@@ -141,14 +141,14 @@ _REFERENCE_FORWARDS = {
 
 def _under_transform():
     """True under a torch.func transform (grad, vjp, vmap, jacrev, jvp, hessian, ...) or
-    forward-mode AD, outside torch.compile.
+    forward-mode AD, eager or compiled (Dynamo traces a transform with it active).
 
     The ops' autograd (torch.library.custom_op's, torch 2.14) refuses the functorch transforms,
-    and forward-mode AD passes through it without a tangent (a jvp came back zero, silently),
-    so there the reference formulas run as plain torch ops instead, which torch differentiates
-    under every transform, to any order. Under torch.compile the ops run (and trace) as usual.
+    and forward-mode AD passes through it without a tangent (a jvp came back zero, silently,
+    compiled too), so there the reference formulas run as plain torch ops instead, which torch
+    differentiates under every transform, to any order.
     """
-    return not torch.compiler.is_compiling() and (
+    return (
         torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
     )
 

@@ -478,6 +478,24 @@ def test_torch_func_transforms_match_torch(backend, case, transform):
     torch.testing.assert_close(got, _TRANSFORMS[transform](theirs, args))
 
 
+@pytest.mark.parametrize("transform", ["grad", "jvp"])
+@pytest.mark.parametrize("case", ["rms_norm", "layer_norm", "swiglu"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_torch_func_transforms_match_torch(backend, case, transform):
+    """Compiled too (fullgraph): Dynamo traces a transform with it active, so the reference
+    formulas run. With the ops, a compiled jvp came back zero, silently, and a compiled grad
+    raised. (Against eager torch: torch's own compiled jvp of layer_norm raises.)"""
+    skip_unless_available(backend, "glu" if case == "swiglu" else case, "cpu")
+    ours, theirs, args = _transform_cases()[case]
+    torch._dynamo.reset()  # one lambda's code object for every case: no recompile limit
+    compiled = torch.compile(
+        lambda *a: _TRANSFORMS[transform](ours, a), backend="aot_eager", fullgraph=True
+    )
+    with fastnn.use_backend(backend):
+        got = compiled(*args)
+    torch.testing.assert_close(got, _TRANSFORMS[transform](theirs, args))
+
+
 def test_forward_mode_ad_carries_tangents():
     from torch.autograd import forward_ad
 
@@ -499,11 +517,14 @@ def test_eager_calls_run_the_backends_ops(backend, monkeypatch):
 
     monkeypatch.setattr(FF, "_REFERENCE_FORWARDS", dict.fromkeys(FF._REFERENCE_FORWARDS, refuse))
     x = torch.randn(4, 8, requires_grad=True)
+
+    def calls(x):
+        return FF.rms_norm(x, (8,)).sum() + FF.layer_norm(x, (8,)).sum() + FF.swiglu(x, x).sum()
+
     with fastnn.use_backend(backend):
-        FF.rms_norm(x, (8,)).sum().backward()
-        FF.layer_norm(x, (8,)).sum().backward()
-        FF.swiglu(x, x).sum().backward()
+        calls(x).backward()
         FF.swiglu(x).sum().backward()
+        torch.compile(calls, backend="aot_eager", fullgraph=True)(x).backward()  # compiled too
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")

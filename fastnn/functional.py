@@ -236,10 +236,12 @@ def _fp32(t):
     return t if t is None or t.dtype == torch.float64 else t.float()
 
 
-def _unflatten(out, shape, residual_out, residual):
+def _unflatten(out, shape, residual_out, input, residual):
     """The op's [rows, N] results in the input's shape: out, or (out, residual_out) when a
-    residual was fused. aten._unsafe_view, not view: the results are new tensors, not views
-    (torch's norms return none), so detach_() and in-place updates under no_grad work on them.
+    residual was fused (input + residual: it requires grad only when one of them does, as the
+    unfused sum does; the op's outputs all require grad when weight or bias does).
+    aten._unsafe_view, not view: the results are new tensors, not views (torch's norms return
+    none), so detach_() and in-place updates under no_grad work on them.
     When it requires grad, residual_out is the tensor the backward saves, or a view of it: an
     _unsafe_view has a version counter of its own, so an in-place change of it went unseen and
     the backward used the changed values (silently wrong gradients; torch raises for the unfused
@@ -249,6 +251,10 @@ def _unflatten(out, shape, residual_out, residual):
     from; `shape` must be read before the input is flattened (a flatten or contiguous that
     changes nothing returns the input itself, whose sizes the tracer then reads off the result)."""
     tracing = torch.jit.is_tracing()
+    saved = residual is not None and (tracing or residual_out.requires_grad)
+    if saved and not (input.requires_grad or residual.requires_grad):
+        # detach shares the version counter: an in-place change still fails the backward
+        residual_out = residual_out.detach()
     if not tracing and out.shape == shape:  # a 2-D input's results are in its shape (3.3 us)
         return out if residual is None else (out, residual_out)
 
@@ -258,7 +264,6 @@ def _unflatten(out, shape, residual_out, residual):
     if residual is None:
         return unflatten(out)
     # (one graph for torch.jit.trace, whose check traces without grad mode)
-    saved = tracing or residual_out.requires_grad
     return unflatten(out), residual_out.view(shape) if saved else unflatten(residual_out)
 
 
@@ -310,7 +315,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     out, residual_out, _ = _forward(backend, "rms_norm_fwd")(
         *_rows_pair(input, residual, shape), _vector(weight, n), float(eps)
     )
-    return _unflatten(out, input_shape, residual_out, residual)
+    return _unflatten(out, input_shape, residual_out, input, residual)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None):
@@ -349,7 +354,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
         _vector(bias, n),
         float(eps),
     )
-    return _unflatten(out, input_shape, residual_out, residual)
+    return _unflatten(out, input_shape, residual_out, input, residual)
 
 
 def _check_layer_norm_param_dtypes(input, weight, bias):

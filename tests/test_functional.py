@@ -1,6 +1,7 @@
 """The functional API against torch's own F.rms_norm / F.layer_norm / silu, on every backend."""
 
 import contextlib
+import itertools
 
 import pytest
 import torch
@@ -611,17 +612,42 @@ def test_export_records_the_registered_ops(strict):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["rms_norm", "layer_norm"])
 @pytest.mark.parametrize("shape", [(2, 3, 8), (6, 8)])  # reshaped results, or the op's own
-def test_in_place_change_of_the_residual_output_is_caught(backend, kind, shape):
+@pytest.mark.parametrize("leaves", ["x, r and w", "w alone"])
+def test_in_place_change_of_the_residual_output_is_caught(backend, kind, shape, leaves):
     """The backward saves residual_out: changing it in place raises at backward, as torch does
-    for the unfused x + r (it once went unseen and the gradients came out silently wrong)."""
+    for the unfused x + r (it once went unseen and the gradients came out silently wrong), also
+    when only the weight requires grad (the sum then does not, as x + r)."""
     skip_unless_available(backend, kind, "cpu")
-    x, r = (torch.randn(shape, requires_grad=True) for _ in range(2))
+    activations = leaves != "w alone"
+    x, r = (torch.randn(shape, requires_grad=activations) for _ in range(2))
     w = torch.ones(8, requires_grad=True)
     with fastnn.use_backend(backend):
         out, s = getattr(FF, kind)(x, (8,), w, residual=r)
+    assert s.requires_grad == activations
     s.mul_(100)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["rms_norm", "layer_norm"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_residual_sum_requires_grad_as_input_plus_residual(backend, kind, compiled):
+    """The sum requires grad when x or r does (a weight that requires grad makes the normalised
+    output require it, not the sum: it once did, with a grad_fn, and .numpy() refused it)."""
+    skip_unless_available(backend, kind, "cpu")
+    fn = getattr(FF, kind)
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    for x_grad, r_grad, w_grad in itertools.product((False, True), repeat=3):
+        x = torch.randn(2, 3, 8, requires_grad=x_grad)
+        r = torch.randn(2, 3, 8, requires_grad=r_grad)
+        w = torch.ones(8, requires_grad=w_grad)
+        with fastnn.use_backend(backend):
+            out, s = fn(x, (8,), w, residual=r)
+        assert s.requires_grad == (x + r).requires_grad, (x_grad, r_grad, w_grad)
+        assert out.requires_grad == (x_grad or r_grad or w_grad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -671,8 +697,9 @@ def test_calls_without_grad_mode_match_calls_with_it(backend, case, mode):
             with torch.enable_grad() if mode.endswith("enable_grad") else contextlib.nullcontext():
                 plain = fn(x, r, w)
     recorded, plain = ((o,) if isinstance(o, torch.Tensor) else o for o in (recorded, plain))
+    assert recorded[0].requires_grad  # (a fused residual sum needs none: x and r need none)
     for a, b in zip(recorded, plain, strict=True):
-        assert a.requires_grad and not b.requires_grad and b.grad_fn is None
+        assert not b.requires_grad and b.grad_fn is None
         assert torch.equal(a, b)
 
 

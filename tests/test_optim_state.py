@@ -148,11 +148,13 @@ def test_master_weights_state_dict_round_trip(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", ["AdamW", "RMSprop"])
-def test_master_weights_follow_writes_outside_step(backend, cls):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_master_weights_follow_writes_outside_step(backend, cls, compiled):
     """A param written between steps (a model's load_state_dict, a clamp under no_grad) keeps
     the write: the written elements' masters restart from it, as an fp32 run written the same
     way (a stale master made the next step undo the write), and the other elements keep theirs
-    (restarting them from the bf16 values loses what the master holds below bf16's rounding)."""
+    (restarting them from the bf16 values loses what the master holds below bf16's rounding).
+    A compiled step too (it once skipped the check and undid the write)."""
     skip_unless_available(backend, cls.lower().rstrip("w"), "cpu")
     _skip_interpreted_triton(backend)
     params = make_params(torch.bfloat16, shapes=[(33, 7), (5,)], backend=backend)
@@ -162,14 +164,23 @@ def test_master_weights_follow_writes_outside_step(backend, cls):
     opt = getattr(fastnn.optim, cls)(ours, lr=0.02, master_weights=True)
     ref_opt = getattr(torch.optim, cls)(ref32, lr=0.02, foreach=False)
     grads32 = [[g.float() for g in gs] for gs in grads]
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+
+    def run_ours(step_grads):
+        for gs in step_grads:
+            for p, g in zip(ours, gs, strict=True):
+                p.grad = g.clone()
+            step()
+
     with fastnn.use_backend(backend):
-        run(opt, ours, grads[:2])
+        run_ours(grads[:2])
         run(ref_opt, ref32, grads32[:2])
         with torch.no_grad():
             for p, r in zip(ours, ref32, strict=True):
                 p.view(-1)[:3].fill_(5.0)
                 r.view(-1)[:3].fill_(5.0)
-        run(opt, ours, grads[2:])
+        run_ours(grads[2:])
         run(ref_opt, ref32, grads32[2:])
     for p, r in zip(ours, ref32, strict=True):
         assert_rel_close(opt.state[p]["master_param"], r.detach().double(), torch.float32)

@@ -52,6 +52,14 @@ def _check_sequence_parallel(mesh, rank):
         want = x_ref.grad.chunk(two_ranks.WORLD, dim=1)[rank]
         _close(x_local.grad, want, INPUT_GRAD, f"{name} input grad")
         _close(sharded.weight.grad, module.weight.grad, PARAM_GRAD, f"{name} weight grad")
+        # A fused residual by keyword, as a DTensor (SequenceParallel's input hook passes on
+        # the first positional argument alone): both results sharded as the input.
+        r = _randn(2, 4, D, seed=4)
+        y, s = sharded(x_local.detach(), residual=distribute_tensor(r, mesh, [Shard(1)]))
+        assert y.placements == s.placements == (Shard(1),)
+        y_ref, s_ref = module(x, residual=r)
+        _close(y, y_ref, FORWARD, f"{name} output with a residual")
+        _close(s, s_ref, FORWARD, f"{name} residual sum")
 
 
 def _check_optimizer_takes_partial_grads(mesh):

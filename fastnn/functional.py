@@ -122,9 +122,15 @@ def _check_norm_args(op, input, normalized_shape, residual, params, eps):
         _check_same_device(p, name, input)
     if residual is not None:
         if sizes and residual.shape != input.shape:
+            hint = ""
+            if _dtensor.is_dtensor(input) and not _dtensor.is_dtensor(residual):
+                hint = (
+                    "; input is a DTensor: pass the residual as a DTensor too (behind "
+                    "SequenceParallel, by keyword: its hook converts the first argument alone)"
+                )
             raise RuntimeError(
                 f"fastnn: residual of shape {list(residual.shape)} does not match input of "
-                f"shape {list(input.shape)}"
+                f"shape {list(input.shape)}{hint}"
             )
         _check_float(residual, "residual")
         _check_same_device(residual, "residual", input)

@@ -60,6 +60,13 @@ def _check_sequence_parallel(mesh, rank):
         y_ref, s_ref = module(x, residual=r)
         _close(y, y_ref, FORWARD, f"{name} output with a residual")
         _close(s, s_ref, FORWARD, f"{name} residual sum")
+        local_r = distribute_tensor(r, mesh, [Shard(1)]).to_local()
+        try:
+            sharded(x_local.detach(), residual=local_r)
+        except RuntimeError as e:
+            assert "pass the residual as a DTensor too" in str(e), str(e)
+        else:
+            raise AssertionError("a local residual beside a sequence-sharded input went unseen")
 
 
 def _check_optimizer_takes_partial_grads(mesh):

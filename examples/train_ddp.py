@@ -131,7 +131,7 @@ class Block(nn.Module):
         if self.fast:
             # One fused pass: the add, then the norm of the sum. (Under autocast h is bf16 and
             # the stream fp32: the fused norm promotes h as `h + residual` does.)
-            return norm(h, residual)
+            return norm(h, residual=residual)
         s = h + residual
         return norm(s), s
 

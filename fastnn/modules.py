@@ -25,18 +25,20 @@ class _NotScriptable:
 class RMSNorm(_NotScriptable, nn.RMSNorm):
     """torch.nn.RMSNorm with fused kernels.
 
-    forward(input) -> rms_norm(input); forward(input, residual) -> (rms_norm(input + residual),
-    input + residual), the add fused into the same pass over memory.
+    forward(input) -> rms_norm(input); forward(input, residual=r) -> (rms_norm(input + r),
+    input + r), the add fused into the same pass over memory. residual is keyword-only: a
+    positional one would be dropped silently by hooks that pass on the first argument alone
+    (torch's SequenceParallel).
     """
 
-    def forward(self, x, residual=None):  # `x`, as torch.nn.RMSNorm.forward names it
+    def forward(self, x, *, residual=None):  # `x`, as torch.nn.RMSNorm.forward names it
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, residual=residual)
 
 
 class LayerNorm(_NotScriptable, nn.LayerNorm):
-    """torch.nn.LayerNorm with fused kernels; forward optionally takes `residual` as RMSNorm."""
+    """torch.nn.LayerNorm with fused kernels; forward optionally takes `residual=` as RMSNorm."""
 
-    def forward(self, input, residual=None):
+    def forward(self, input, *, residual=None):
         return F.layer_norm(
             input, self.normalized_shape, self.weight, self.bias, self.eps, residual=residual
         )

@@ -251,8 +251,8 @@ class _PromotingRMSNorm(RMSNorm):
     def extra_repr(self):
         return f"{super().extra_repr()}, output in the promoted dtype of input and weight"
 
-    def forward(self, x, residual=None):
-        result = super().forward(x, residual)
+    def forward(self, x, *, residual=None):
+        result = super().forward(x, residual=residual)
         out = result if residual is None else result[0]
         out = out.to(torch.promote_types(out.dtype, self.weight.dtype))
         return out if residual is None else (out, result[1])

@@ -196,9 +196,9 @@ class _Block(torch.nn.Module):
         self.norm2 = fastnn.LayerNorm(hidden)
 
     def forward(self, x, residual):
-        h, residual = self.norm1(x, residual)
+        h, residual = self.norm1(x, residual=residual)
         h = self.mlp(h)
-        return self.norm2(h, residual)
+        return self.norm2(h, residual=residual)
 
 
 def test_compile_fullgraph_block_matches_eager():

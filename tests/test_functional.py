@@ -226,6 +226,18 @@ def test_residual_returns_sum_and_norm():
     torch.testing.assert_close(out, F.layer_norm(x + r, (8,), w))
 
 
+def test_modules_take_the_residual_by_keyword_only():
+    """A positional residual is refused: hooks that pass on the first argument alone (torch's
+    SequenceParallel) would drop it silently and return the norm of x alone."""
+    x, r = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    for module in (fastnn.RMSNorm(8), fastnn.LayerNorm(8)):
+        y, s = module(x, residual=r)
+        torch.testing.assert_close(s, x + r)
+        torch.testing.assert_close(y, module(x + r))
+        with pytest.raises(TypeError, match="positional"):
+            module(x, r)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["rms_norm", "layer_norm"])
 @pytest.mark.parametrize(
@@ -548,7 +560,7 @@ class _WithResidual(torch.nn.Module):
         self.norm = norm
 
     def forward(self, x, residual):
-        return self.norm(x, residual)
+        return self.norm(x, residual=residual)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
@@ -580,7 +592,7 @@ def test_traced_norms_take_other_sizes_of_the_traced_rank(backend):
                     if call is module:
                         torch.testing.assert_close(traced(x), out.detach())
                 torch.testing.assert_close(grads[0], grads[1])
-                for got, want in zip(fused(x, r), module(x, r), strict=True):
+                for got, want in zip(fused(x, r), module(x, residual=r), strict=True):
                     torch.testing.assert_close(got, want)
             module(torch.randn(2, *traced_shape))  # one more leading dim: eager takes it
             with pytest.raises(RuntimeError):
@@ -597,7 +609,7 @@ def test_export_records_the_registered_ops(strict):
             self.norm, self.ln = fastnn.RMSNorm(8), fastnn.LayerNorm(8)
 
         def forward(self, x, r):
-            y, s = self.norm(x, r)
+            y, s = self.norm(x, residual=r)
             return self.ln(y) + FF.swiglu(s, y)
 
     block, x, r = Block(), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
@@ -713,8 +725,8 @@ class _CheckpointedBlock(torch.nn.Module):
         self.mlp = fastnn.SwiGLUMLP(8, 20, inplace_backward=inplace_backward)
 
     def forward(self, x, residual):
-        h, residual = self.attn_norm(x, residual)
-        h, residual = self.mlp_norm(self.proj(h), residual)
+        h, residual = self.attn_norm(x, residual=residual)
+        h, residual = self.mlp_norm(self.proj(h), residual=residual)
         return self.mlp(h), residual
 
 

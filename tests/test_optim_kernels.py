@@ -481,6 +481,8 @@ def _bad_calls():
     ]
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
 # found_inf set (GradScaler saw an inf: the op writes nothing) refuses the same calls.
 FOUND_INF = [None, torch.tensor(1.0)]
 
@@ -491,6 +493,24 @@ def test_bad_input_is_a_clear_error(case, found_inf):
     call, message = _bad_calls()[case]
     with pytest.raises(RuntimeError, match=message):
         call(found_inf)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("found_inf", FOUND_INF, ids=["no_inf", "found_inf"])
+def test_bad_scalar_arguments_are_refused_on_steps_that_skip_too(found_inf, device):
+    """A host found_inf != 0 skips the step, but only after grad_scale and lr_tensor pass their
+    checks: a bad one fails on every step, not only on those without an inf."""
+    lists, steps = _adam_state(((3,), (4,)), torch.float32, torch.float32, False, False)
+    lists = [[t.to(device) for t in ts] for ts in lists]
+    steps = [t.to(device) for t in steps]
+    op = ops.get("native", "adam_step_")
+    kw = dict(
+        ADAM_KW, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False
+    )
+    two = torch.ones(2, device=device)
+    for lr_tensor, grad_scale, name in ((two, None, "lr_tensor"), (None, two, "grad_scale")):
+        with pytest.raises(RuntimeError, match=f"{name} must have one element"):
+            op(*lists[:5], steps, [], lr_tensor, grad_scale, found_inf, **kw)
 
 
 @pytest.mark.parametrize("found_inf", FOUND_INF, ids=["no_inf", "found_inf"])
@@ -530,8 +550,6 @@ def test_opcheck_native_ops():
 
 
 # ---- CUDA (runs where a GPU is present; the kernels share the math tested above) ---------------
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _to(lists, device):

@@ -174,11 +174,12 @@ bool set_scalar_args(Launch& a, const std::optional<at::Tensor>& lr_tensor, doub
                      const std::optional<at::Tensor>& grad_scale,
                      const std::optional<at::Tensor>& found_inf, const at::Device& device,
                      const char* op, std::vector<at::Tensor>& keep) {
+  // All three are checked before a skip, as the CPU ops check them: a bad grad_scale fails on
+  // every step, not only on the steps without an inf.
   a.found_inf = scalar_arg(found_inf, 0.0, device, op, "found_inf", keep);
-  if (a.found_inf.ptr == nullptr && a.found_inf.value != 0.0) return false;
   a.grad_scale = scalar_arg(grad_scale, 1.0, device, op, "grad_scale", keep);
   a.lr = scalar_arg(lr_tensor, lr, device, op, "lr_tensor", keep);
-  return true;
+  return a.found_inf.ptr != nullptr || a.found_inf.value == 0.0;
 }
 
 // ---- Vector loads and stores --------------------------------------------------------------------

@@ -556,10 +556,10 @@ def _to(lists, device):
     return [[t.to(device) for t in ts] for ts in lists]
 
 
-def _misaligned(t):
-    """t's values in a view one element past the start of its allocation: not 16-byte aligned,
-    so the kernel takes its scalar path."""
-    view = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+def _misaligned(t, offset=1):
+    """t's values in a view `offset` elements past the start of its allocation: one element is
+    not 16-byte aligned, so the kernel takes its scalar path."""
+    view = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)[offset:].view(t.shape)
     return view.copy_(t)
 
 
@@ -568,13 +568,16 @@ def _lr_dtype(dtype):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("grad_offset", [0, 4], ids=["aligned", "grads_16_bytes_in"])
 @pytest.mark.parametrize("master", [False, True])
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("family", ["adam", "rmsprop"])
-def test_fp32_grads_of_low_precision_params(family, dtype, master, device):
+def test_fp32_grads_of_low_precision_params(family, dtype, master, grad_offset, device):
     """fp32 grads of fp16 / bf16 params (Tensor.grad_dtype): the kernels read them unrounded
     (the fp32 first moment is far closer to the fp64 reference than a step on the grads rounded
-    to the params' dtype gets) and, with a grad_scale, write them back unscaled in fp32."""
+    to the params' dtype gets) and, with a grad_scale, write them back unscaled in fp32. Grads
+    16 bytes into their buffer (a DDP bucket view) take CUDA's vector path too, in 16-byte
+    packs: 8 fp32 grads beside 8 16-bit params are two."""
     skip_unless_available("native", family, device)
     if family == "adam":
         kw = dict(ADAM_KW, weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True)
@@ -601,6 +604,8 @@ def test_fp32_grads_of_low_precision_params(family, dtype, master, device):
     rounded, eager, ref64 = _clone(lists), _clone(lists), _to64(lists)
     rounded[1] = [g.to(dtype) for g in rounded[1]]
     out = _to(lists, device)
+    if grad_offset:
+        out[1] = [_misaligned(g, grad_offset) for g in out[1]]
     for backend, ls in (("native", out), ("native", rounded), ("torch", eager), ("torch", ref64)):
         run(backend, ls)
     out = _to(out, "cpu")

@@ -184,6 +184,12 @@ bool set_scalar_args(Launch& a, const std::optional<at::Tensor>& lr_tensor, doub
 
 // ---- Vector loads and stores --------------------------------------------------------------------
 
+// A vector access moves at most 16 bytes (sm_90's widest load): N elements of a wider dtype (8
+// fp32 grads or state beside 16-bit params) are several 16-byte packs, so they need 16-byte
+// alignment only, as a DDP bucket view of fp32 grads may have no more.
+template <typename T, int N>
+constexpr int kPackElems = int(sizeof(T)) * N > 16 ? 16 / int(sizeof(T)) : N;
+
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
@@ -191,7 +197,7 @@ struct alignas(sizeof(T) * N) Pack {
 
 template <int N, typename T>
 __device__ __forceinline__ bool aligned(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * N) == 0;
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kPackElems<T, N>) == 0;
 }
 
 template <typename T>
@@ -216,20 +222,28 @@ __device__ __forceinline__ T from_math(M x) {
   }
 }
 
-// N elements from p (aligned to N * sizeof(T) when N > 1), widened to M.
+// N elements from p (aligned<N>(p) when N > 1), widened to M.
 template <int N, typename M, typename T>
 __device__ __forceinline__ void load(const T* p, M (&out)[N]) {
-  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
+  constexpr int kE = kPackElems<T, N>;
 #pragma unroll
-  for (int j = 0; j < N; ++j) out[j] = to_math<M>(pk.v[j]);
+  for (int k = 0; k < N; k += kE) {
+    const Pack<T, kE> pk = *reinterpret_cast<const Pack<T, kE>*>(p + k);
+#pragma unroll
+    for (int j = 0; j < kE; ++j) out[k + j] = to_math<M>(pk.v[j]);
+  }
 }
 
 template <int N, typename M, typename T>
 __device__ __forceinline__ void store(T* p, const M (&in)[N]) {
-  Pack<T, N> pk;
+  constexpr int kE = kPackElems<T, N>;
 #pragma unroll
-  for (int j = 0; j < N; ++j) pk.v[j] = from_math<T>(in[j]);
-  *reinterpret_cast<Pack<T, N>*>(p) = pk;
+  for (int k = 0; k < N; k += kE) {
+    Pack<T, kE> pk;
+#pragma unroll
+    for (int j = 0; j < kE; ++j) pk.v[j] = from_math<T>(in[k + j]);
+    *reinterpret_cast<Pack<T, kE>*>(p + k) = pk;
+  }
 }
 
 // ---- Storage dtypes -----------------------------------------------------------------------------

@@ -9,6 +9,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+#include <utility>
+
 // Python module `fastnn._C`: importing it loads this library and its registrations. No Python
 // functions live here; everything is reached through torch.ops.fastnn.
 extern "C" PyObject* PyInit__C(void) {
@@ -56,18 +59,27 @@ TORCH_LIBRARY(fastnn, m) {
   // are divided by grad_scale inside the kernel and written back unscaled (torch's fused Adam
   // leaves .grad so), and with found_inf != 0 nothing is written.
   // master_params: fp32 copies updated in place of low-precision params (empty list: none).
-  m.def(
-      "adam_step_(Tensor(a!)[] params, Tensor(f!)[] grads, Tensor(b!)[] exp_avgs,"
-      " Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(g!)[] steps,"
-      " Tensor(e!)[] master_params, Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, *,"
-      " float lr, float beta1, float beta2, float eps, float weight_decay,"
-      " bool decoupled_weight_decay, bool amsgrad, bool maximize) -> ()");
-  m.def(
-      "rmsprop_step_(Tensor(a!)[] params, Tensor(f!)[] grads, Tensor(b!)[] square_avgs,"
-      " Tensor(c!)[] grad_avgs, Tensor(d!)[] momentum_buffers, Tensor(g!)[] steps,"
-      " Tensor(e!)[] master_params,"
-      " Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, *, float lr, float alpha,"
-      " float eps, float weight_decay, float momentum, bool centered, bool maximize) -> ()");
+  // The *_keep_grads_ twins take the same arguments but no grad_scale, and only read the grads
+  // (their schema says so: see KeepGrads in optim_host.h for why it matters to torch.compile).
+  using SuffixAndGrads = std::pair<std::string, std::string>;
+  for (const auto& [suffix, grads] : {SuffixAndGrads{"", "Tensor(f!)[] grads"},
+                                      SuffixAndGrads{"keep_grads_", "Tensor[] grads"}}) {
+    const std::string adam =
+        "adam_step_" + suffix + "(Tensor(a!)[] params, " + grads +
+        ", Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs,"
+        " Tensor(g!)[] steps, Tensor(e!)[] master_params, Tensor? lr_tensor,"
+        " Tensor? grad_scale, Tensor? found_inf, *, float lr, float beta1, float beta2,"
+        " float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad,"
+        " bool maximize) -> ()";
+    const std::string rmsprop =
+        "rmsprop_step_" + suffix + "(Tensor(a!)[] params, " + grads +
+        ", Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, Tensor(d!)[] momentum_buffers,"
+        " Tensor(g!)[] steps, Tensor(e!)[] master_params, Tensor? lr_tensor,"
+        " Tensor? grad_scale, Tensor? found_inf, *, float lr, float alpha, float eps,"
+        " float weight_decay, float momentum, bool centered, bool maximize) -> ()";
+    m.def(adam.c_str());
+    m.def(rmsprop.c_str());
+  }
 }
 
 // ---- ADInplaceOrView: the ops that write their arguments bump those tensors' versions ----------
@@ -102,7 +114,8 @@ void bump_written_arguments(const c10::OperatorHandle& op, c10::DispatchKeySet k
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastnn, ADInplaceOrView, m) {
-  for (const char* op : {"glu_bwd_", "glu_packed_bwd_", "adam_step_", "rmsprop_step_"}) {
+  for (const char* op : {"glu_bwd_", "glu_packed_bwd_", "adam_step_", "rmsprop_step_",
+                         "adam_step_keep_grads_", "rmsprop_step_keep_grads_"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_written_arguments>());
   }
 }

@@ -360,6 +360,72 @@ def test_compiled_step_matches_eager(backend, cls, kw):
     assert_states_close(opt, ref_opt, ours, ref)
 
 
+def _grads_in_one_buffer(params, grads):
+    """grads as views into one flat buffer, two elements apart (DDP's gradient_as_bucket_view,
+    FSDP2's reduce-scatter output): views with storage offsets, aliasing each other."""
+    flat = torch.zeros(sum(p.numel() + 2 for p in params), dtype=params[0].dtype)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset : offset + p.numel()].view(p.shape).copy_(g)
+        offset += p.numel() + 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kw", [("AdamW", {}), ("RMSprop", dict(momentum=0.9, centered=True))])
+def test_compiled_step_reads_grads_that_are_views_of_one_buffer(backend, cls, kw):
+    """Inductor (torch's default backend) compiling step() over grads that alias one buffer.
+    With the grads declared written (the op that unscales them), torch 2.14's Inductor raised
+    on this, or read the wrong elements (FSDP2, or clones of such grads), silently: the
+    step without a grad_scale calls the op that only reads them."""
+    skip_unless_available(backend, "adam", "cpu")
+    torch._dynamo.reset()
+    params = make_params(backend=backend)
+    grads = make_grads(params, 3)
+    ours, ref = clone_leaves(params), clone_leaves(params)
+    opt = getattr(fastnn.optim, cls)(ours, lr=0.01, **kw)
+    ref_opt = getattr(torch.optim, cls)(ref, lr=0.01, foreach=False, **kw)
+    compiled_step = torch.compile(opt.step)
+    with fastnn.use_backend(backend):
+        for step_grads in grads:
+            _grads_in_one_buffer(ours, step_grads)
+            compiled_step()
+    run(ref_opt, ref, grads)
+    assert_params_close(ours, ref)
+    assert_states_close(opt, ref_opt, ours, ref)
+    for p, g in zip(ours, grads[-1], strict=True):
+        assert torch.equal(p.grad, g), "the grads were written"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_fused_scaler_step_unscales_grads_that_are_views_of_one_buffer(backend):
+    """The fused GradScaler protocol (grad_scale / found_inf set on a fused=True optimizer)
+    compiled with Inductor over grads aliasing one buffer: the grads come out unscaled and the
+    params follow torch's step on the unscaled grads; a step with an inf changes nothing."""
+    skip_unless_available(backend, "adam", "cpu")
+    torch._dynamo.reset()
+    params = make_params(backend=backend)
+    grads = make_grads(params, 3)
+    ours, ref = clone_leaves(params), clone_leaves(params)
+    opt = fastnn.optim.AdamW(ours, lr=0.01, fused=True)
+    ref_opt = torch.optim.AdamW(ref, lr=0.01, foreach=False)
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
+    compiled_step = torch.compile(opt.step)
+    with fastnn.use_backend(backend):
+        for step_grads in grads:
+            _grads_in_one_buffer(ours, [4 * g for g in step_grads])
+            compiled_step()
+        for p, g in zip(ours, grads[-1], strict=True):
+            assert torch.equal(p.grad, g), "grads unscaled in place"
+        before = [p.detach().clone() for p in ours]
+        opt.found_inf.fill_(1.0)
+        _grads_in_one_buffer(ours, grads[0])
+        compiled_step()
+    for p, b, g in zip(ours, before, grads[0], strict=True):
+        assert torch.equal(p, b) and torch.equal(p.grad, g), "a step with an inf wrote"
+    run(ref_opt, ref, grads)
+    assert_params_close(ours, ref)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls,kw", [("AdamW", {}), ("RMSprop", dict(momentum=0.9, centered=True))])

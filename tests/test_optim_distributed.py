@@ -1,7 +1,8 @@
 """fastnn optimizers under torch.distributed on 2 gloo ranks (127.0.0.1, a free port, processes
 from torch.multiprocessing.spawn): DDP with gradients as bucket views, ZeroRedundancyOptimizer
 (each rank's fastnn optimizer holds and updates its own share of the params), and FSDP2
-(fully_shard on a CPU device mesh, DTensor params updated on their local shards). Each must match
+(fully_shard on a CPU device mesh, DTensor params updated on their local shards; also with a
+compiled step). Each must match
 a single-process torch.optim run on the whole batch. And an FSDP2 run checkpointed with
 torch.distributed.checkpoint halfway, resumed in fresh objects, must end on the bits of the run
 that was never interrupted.
@@ -28,16 +29,16 @@ def _batch(step):
     return torch.randn(8, 8, generator=g), torch.randn(8, 4, generator=g)
 
 
-def _train(model, opt, rank, world, steps=range(STEPS)):
+def _train(model, opt, rank, world, steps=range(STEPS), step_fn=None):
     """Steps on this rank's share of each global batch (everything when world == 1), in the
-    model's dtype."""
+    model's dtype; step_fn (default opt.step) makes each update."""
     dtype = next(model.parameters()).dtype
     for step in steps:
         x, y = _batch(step)
         x, y = x.chunk(world)[rank].to(dtype), y.chunk(world)[rank].to(dtype)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
+        (step_fn or opt.step)()
 
 
 def _reference(torch_cls, **kw):
@@ -114,6 +115,31 @@ def _check_fsdp2(rank, backend):
     whole = [p.full_tensor() for p in model.parameters()]
     kw = dict(lr=0.01, momentum=0.5, centered=True)
     _assert_matches_reference(whole, f"FSDP2 {backend}", torch.optim.RMSprop, **kw)
+
+
+def _check_fsdp2_compiled_step(rank, backend):
+    """torch.compile(opt.step) over FSDP2 params, whose grads are views into one reduce-scatter
+    buffer. With DTensors as the graph's inputs (to_local()) AOTAutograd guarded on size
+    symbols Dynamo never saw: IndexError in guard building (torch 2.14); with the grads declared
+    written, Inductor raised or, from a warm cache, read the wrong elements of them."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import fastnn
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    kw = dict(lr=0.01, weight_decay=0.1)
+    for compile_backend in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        model = _model()
+        fully_shard(model, mesh=mesh)
+        opt = fastnn.optim.AdamW(model.parameters(), **kw)
+        step = torch.compile(opt.step, backend=compile_backend)
+        with fastnn.use_backend(backend):
+            _train(model, opt, rank, WORLD, step_fn=step)
+        whole = [p.full_tensor() for p in model.parameters()]
+        what = f"FSDP2 compiled ({compile_backend}) {backend}"
+        _assert_matches_reference(whole, what, torch.optim.AdamW, **kw)
 
 
 def _check_fsdp2_checkpoint(rank, backend):
@@ -193,6 +219,7 @@ def run_checks(rank):
         _check_ddp(rank, backend)
         _check_zero(rank, backend)
         _check_fsdp2(rank, backend)
+        _check_fsdp2_compiled_step(rank, backend)
         _check_fsdp2_checkpoint(rank, backend)
         ran.append(backend)
     return " ".join(ran)

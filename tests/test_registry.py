@@ -21,6 +21,8 @@ FAMILY = {
     "glu_packed_bwd_": "glu",
     "adam_step_": "adam",
     "rmsprop_step_": "rmsprop",
+    "adam_step_keep_grads_": "adam",
+    "rmsprop_step_keep_grads_": "rmsprop",
 }
 
 

@@ -250,6 +250,9 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastnn, CPU, m) { m.impl("adam_step_", &adam_step_cpu); }
+TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
+  m.impl("adam_step_", &adam_step_cpu);
+  m.impl("adam_step_keep_grads_", &oh::KeepGrads<&adam_step_cpu>::call);
+}
 
 }  // namespace fastnn::cpu

@@ -229,6 +229,9 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastnn, CPU, m) { m.impl("rmsprop_step_", &rmsprop_step_cpu); }
+TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
+  m.impl("rmsprop_step_", &rmsprop_step_cpu);
+  m.impl("rmsprop_step_keep_grads_", &oh::KeepGrads<&rmsprop_step_cpu>::call);
+}
 
 }  // namespace fastnn::cpu

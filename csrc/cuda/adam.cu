@@ -219,6 +219,9 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastnn, CUDA, m) { m.impl("adam_step_", &adam_step_cuda); }
+TORCH_LIBRARY_IMPL(fastnn, CUDA, m) {
+  m.impl("adam_step_", &adam_step_cuda);
+  m.impl("adam_step_keep_grads_", &oh::KeepGrads<&adam_step_cuda>::call);
+}
 
 }  // namespace fastnn::cuda

@@ -183,6 +183,9 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastnn, CUDA, m) { m.impl("rmsprop_step_", &rmsprop_step_cuda); }
+TORCH_LIBRARY_IMPL(fastnn, CUDA, m) {
+  m.impl("rmsprop_step_", &rmsprop_step_cuda);
+  m.impl("rmsprop_step_keep_grads_", &oh::KeepGrads<&rmsprop_step_cuda>::call);
+}
 
 }  // namespace fastnn::cuda

@@ -59,14 +59,22 @@ def _lazy_triton(module, name):
     return impl
 
 
-def define(name, schema, reference, triton_module, fake, mutates_args=()):
+def define(
+    name, schema, reference, triton_module, fake, mutates_args=(), impl_name=None, wrap=None
+):
     """Register `name` for the torch and Triton backends with `schema`, and `fake` as the fake
-    implementation of all three backends' ops."""
+    implementation of all three backends' ops. The Triton module's function is `impl_name`
+    (default: `name`); `wrap`, if given, wraps both backends' functions (a check of the
+    arguments, say)."""
     _SCHEMAS[name] = schema
     _REFERENCE[name] = reference
-    for backend, impl in (("torch", reference), ("triton", _lazy_triton(triton_module, name))):
+    impls = (("torch", reference), ("triton", _lazy_triton(triton_module, impl_name or name)))
+    for backend, impl in impls:
         op = torch.library.custom_op(
-            f"fastnn::{PREFIX[backend]}{name}", impl, mutates_args=mutates_args, schema=schema
+            f"fastnn::{PREFIX[backend]}{name}",
+            wrap(impl) if wrap else impl,
+            mutates_args=mutates_args,
+            schema=schema,
         )
         op.register_fake(fake)
     if _extension.load():

@@ -2,7 +2,13 @@
 They mutate their tensor-list arguments in place and return nothing: each adds one to every step
 count first (torch.optim's state["step"]; Adam's bias corrections then use it), and with
 found_inf non-zero writes nothing at all. grads are written only when grad_scale is given: each
-becomes grad / grad_scale, as torch's fused Adam leaves .grad."""
+becomes grad / grad_scale, as torch's fused Adam leaves .grad.
+
+Each has a *_keep_grads_ twin (adam_step_keep_grads_, rmsprop_step_keep_grads_): the same
+arguments, no grad_scale, grads only read, as its schema declares. step() calls the twin unless
+it unscales: torch.compile then treats the grads as inputs only. Declared written, grads that are
+views into one buffer (FSDP2's reduce-scatter output, DDP's gradient_as_bucket_view) made
+Inductor (torch 2.14) raise, or read the wrong elements of them with no error."""
 
 from fastnn import ops
 from fastnn.reference import adam as ref_adam
@@ -27,13 +33,44 @@ def _fake_step(*args, **kwargs):
     return None
 
 
+GRAD_SCALE_ARG = 8  # params, grads, 5 state lists, lr_tensor, grad_scale
+
+
+def _keeping_grads(step):
+    """step as a *_keep_grads_ op: the grads only read, so no grad_scale (the kernels would write
+    grad / grad_scale back). csrc/include/fastnn/optim_host.h's KeepGrads for the native ops."""
+
+    def step_keeping_grads(*args, **kwargs):
+        if args[GRAD_SCALE_ARG] is not None:
+            raise RuntimeError(
+                "fastnn: the *_step_keep_grads_ ops leave the grads as they are and take no "
+                "grad_scale; the *_step_ ops unscale the grads in place"
+            )
+        return step(*args, **kwargs)
+
+    return step_keeping_grads
+
+
+def _define_with_twin(name, schema, reference, triton_module, mutates_args):
+    ops.define(name, schema, reference, triton_module, _fake_step, mutates_args=mutates_args)
+    ops.define(
+        name + "keep_grads_",
+        schema.replace("Tensor(f!)[] grads", "Tensor[] grads"),
+        reference,
+        triton_module,
+        _fake_step,
+        mutates_args=tuple(a for a in mutates_args if a != "grads"),
+        impl_name=name,
+        wrap=_keeping_grads,
+    )
+
+
 ops.register_family("adam", "adam_step_", "fastnn.triton_kernels.adam")
-ops.define(
+_define_with_twin(
     "adam_step_",
     ADAM_SCHEMA,
     ref_adam.adam_step_,
     "fastnn.triton_kernels.adam",
-    _fake_step,
     mutates_args=(
         "params",
         "grads",
@@ -45,12 +82,11 @@ ops.define(
     ),
 )
 ops.register_family("rmsprop", "rmsprop_step_", "fastnn.triton_kernels.rmsprop")
-ops.define(
+_define_with_twin(
     "rmsprop_step_",
     RMSPROP_SCHEMA,
     ref_rmsprop.rmsprop_step_,
     "fastnn.triton_kernels.rmsprop",
-    _fake_step,
     mutates_args=(
         "params",
         "grads",

@@ -20,9 +20,16 @@ MASTER = "master_param"  # state key of the fp32 master copy (master_weights=Tru
 
 
 def kernel_view(t):
-    """t as the kernels take it: a DTensor's local shard, a complex tensor's real view."""
+    """t as the kernels take it: a DTensor's local shard, a complex tensor's real view.
+
+    The shard is _local_tensor, what to_local() returns under no_grad (step() runs under it):
+    torch.compile then takes the local tensors as the graph's inputs, not the DTensors. With
+    DTensor inputs, an FSDP2 param's grad (a view into the reduce-scatter buffer) was fakified
+    again by AOTAutograd with fresh size symbols that Dynamo never saw, and AOTAutograd's
+    subclass metadata guarded on them (local size != global size, which no op here pins down):
+    an IndexError in Dynamo's guard building, on the first compiled step (torch 2.14.1)."""
     if is_dtensor(t):
-        t = t.to_local()
+        t = t._local_tensor
     return torch.view_as_real(t) if t.is_complex() else t
 
 
@@ -311,13 +318,23 @@ class FusedStepMixin:
         lr, lr_tensor = lr_arguments(group["lr"], device)
         scale = _on(grad_scale, device)
         inf = _on(found_inf, device)
-        op = ops.get(_backend.resolve(self.FAMILY, device.type), self.OP)
+        unscaled = scale is not None
+        if unscaled and torch.compiler.is_compiling():
+            # Compiled, the grads are unscaled by a torch op and the update reads them: the op
+            # that writes them trips Inductor on grads that alias (see ops/optim.py). Rounded to
+            # the grads' dtype first, as GradScaler.unscale_ leaves them; with an inf, left scaled.
+            divisor = scale if inf is None else torch.where(inf != 0, 1.0, scale)
+            torch._foreach_div_(gk, divisor)
+            scale = None
+        # Without a grad_scale the grads are only read: the op that says so (see ops/optim.py).
+        name = self.OP if scale is not None else self.OP + "keep_grads_"
+        op = ops.get(_backend.resolve(self.FAMILY, device.type), name)
         # The op counts the steps too (not a foreach add here: 200-300 us for 39 CPU counters,
         # 5% of an RMSprop step over 5M params whose objects are cold in the caches).
         op(pk, gk, *lists, steps, master, lr_tensor, scale, inf, lr=lr, **kwargs)
         for p, dense in gapped:
             p.copy_(dense)
-        if scale is not None:  # the op left grad / grad_scale in the grads it read
+        if unscaled:  # the grads it read hold grad / grad_scale now
             for g, copy in relaid:
                 g.copy_(copy)
 

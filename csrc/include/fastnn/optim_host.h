@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "fastnn/checks.h"
@@ -222,5 +223,25 @@ inline void count_steps(const char* op, at::TensorList steps, bool on_device,
     at::_foreach_add_(steps, 1);
   }
 }
+
+// The *_keep_grads_ ops: an op entry point that reads the grads and leaves them as they are, as
+// their schema declares (no (f!) on grads). torch.compile then sees grads as inputs only: with
+// the grads of several params views into one buffer (FSDP2's reduce-scatter output, a DDP
+// bucket view) and declared written, Inductor (torch 2.14) raised or silently read the wrong
+// elements. A grad_scale would make the kernels write grad / grad_scale back: refused.
+template <auto Step>
+struct KeepGrads;
+
+template <typename... Args, void (*Step)(Args...)>
+struct KeepGrads<Step> {
+  static void call(Args... args) {
+    constexpr size_t kGradScale = 8;  // params, grads, 5 state lists, lr_tensor, grad_scale
+    const std::optional<at::Tensor>& grad_scale = std::get<kGradScale>(std::tie(args...));
+    TORCH_CHECK(!grad_scale.has_value(),
+                "fastnn: the *_step_keep_grads_ ops leave the grads as they are and take no "
+                "grad_scale; the *_step_ ops unscale the grads in place");
+    Step(args...);
+  }
+};
 
 }  // namespace fastnn::optim_host

@@ -334,32 +334,6 @@ def test_lr_scheduler_with_tensor_lr():
     assert_params_close([p], [q])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(
-    "cls,kw",
-    [("Adam", dict(amsgrad=True)), ("AdamW", {}), ("RMSprop", dict(momentum=0.9, centered=True))],
-)
-def test_compiled_step_matches_eager(backend, cls, kw):
-    """torch.compile(fullgraph=True) of a function calling step(): the update ops trace as
-    opaque calls and the compiled steps follow torch's eager trajectory."""
-    skip_unless_available(backend, "adam", "cpu")
-    torch._dynamo.reset()
-    params = make_params(backend=backend)
-    grads = make_grads(params, 3)
-    ours, ref = clone_leaves(params), clone_leaves(params)
-    opt = getattr(fastnn.optim, cls)(ours, lr=0.01, **kw)
-    ref_opt = getattr(torch.optim, cls)(ref, lr=0.01, foreach=False, **kw)
-    compiled_step = torch.compile(opt.step, fullgraph=True)
-    with fastnn.use_backend(backend):
-        for step_grads in grads:
-            for p, g in zip(ours, step_grads, strict=True):
-                p.grad = g.clone()
-            compiled_step()
-    run(ref_opt, ref, grads)
-    assert_params_close(ours, ref)
-    assert_states_close(opt, ref_opt, ours, ref)
-
-
 def _grads_in_one_buffer(params, grads):
     """grads as views into one flat buffer, two elements apart (DDP's gradient_as_bucket_view,
     FSDP2's reduce-scatter output): views with storage offsets, aliasing each other."""
@@ -370,13 +344,25 @@ def _grads_in_one_buffer(params, grads):
         offset += p.numel() + 2
 
 
+def _separate_grads(params, grads):
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cls,kw", [("AdamW", {}), ("RMSprop", dict(momentum=0.9, centered=True))])
-def test_compiled_step_reads_grads_that_are_views_of_one_buffer(backend, cls, kw):
-    """Inductor (torch's default backend) compiling step() over grads that alias one buffer.
-    With the grads declared written (the op that unscales them), torch 2.14's Inductor raised
-    on this, or read the wrong elements (FSDP2, or clones of such grads), silently: the
-    step without a grad_scale calls the op that only reads them."""
+@pytest.mark.parametrize(
+    "set_grads", [_separate_grads, _grads_in_one_buffer], ids=["separate", "one_buffer"]
+)
+@pytest.mark.parametrize(
+    "cls,kw",
+    [("Adam", dict(amsgrad=True)), ("AdamW", {}), ("RMSprop", dict(momentum=0.9, centered=True))],
+)
+def test_compiled_step_matches_eager(backend, cls, kw, set_grads):
+    """torch.compile(fullgraph=True) of a function calling step(): the update ops trace as
+    opaque calls and the compiled steps follow torch's eager trajectory, the grads only read.
+    Also over grads aliasing one buffer: with them declared written (the op that unscales
+    them), torch 2.14's Inductor raised there, or read the wrong elements (FSDP2, or clones of
+    such grads), silently; step() without a grad_scale calls the op that only reads them."""
     skip_unless_available(backend, "adam", "cpu")
     torch._dynamo.reset()
     params = make_params(backend=backend)
@@ -384,10 +370,10 @@ def test_compiled_step_reads_grads_that_are_views_of_one_buffer(backend, cls, kw
     ours, ref = clone_leaves(params), clone_leaves(params)
     opt = getattr(fastnn.optim, cls)(ours, lr=0.01, **kw)
     ref_opt = getattr(torch.optim, cls)(ref, lr=0.01, foreach=False, **kw)
-    compiled_step = torch.compile(opt.step)
+    compiled_step = torch.compile(opt.step, fullgraph=True)
     with fastnn.use_backend(backend):
         for step_grads in grads:
-            _grads_in_one_buffer(ours, step_grads)
+            set_grads(ours, step_grads)
             compiled_step()
     run(ref_opt, ref, grads)
     assert_params_close(ours, ref)

@@ -21,6 +21,7 @@ Launch (gloo on CPUs, NCCL on GPUs; one process per GPU, or N CPU processes):
 step (torch.nn.RMSNorm with an explicit add, an MLP of nn.Linear + F.silu, torch.optim.AdamW),
 and ends with one line: both final losses and fastnn's speedup, from the median step times.
 --fsdp shards both with FSDP2 (fully_shard per block, then the root) instead of DDP.
+--compile runs the model and the optimizer step through torch.compile (Inductor).
 
 Checkpoints (--ckpt PATH) hold the model, the optimizer and the step of every run, written by
 rank 0 atomically; --resume continues from PATH when it exists. No RNG state is needed: the model
@@ -240,6 +241,9 @@ class Run:
         ]
         opt_cls = fastnn.optim.AdamW if fast else torch.optim.AdamW
         self.opt = opt_cls(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+        self.forward, self.step = self.model, self.opt.step
+        if args.compile:
+            self.forward, self.step = torch.compile(self.model), torch.compile(self.opt.step)
         self.pending = []  # this interval's losses, [1] tensors, not yet reduced over ranks
         self.step_times = []  # seconds per step on this rank, the whole run
         self.losses = []  # (step, loss averaged over ranks)
@@ -259,12 +263,12 @@ def train_step(run, x, y, lr, args, device):
         group["lr"] = lr
     t0 = time.perf_counter()
     with autocast(args, device):
-        logits = run.model(x)
+        logits = run.forward(x)
     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     loss.backward()
     if args.clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.clip)
-    run.opt.step()
+    run.step()
     run.opt.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -286,7 +290,7 @@ def evaluate(run, data, args, device, rank, world):
     for i in range(args.eval_batches):
         x, y = data.batch("val", args.seed + 1, i, rank, args.batch_size, args.seq_len, device)
         with autocast(args, device):
-            logits = run.model(x)
+            logits = run.forward(x)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     run.model.train()
     dist.all_reduce(total)
@@ -414,6 +418,7 @@ def parse_args(argv=None):
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a("--compare", action="store_true", help="also train the plain PyTorch twin; print speedup")
     a("--fsdp", action="store_true", help="shard with FSDP2 fully_shard instead of DDP")
+    a("--compile", action="store_true", help="torch.compile the model and the optimizer step")
     a("--log-every", type=int, default=None, help="steps per report (default: steps / 15)")
     a("--eval-batches", type=int, default=8, help="validation batches per rank at the end")
     a("--ckpt", help="checkpoint file to write (at --save-every and at the end)")

@@ -165,6 +165,22 @@ def test_fsdp2_resumes_a_ddp_checkpoint_and_trains_as_ddp_does(uninterrupted, st
             assert rel_error(fsdp[name], ddp[name]) <= RTOL[torch.float32][PARAM_GRAD], name
 
 
+def test_compiled_fsdp2_run_trains_as_the_eager_ddp_run(uninterrupted, tmp_path):
+    """--compile: the model and the optimizer step through Inductor, under FSDP2 (whose grads
+    are views into one reduce-scatter buffer), the same losses and weights as eager DDP."""
+    _, ddp_loss, ddp_ckpt = uninterrupted
+    ckpt, metrics = tmp_path / "ckpt.pt", tmp_path / "m.jsonl"
+    out = launch("--fsdp", "--compile", "--ckpt", ckpt, "--metrics", metrics, timeout=600)
+    assert "FSDP2 on 2 x cpu" in out
+    loss = losses(metrics)
+    assert sorted(loss) == [("fastnn", s) for s in range(1, 9)]
+    for key, value in loss.items():
+        assert abs(value - ddp_loss[key]) <= RTOL[torch.float32][FORWARD] * abs(value), key
+    compiled, eager = model_state(ckpt, "fastnn"), model_state(ddp_ckpt, "fastnn")
+    for name in eager:
+        assert rel_error(compiled[name], eager[name]) <= RTOL[torch.float32][PARAM_GRAD], name
+
+
 # ---- the example's pieces, in process -----------------------------------------------------------
 
 

@@ -102,9 +102,10 @@ BWD = LaunchShape(max_tile=1024, per_thread=(8, 8), loop_block=1024, loop_warps=
 # sweeps' best at every N above (32 warps: 4 x 8, 16 x 2, 32 x 1 programs).
 BWD_WARPS_PER_SM = 32
 # Programs per SM of the forward's looping tier (a persistent grid). Each program reads its row
-# twice, the second time from L2 if the row is still there: 2 programs per SM keep 264 rows in
-# flight on 132 SMs, 33 MB of 64K bf16 rows, within an H100's 50 MB of L2 (1 per SM: 75% / 68%
-# of copy at 64K on the H100 above, against 2's 76% / 69%).
+# twice, the second time from L2 if the row is still there. The kernels take 46-64 registers per
+# thread (ptxas, sm_90, triton 3.6), so one 32-warp program fits an SM at a time and a grid of 2
+# per SM runs as two waves: 132 rows in flight, 17 MB of 64K bf16 rows, within an H100's 50 MB
+# of L2. Measured on the H100 above at 64K: 2 per SM 76% / 69% of copy, 1 per SM 75% / 68%.
 FWD_LOOP_PROGRAMS_PER_SM = 2
 
 

@@ -534,7 +534,7 @@ class _Block(torch.nn.Module):
         self.lin = torch.nn.Linear(n, n, dtype=dtype)
 
     def forward(self, x, h):
-        y, s = self.norm(x, h)
+        y, s = self.norm(x, residual=h)
         return s + self.lin(y)
 
 

@@ -148,13 +148,14 @@ def test_master_weights_state_dict_round_trip(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", ["AdamW", "RMSprop"])
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [None, "aot_eager", "inductor"])
 def test_master_weights_follow_writes_outside_step(backend, cls, compiled):
     """A param written between steps (a model's load_state_dict, a clamp under no_grad) keeps
     the write: the written elements' masters restart from it, as an fp32 run written the same
     way (a stale master made the next step undo the write), and the other elements keep theirs
     (restarting them from the bf16 values loses what the master holds below bf16's rounding).
-    A compiled step too (it once skipped the check and undid the write)."""
+    A compiled step too (it once skipped the check and undid the write; under Inductor the
+    check once compared without the bf16 rounding and reset nearly every master)."""
     skip_unless_available(backend, cls.lower().rstrip("w"), "cpu")
     _skip_interpreted_triton(backend)
     params = make_params(torch.bfloat16, shapes=[(33, 7), (5,)], backend=backend)
@@ -165,7 +166,7 @@ def test_master_weights_follow_writes_outside_step(backend, cls, compiled):
     ref_opt = getattr(torch.optim, cls)(ref32, lr=0.02, foreach=False)
     grads32 = [[g.float() for g in gs] for gs in grads]
     torch._dynamo.reset()
-    step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+    step = torch.compile(opt.step, backend=compiled) if compiled else opt.step
 
     def run_ours(step_grads):
         for gs in step_grads:

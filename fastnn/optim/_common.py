@@ -216,9 +216,11 @@ class FusedStepMixin:
             # from p, or the next step would undo the write. The others keep their master: a
             # version bump may come from a write to another view of p's storage (params that
             # are slices of one flat buffer share one version counter). Elementwise, with no
-            # host sync.
+            # host sync, on bit patterns: Inductor compiles `value == m.to(value.dtype)` without
+            # the rounding (emulate_precision_casts off), which reset nearly every master.
             m, value = state[MASTER], p.detach()
-            m.copy_(torch.where(value == m.to(value.dtype), m, value))
+            rounded = m.to(value.dtype).view(torch.int16)  # masters are kept for 16-bit params
+            m.copy_(torch.where(value.view(torch.int16) == rounded, m, value))
         return state
 
     def _written_outside_step(self, p):

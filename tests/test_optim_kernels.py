@@ -514,22 +514,32 @@ def test_bad_scalar_arguments_are_refused_on_steps_that_skip_too(found_inf, devi
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "native"])
-def test_keep_grads_ops_step_as_the_others_and_refuse_a_grad_scale(backend):
-    """adam_step_keep_grads_ (what step() calls without a GradScaler): adam_step_'s update, the
-    grads left as they were, and a grad_scale (which would write them) refused."""
-    skip_unless_available(backend, "adam", "cpu")
-    lists, steps = _adam_state(((3,), (40,)), torch.float32, torch.float32, False, False)
-    kw = dict(ADAM_KW, weight_decay=0.1, decoupled_weight_decay=True, amsgrad=False, maximize=False)
-    keep = ops.get(backend, "adam_step_keep_grads_")
+@pytest.mark.parametrize("family", ["adam", "rmsprop"])
+def test_keep_grads_ops_step_as_the_others_and_refuse_a_grad_scale(family, backend):
+    """adam_step_keep_grads_ / rmsprop_step_keep_grads_ (what step() calls without a
+    GradScaler): the update of adam_step_ / rmsprop_step_, the grads left as they were, and a
+    grad_scale (which would write them) refused."""
+    skip_unless_available(backend, family, "cpu")
+    sizes = ((3,), (40,))
+    if family == "adam":
+        lists, steps = _adam_state(sizes, torch.float32, torch.float32, False, False)
+        lists = [*lists[:5], [s.clone() for s in steps]]
+        kw = dict(ADAM_KW, weight_decay=0.1, decoupled_weight_decay=True, amsgrad=False)
+    else:
+        lists = _rmsprop_state(sizes, torch.float32, torch.float32, True, True, False)[:5]
+        lists = [*lists, [torch.zeros(()) for _ in sizes]]
+        kw = dict(RMSPROP_KW, weight_decay=0.1, momentum=0.9, centered=True)
+    kw["maximize"] = False
+    keep = ops.get(backend, f"{family}_step_keep_grads_")
     ours, ref = _clone(lists), _clone(lists)
-    keep(*ours[:5], [s.clone() for s in steps], [], None, None, None, **kw)
-    ops.get(backend, "adam_step_")(*ref[:5], [s.clone() for s in steps], [], None, None, None, **kw)
+    keep(*ours, [], None, None, None, **kw)
+    ops.get(backend, f"{family}_step_")(*ref, [], None, None, None, **kw)
     for a, b in zip(ours, ref, strict=True):
         for x, y in zip(a, b, strict=True):
             assert torch.equal(x, y)
     grads = [g.clone() for g in ours[1]]
     with pytest.raises(RuntimeError, match="take no grad_scale"):
-        keep(*ours[:5], steps, [], None, torch.tensor(2.0), None, **kw)
+        keep(*ours, [], None, torch.tensor(2.0), None, **kw)
     assert all(torch.equal(g, h) for g, h in zip(ours[1], grads, strict=True))
 
 

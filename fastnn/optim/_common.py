@@ -260,7 +260,9 @@ class FusedStepMixin:
                 scale = grad_scale if k == 0 else None
                 for (device, _, special), idx in _buckets(params, occurrence).items():
                     bucket = ([params[i] for i in idx], [states[i] for i in idx])
-                    self._update_bucket(group, device, *bucket, special, scale, found_inf)
+                    complex_ = bucket[0][0].is_complex()
+                    update = self._update_bucket_eagerly if complex_ else self._update_bucket
+                    update(group, device, *bucket, special, scale, found_inf)
         # After every group: a group's update bumps the version counter its params may share
         # with another group's (views of one buffer).
         if not torch.compiler.is_compiling():
@@ -289,6 +291,14 @@ class FusedStepMixin:
                 if t.stride() != p.stride():
                     state[key] = torch.empty_like(p, dtype=t.dtype).copy_(t)
 
+    @torch.compiler.disable
+    def _update_bucket_eagerly(self, *args):
+        """Complex params' update, never compiled: under torch.compile a graph break, and the
+        update runs eagerly. Their real views, written by the op, fail torch 2.14's
+        functionalization ("setStorage ... out of bounds" with aot_eager, "auto_functionalized_v2
+        was not removed" with Inductor)."""
+        self._update_bucket(*args)
+
     def _update_bucket(self, group, device, params, states, special, grad_scale, found_inf):
         # special: DTensor or complex params, whose tensors the kernels see through views.
         # One pass over the params: in a training loop their tensors are cold in the caches
@@ -304,7 +314,10 @@ class FusedStepMixin:
                 # a contiguous tensor for it), written back after the op.
                 gapped.append((p, p.contiguous()))
                 p, contiguous = gapped[-1][1], True
-            if not (contiguous and g.is_contiguous()) and g.stride() != p.stride():
+            # Compiled, strides are not compared: Dynamo fails on a grad view at storage offset
+            # 0 of a non-contiguous param (a DDP bucket's first grad of a channels_last conv).
+            compiling = torch.compiler.is_compiling()
+            if not (contiguous and g.is_contiguous()) and (compiling or g.stride() != p.stride()):
                 # e.g. a DDP bucket view of a transposed param: the kernels read a copy
                 relaid.append((g, torch.empty_like(p, dtype=g.dtype).copy_(g)))
                 g = relaid[-1][1]

@@ -1,9 +1,10 @@
 """fastnn.optim.Adam and AdamW: torch.optim.Adam / AdamW with a fused step().
 
 Constructor, defaults, validation errors, param groups, hooks and state_dict layout are torch's
-(these classes subclass torch's); step() makes one `fastnn::adam_step_` call per (device, dtype)
-group of parameters on the selected backend. One keyword-only extra: master_weights=True keeps
-fp32 copies of fp16 / bf16 params (and fp32 moments) in the optimizer state.
+(these classes subclass torch's); step() makes one `fastnn::adam_step_keep_grads_` call
+(`fastnn::adam_step_` under the fused GradScaler protocol, which writes the grads) per (device,
+dtype) group of parameters on the selected backend. One keyword-only extra: master_weights=True
+keeps fp32 copies of fp16 / bf16 params (and fp32 moments) in the optimizer state.
 """
 
 import torch

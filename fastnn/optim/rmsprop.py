@@ -1,7 +1,8 @@
 """fastnn.optim.RMSprop: torch.optim.RMSprop with a fused step().
 
 Constructor, defaults, validation errors, param groups, hooks and state_dict layout are torch's;
-step() makes one `fastnn::rmsprop_step_` call per (device, dtype) group of parameters on the
+step() makes one `fastnn::rmsprop_step_keep_grads_` call (`fastnn::rmsprop_step_` under the fused
+GradScaler protocol, which writes the grads) per (device, dtype) group of parameters on the
 selected backend. Keyword-only extra: master_weights=True (as fastnn.optim.Adam).
 """
 

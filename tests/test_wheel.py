@@ -15,6 +15,7 @@ are kept in build/wheel-test-<variant>, so a rerun recompiles only changed sourc
 """
 
 import fcntl
+import itertools
 import json
 import os
 import shutil
@@ -147,7 +148,10 @@ def _cases():
     shapes = [(n,), (rows, 7)]
     params = [rand(*s) for s in shapes]
     grads = [rand(*s) for s in shapes]
-    for amsgrad, decoupled in ((False, True), (True, False)):
+    # Each update op and its *_keep_grads_ twin (grads only read), on fresh state.
+    for name, (amsgrad, decoupled) in itertools.product(
+        ("adam_step_", "adam_step_keep_grads_"), ((False, True), (True, False))
+    ):
         adam_args = (
             [p.clone() for p in params], grads, [rand(*s) for s in shapes],
             [rand(*s, positive=True) for s in shapes],
@@ -156,8 +160,10 @@ def _cases():
         )  # fmt: skip
         adam_kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
                        decoupled_weight_decay=decoupled, amsgrad=amsgrad, maximize=False)  # fmt: skip
-        cases.append(("adam_step_", adam_args, adam_kw))
-    for centered, momentum in ((True, 0.9), (False, 0.0)):
+        cases.append((name, adam_args, adam_kw))
+    for name, (centered, momentum) in itertools.product(
+        ("rmsprop_step_", "rmsprop_step_keep_grads_"), ((True, 0.9), (False, 0.0))
+    ):
         rms_args = (
             [p.clone() for p in params], grads, [rand(*s, positive=True) for s in shapes],
             [rand(*s) * 0.1 for s in shapes] if centered else [],
@@ -166,7 +172,7 @@ def _cases():
         )  # fmt: skip
         rms_kw = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=momentum,
                       centered=centered, maximize=False)  # fmt: skip
-        cases.append(("rmsprop_step_", rms_args, rms_kw))
+        cases.append((name, rms_args, rms_kw))
     return cases
 
 
@@ -271,7 +277,7 @@ def test_every_op_on_native_cpu_matches_reference(installed):
             what = f"{name} {args[-1] if isinstance(args[-1], str) else ''} {kwargs} output {i}"
             assert g.shape == w.shape, what
             assert rel_error(g, w) <= tol, f"{what}: {rel_error(g, w):.2e}"
-            if name.endswith("_step_"):
+            if "_step_" in name:
                 # A step moves O(1) values by about lr = 1e-2, so the relative check above sees
                 # little of the update; hold each element to twice eager fp32's error instead.
                 assert_ratio_close(g, w, eager[i], what=what)

@@ -162,3 +162,12 @@ def test_registered_ops_double_backward(backend):
         op = ops.get(backend, name)
         inputs = [t.clone().requires_grad_() for t in inputs]
         assert torch.autograd.gradgradcheck(lambda *a, op=op, call=call: call(op, *a), inputs)
+
+
+@pytest.mark.skipif(not _extension.load(), reason="needs the built extension")
+def test_an_extension_built_from_older_sources_is_named():
+    """An op the Python side defines but the built fastnn._C lacks (sources pulled, extension
+    not rebuilt): a clear error that says to rebuild, before anything is registered."""
+    with pytest.raises(RuntimeError, match="built from older sources.*rebuild"):
+        ops.define("op_the_extension_lacks", "(Tensor x) -> Tensor", None, "", None)
+    assert "op_the_extension_lacks" not in ops._SCHEMAS

@@ -66,6 +66,11 @@ def define(
     implementation of all three backends' ops. The Triton module's function is `impl_name`
     (default: `name`); `wrap`, if given, wraps both backends' functions (a check of the
     arguments, say)."""
+    if _extension.load() and not hasattr(torch.ops.fastnn, name):
+        raise RuntimeError(
+            f"fastnn: the built extension fastnn._C has no op fastnn::{name}: it was built from "
+            f"older sources than this fastnn; rebuild it: {_extension.REBUILD}"
+        )
     _SCHEMAS[name] = schema
     _REFERENCE[name] = reference
     impls = (("torch", reference), ("triton", _lazy_triton(triton_module, impl_name or name)))

@@ -254,8 +254,9 @@ def test_foreach_and_fused_accepted():
 @pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
 @pytest.mark.parametrize("compiled", [None, "aot_eager", "inductor"])
 def test_complex_params(backend, cls, compiled):
-    """As real views; compiled, their update runs eagerly behind a graph break (torch 2.14's
-    functionalization of the written real views failed under both backends)."""
+    """As real views; compiled too, where the op writes copies of them (torch 2.14's
+    functionalization of the op writing the real views themselves failed under both
+    backends)."""
     skip_unless_available(backend, cls.lower(), "cpu")
     g = torch.Generator().manual_seed(0)
     base = torch.randn(5, 3, dtype=torch.complex64, generator=g)

@@ -260,9 +260,7 @@ class FusedStepMixin:
                 scale = grad_scale if k == 0 else None
                 for (device, _, special), idx in _buckets(params, occurrence).items():
                     bucket = ([params[i] for i in idx], [states[i] for i in idx])
-                    complex_ = bucket[0][0].is_complex()
-                    update = self._update_bucket_eagerly if complex_ else self._update_bucket
-                    update(group, device, *bucket, special, scale, found_inf)
+                    self._update_bucket(group, device, *bucket, special, scale, found_inf)
         # After every group: a group's update bumps the version counter its params may share
         # with another group's (views of one buffer).
         if not torch.compiler.is_compiling():
@@ -290,14 +288,6 @@ class FusedStepMixin:
             if t is not None and not (p_contiguous and t.is_contiguous()):
                 if t.stride() != p.stride():
                     state[key] = torch.empty_like(p, dtype=t.dtype).copy_(t)
-
-    @torch.compiler.disable
-    def _update_bucket_eagerly(self, *args):
-        """Complex params' update, never compiled: under torch.compile a graph break, and the
-        update runs eagerly. Their real views, written by the op, fail torch 2.14's
-        functionalization ("setStorage ... out of bounds" with aot_eager, "auto_functionalized_v2
-        was not removed" with Inductor)."""
-        self._update_bucket(*args)
 
     def _update_bucket(self, group, device, params, states, special, grad_scale, found_inf):
         # special: DTensor or complex params, whose tensors the kernels see through views.
@@ -337,7 +327,8 @@ class FusedStepMixin:
         if unscaled and torch.compiler.is_compiling():
             # Compiled, the grads are unscaled by a torch op and the update reads them: the op
             # that writes them trips Inductor on grads that alias (see ops/optim.py). Rounded to
-            # the grads' dtype first, as GradScaler.unscale_ leaves them; with an inf, left scaled.
+            # the grads' dtype first (GradScaler.unscale_ multiplies by the scale's reciprocal:
+            # the same quotients for power-of-two scales); with an inf, left scaled.
             divisor = scale if inf is None else torch.where(inf != 0, 1.0, scale)
             torch._foreach_div_(gk, divisor)
             scale = None
@@ -346,7 +337,19 @@ class FusedStepMixin:
         op = ops.get(_backend.resolve(self.FAMILY, device.type), name)
         # The op counts the steps too (not a foreach add here: 200-300 us for 39 CPU counters,
         # 5% of an RMSprop step over 5M params whose objects are cold in the caches).
+        written = []
+        if params[0].is_complex() and torch.compiler.is_compiling():
+            # The op writing the real views of complex tensors fails torch 2.14's
+            # functionalization ("setStorage ... out of bounds" with aot_eager,
+            # "auto_functionalized_v2 was not removed" with Inductor): it writes copies, which
+            # torch ops copy back.
+            written = [pk, *lists]
+            pk, *lists = [[t.clone() for t in lst] for lst in written]
         op(pk, gk, *lists, steps, master, lr_tensor, scale, inf, lr=lr, **kwargs)
+        if written:
+            for views, copies in zip(written, [pk, *lists], strict=True):
+                for view, copy in zip(views, copies, strict=True):
+                    view.copy_(copy)
         for p, dense in gapped:
             p.copy_(dense)
         if unscaled:  # the grads it read hold grad / grad_scale now

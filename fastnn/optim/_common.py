@@ -294,7 +294,9 @@ class FusedStepMixin:
         # One pass over the params: in a training loop their tensors are cold in the caches
         # (forward and backward evicted them), and each touch costs.
         view = kernel_view if special else _same
-        pk, gk, gapped, relaid = [], [], [], []
+        compiling = torch.compiler.is_compiling()
+        # copied_back: (tensor, the copy the op updates in its place), copied back after the op
+        pk, gk, copied_back, relaid = [], [], [], []
         for q, state in zip(params, states, strict=True):
             p, g = view(q), view(q.grad)
             contiguous = p.is_contiguous()
@@ -302,11 +304,10 @@ class FusedStepMixin:
                 # A param with gaps (a strided slice of a larger tensor): the kernels take dense
                 # tensors, so they update a dense copy (its state is dense too: zeros_like gives
                 # a contiguous tensor for it), written back after the op.
-                gapped.append((p, p.contiguous()))
-                p, contiguous = gapped[-1][1], True
+                copied_back.append((p, p.contiguous()))
+                p, contiguous = copied_back[-1][1], True
             # Compiled, strides are not compared: Dynamo fails on a grad view at storage offset
             # 0 of a non-contiguous param (a DDP bucket's first grad of a channels_last conv).
-            compiling = torch.compiler.is_compiling()
             if not (contiguous and g.is_contiguous()) and (compiling or g.stride() != p.stride()):
                 # e.g. a DDP bucket view of a transposed param: the kernels read a copy
                 relaid.append((g, torch.empty_like(p, dtype=g.dtype).copy_(g)))
@@ -324,7 +325,7 @@ class FusedStepMixin:
         scale = _on(grad_scale, device)
         inf = _on(found_inf, device)
         unscaled = scale is not None
-        if unscaled and torch.compiler.is_compiling():
+        if unscaled and compiling:
             # Compiled, the grads are unscaled by a torch op and the update reads them: the op
             # that writes them trips Inductor on grads that alias (see ops/optim.py). Rounded to
             # the grads' dtype first (GradScaler.unscale_ multiplies by the scale's reciprocal:
@@ -337,21 +338,17 @@ class FusedStepMixin:
         op = ops.get(_backend.resolve(self.FAMILY, device.type), name)
         # The op counts the steps too (not a foreach add here: 200-300 us for 39 CPU counters,
         # 5% of an RMSprop step over 5M params whose objects are cold in the caches).
-        written = []
-        if params[0].is_complex() and torch.compiler.is_compiling():
+        if params[0].is_complex() and compiling:
             # The op writing the real views of complex tensors fails torch 2.14's
             # functionalization ("setStorage ... out of bounds" with aot_eager,
-            # "auto_functionalized_v2 was not removed" with Inductor): it writes copies, which
-            # torch ops copy back.
+            # "auto_functionalized_v2 was not removed" with Inductor): it writes copies.
             written = [pk, *lists]
             pk, *lists = [[t.clone() for t in lst] for lst in written]
-        op(pk, gk, *lists, steps, master, lr_tensor, scale, inf, lr=lr, **kwargs)
-        if written:
             for views, copies in zip(written, [pk, *lists], strict=True):
-                for view, copy in zip(views, copies, strict=True):
-                    view.copy_(copy)
-        for p, dense in gapped:
-            p.copy_(dense)
+                copied_back += zip(views, copies, strict=True)
+        op(pk, gk, *lists, steps, master, lr_tensor, scale, inf, lr=lr, **kwargs)
+        for t, copy in reversed(copied_back):  # a clone of a gapped param's dense copy first
+            t.copy_(copy)
         if unscaled:  # the grads it read hold grad / grad_scale now
             for g, copy in relaid:
                 g.copy_(copy)

@@ -26,6 +26,10 @@ def _check_float(t, name, error=RuntimeError):
         raise error(f"fastnn: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
 
 
+def _integer_tensor(t):
+    return isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex())
+
+
 def _check_same_device(t, name, ref, ref_name="input"):
     if t.device != ref.device:
         raise RuntimeError(
@@ -290,12 +294,17 @@ def _vector(t, n):
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     """RMSNorm over the trailing `normalized_shape` dims, as torch.nn.functional.rms_norm.
 
-    input: [..., *normalized_shape], fp32 / fp16 / bf16 / fp64; weight: normalized_shape or None.
+    input: [..., *normalized_shape], fp32 / fp16 / bf16 / fp64; weight: normalized_shape or None
+    (an integer or bool weight acts as fp32, fp64 for fp64 input: torch multiplies by it).
     eps=None uses torch.finfo of the compute dtype (fp32, or fp64 for fp64 input), as torch does.
     The result has input's dtype. With `residual` (input's shape) returns
     (rms_norm(input + residual), input + residual), the add fused into the kernel; input and
     residual of two dtypes are both taken in the promoted one first, as input + residual is.
     """
+    if _integer_tensor(weight) and isinstance(input, torch.Tensor):
+        # torch's rms_norm multiplies its fp32 (fp64 for fp64 input) result by the weight, so an
+        # integer or bool weight acts as that dtype; layer_norm refuses one (as fastnn's does).
+        weight = weight.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
     shape, n = _check_norm_args(
         "rms_norm", input, normalized_shape, residual, [("weight", weight)], eps
     )

@@ -211,6 +211,38 @@ def test_a_param_listed_twice_steps_twice_as_torchs_for_loop(backend, cls, scale
     assert_states_close(opt, ref_opt, ours, ref)
 
 
+def _params_over_shared_memory(n, seed):
+    """[a, c, b, d]: a and b two Parameters over the same n elements (a weight tied through
+    .data), c and d over overlapping three quarters of one buffer of 2n. Laid end to end, a and
+    c fill the first half of the elements, b and d the second: a CPU kernel's two threads
+    would take a and b at the same time, then c and d."""
+    g = torch.Generator().manual_seed(seed)
+    tied, halves = torch.randn(n, generator=g), torch.randn(2 * n, generator=g)
+    P = torch.nn.Parameter
+    return [P(tied), P(halves[n // 2 :]), P(tied.detach()), P(halves[: 3 * n // 2])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
+def test_params_over_one_memory_step_in_turn_as_torchs_for_loop(backend, cls):
+    """torch's for-loop step updates each param in turn, so a later param over the same memory
+    steps from the earlier one's result. In one op call the native CPU kernel's two threads
+    updated both at once: 38,636 of 262,144 tied elements lost a whole Adam step (0.1 at lr 0.1),
+    different ones each run. Large enough on the CPU for both threads to share each param."""
+    skip_unless_available(backend, "adam" if cls != "RMSprop" else "rmsprop", "cpu")
+    n = 2048 if backend == "triton" else 2**18
+    ours, ref = _params_over_shared_memory(n, 0), _params_over_shared_memory(n, 0)
+    kw = dict(lr=0.1, momentum=0.9, centered=True) if cls == "RMSprop" else dict(lr=0.1)
+    opt = getattr(fastnn.optim, cls)(ours, **kw)
+    ref_opt = getattr(torch.optim, cls)(ref, foreach=False, **kw)
+    grads = make_grads(ref, 3)
+    with use(backend):
+        run(opt, ours, grads)
+    run(ref_opt, ref, grads)
+    assert_params_close(ours, ref)
+    assert ours[0].data_ptr() == ours[2].data_ptr()  # still one memory
+
+
 @pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
 def test_differentiable_is_refused_clearly(cls):
     p = torch.nn.Parameter(torch.randn(3))

@@ -297,9 +297,12 @@ class FusedStepMixin:
         compiling = torch.compiler.is_compiling()
         # copied_back: (tensor, the copy the op updates in its place), copied back after the op
         pk, gk, copied_back, relaid = [], [], [], []
+        spans = []  # (address, bytes spanned) of each param's memory; not traced when compiled
         for q, state in zip(params, states, strict=True):
             p, g = view(q), view(q.grad)
             contiguous = p.is_contiguous()
+            if not compiling:
+                spans.append((p.data_ptr(), p.nbytes if contiguous else _bytes_spanned(p)))
             if not contiguous and not is_dense(p):
                 # A param with gaps (a strided slice of a larger tensor): the kernels take dense
                 # tensors, so they update a dense copy (its state is dense too: zeros_like gives
@@ -316,6 +319,16 @@ class FusedStepMixin:
                 self._lay_out_state_as(p, contiguous, state)
             pk.append(p)
             gk.append(g)
+        rounds = _overlap_rounds(spans)
+        if len(rounds) > 1:
+            # Distinct params over one memory (weights tied through .data rather than one
+            # Parameter): torch's for-loop step updates the later from the earlier's result,
+            # where one op call would update that memory from two threads (CUDA blocks) at once,
+            # losing updates (whole lr-sized steps) at random. One call per round, in order.
+            for idx in rounds:
+                sub = ([params[i] for i in idx], [states[i] for i in idx])
+                self._update_bucket(group, device, *sub, special, grad_scale, found_inf)
+            return
         master = [view(s[MASTER]) for s in states] if MASTER in states[0] else []
         lists, kwargs = self._op_arguments(group, states)
         if special:
@@ -368,6 +381,41 @@ def is_dense(t):
             return False
         expected *= size
     return True
+
+
+def _bytes_spanned(t):
+    """Bytes from t's first element to just past its last (its strides are not negative)."""
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))) * (
+        t.element_size()
+    )
+
+
+def _overlap_rounds(spans):
+    """Indices into spans ((address, bytes) of a bucket's params) in rounds, one op call each:
+    the params whose memory overlaps another's (clusters of overlapping spans) one per round in
+    their list order, the others in the first. Usually one round: a sort of the addresses."""
+    clusters, end = [], 0
+    for i in sorted(range(len(spans)), key=lambda i: spans[i][0]):
+        start, size = spans[i]
+        if size == 0:
+            continue
+        if clusters and start < end:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+        end = max(end, start + size)
+    if all(len(c) == 1 for c in clusters):
+        return [range(len(spans))]
+    round_of = [0] * len(spans)
+    for members in clusters:
+        for k, i in enumerate(sorted(members)):
+            round_of[i] = k
+    rounds = [[] for _ in range(max(round_of) + 1)]
+    for i, k in enumerate(round_of):
+        rounds[k].append(i)
+    return rounds
 
 
 def _same(t):

@@ -262,8 +262,9 @@ def _unflatten(out, shape, residual_out, input, residual):
     changes nothing returns the input itself, whose sizes the tracer then reads off the result)."""
     tracing = torch.jit.is_tracing()
     saved = residual is not None and (tracing or residual_out.requires_grad)
-    if saved and not (input.requires_grad or residual.requires_grad):
-        # detach shares the version counter: an in-place change still fails the backward
+    if saved and not tracing and not (input.requires_grad or residual.requires_grad):
+        # detach shares the version counter: an in-place change still fails the backward.
+        # (Not traced: a trace keeps it for every later call, whatever needs grad then.)
         residual_out = residual_out.detach()
     if not tracing and out.shape == shape:  # a 2-D input's results are in its shape (3.3 us)
         return out if residual is None else (out, residual_out)

@@ -614,6 +614,43 @@ def test_traced_norms_take_other_sizes_of_the_traced_rank(backend):
                 traced(torch.randn(2, *traced_shape))
 
 
+class _LinearThenFusedNorm(torch.nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.proj, self.norm = torch.nn.Linear(8, 8), norm
+
+    def forward(self, x, residual):
+        return self.norm(self.proj(x), residual=residual)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
+@pytest.mark.parametrize("traced_under", ["grad", "no_grad"])
+@pytest.mark.parametrize("norm", ["RMSNorm", "LayerNorm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_traced_fused_norm_passes_gradients_through_the_residual_sum(backend, norm, traced_under):
+    """The residual sum of a trace needs grad as x + residual does, whatever needed grad when it
+    was traced. A trace made under no_grad returned it detached for good (every gradient
+    through the residual stream lost, no error), and with a layer in front torch.jit.trace's own
+    check, which traces again without grad mode, failed on the detach's one-node difference."""
+    skip_unless_available(backend, "rms_norm", "cpu")
+    torch.manual_seed(0)
+    module = _LinearThenFusedNorm(getattr(fastnn, norm)(8))
+    x, r, dy, ds = (torch.randn(2, 3, 8) for _ in range(4))
+    with fastnn.use_backend(backend):
+        with torch.no_grad() if traced_under == "no_grad" else contextlib.nullcontext():
+            traced = torch.jit.trace(module, (x, r))  # check_trace on, as by default
+        grads = []
+        for call in (traced, module):
+            module.zero_grad()
+            leaf = r.clone().requires_grad_()
+            y, s = call(x, leaf)
+            assert s.requires_grad
+            ((y * dy).sum() + (s * ds).sum()).backward()
+            grads.append((leaf.grad, module.proj.weight.grad, module.norm.weight.grad))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("strict", [False, True])
 def test_export_records_the_registered_ops(strict):
     """torch.export (strict and not) records fastnn's ops, not the eager autograd.Function."""

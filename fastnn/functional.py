@@ -60,7 +60,7 @@ def _normalized_shape(normalized_shape):
     if type(normalized_shape) is tuple and all(type(n) is int for n in normalized_shape):
         return normalized_shape
     if _is_int(normalized_shape):
-        return (int(normalized_shape),)
+        return (_size(normalized_shape),)
     if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
         _is_int(n) or _is_int_tensor(n) for n in normalized_shape
     ):
@@ -76,7 +76,13 @@ def _normalized_shape(normalized_shape):
         raise TypeError(
             f"fastnn: normalized_shape must be an int or a tuple of ints, got {normalized_shape!r}"
         )
-    return tuple(int(n) for n in normalized_shape)
+    return tuple(_size(n) for n in normalized_shape)
+
+
+def _size(n):
+    # A SymInt stays one: int() of it outside Dynamo (non-strict torch.export) fixes the dim to
+    # the traced value, refusing a dynamic hidden size.
+    return n if isinstance(n, torch.SymInt) else int(n)
 
 
 def _check_norm_args(op, input, normalized_shape, residual, params, eps):

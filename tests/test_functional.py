@@ -652,6 +652,25 @@ def test_a_traced_fused_norm_passes_gradients_through_the_residual_sum(backend, 
 
 
 @pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+def test_export_keeps_a_dynamic_normalized_dim(op, strict):
+    """normalized_shape read off a dynamic dim stays symbolic, as with torch's F.rms_norm /
+    F.layer_norm: non-strict export (the default) refused the dim, fixed at its traced size."""
+
+    class Norm(torch.nn.Module):
+        def forward(self, x, w):
+            return getattr(FF, op)(x, (x.shape[-1],), w)
+
+    hidden = torch.export.Dim("hidden")
+    program = torch.export.export(
+        Norm(), (torch.randn(2, 8), torch.randn(8)), dynamic_shapes=({1: hidden}, {0: hidden}),
+        strict=strict,
+    )  # fmt: skip
+    x, w = torch.randn(2, 12), torch.randn(12)  # (rows stay static)
+    torch.testing.assert_close(program.module()(x, w), getattr(F, op)(x, (12,), w))
+
+
+@pytest.mark.parametrize("strict", [False, True])
 def test_export_records_the_registered_ops(strict):
     """torch.export (strict and not) records fastnn's ops, not the eager autograd.Function."""
 

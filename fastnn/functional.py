@@ -8,6 +8,7 @@ import math
 import numbers
 
 import torch
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 from torch.torch_version import TorchVersion
 
 from fastnn import _backend, _dtensor, ops
@@ -308,6 +309,11 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     (rms_norm(input + residual), input + residual), the add fused into the kernel; input and
     residual of two dtypes are both taken in the promoted one first, as input + residual is.
     """
+    if has_torch_function_variadic(input, weight, residual):  # see _torch_function_note
+        return handle_torch_function(
+            rms_norm, (input, weight, residual), input, normalized_shape, weight, eps,
+            residual=residual,
+        )  # fmt: skip
     if _integer_tensor(weight) and isinstance(input, torch.Tensor):
         # torch's rms_norm multiplies its fp32 (fp64 for fp64 input) result by the weight, so an
         # integer or bool weight acts as that dtype; layer_norm refuses one (as fastnn's does).
@@ -348,6 +354,11 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
     (layer_norm(input + residual), input + residual), the add fused into the kernel (two dtypes:
     see rms_norm).
     """
+    if has_torch_function_variadic(input, weight, bias, residual):  # see _torch_function_note
+        return handle_torch_function(
+            layer_norm, (input, weight, bias, residual), input, normalized_shape, weight, bias,
+            eps, residual=residual,
+        )  # fmt: skip
     shape, n = _check_norm_args(
         "layer_norm", input, normalized_shape, residual, [("weight", weight), ("bias", bias)], eps
     )
@@ -411,6 +422,10 @@ def glu_family(gate, up=None, activation="silu", *, inplace_backward=False):
     tensors that require grad (their .grad would alias them); Linear outputs are the intended
     use.
     """
+    if has_torch_function_variadic(gate, up):  # see _torch_function_note
+        return handle_torch_function(
+            glu_family, (gate, up), gate, up, activation, inplace_backward=inplace_backward
+        )
     for name, t in (("gate", gate), ("up", up)):
         if not (isinstance(t, torch.Tensor) or (t is None and name == "up")):
             raise TypeError(f"fastnn: {name} must be a Tensor, got {type(t).__name__}")
@@ -507,11 +522,16 @@ def _glu_inplace_backward(gate, up, activation, backend):
 
 def swiglu(gate, up=None, *, inplace_backward=False):
     """silu(gate) * up; with up=None the last dim of `gate` holds [gate | up]. See glu_family."""
+    if has_torch_function_variadic(gate, up):  # see _torch_function_note
+        return handle_torch_function(
+            swiglu, (gate, up), gate, up, inplace_backward=inplace_backward
+        )
     return glu_family(gate, up, "silu", inplace_backward=inplace_backward)
 
 
-# torch.fx.symbolic_trace records calls of these as graph nodes, as it does torch's own
-# F.rms_norm / F.layer_norm, instead of tracing into their argument checks (which branch on
-# tensor properties a Proxy does not have).
-for _name in ("rms_norm", "layer_norm", "glu_family", "swiglu"):
-    torch.fx.wrap(_name)
+# _torch_function_note: each function hands an argument with __torch_function__ (a tensor
+# subclass, a TorchFunctionMode, torch.fx's Proxy) to it first, as torch's F.rms_norm does. So
+# torch.fx.symbolic_trace records the call as one graph node however the function was imported,
+# instead of tracing into the argument checks (which branch on properties a Proxy lacks), and a
+# subclass gets its own type back. (torch.fx.wrap patched this module's names alone: a
+# `from fastnn.functional import rms_norm` in a traced model raised on the Proxy.)

@@ -12,6 +12,10 @@ from torch.utils.checkpoint import checkpoint
 
 import fastnn
 from fastnn import functional as FF
+from fastnn.functional import glu_family as imported_glu_family
+from fastnn.functional import layer_norm as imported_layer_norm
+from fastnn.functional import rms_norm as imported_rms_norm
+from fastnn.functional import swiglu as imported_swiglu
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -213,14 +217,26 @@ def test_norm_results_are_contiguous_new_tensors_as_torch_returns(backend, kind)
     assert w.grad is not None
 
 
+class _CallsImportedNames(torch.nn.Module):
+    """The functional API imported by name, as `from fastnn.functional import rms_norm`."""
+
+    def forward(self, x):
+        y = imported_rms_norm(x, (8,), residual=x)[0] + imported_layer_norm(x, x.shape[-1:])
+        return imported_swiglu(y, x) + imported_glu_family(y, None, "gelu").repeat(1, 2)
+
+
 def test_fx_symbolic_trace_records_the_norm_and_glu_calls():
     """torch.fx.symbolic_trace records fastnn's functional calls as nodes, as it does torch's
-    F.rms_norm (tracing into their argument checks would branch on a Proxy)."""
+    F.rms_norm (tracing into their argument checks would branch on a Proxy), also when the
+    model imported them by name."""
     x = torch.randn(2, 8)
-    for module in (fastnn.RMSNorm(8), fastnn.LayerNorm(8), fastnn.SwiGLUMLP(8, 16)):
+    modules = [fastnn.RMSNorm(8), fastnn.LayerNorm(8), fastnn.SwiGLUMLP(8, 16)]
+    for module in [*modules, _CallsImportedNames()]:
         traced = torch.fx.symbolic_trace(module)
         called = {n.target.__name__ for n in traced.graph.nodes if n.op == "call_function"}
-        assert called & {"rms_norm", "layer_norm", "glu_family"}, called
+        if isinstance(module, _CallsImportedNames):
+            assert called >= {"rms_norm", "layer_norm", "swiglu", "glu_family"}, called
+        assert called & {"rms_norm", "layer_norm", "glu_family", "swiglu"}, called
         torch.testing.assert_close(traced(x), module(x))
 
 

@@ -154,16 +154,14 @@ def _forward_both_modes(module, x):
             m.training = mode
 
 
-def _mismatch(outputs, ours, x, formula, same_dtype=False):
+def _mismatch(outputs, ours, x, formula, dtype=None):
     """None when both probe outputs (training, eval mode) are `ours` within the dtype's
-    tolerance (and of x's dtype, when same_dtype), else why not."""
+    tolerance (and of `dtype`, when given), else why not."""
     for theirs, mode in zip(outputs, ("training", "eval"), strict=True):
         if not isinstance(theirs, torch.Tensor) or theirs.shape != x.shape:
             return "its forward does not return one tensor of the input's shape"
-        if same_dtype and theirs.dtype != x.dtype:
-            return (
-                f"its forward returns {theirs.dtype} for {x.dtype} input; fastnn returns {x.dtype}"
-            )
+        if dtype is not None and theirs.dtype != dtype:
+            return f"its forward returns {theirs.dtype} for {x.dtype} input; fastnn returns {dtype}"
         err, tol = _rel_error(theirs, ours), _probe_rtol(x.dtype)
         if not err <= tol:
             return (
@@ -211,31 +209,32 @@ def _verify_rms_norm(module):
     # 3-D, its middle dim not N: a norm over dim 1 (channels first) fails or disagrees.
     x = x.view(2, 2, n) if n != 2 else x.view(1, 4, n)
     probe_weight = 1 + 0.5 * _randn((n,), weight, seed=1)
-    # A second input dtype: bf16 where the weight is wider, fp32 where it is 16-bit. fastnn
-    # returns the input's dtype (as torch.nn.RMSNorm), norms that multiply by the weight last
-    # (HF's LlamaRMSNorm) the promotion of both, which the replacement must keep (the next
+    # (input, weight) probes beside the module's own dtype: a bf16 input with an fp32 weight
+    # and an fp32 input with a 16-bit weight, whatever the module's dtype now (a model patched
+    # in bf16 is often made fp32 later, its activations bf16 under autocast). fastnn returns
+    # the input's dtype (as torch.nn.RMSNorm); norms that multiply by the weight last (HF's
+    # LlamaRMSNorm) return the promotion of both, which the replacement must keep (the next
     # layer expects it); norms that cast to a 16-bit weight's dtype (HF's T5LayerNorm: bf16 out
     # of the fp32 residual stream of a bf16 T5) do neither and are left alone.
-    probes = [x, x.float()] if weight.dtype.itemsize <= 2 else [x, x.to(torch.bfloat16)]
+    low = probe_weight if weight.dtype.itemsize <= 2 else probe_weight.to(torch.bfloat16)
+    probes = [(x, probe_weight), (x.to(torch.bfloat16), probe_weight.float()), (x.float(), low)]
     original = module._parameters["weight"]
-    module._parameters["weight"] = nn.Parameter(probe_weight, requires_grad=False)
+    outputs = []
     try:
-        outputs = [_forward_both_modes(module, probe) for probe in probes]
+        for probe, w in probes:
+            module._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+            outputs.append(_forward_both_modes(module, probe))
     except Exception as e:  # any forward that cannot take [..., N] is not one we can replace
         return f"its forward failed on a {list(x.shape)} probe ({type(e).__name__}: {e})", False
     finally:
         module._parameters["weight"] = original
-    promotes = False
-    for probe, theirs in zip(probes, outputs, strict=True):
+    # The bf16 input with the fp32 weight tells whether it promotes (fp32 out).
+    promotes = {t.dtype for t in outputs[1] if isinstance(t, torch.Tensor)} == {torch.float32}
+    for (probe, w), theirs in zip(probes, outputs, strict=True):
+        dtype = torch.promote_types(probe.dtype, w.dtype) if promotes else probe.dtype
         with torch.no_grad():
-            ours = F.rms_norm(probe, (n,), probe_weight, eps)
-        promoted = torch.promote_types(probe.dtype, weight.dtype)
-        got = {t.dtype for t in theirs if isinstance(t, torch.Tensor)}
-        if got == {promoted} != {probe.dtype}:
-            promotes, ours = True, ours.to(promoted)
-        why = _mismatch(
-            theirs, ours, probe, f"RMSNorm(weight, eps={eps:g})", same_dtype=not promotes
-        )
+            ours = F.rms_norm(probe, (n,), w, eps).to(dtype)
+        why = _mismatch(theirs, ours, probe, f"RMSNorm(weight, eps={eps:g})", dtype)
         if why:
             return why, False
     return None, promotes

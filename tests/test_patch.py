@@ -479,6 +479,24 @@ def test_a_norm_that_casts_to_its_16_bit_weight_dtype_is_left_alone():
     assert model["llama"](torch.randn(2, 8)).dtype == torch.float32  # promotion, as before
 
 
+@pytest.mark.parametrize("patched_in", [torch.bfloat16, torch.float32])
+def test_the_output_dtype_rule_holds_after_the_model_changes_dtype(patched_in):
+    """The probes try a bf16 input with an fp32 weight and an fp32 input with a bf16 weight
+    whatever the model's dtype when patched, so the replacement returns what the original does
+    after a .float() or .bfloat16() too (fp32 weights, bf16 activations under autocast). A
+    LlamaRMSNorm patched in bf16 became a plain RMSNorm (bf16 out of bf16 input once fp32,
+    where it returns fp32); a T5-style norm patched in fp32 became a promoting one (fp32 out of
+    fp32 input once bf16, where it returns bf16)."""
+    model = nn.ModuleDict({"t5": CastToWeightRMSNorm(8), "llama": ThirdPartyRMSNorm(8)})
+    original = copy.deepcopy(model)
+    report = patch(model.to(patched_in))
+    assert [r.path for r in report] == ["llama"] and "t5" in dict(report.skipped)
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype), original.to(dtype)
+        for x in (torch.randn(2, 8), torch.randn(2, 8, dtype=torch.bfloat16)):
+            assert model["llama"](x).dtype == original["llama"](x).dtype, (dtype, x.dtype)
+
+
 def test_look_alikes_on_the_meta_device_are_left_alone_with_a_reason():
     """A model built on the meta device (before loading weights): look-alikes cannot be probed,
     so they are listed as skipped; torch's own norms, matched by type, are replaced."""

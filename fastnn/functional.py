@@ -104,6 +104,12 @@ def _check_norm_args(op, input, normalized_shape, residual, params, eps):
     ):
         raise TypeError(f"fastnn: {op}: eps must be a float, got {type(eps).__name__}")
     shape = _normalized_shape(normalized_shape)
+    for name, t in (("input", input), ("residual", residual)):
+        if _is_nested(t) and t.layout != torch.jagged:
+            raise RuntimeError(
+                f"fastnn: {name} is a strided nested tensor; the norms take jagged ones "
+                "(torch.nested.nested_tensor(..., layout=torch.jagged))"
+            )
     _check_float(input, "input", NotImplementedError)
     if len(shape) == 0:
         raise RuntimeError("fastnn: normalized_shape must have at least one dim, got []")
@@ -309,8 +315,10 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     (rms_norm(input + residual), input + residual), the add fused into the kernel; input and
     residual of two dtypes are both taken in the promoted one first, as input + residual is.
     """
-    if has_torch_function_variadic(input, weight, residual):  # see _torch_function_note
-        return handle_torch_function(
+    # (not a nested tensor's: its __torch_function__ takes any function named rms_norm for
+    # torch's and refuses the residual keyword; it would call this one as it is anyway)
+    if has_torch_function_variadic(input, weight, residual) and not _is_nested(input):
+        return handle_torch_function(  # see _torch_function_note
             rms_norm, (input, weight, residual), input, normalized_shape, weight, eps,
             residual=residual,
         )  # fmt: skip
@@ -321,6 +329,11 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     shape, n = _check_norm_args(
         "rms_norm", input, normalized_shape, residual, [("weight", weight)], eps
     )
+    if input.is_nested:
+        return _nested_jagged(
+            lambda x, r: rms_norm(x, normalized_shape, weight, eps, residual=r),
+            input, residual, len(shape),
+        )  # fmt: skip
     if _dtensor.any_dtensor(input, residual, weight):
         return _dtensor.norm(
             lambda x, r, w: rms_norm(x, normalized_shape, w, eps, residual=r),
@@ -362,6 +375,11 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
     shape, n = _check_norm_args(
         "layer_norm", input, normalized_shape, residual, [("weight", weight), ("bias", bias)], eps
     )
+    if input.is_nested:
+        return _nested_jagged(
+            lambda x, r: layer_norm(x, normalized_shape, weight, bias, eps, residual=r),
+            input, residual, len(shape),
+        )  # fmt: skip
     if _dtensor.any_dtensor(input, residual, weight, bias):
         return _dtensor.norm(
             lambda x, r, w, b: layer_norm(x, normalized_shape, w, b, eps, residual=r),
@@ -388,6 +406,30 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
         float(eps),
     )
     return _unflatten(out, input_shape, residual_out, input, residual)
+
+
+def _is_nested(t):
+    return isinstance(t, torch.Tensor) and t.is_nested
+
+
+def _nested_jagged(norm, input, residual, ndims):
+    """norm(x, r) of a jagged nested input (and residual), as torch's norms take one: the rows
+    of its values buffer ([total, ..., N], dense) are its rows, so the kernels normalise that
+    and the results share the input's offsets (autograd runs through values() and back). A
+    residual has the input's shape (checked), so the same offsets: its rows match the input's."""
+    if input._ragged_idx >= input.dim() - ndims:
+        raise RuntimeError(
+            f"fastnn: normalized_shape covers the ragged dim {input._ragged_idx} of the nested "
+            f"input of shape {list(input.shape)}; normalise over regular trailing dims only"
+        )
+
+    def nested(values):
+        return torch.nested.nested_tensor_from_jagged(
+            values, input.offsets(), input.lengths(), jagged_dim=input._ragged_idx
+        )
+
+    out = norm(input.values(), None if residual is None else residual.values())
+    return nested(out) if residual is None else (nested(out[0]), nested(out[1]))
 
 
 def _check_layer_norm_param_dtypes(input, weight, bias):

@@ -63,6 +63,56 @@ def test_rms_norm_takes_an_integer_weight_as_torch(backend, weight_dtype, dtype)
     tolerances.assert_rel_close(out, F.rms_norm(x.double(), (8,), w.double()), dtype)
 
 
+def _jagged(seed, requires_grad=False, offsets=None):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(7, 8, generator=g, dtype=torch.float64)
+    if offsets is None:
+        offsets = torch.tensor([0, 2, 7])
+    nt = torch.nested.nested_tensor_from_jagged(values, offsets)
+    return nt.detach().requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["", "residual"])
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jagged_nested_input_as_torchs_norms(backend, op, fused):
+    """A jagged nested tensor ([batch, ragged, N]) normalised over its last dim, as torch's
+    norms take one: a nested result with the input's offsets, and its gradients. Its rows
+    were flattened as a dense tensor's, an internal error."""
+    skip_unless_available(backend, op, "cpu")
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    x = _jagged(0, requires_grad=True)
+    r = _jagged(1, requires_grad=True, offsets=x.offsets()) if fused else None
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    r_ref = r.detach().clone().requires_grad_() if fused else None
+    with fastnn.use_backend(backend):
+        out = getattr(FF, op)(x, (8,), w, residual=r)
+    s_ref = x_ref + r_ref if fused else x_ref
+    ref = getattr(F, op)(s_ref, (8,), w_ref)
+    outs, refs = (out, (ref, s_ref)) if fused else ((out,), (ref,))
+    for got, want in zip(outs, refs, strict=True):
+        assert got.is_nested and got.shape == x.shape
+        torch.testing.assert_close(got.values(), want.values())
+    dy = [torch.randn(7, 8, dtype=torch.float64) for _ in outs]
+    torch.autograd.backward([o.values() for o in outs], dy)
+    torch.autograd.backward([o.values() for o in refs], dy)
+    for got, want in [(x, x_ref), (w, w_ref)] + ([(r, r_ref)] if fused else []):
+        torch.testing.assert_close(got.grad.values() if got.is_nested else got.grad,
+                                   want.grad.values() if want.is_nested else want.grad)  # fmt: skip
+
+
+def test_nested_input_the_kernels_cannot_take_is_refused_clearly():
+    x = _jagged(0)
+    strided = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(5, 8)])
+    with pytest.raises(RuntimeError, match="strided nested tensor"):
+        FF.rms_norm(strided, (8,))
+    with pytest.raises(RuntimeError, match="ragged dim 1"):
+        FF.layer_norm(x, x.shape[-2:])
+    other = _jagged(1, offsets=torch.tensor([0, 3, 7]))
+    with pytest.raises(RuntimeError, match="residual of shape"):  # (as torch's x + r refuses)
+        FF.rms_norm(x, (8,), residual=other)
+
+
 # ---- Bad input: a clear error that names the problem ----------------------------------------
 
 

@@ -243,6 +243,23 @@ def test_params_over_one_memory_step_in_turn_as_torchs_for_loop(backend, cls):
     assert ours[0].data_ptr() == ours[2].data_ptr()  # still one memory
 
 
+@pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
+def test_a_step_under_fake_tensor_mode_reads_no_addresses(monkeypatch, cls):
+    """Memory tools step under FakeTensorMode: the overlap check must not read a fake param's
+    data_ptr (torch warns, once per process, that it is a bug and will raise)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    def data_ptr(self):
+        raise AssertionError("data_ptr of a FakeTensor read")
+
+    monkeypatch.setattr(FakeTensor, "data_ptr", data_ptr)
+    with FakeTensorMode():
+        params = [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(3)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        getattr(fastnn.optim, cls)(params).step()
+
+
 @pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
 def test_differentiable_is_refused_clearly(cls):
     p = torch.nn.Parameter(torch.randn(3))

@@ -10,6 +10,7 @@ Nothing here reads a device tensor on the host: step() never synchronises with t
 from collections import defaultdict
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 
 from fastnn import _backend, ops
@@ -297,11 +298,16 @@ class FusedStepMixin:
         compiling = torch.compiler.is_compiling()
         # copied_back: (tensor, the copy the op updates in its place), copied back after the op
         pk, gk, copied_back, relaid = [], [], [], []
-        spans = []  # (address, bytes spanned) of each param's memory; not traced when compiled
+        # (address, bytes spanned) of each param's memory, where it has one: not traced when
+        # compiled, none for meta params, and a fake param's data_ptr warns (FakeTensorMode)
+        spans = []
+        has_addresses = not (
+            compiling or device.type == "meta" or isinstance(view(params[0]), FakeTensor)
+        )
         for q, state in zip(params, states, strict=True):
             p, g = view(q), view(q.grad)
             contiguous = p.is_contiguous()
-            if not compiling:
+            if has_addresses:
                 spans.append((p.data_ptr(), p.nbytes if contiguous else _bytes_spanned(p)))
             if not contiguous and not is_dense(p):
                 # A param with gaps (a strided slice of a larger tensor): the kernels take dense

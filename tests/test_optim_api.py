@@ -260,6 +260,25 @@ def test_a_step_under_fake_tensor_mode_reads_no_addresses(monkeypatch, cls):
         getattr(fastnn.optim, cls)(params).step()
 
 
+@pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
+def test_steps_of_meta_params_count_as_torchs(cls):
+    """A shape-only model (deferred init, planning) steps on the meta device: torch's step
+    counts state["step"] (a CPU tensor); fastnn's op ran its fake there, counting nothing."""
+    counts = []
+    for opt_cls, kw in (
+        (getattr(fastnn.optim, cls), {}),
+        (getattr(torch.optim, cls), {"foreach": False}),
+    ):
+        p = torch.nn.Parameter(torch.empty(4, 3, device="meta"))
+        opt = opt_cls([p], lr=0.1, **kw)
+        for _ in range(2):
+            p.grad = torch.empty(4, 3, device="meta")
+            opt.step()
+        counts.append(opt.state[p]["step"])
+    assert counts[0].device == counts[1].device
+    assert counts[0].item() == counts[1].item() == 2
+
+
 @pytest.mark.parametrize("cls", ["Adam", "AdamW", "RMSprop"])
 def test_differentiable_is_refused_clearly(cls):
     p = torch.nn.Parameter(torch.randn(3))

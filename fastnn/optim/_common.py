@@ -366,6 +366,10 @@ class FusedStepMixin:
             for views, copies in zip(written, [pk, *lists], strict=True):
                 copied_back += zip(views, copies, strict=True)
         op(pk, gk, *lists, steps, master, lr_tensor, scale, inf, lr=lr, **kwargs)
+        if device.type == "meta" and not compiling:
+            # Meta params run the op's fake, which writes nothing; torch's step still counts
+            # their (CPU) steps, and a later real step's bias corrections read the count.
+            torch._foreach_add_(steps, 1)
         for t, copy in reversed(copied_back):  # a clone of a gapped param's dense copy first
             t.copy_(copy)
         if unscaled:  # the grads it read hold grad / grad_scale now

@@ -219,7 +219,10 @@ class FusedStepMixin:
             # are slices of one flat buffer share one version counter). Elementwise, with no
             # host sync, on bit patterns: Inductor compiles `value == m.to(value.dtype)` without
             # the rounding (emulate_precision_casts off), which reset nearly every master.
-            m, value = state[MASTER], p.detach()
+            # On DTensors' local shards, as the op writes them: a DTensor copy_ here and the
+            # op's write of the shard were two chained write-backs into one input of a compiled
+            # FSDP2 step, which AOTAutograd refused (assert_functional_graph).
+            m, value = kernel_view(state[MASTER]), kernel_view(p.detach())
             rounded = m.to(value.dtype).view(torch.int16)  # masters are kept for 16-bit params
             m.copy_(torch.where(value.view(torch.int16) == rounded, m, value))
         return state

@@ -301,13 +301,11 @@ class FusedStepMixin:
         compiling = torch.compiler.is_compiling()
         # copied_back: (tensor, the copy the op updates in its place), copied back after the op
         pk, gk, copied_back, relaid = [], [], [], []
-        # (address, bytes spanned) of each param's memory, where it has one: not traced when
-        # compiled, none for meta params, and a fake param's data_ptr warns (FakeTensorMode);
-        # wrapper subclasses give address 0, which _overlap_rounds passes over
+        # (address, bytes spanned) of each param's memory: not traced when compiled, and a fake
+        # param's data_ptr warns (FakeTensorMode); meta tensors and wrapper subclasses give
+        # address 0, which _overlap_rounds passes over
         spans = []
-        has_addresses = not (
-            compiling or device.type == "meta" or isinstance(view(params[0]), FakeTensor)
-        )
+        has_addresses = not (compiling or isinstance(view(params[0]), FakeTensor))
         for q, state in zip(params, states, strict=True):
             p, g = view(q), view(q.grad)
             contiguous = p.is_contiguous()

@@ -224,12 +224,12 @@ def compiling_for_sm90(sass=False):
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    from fastnn.triton_kernels import layer_norm, rms_norm
+    from fastnn.triton_kernels import layer_norm, norm_common, rms_norm
 
     launches = []
     # per_sm of the last persistent_programs call, until a persistent kernel's launch takes it
     asked = {"per_sm": None}
-    real_run, real_programs = JITFunction.run, rms_norm.persistent_programs
+    real_run, real_programs = JITFunction.run, norm_common.persistent_programs
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
@@ -252,12 +252,14 @@ def compiling_for_sm90(sass=False):
     previous_driver = driver._active
     driver.set_active(_Sm90Driver())
     JITFunction.run = run
-    rms_norm.persistent_programs = layer_norm.persistent_programs = persistent_programs
+    for module in (norm_common, rms_norm, layer_norm):
+        module.persistent_programs = persistent_programs
     try:
         yield launches
     finally:
         JITFunction.run = real_run
-        rms_norm.persistent_programs = layer_norm.persistent_programs = real_programs
+        for module in (norm_common, rms_norm, layer_norm):
+            module.persistent_programs = real_programs
         driver._active = previous_driver
 
 

@@ -1,7 +1,7 @@
 """Launch-config sweep of the Triton norm kernels: what each hidden size runs fastest with.
 
 One call of a lent GPU machine times dozens of configs per case without a rebuild (Triton
-compiles at first use), so the launchers' policies in fastnn/triton_kernels/rms_norm.py
+compiles at first use), so the launchers' policies in fastnn/triton_kernels/norm_common.py
 (row_config and persistent_programs: the FWD / BWD launch shapes and BWD_WARPS_PER_SM) can be set
 from measurements afterwards, on any machine.
 
@@ -110,7 +110,7 @@ def candidates(op, direction, n, space=GPU_SPACE):
     (the backward's row-dot and column kernels), the warps giving each thread the space's
     elements, each programs-per-SM option of a persistent grid (the backward's, and the forward
     loops')."""
-    from fastnn.triton_kernels.rms_norm import BWD_MAX_BLOCK
+    from fastnn.triton_kernels.norm_common import BWD_MAX_BLOCK
 
     bn = _pow2(n)
     fwd = direction == "fwd"
@@ -151,12 +151,14 @@ _POLICIES = ("row_config", "persistent_programs")
 @contextlib.contextmanager
 def replaced_policies(replace):
     """Inside, each launcher policy of _POLICIES for which replace(name, real) answers a
-    function is that function, in rms_norm and in layer_norm (which imports them by name)."""
-    from fastnn.triton_kernels import layer_norm, rms_norm
+    function is that function, in norm_common (its own helpers call them) and in rms_norm and
+    layer_norm (which import them by name)."""
+    from fastnn.triton_kernels import layer_norm, norm_common, rms_norm
 
-    saved = {(m, name): getattr(m, name) for m in (rms_norm, layer_norm) for name in _POLICIES
+    modules = (norm_common, rms_norm, layer_norm)
+    saved = {(m, name): getattr(m, name) for m in modules for name in _POLICIES
              if hasattr(m, name)}  # fmt: skip
-    new = {name: replace(name, real) for (m, name), real in saved.items() if m is rms_norm}
+    new = {name: replace(name, real) for (m, name), real in saved.items() if m is norm_common}
     for m, name in saved:
         if new[name] is not None:
             setattr(m, name, new[name])

@@ -334,12 +334,12 @@ def check_triton_looping_forward(kind, dtype, monkeypatch):
     interpreter runs it on short rows): 9 rows over the interpreter's 4 persistent programs,
     each row of 1000 (not a multiple of 16: half the blocks) in 8 column blocks of 128, the
     last one partial."""
-    from fastnn.triton_kernels import layer_norm, rms_norm
+    from fastnn.triton_kernels import layer_norm, norm_common, rms_norm
 
     shape = rms_norm.FWD._replace(loop_block=256)
     for module in (rms_norm, layer_norm):
         monkeypatch.setattr(module, "FWD", shape)
-    monkeypatch.setattr(rms_norm, "FWD_MAX_BYTES", 1024)
+    monkeypatch.setattr(norm_common, "FWD_MAX_BYTES", 1024)
     grids = []
     for module in (rms_norm, layer_norm):
         real = module.fwd_grid

@@ -224,7 +224,7 @@ def test_triton_partial_sums_over_several_rounds():
     """The dW / dB column sum of the Triton backward over more partial rows than one of its tiles
     holds (a GPU's persistent grids write hundreds; the interpreter's write 4, one round)."""
     skip(KIND, "triton", "cpu")
-    from fastnn.triton_kernels.rms_norm import REDUCE_TILE, reduce_partials
+    from fastnn.triton_kernels.norm_common import REDUCE_TILE, reduce_partials
 
     part = randn((300, 100), torch.float32, "cpu")  # 100 columns: blocks of 32, 256 rows each
     assert REDUCE_TILE // 32 < 300

@@ -6,10 +6,11 @@ then that plus the mean deviation from it: row_mean), then the variance as the m
 deviations (within a register-resident tile, two passes over registers; over the column blocks of
 a long row, each block's exact pair merged into the row's, so no cancellation either), statistics
 in fp32 (fp64 for fp64 input).
-The work is laid out as in rms_norm.py (whose shared helpers this module uses): register-resident
-row tiles up to FWD_MAX_BYTES / BWD_MAX_BLOCK (and 16-bit backward rows of exactly
-BWD_REREAD_MAX_BLOCK, read twice: ln_bwd_max_block), column-block loops beyond, persistent
-backward grids writing fp32 [P, N] partials of dW and dB, then fixed-order column sums.
+The work is laid out as norm_common.py describes, from its helpers and kernel pieces:
+register-resident row tiles up to FWD_MAX_BYTES / BWD_MAX_BLOCK (and 16-bit backward rows of
+exactly BWD_REREAD_MAX_BLOCK, read twice: ln_bwd_max_block), column-block loops beyond,
+persistent backward grids writing fp32 [P, N] partials of dW and dB, then fixed-order column
+sums.
 """
 
 import torch
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 
 from fastnn.triton_kernels import device_context
-from fastnn.triton_kernels.rms_norm import (
+from fastnn.triton_kernels.norm_common import (
     BWD,
     BWD_MAX_BLOCK,
     BWD_REREAD_MAX_BLOCK,

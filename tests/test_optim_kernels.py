@@ -495,15 +495,17 @@ def test_bad_input_is_a_clear_error(case, found_inf):
         call(found_inf)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("found_inf", FOUND_INF, ids=["no_inf", "found_inf"])
-def test_bad_scalar_arguments_are_refused_on_steps_that_skip_too(found_inf, device):
+def test_bad_scalar_arguments_are_refused_on_steps_that_skip_too(found_inf, device, backend):
     """A host found_inf != 0 skips the step, but only after grad_scale and lr_tensor pass their
-    checks: a bad one fails on every step, not only on those without an inf."""
+    checks: a bad one fails on every step, not only on those without an inf, on every backend."""
+    skip_unless_available(backend, "adam", device)
     lists, steps = _adam_state(((3,), (4,)), torch.float32, torch.float32, False, False)
     lists = [[t.to(device) for t in ts] for ts in lists]
     steps = [t.to(device) for t in steps]
-    op = ops.get("native", "adam_step_")
+    op = ops.get(backend, "adam_step_")
     kw = dict(
         ADAM_KW, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False
     )
@@ -559,6 +561,44 @@ def test_bad_rmsprop_input_is_a_clear_error(found_inf):
     grads = [lists[1][0].long(), lists[1][1]]
     with pytest.raises(RuntimeError, match="grads\\[0\\] is Long but params\\[0\\] is Float"):
         op(lists[0], grads, *lists[2:5], steps, [], None, None, found_inf, **kw)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
+@pytest.mark.parametrize("found_inf", FOUND_INF, ids=["no_inf", "found_inf"])
+def test_lists_of_the_wrong_length_are_refused_on_every_backend(found_inf, backend):
+    """A list the options use without one tensor per param: the same RuntimeError from every
+    backend, on a step a host found_inf skips too (the torch backend gave an IndexError, and it
+    and the Triton one accepted the call when found_inf was set)."""
+    skip_unless_available(backend, "adam", "cpu")
+    lists, steps = _adam_state(((3,), (4,)), torch.bfloat16, torch.float32, False, True)
+    kw = dict(ADAM_KW, weight_decay=0.0, decoupled_weight_decay=False, maximize=False)
+    adam = ops.get(backend, "adam_step_")
+    params, grads, m, v, _, masters = lists
+    adam_calls = [
+        ((params, grads[:1], m, v, [], steps, []), False, "grads has 1 tensors"),
+        ((params, grads, m, v[:1], [], steps, []), False, "exp_avg_sqs has 1 tensors"),
+        ((params, grads, m, v, [], steps[:1], []), False, "steps has 1 tensors"),
+        ((params, grads, m, v, [], steps, []), True, "max_exp_avg_sqs \\(amsgrad=True\\) has 0"),
+        ((params, grads, m, v, [], steps, masters[:1]), False, "master_params has 1 tensors"),
+    ]
+    for args, amsgrad, message in adam_calls:
+        with pytest.raises(RuntimeError, match=f"fastnn: adam_step_: {message}"):
+            adam(*args, None, None, found_inf, amsgrad=amsgrad, **kw)
+    params, grads, sq, ga, buf, _ = _rmsprop_state(
+        ((3,), (4,)), torch.float32, torch.float32, True, True, False
+    )
+    steps = [torch.zeros(()), torch.zeros(())]
+    kw = dict(RMSPROP_KW, weight_decay=0.0, momentum=0.9, centered=True, maximize=False)
+    rmsprop = ops.get(backend, "rmsprop_step_")
+    rmsprop_calls = [
+        ((params, grads, sq[:1], ga, buf), "square_avgs has 1 tensors"),
+        ((params, grads, sq, [], buf), "grad_avgs \\(centered=True\\) has 0 tensors"),
+        ((params, grads, sq, ga, buf[:1]), "momentum_buffers \\(momentum > 0\\) has 1"),
+    ]
+    for args, message in rmsprop_calls:
+        with pytest.raises(RuntimeError, match=f"fastnn: rmsprop_step_: {message}"):
+            rmsprop(*args, steps, [], None, None, found_inf, **kw)
+    assert all(torch.equal(s, torch.zeros(())) for s in steps)  # no call counted a step
 
 
 def test_opcheck_native_ops():

@@ -23,6 +23,43 @@ def add_scaled(x, alpha, y):
     return torch.add(x, y, alpha=alpha)
 
 
+def check_list_lengths(op, params, lists):
+    """Each (name, list) pair holds one tensor per param: a RuntimeError with the native ops'
+    message otherwise (check_len, csrc/include/fastnn/optim_host.h). Checked before a host
+    found_inf skips the step, so a malformed call fails on every step, as on the native ops."""
+    for name, tensors in lists:
+        if len(tensors) != len(params):
+            raise RuntimeError(
+                f"fastnn: {op}: {name} has {len(tensors)} tensors but params has {len(params)}"
+            )
+
+
+def check_scalars(op, **scalars):
+    """The optional scalar tensors (lr_tensor, grad_scale, found_inf) hold one element each, as
+    the native ops check (host_scalar, optim_host.h); None: absent. Shapes only: no sync."""
+    for name, t in scalars.items():
+        if t is not None and t.numel() != 1:
+            raise RuntimeError(
+                f"fastnn: {op}: {name} must have one element, got shape {list(t.shape)}"
+            )
+
+
+def adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
+               amsgrad):  # fmt: skip
+    """The lists adam_step_ needs one tensor per param in (the native ops' check_adam_lists)."""
+    lists = [
+        ("grads", grads),
+        ("exp_avgs", exp_avgs),
+        ("exp_avg_sqs", exp_avg_sqs),
+        ("steps", steps),
+    ]
+    if amsgrad:
+        lists.append(("max_exp_avg_sqs (amsgrad=True)", max_exp_avg_sqs))
+    if master_params:
+        lists.append(("master_params", master_params))
+    check_list_lengths("adam_step_", params, lists)
+
+
 def device_found_inf(found_inf):
     """(skip, found_inf): a CPU found_inf is read now (skip the whole step when non-zero); a
     device one is returned for skip_if_inf, which masks each write without a sync."""
@@ -89,6 +126,8 @@ def adam_step_(
 ):
     """Updates params, exp_avgs, exp_avg_sqs (and max_exp_avg_sqs when amsgrad, master_params
     when given) in place; steps[i] += 1 first (the count this step uses)."""
+    adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad)
+    check_scalars("adam_step_", lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
     skip, found_inf = device_found_inf(found_inf)
     if skip:
         return

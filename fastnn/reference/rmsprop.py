@@ -6,12 +6,28 @@ import torch
 
 from fastnn.reference.adam import (
     add_scaled,
+    check_list_lengths,
+    check_scalars,
     count_steps_,
     device_found_inf,
     host_or_device,
     skip_if_inf,
     update_grad,
 )
+
+
+def rmsprop_lists(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, master_params,
+                  centered, use_momentum):  # fmt: skip
+    """The lists rmsprop_step_ needs one tensor per param in (the native ops'
+    check_rmsprop_lists)."""
+    lists = [("grads", grads), ("square_avgs", square_avgs), ("steps", steps)]
+    if centered:
+        lists.append(("grad_avgs (centered=True)", grad_avgs))
+    if use_momentum:
+        lists.append(("momentum_buffers (momentum > 0)", momentum_buffers))
+    if master_params:
+        lists.append(("master_params", master_params))
+    check_list_lengths("rmsprop_step_", params, lists)
 
 
 def rmsprop_step_(
@@ -36,6 +52,11 @@ def rmsprop_step_(
 ):
     """Updates params and square_avgs (grad_avgs when centered, momentum_buffers when
     momentum > 0, master_params when given) in place; steps[i] += 1 (torch's step count)."""
+    rmsprop_lists(
+        params, grads, square_avgs, grad_avgs, momentum_buffers, steps, master_params, centered,
+        momentum > 0,
+    )  # fmt: skip
+    check_scalars("rmsprop_step_", lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
     skip, found_inf = device_found_inf(found_inf)
     if skip:
         return

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnn.reference.adam import count_steps_, device_found_inf
+from fastnn.reference.adam import adam_lists, check_scalars, count_steps_, device_found_inf
 from fastnn.triton_kernels import multi_tensor as mt
 from fastnn.triton_kernels.multi_tensor import (
     chunk_pointers,
@@ -157,13 +157,9 @@ def adam_step_(
     params, grads, exp_avgs, exp_avg_sqs: same shapes; fp32 / fp16 / bf16 / fp64 (states and grads
     may be fp32 for low-precision params). max_exp_avg_sqs: when amsgrad, else []. steps: 0-d step
     counts, incremented here first. master_params: fp32 copies of the params (or [])."""
+    adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad)
+    check_scalars("adam_step_", lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
     skip, found_inf = device_found_inf(found_inf)
-    if skip:
-        return  # a CPU found_inf != 0: nothing is written, the step counts included
-    if amsgrad and len(max_exp_avg_sqs) != len(params):
-        raise ValueError("fastnn.adam_step_: amsgrad needs one max_exp_avg_sq per param")
-    if len(steps) != len(params) or len(exp_avgs) != len(params):
-        raise ValueError("fastnn.adam_step_: steps and exp_avgs need one tensor per param")
     plan = mt.check_lists(
         "adam_step_",
         params,
@@ -173,6 +169,8 @@ def adam_step_(
         ("max_exp_avg_sqs", max_exp_avg_sqs if amsgrad else []),
         ("master_params", master_params),
     )
+    if skip:
+        return  # a CPU found_inf != 0: nothing is written, the step counts included
     count_steps_(steps, found_inf)
     if plan is None:
         return

@@ -41,12 +41,8 @@ def check_lists(name, params, grads, *lists):
     (no params, or only zero-size ones), else (compute dtype, device, indices of the non-empty
     params).
 
-    lists: (name for errors, list) pairs of per-param tensors, [] for a list the op leaves out."""
-    for what, lst in lists:
-        if lst and len(lst) != len(params):
-            raise ValueError(f"fastnn.{name}: {what} has {len(lst)} tensors, params {len(params)}")
-    if len(grads) != len(params):
-        raise ValueError(f"fastnn.{name}: grads has {len(grads)} tensors, params {len(params)}")
+    lists: (name for errors, list) pairs of per-param tensors, [] for a list the op leaves out;
+    their lengths are checked before (fastnn.reference.adam.check_list_lengths)."""
     if not params:
         return None
     device = params[0].device

@@ -9,7 +9,8 @@ written when found_inf != 0. This file holds RMSprop's kernel and its math.
 import triton
 import triton.language as tl
 
-from fastnn.reference.adam import count_steps_, device_found_inf
+from fastnn.reference.adam import check_scalars, count_steps_, device_found_inf
+from fastnn.reference.rmsprop import rmsprop_lists
 from fastnn.triton_kernels import adam
 from fastnn.triton_kernels import multi_tensor as mt
 from fastnn.triton_kernels.multi_tensor import (
@@ -129,16 +130,13 @@ def rmsprop_step_(
     be fp32 for low-precision params). grad_avgs: when centered, else []. momentum_buffers: when
     momentum > 0, else []. steps: 0-d step counts, incremented here (torch's state["step"]).
     master_params: fp32 copies of the params (or [])."""
-    skip, found_inf = device_found_inf(found_inf)
-    if skip:
-        return  # a CPU found_inf != 0: nothing is written, the step counts included
     has_momentum = momentum > 0
-    if len(square_avgs) != len(params) or len(steps) != len(params):
-        raise ValueError("fastnn.rmsprop_step_: square_avgs and steps need one tensor per param")
-    if centered and len(grad_avgs) != len(params):
-        raise ValueError("fastnn.rmsprop_step_: centered=True needs one grad_avg per param")
-    if has_momentum and len(momentum_buffers) != len(params):
-        raise ValueError("fastnn.rmsprop_step_: momentum > 0 needs one momentum_buffer per param")
+    rmsprop_lists(
+        params, grads, square_avgs, grad_avgs, momentum_buffers, steps, master_params, centered,
+        has_momentum,
+    )  # fmt: skip
+    check_scalars("rmsprop_step_", lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
+    skip, found_inf = device_found_inf(found_inf)
     gas = grad_avgs if centered else []
     bufs = momentum_buffers if has_momentum else []
     plan = mt.check_lists(
@@ -150,6 +148,8 @@ def rmsprop_step_(
         ("momentum_buffers", bufs),
         ("master_params", master_params),
     )
+    if skip:
+        return  # a CPU found_inf != 0: nothing is written, the step counts included
     count_steps_(steps, found_inf)
     if plan is None:
         return

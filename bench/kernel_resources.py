@@ -14,9 +14,10 @@ specialised as on a GPU (16-byte aligned pointers).
 What it tells, per kernel and N: warps, registers per thread, bytes of spill stores, shared
 memory (a pipelined loop's buffers show here), resident programs per SM (by registers, threads
 and shared memory), for the persistent backward grids the programs per SM the launcher asks
-for (more than fit run as a second wave), and from the SASS the global loads a thread has in
-flight into registers at most and the LDGSTS (cp.async: a pipelined loop loading into shared
-memory) it issues (the table only: cuobjdump takes about 0.5 s a kernel).
+for (on a GPU it takes no more than fit: norm_common.resident_programs), and from the SASS the
+global loads a thread has in flight into registers at most and the LDGSTS (cp.async: a
+pipelined loop loading into shared memory) it issues (the table only: cuobjdump takes about
+0.5 s a kernel).
 The numbers are those of this triton's ptxas (the GPU machines run another triton version).
 tests/test_kernel_resources.py holds every kernel to compiling for sm_90 (the interpreter runs
 code a GPU compile rejects), every norm tier to register-resident rows, the CUDA norm and GLU
@@ -33,13 +34,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from functools import partial
 
-# Hopper (sm_90) per-SM limits (CUDA C programming guide, compute capability 9.0).
-REGS_PER_SM = 65536
-REG_ALLOC_UNIT = 256  # registers are given to a warp in units of 256
+# Hopper (sm_90) per-SM limits that differ between GPUs (CUDA C programming guide, compute
+# capability 9.0); the others are norm_common's.
 MAX_THREADS_PER_SM = 2048
-MAX_BLOCKS_PER_SM = 32
 SHARED_PER_SM = 228 * 1024
-SHARED_RESERVED_PER_BLOCK = 1024
 
 
 # Kernels launched on a persistent grid of persistent_programs(...) programs (the forwards in
@@ -73,12 +71,13 @@ class Launch:
 
     @property
     def resident_per_sm(self):
-        """Programs of this kernel that fit on one SM at once."""
-        warp_regs = -(-self.regs * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
-        by_regs = REGS_PER_SM // (warp_regs * self.num_warps)
-        by_threads = MAX_THREADS_PER_SM // (32 * self.num_warps)
-        by_shared = SHARED_PER_SM // (self.shared + SHARED_RESERVED_PER_BLOCK)
-        return min(by_regs, by_threads, by_shared, MAX_BLOCKS_PER_SM)
+        """Programs of this kernel that fit on one SM at once (as the launchers reckon it on a
+        GPU: norm_common.resident_programs)."""
+        from fastnn.triton_kernels.norm_common import programs_that_fit
+
+        return programs_that_fit(
+            self.regs, self.num_warps, self.shared, MAX_THREADS_PER_SM, SHARED_PER_SM
+        )
 
 
 def _triton_tool(name):
@@ -244,9 +243,9 @@ def compiling_for_sm90(sass=False):
         )  # fmt: skip
         return kernel
 
-    def persistent_programs(device, work, per_sm, share=1):
+    def persistent_programs(device, work, per_sm, share=1, resident=None):
         asked["per_sm"] = per_sm  # share splits the programs over grid columns, not SMs
-        return real_programs(device, work, per_sm, share)
+        return real_programs(device, work, per_sm, share, resident)
 
     # reset_active() would build the default driver, which fails on a machine without a GPU.
     previous_driver = driver._active

@@ -177,8 +177,9 @@ def launched_with(config):
             return None
         if name == "row_config":
             return lambda *args: (config.block_m, config.block_n, config.single, config.num_warps)
-        return lambda device, work, per_sm, share=1: real(
-            device, work, config.per_sm or per_sm, share
+        # A config's per_sm is timed as given, even past what fits (resident).
+        return lambda device, work, per_sm, share=1, resident=None: real(
+            device, work, config.per_sm or per_sm, share, None if config.per_sm else resident
         )
 
     return replaced_policies(replace)
@@ -192,15 +193,18 @@ def current_config(call, direction):
 
     def recording(name, real):
         def policy(*args, **kwargs):
-            seen[name] = (args, real(*args, **kwargs))
-            return seen[name][1]
+            seen[name] = (args, kwargs, real(*args, **kwargs))
+            return seen[name][2]
 
         return policy
 
     with replaced_policies(recording):
         call()
-    block_m, block_n, single, num_warps = seen["row_config"][1]
-    per_sm = seen["persistent_programs"][0][2] if "persistent_programs" in seen else None
+    block_m, block_n, single, num_warps = seen["row_config"][2]
+    per_sm = None
+    if "persistent_programs" in seen:  # what was asked for, capped at what fits (resident)
+        args, kwargs, _ = seen["persistent_programs"]
+        per_sm = min(args[2], kwargs.get("resident") or args[2])
     return Config(block_m, block_n, single, num_warps, per_sm)
 
 

@@ -140,3 +140,53 @@ def test_native_norm_kernels_keep_a_tile_of_loads_in_flight():
     assert {"rms_fwd_reg", "ln_bwd_cols", "rms_bwd_rowdot", "ln_fwd_staged"} <= kinds
     short = [f"{k}: {got} < {need}" for k, (need, got) in held.items() if got < need]
     assert not short, "loads in flight per thread:\n" + "\n".join(short)
+
+
+def test_persistent_grids_ask_for_no_more_programs_than_fit(monkeypatch):
+    """On a GPU the norm backwards' persistent grids take per SM the programs asked for or, when
+    fewer fit, those that fit by the compiled kernel's registers (a second wave would run at low
+    occupancy): the compiled kernel is read once per variant, with a dtype standing in for the
+    partial sums the grid's size decides. A stand-in compiled kernel here (no GPU)."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    import torch
+
+    from fastnn.triton_kernels import norm_common
+
+    warmups = []
+    compiled = SimpleNamespace(
+        n_regs=93, metadata=SimpleNamespace(num_warps=16, shared=0), _init_handles=lambda: None
+    )
+
+    class Kernel:
+        def warmup(self, *args, grid, **kwargs):
+            warmups.append((args, kwargs))
+            return compiled
+
+    hopper = SimpleNamespace(
+        max_threads_per_multi_processor=2048, shared_memory_per_multiprocessor=228 * 1024
+    )
+    monkeypatch.setattr(norm_common, "_RESIDENT", {})
+    monkeypatch.setattr(norm_common, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: hopper)
+    gpu, kernel, x = torch.device("cuda", 0), Kernel(), torch.empty(64, 4096)
+    kwargs = dict(BLOCK_M=1, num_warps=16)
+    # 93 registers over 16 warps: 1536 threads' registers leave room for one program, not two.
+    assert norm_common.persistent_grid(kernel, gpu, 10**6, 2, [x, torch.float32, 64], kwargs) == 132
+    assert norm_common.persistent_grid(kernel, gpu, 10**6, 2, [x, torch.float32, 64], kwargs) == 132
+    assert len(warmups) == 1 and warmups[0][0][1] is torch.float32
+    assert norm_common.persistent_grid(kernel, gpu, 10**6, 2, [x, torch.float32, 65], kwargs) == 132
+    assert len(warmups) == 2  # 65 rows: not a multiple of 16, another compiled variant
+    compiled.n_regs = 40  # three fit: the two asked for
+    kwargs = dict(BLOCK_M=2, num_warps=16)
+    assert norm_common.persistent_grid(kernel, gpu, 10**6, 2, [x, None, 64], kwargs) == 264
+    assert norm_common.persistent_grid(kernel, gpu, 100, 2, [x, None, 64], kwargs) == 100
+    # Under the interpreter nothing is compiled: 4 programs, whatever the kernel.
+    assert norm_common.persistent_grid(kernel, x.device, 10**6, 2, [x, None, 64], kwargs) == 4
+    assert len(warmups) == 3
+    # The table's rows (bench/kernel_resources.py, triton 3.6, sm_90): LayerNorm's bf16 backward
+    # with a residual at N = 512, 78 registers over 4 warps, fits 6 of the 8 asked for.
+    assert norm_common.programs_that_fit(78, 4, 0, 2048, 228 * 1024) == 6
+    assert norm_common.programs_that_fit(72, 4, 0, 2048, 228 * 1024) == 7
+    assert norm_common.programs_that_fit(32, 4, 0, 2048, 228 * 1024) == 16  # by threads

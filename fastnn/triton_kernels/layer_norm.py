@@ -37,7 +37,7 @@ from fastnn.triton_kernels.norm_common import (
     held_weight,
     load_sum,
     load_sum_saved,
-    persistent_programs,
+    persistent_grid,
     reduce_partials,
     row_config,
     rsqrt_rn,
@@ -354,21 +354,16 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
     )
     with device_context(x):
         if single:
-            tile = whole_row_tile(x.device, rows, n, block_m, block_n, aligned, num_warps)
-            p = tile.programs
-        else:
-            col_blocks = triton.cdiv(n, block_n)
-            p = persistent_programs(
-                x.device, rows, bwd_programs_per_sm(num_warps), share=col_blocks
-            )
-        dw_part = torch.empty((p, n), dtype=acc, device=x.device) if has_w else None
-        db_part = torch.empty((p, n), dtype=acc, device=x.device) if has_b else None
-        if single:
-            _ln_bwd_kernel[(p,)](
-                dy, dres, xc, w, mu, rs, dx.buf, dw_part, db_part, rows, n, tile.row_blocks,
+            tile = whole_row_tile(rows, n, block_m, block_n, aligned, num_warps)
+            kernel, work, per_sm, col_blocks = _ln_bwd_kernel, tile.row_blocks, tile.per_sm, 1
+            kwargs = dict(
                 BLOCK_M=block_m, BLOCK_N=block_n, REREAD=tile.reread, EVEN=tile.even,
                 num_warps=num_warps, **flags,
             )  # fmt: skip
+
+            def args(dw_part, db_part):
+                return [dy, dres, xc, w, mu, rs, dx.buf, dw_part, db_part, rows, n, work]
+
         else:
             c_gx = torch.empty(rows, dtype=acc, device=x.device)
             c_g = torch.empty(rows, dtype=acc, device=x.device)
@@ -376,10 +371,20 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
                 dy, xc, w, mu, rs, c_gx, c_g, n, HAS_W=has_w, ACC=flags["ACC"],
                 BLOCK_N=block_n, num_warps=num_warps,
             )  # fmt: skip
-            _ln_bwd_cols_kernel[(col_blocks, p)](
-                dy, dres, xc, w, mu, rs, c_gx, c_g, dx.buf, dw_part, db_part, rows, n,
-                BLOCK_N=block_n, num_warps=num_warps, **flags,
-            )  # fmt: skip
+            kernel, work, per_sm = _ln_bwd_cols_kernel, rows, bwd_programs_per_sm(num_warps)
+            col_blocks = triton.cdiv(n, block_n)
+            kwargs = dict(BLOCK_N=block_n, num_warps=num_warps, **flags)
+
+            def args(dw_part, db_part):
+                return [dy, dres, xc, w, mu, rs, c_gx, c_g, dx.buf, dw_part, db_part, rows, n]
+
+        # The partials' rows are the grid's programs, which depend on the compiled kernel: until
+        # they are known their dtype stands in for them (persistent_grid).
+        stand_ins = args(acc if has_w else None, acc if has_b else None)
+        p = persistent_grid(kernel, x.device, work, per_sm, stand_ins, kwargs, share=col_blocks)
+        dw_part = torch.empty((p, n), dtype=acc, device=x.device) if has_w else None
+        db_part = torch.empty((p, n), dtype=acc, device=x.device) if has_b else None
+        kernel[(p,) if single else (col_blocks, p)](*args(dw_part, db_part), **kwargs)
         dw = reduce_partials(dw_part, weight) if has_w else x.new_empty(0)
         db = reduce_partials(db_part, bias) if has_b else x.new_empty(0)
     return dx.finish(), dw, db

@@ -174,15 +174,75 @@ def _index(device):
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def persistent_programs(device, work, per_sm, share=1):
-    """Programs of a persistent grid: `per_sm` per SM on a GPU split over `share` grid columns,
-    at most `work`. Under the interpreter (CPU) 4, so the partial-sum reduction is exercised
-    with several partials while the grid stays small (about 1 ms per interpreted program)."""
+def persistent_programs(device, work, per_sm, share=1, resident=None):
+    """Programs of a persistent grid: `per_sm` per SM on a GPU, or `resident` (what fits at once:
+    resident_programs) where fewer, split over `share` grid columns, at most `work`. Under the
+    interpreter (CPU) 4, so the partial-sum reduction is exercised with several partials while
+    the grid stays small (about 1 ms per interpreted program)."""
     if device.type == "cuda":
-        budget = _sm_count(_index(device)) * per_sm // share
+        budget = _sm_count(_index(device)) * min(per_sm, resident or per_sm) // share
     else:
         budget = 4
     return max(1, min(work, budget))
+
+
+# What one SM holds at once, sm_80 to sm_90: 64K registers, given to warps in units of 256, and
+# at most 32 blocks, each with 1 KB of shared memory reserved (CUDA C programming guide).
+REGS_PER_SM = 65536
+REG_ALLOC_UNIT = 256
+MAX_BLOCKS_PER_SM = 32
+SHARED_RESERVED_PER_BLOCK = 1024
+
+
+def programs_that_fit(regs, num_warps, shared, max_threads, shared_per_sm):
+    """Programs of a kernel (regs per thread, num_warps, shared bytes) resident on one SM at
+    once, by registers, threads and shared memory."""
+    warp_regs = -(-regs * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    by_regs = REGS_PER_SM // (warp_regs * num_warps)
+    by_threads = max_threads // (32 * num_warps)
+    by_shared = shared_per_sm // (shared + SHARED_RESERVED_PER_BLOCK)
+    return min(by_regs, by_threads, by_shared, MAX_BLOCKS_PER_SM)
+
+
+def _specialization(arg):
+    """What of a launch argument picks the compiled variant: a tensor's dtype and 16-byte
+    alignment (a torch.dtype stands for a fresh, aligned tensor of it), an int's divisibility by
+    16, being 1 and needing 64 bits; None and floats by their type."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return arg % 16 == 0, arg == 1, -(2**31) <= arg < 2**31
+    return arg if isinstance(arg, torch.dtype) else type(arg)
+
+
+_RESIDENT = {}
+
+
+def resident_programs(kernel, device, args, kwargs):
+    """Programs of `kernel` launched with (args, kwargs) that one SM of `device` holds at once,
+    from the compiled kernel's registers and shared memory; None off CUDA (nothing compiled
+    under the interpreter). A torch.dtype in args stands for a tensor the launch allocates
+    after this (its size may depend on the answer). Compiled once per variant: triton compiles
+    at the launch's warmup what the launch then runs.
+
+    A persistent grid asking for more programs per SM than fit runs the rest as a second wave
+    at low occupancy. Under triton 3.6 (the GPU machines'; ptxas, sm_90, bench/kernel_resources.py)
+    the LayerNorm backward with a residual fits 6-7 of the 8 programs per SM it asks for: bf16
+    row tiles of N = 256-512 take 72-78 registers over 4 warps, and its column kernels past 4K
+    80; fp32 row tiles of N = 4096 take 86-117 registers over 16 warps, one program of two."""
+    if device.type != "cuda":
+        return None
+    index = _index(device)
+    key = (kernel, index, tuple(kwargs.items()), tuple(_specialization(a) for a in args))
+    if key not in _RESIDENT:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled._init_handles()  # loads the binary: n_regs is known from here
+        props = torch.cuda.get_device_properties(index)
+        _RESIDENT[key] = max(1, programs_that_fit(
+            compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared,
+            props.max_threads_per_multi_processor, props.shared_memory_per_multiprocessor,
+        ))  # fmt: skip
+    return _RESIDENT[key]
 
 
 def fwd_max_block(input, *params):
@@ -272,23 +332,30 @@ def bwd_programs_per_sm(num_warps, reread=False):
 
 class WholeRowTile(NamedTuple):
     """A launch of the backward's whole-row kernel: how it reads its tiles (its REREAD, HALVES,
-    EVEN) and its persistent grid."""
+    EVEN) and the programs per SM of its persistent grid (persistent_grid)."""
 
     reread: bool  # read again after the rows' reduction (bwd_rereads)
     halves: int  # column halves with a dW (dB) accumulator each (bwd_halves)
     even: bool  # tiles read twice that cover the rows exactly: no masks
     row_blocks: int  # tiles of block_m rows
-    programs: int  # persistent programs (each writes one partial dW / dB row)
+    per_sm: int  # persistent programs per SM asked for (each writes one partial dW / dB row)
 
 
-def whole_row_tile(device, rows, n, block_m, block_n, aligned, num_warps):
+def whole_row_tile(rows, n, block_m, block_n, aligned, num_warps):
     """The WholeRowTile of a backward launch of [block_m, block_n] tiles over [rows, n]."""
     tile = block_m * block_n
     reread = bwd_rereads(tile, aligned)
     even = reread and n == block_n and rows % block_m == 0
     row_blocks = triton.cdiv(rows, block_m)
-    programs = persistent_programs(device, row_blocks, bwd_programs_per_sm(num_warps, reread))
-    return WholeRowTile(reread, bwd_halves(tile, aligned), even, row_blocks, programs)
+    per_sm = bwd_programs_per_sm(num_warps, reread)
+    return WholeRowTile(reread, bwd_halves(tile, aligned), even, row_blocks, per_sm)
+
+
+def persistent_grid(kernel, device, work, per_sm, args, kwargs, share=1):
+    """persistent_programs for a launch of `kernel` with (args, kwargs), per_sm capped at the
+    programs that fit on an SM at once (resident_programs)."""
+    resident = resident_programs(kernel, device, args, kwargs)
+    return persistent_programs(device, work, per_sm, share, resident=resident)
 
 
 @triton.jit

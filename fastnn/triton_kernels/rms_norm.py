@@ -37,7 +37,7 @@ from fastnn.triton_kernels.norm_common import (
     load_row,
     load_sum,
     load_sum_saved,
-    persistent_programs,
+    persistent_grid,
     reduce_partials,
     row_config,
     rsqrt_rn,
@@ -349,28 +349,34 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
     )
     with device_context(x):
         if single:
-            tile = whole_row_tile(x.device, rows, n, block_m, block_n, aligned, num_warps)
-            p = tile.programs
-            part = torch.empty((p, n), dtype=acc, device=x.device) if has_w else None
-            _rms_bwd_kernel[(p,)](
-                dy, dres, xc, w, rs, dx.buf, part, rows, n, tile.row_blocks,
+            tile = whole_row_tile(rows, n, block_m, block_n, aligned, num_warps)
+            kernel, work, per_sm, col_blocks = _rms_bwd_kernel, tile.row_blocks, tile.per_sm, 1
+            kwargs = dict(
                 BLOCK_M=block_m, BLOCK_N=block_n // tile.halves, HALVES=tile.halves,
                 REREAD=tile.reread, EVEN=tile.even, num_warps=num_warps, **flags,
             )  # fmt: skip
+
+            def args(part):
+                return [dy, dres, xc, w, rs, dx.buf, part, rows, n, work]
+
         else:
             c = torch.empty(rows, dtype=acc, device=x.device)
             _rms_rowdot_kernel[(rows,)](
                 dy, xc, w, rs, c, n, HAS_W=has_w, ACC=flags["ACC"], BLOCK_N=block_n,
                 num_warps=num_warps,
             )  # fmt: skip
+            kernel, work, per_sm = _rms_bwd_cols_kernel, rows, bwd_programs_per_sm(num_warps)
             col_blocks = triton.cdiv(n, block_n)
-            g = persistent_programs(
-                x.device, rows, bwd_programs_per_sm(num_warps), share=col_blocks
-            )
-            part = torch.empty((g, n), dtype=acc, device=x.device) if has_w else None
-            _rms_bwd_cols_kernel[(col_blocks, g)](
-                dy, dres, xc, w, rs, c, dx.buf, part, rows, n,
-                BLOCK_N=block_n, num_warps=num_warps, **flags,
-            )  # fmt: skip
+            kwargs = dict(BLOCK_N=block_n, num_warps=num_warps, **flags)
+
+            def args(part):
+                return [dy, dres, xc, w, rs, c, dx.buf, part, rows, n]
+
+        # The partial dW's rows are the grid's programs, which depend on the compiled kernel:
+        # until they are known its dtype stands in for it (persistent_grid).
+        stand_ins = args(acc if has_w else None)
+        p = persistent_grid(kernel, x.device, work, per_sm, stand_ins, kwargs, share=col_blocks)
+        part = torch.empty((p, n), dtype=acc, device=x.device) if has_w else None
+        kernel[(p,) if single else (col_blocks, p)](*args(part), **kwargs)
         dw = reduce_partials(part, weight) if has_w else x.new_empty(0)
     return dx.finish(), dw

@@ -86,6 +86,25 @@ def test_bf16_input_fp32_weight(backend, device):
     check_against_oracle(KIND, backend, device, case, (72,), 1e-6, torch.bfloat16)
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_fp64_input_16bit_weight(backend, device, weight_dtype):
+    """fp64 input with a 16-bit weight: the output is fp64, as torch's, and dW is rounded to the
+    weight's dtype as torch casts fp64 to 16 bits (through fp32). The Triton partial sums' direct
+    fp64 -> bf16 cast gave NaN, 0 and subnormals under the interpreter."""
+    skip(KIND, backend, device)
+    x = randn((8, 72), torch.float64, device, seed=1).requires_grad_()
+    w = randn((72,), weight_dtype, device, seed=2).requires_grad_()
+    dy = randn((8, 72), torch.float64, device, seed=3)
+    want = torch.autograd.grad(F.rms_norm(x, (72,), w, 1e-6), (x, w), dy)
+    with fastnn.use_backend(backend):
+        out = FF.rms_norm(x, (72,), w, 1e-6)
+        got = torch.autograd.grad(out, (x, w), dy)
+    assert out.dtype == torch.float64 and got[1].dtype == weight_dtype
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])  # the 16-bit dtype's default tolerance
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_zero_rows(backend, device):
     skip(KIND, backend, device)

@@ -369,7 +369,13 @@ def _reduce_partials_kernel(PART, OUT, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.
         prow = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
         mask = (prow[:, None] < P) & cmask[None, :]
         acc += tl.load(PART + prow[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cmask)
+    total = tl.sum(acc, axis=0)
+    if OUT.dtype.element_ty != tl.float64:
+        # fp64 partials (fp64 input) of a 16-bit weight's gradient round through fp32, as torch
+        # casts fp64 to 16 bits; the interpreter's direct fp64 -> bf16 cast gave 0, subnormals
+        # or NaN (a no-op for fp32 partials)
+        total = total.to(tl.float32)
+    tl.store(OUT + cols, total.to(OUT.dtype.element_ty), mask=cmask)
 
 
 # Elements of the reduction's [BLOCK_P, BLOCK_N] tile: 32 fp32 per thread over 8 warps.

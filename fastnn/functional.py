@@ -60,8 +60,6 @@ def _normalized_shape(normalized_shape):
     # (the modules' own tuple of ints first: 0.2 us, where the general path takes 1.0)
     if type(normalized_shape) is tuple and all(type(n) is int for n in normalized_shape):
         return normalized_shape
-    if _is_int(normalized_shape):
-        return (_size(normalized_shape),)
     if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
         _is_int(n) or _is_int_tensor(n) for n in normalized_shape
     ):
@@ -75,7 +73,8 @@ def _normalized_shape(normalized_shape):
                 f"fastnn: normalized_shape holds a bool tensor, not an integer: {normalized_shape!r}"
             )
         raise TypeError(
-            f"fastnn: normalized_shape must be an int or a tuple of ints, got {normalized_shape!r}"
+            f"fastnn: normalized_shape must be a tuple of ints, got {normalized_shape!r} (as "
+            "torch's F.rms_norm / F.layer_norm, a bare int is refused: the modules take one)"
         )
     return tuple(_size(n) for n in normalized_shape)
 

@@ -48,12 +48,12 @@ from fastnn.triton_kernels.norm_common import (
 )
 
 # RMSNorm forward rows of exactly 64K 16-bit elements (without a residual) are taken whole, read a
-# second time after their reduction: over 32 warps 64 registers, 8 B spilled (ptxas of triton
-# 3.8 and 3.6, sm_90), where holding them spilled 104 B and the residual's second tensor 76 B
-# (LayerNorm's weight and bias together, 156 B: its rows loop). Not timed
-# yet (written without a GPU): the looping tier they replace ran at 76% of copy (H100, bf16,
-# 32768 rows, bench/results/nvidia-h100-80gb-hbm3-2026-11-27/sweep-fwd-64k); the sweep's
-# rms_norm fwd 65536 case times both.
+# second time after their reduction: over 32 warps 64 registers, none spilled under triton
+# 3.6 (the GPU machines') and 24 B under 3.8 (ptxas, sm_90), where holding them spilled 104 B
+# and the residual's second tensor 76 B (LayerNorm's weight and bias together, 156 B: its rows
+# loop). Not timed yet (written without a GPU): the looping tier they replace ran at 76% of
+# copy (H100, bf16, 32768 rows, bench/results/nvidia-h100-80gb-hbm3-2026-11-27/sweep-fwd-64k);
+# the sweep's rms_norm fwd 65536 case times both.
 FWD_REREAD_BLOCK = 65536
 
 

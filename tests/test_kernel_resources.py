@@ -146,13 +146,15 @@ def test_persistent_grids_ask_for_no_more_programs_than_fit(monkeypatch):
     """On a GPU the norm backwards' persistent grids take per SM the programs asked for or, when
     fewer fit, those that fit by the compiled kernel's registers (a second wave would run at low
     occupancy): the compiled kernel is read once per variant, with a dtype standing in for the
-    partial sums the grid's size decides. A stand-in compiled kernel here (no GPU)."""
+    partial sums the grid's size decides. A stand-in compiled kernel here (no GPU). Under the
+    interpreter nothing is compiled, on CUDA tensors too: the grid is as asked."""
     pytest.importorskip("triton")
     from types import SimpleNamespace
 
     import torch
+    from triton.runtime.interpreter import InterpretedFunction
 
-    from fastnn.triton_kernels import norm_common
+    from fastnn.triton_kernels import norm_common, rms_norm
 
     warmups = []
     compiled = SimpleNamespace(
@@ -171,20 +173,30 @@ def test_persistent_grids_ask_for_no_more_programs_than_fit(monkeypatch):
     monkeypatch.setattr(norm_common, "_sm_count", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: hopper)
     gpu, kernel, x = torch.device("cuda", 0), Kernel(), torch.empty(64, 4096)
+
+    def grid(work, args, kwargs, aligned=True, device=gpu):
+        return norm_common.persistent_grid(kernel, device, work, 2, args, kwargs, aligned)
+
     kwargs = dict(BLOCK_M=1, num_warps=16)
     # 93 registers over 16 warps: 1536 threads' registers leave room for one program, not two.
-    assert norm_common.persistent_grid(kernel, gpu, 10**6, 2, [x, torch.float32, 64], kwargs) == 132
-    assert norm_common.persistent_grid(kernel, gpu, 10**6, 2, [x, torch.float32, 64], kwargs) == 132
+    assert grid(10**6, [x, torch.float32, 64], kwargs) == 132
+    assert grid(10**6, [x, torch.float32, 64], kwargs) == 132
     assert len(warmups) == 1 and warmups[0][0][1] is torch.float32
-    assert norm_common.persistent_grid(kernel, gpu, 10**6, 2, [x, torch.float32, 65], kwargs) == 132
+    assert grid(10**6, [x, torch.float32, 65], kwargs) == 132
     assert len(warmups) == 2  # 65 rows: not a multiple of 16, another compiled variant
+    assert grid(10**6, [x, torch.float32, 64], kwargs, aligned=False) == 132
+    assert len(warmups) == 3  # rows that are not 16-byte vectors: another variant
     compiled.n_regs = 40  # three fit: the two asked for
     kwargs = dict(BLOCK_M=2, num_warps=16)
-    assert norm_common.persistent_grid(kernel, gpu, 10**6, 2, [x, None, 64], kwargs) == 264
-    assert norm_common.persistent_grid(kernel, gpu, 100, 2, [x, None, 64], kwargs) == 100
-    # Under the interpreter nothing is compiled: 4 programs, whatever the kernel.
-    assert norm_common.persistent_grid(kernel, x.device, 10**6, 2, [x, None, 64], kwargs) == 4
-    assert len(warmups) == 3
+    assert grid(10**6, [x, None, 64], kwargs) == 264
+    assert grid(100, [x, None, 64], kwargs) == 100
+    # CPU tensors under the interpreter: 4 programs, whatever the kernel.
+    assert grid(10**6, [x, None, 64], kwargs, device=x.device) == 4
+    assert len(warmups) == 4
+    # An interpreted kernel on CUDA tensors compiles nothing (its warmup answers None): as asked.
+    interpreted = InterpretedFunction(rms_norm._rms_bwd_kernel.fn)
+    grid_args = (gpu, 10**6, 2, [x, None, 64], kwargs, True)
+    assert norm_common.persistent_grid(interpreted, *grid_args) == 264
     # The table's rows (bench/kernel_resources.py, triton 3.6, sm_90): LayerNorm's bf16 backward
     # with a residual at N = 512, 78 registers over 4 warps, fits 6 of the 8 asked for.
     assert norm_common.programs_that_fit(78, 4, 0, 2048, 228 * 1024) == 6

@@ -381,7 +381,9 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
         # The partials' rows are the grid's programs, which depend on the compiled kernel: until
         # they are known their dtype stands in for them (persistent_grid).
         stand_ins = args(acc if has_w else None, acc if has_b else None)
-        p = persistent_grid(kernel, x.device, work, per_sm, stand_ins, kwargs, share=col_blocks)
+        p = persistent_grid(
+            kernel, x.device, work, per_sm, stand_ins, kwargs, aligned, share=col_blocks
+        )
         dw_part = torch.empty((p, n), dtype=acc, device=x.device) if has_w else None
         db_part = torch.empty((p, n), dtype=acc, device=x.device) if has_b else None
         kernel[(p,) if single else (col_blocks, p)](*args(dw_part, db_part), **kwargs)

@@ -204,44 +204,48 @@ def programs_that_fit(regs, num_warps, shared, max_threads, shared_per_sm):
     return min(by_regs, by_threads, by_shared, MAX_BLOCKS_PER_SM)
 
 
-def _specialization(arg):
-    """What of a launch argument picks the compiled variant: a tensor's dtype and 16-byte
-    alignment (a torch.dtype stands for a fresh, aligned tensor of it), an int's divisibility by
-    16, being 1 and needing 64 bits; None and floats by their type."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, int) and not isinstance(arg, bool):
+def _variant(arg):
+    """What of a launch argument picks the compiled variant, read cheaply: a tensor's dtype (a
+    torch.dtype stands for a fresh tensor of it), an int's divisibility by 16, being 1 and
+    needing 64 bits, None itself. Pointer alignment is the launcher's (vector_aligned): reading
+    every tensor's address cost 4.5 us of the key's 9 us per call (2-core dev VM)."""
+    if isinstance(arg, int):
         return arg % 16 == 0, arg == 1, -(2**31) <= arg < 2**31
-    return arg if isinstance(arg, torch.dtype) else type(arg)
+    return getattr(arg, "dtype", arg)
 
 
 _RESIDENT = {}
 
 
-def resident_programs(kernel, device, args, kwargs):
+def resident_programs(kernel, device, args, kwargs, aligned):
     """Programs of `kernel` launched with (args, kwargs) that one SM of `device` holds at once,
-    from the compiled kernel's registers and shared memory; None off CUDA (nothing compiled
-    under the interpreter). A torch.dtype in args stands for a tensor the launch allocates
-    after this (its size may depend on the answer). Compiled once per variant: triton compiles
-    at the launch's warmup what the launch then runs.
+    from the compiled kernel's registers and shared memory; None off CUDA or under the
+    interpreter (nothing compiled). A torch.dtype in args stands for a tensor the launch
+    allocates after this (its size may depend on the answer). `aligned`: the launcher's
+    vector_aligned. Compiled once per variant: the warmup compiles what the launch then runs.
 
     A persistent grid asking for more programs per SM than fit runs the rest as a second wave
-    at low occupancy. Under triton 3.6 (the GPU machines'; ptxas, sm_90, bench/kernel_resources.py)
-    the LayerNorm backward with a residual fits 6-7 of the 8 programs per SM it asks for: bf16
-    row tiles of N = 256-512 take 72-78 registers over 4 warps, and its column kernels past 4K
-    80; fp32 row tiles of N = 4096 take 86-117 registers over 16 warps, one program of two."""
+    at low occupancy. Under triton 3.6 (the GPU machines'; ptxas, sm_90,
+    bench/kernel_resources.py) the LayerNorm backward with a residual fits 6-7 of the 8
+    programs per SM it asks for: bf16 row tiles of N = 256-512 take 72-78 registers over 4
+    warps, and its column kernels past 4K 80; fp32 row tiles of N = 4096 take 86-117 registers
+    over 16 warps, one program of two."""
     if device.type != "cuda":
         return None
     index = _index(device)
-    key = (kernel, index, tuple(kwargs.items()), tuple(_specialization(a) for a in args))
+    key = (kernel, index, aligned, *kwargs.values(), *map(_variant, args))
     if key not in _RESIDENT:
-        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
-        compiled._init_handles()  # loads the binary: n_regs is known from here
-        props = torch.cuda.get_device_properties(index)
-        _RESIDENT[key] = max(1, programs_that_fit(
-            compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared,
-            props.max_threads_per_multi_processor, props.shared_memory_per_multiprocessor,
-        ))  # fmt: skip
+        # None from the interpreter (on CUDA tensors too) and from a triton cache hook that
+        # took the launch: nothing compiled to read.
+        compiled, fit = kernel.warmup(*args, grid=(1,), **kwargs), None
+        if compiled is not None:
+            compiled._init_handles()  # loads the binary: n_regs is known from here
+            props = torch.cuda.get_device_properties(index)
+            fit = max(1, programs_that_fit(
+                compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared,
+                props.max_threads_per_multi_processor, props.shared_memory_per_multiprocessor,
+            ))  # fmt: skip
+        _RESIDENT[key] = fit
     return _RESIDENT[key]
 
 
@@ -351,10 +355,10 @@ def whole_row_tile(rows, n, block_m, block_n, aligned, num_warps):
     return WholeRowTile(reread, bwd_halves(tile, aligned), even, row_blocks, per_sm)
 
 
-def persistent_grid(kernel, device, work, per_sm, args, kwargs, share=1):
+def persistent_grid(kernel, device, work, per_sm, args, kwargs, aligned, share=1):
     """persistent_programs for a launch of `kernel` with (args, kwargs), per_sm capped at the
     programs that fit on an SM at once (resident_programs)."""
-    resident = resident_programs(kernel, device, args, kwargs)
+    resident = resident_programs(kernel, device, args, kwargs, aligned)
     return persistent_programs(device, work, per_sm, share, resident=resident)
 
 

@@ -375,7 +375,9 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
         # The partial dW's rows are the grid's programs, which depend on the compiled kernel:
         # until they are known its dtype stands in for it (persistent_grid).
         stand_ins = args(acc if has_w else None)
-        p = persistent_grid(kernel, x.device, work, per_sm, stand_ins, kwargs, share=col_blocks)
+        p = persistent_grid(
+            kernel, x.device, work, per_sm, stand_ins, kwargs, aligned, share=col_blocks
+        )
         part = torch.empty((p, n), dtype=acc, device=x.device) if has_w else None
         kernel[(p,) if single else (col_blocks, p)](*args(part), **kwargs)
         dw = reduce_partials(part, weight) if has_w else x.new_empty(0)

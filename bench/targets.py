@@ -78,13 +78,16 @@ def share_of_copy(op, modes, dtype, minimum, what, shape_ok=lambda shape: True):
     return what, op, check
 
 
-def faster_everywhere(op, modes, dtype, baseline, what):
-    """fastnn faster than `baseline` at every shape of the run (the closest case is shown)."""
+def faster_everywhere(op, modes, dtype, baseline, what, shape_ok=lambda shape: True):
+    """fastnn faster than `baseline` at every matching shape of the run (the closest case is
+    shown)."""
 
     def check(rows, copy, device):
         pairs = []
         for mode in modes:
             for ours in _find(rows, op, mode, default_impl(op, device), dtype):
+                if not shape_ok(list(ours["shape"])):
+                    continue
                 theirs = _one(rows, op, mode, baseline, dtype, ours["shape"])
                 if theirs is not None:
                     pairs.append((theirs["median_s"] / ours["median_s"], mode, ours["shape"]))
@@ -133,7 +136,8 @@ TARGETS = {
         share_of_copy("rms_norm", ["bwd"], "bf16", 0.8,
                       "RMSNorm bwd bf16, N 1K-64K at 32K rows: >= 80% of copy", _norm_target_shape),
         faster_everywhere("rms_norm", ["fwd", "bwd"], "bf16", "compile",
-                          "RMSNorm bf16: faster than torch.compile at every N"),
+                          "RMSNorm bf16, N 1K-64K at 32K rows: faster than torch.compile at every N",
+                          _norm_target_shape),
         share_of_copy("layer_norm", ["fwd"], "bf16", 0.9,
                       "LayerNorm fwd bf16, N 1K-64K at 32K rows: >= 90% of copy",
                       _norm_target_shape),
@@ -141,7 +145,8 @@ TARGETS = {
                       "LayerNorm bwd bf16, N 1K-64K at 32K rows: >= 80% of copy",
                       _norm_target_shape),
         faster_everywhere("layer_norm", ["fwd", "bwd"], "bf16", "compile",
-                          "LayerNorm bf16: faster than torch.compile at every N"),
+                          "LayerNorm bf16, N 1K-64K at 32K rows: faster than torch.compile at "
+                          "every N", _norm_target_shape),
         share_of_copy("swiglu", ["fwd", "bwd"], "bf16", 0.9,
                       "SwiGLU fwd and bwd [32768, 11008] bf16: >= 90% of copy",
                       lambda s: s == [TARGET_ROWS, 11008]),

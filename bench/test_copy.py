@@ -1,6 +1,11 @@
 """The memory-bandwidth ceiling, measured in the same run as the kernels: a large
 device-to-device `dst.copy_(src)`, bytes read plus bytes written. report.py expresses every
-kernel's GB/s as a percentage of this."""
+kernel's GB/s as a percentage of this.
+
+On the CPU the copy's ordinary stores read each destination line before writing it, so 3 bytes
+move for the 2 counted. A kernel writing a fresh output (the norms, the GLU family) pays the
+same and stays comparable; an in-place update (the optimizers) does not, and can pass 100%
+(Adam 153% on the 2-core dev VM, bench/results/cpu-amd-epyc-2026-11-28)."""
 
 import pytest
 import torch

@@ -98,6 +98,8 @@ def test_gpu_targets_take_the_worst_target_shape(tmp_path):
         _bench("rms_norm", "fwd", "compile", 2e-3, 2_850_000_000, [32768, 1024]),
         _bench("rms_norm", "bwd", "fastnn-triton", 2e-3, 2_850_000_000, [32768, 1024]),
         _bench("rms_norm", "bwd", "compile", 1e-3, 2_850_000_000, [32768, 1024]),
+        # torch.compile 4x faster at N = 512: outside the target's N, not its worst case
+        _bench("rms_norm", "fwd", "compile", 0.25e-3, 300_000_000, [131072, 512]),
         _bench("swiglu", "fwd", "fastnn-native", 1e-3, 2_850_000_000, [32768, 11008]),
         _bench("swiglu", "bwd", "fastnn-native", 1e-3, 2_850_000_000, [32768, 11008]),
         _bench("swiglu", "bwd", "fastnn-triton", 1e-3, 300_000_000, [32768, 11008]),  # unjudged
@@ -107,7 +109,7 @@ def test_gpu_targets_take_the_worst_target_shape(tmp_path):
     assert f"{head} 80% at worst (fwd [32768, 65536]) | **no** |" in text
     head = "| RMSNorm bwd bf16, N 1K-64K at 32K rows: >= 80% of copy | fastnn-triton |"
     assert f"{head} 48% at worst (bwd [32768, 1024]) | **no** |" in text
-    head = "| RMSNorm bf16: faster than torch.compile at every N | fastnn-triton |"
+    head = "| RMSNorm bf16, N 1K-64K at 32K rows: faster than torch.compile at every N | fastnn-triton |"
     assert f"{head} 0.50x at worst (bwd [32768, 1024]) | **no** |" in text
     head = "| SwiGLU fwd and bwd [32768, 11008] bf16: >= 90% of copy | fastnn-native |"
     assert f"{head} 95% at worst (fwd [32768, 11008]) | yes |" in text

@@ -24,8 +24,10 @@ Layout of the work (launch shapes: FWD and BWD, below):
 - no loop is software-pipelined (num_stages=1): on an H100 (bf16, 32768 rows, N = 1K-64K, both
   norms) two stages never beat one by more than 0.5% of copy and lost up to 6% (the LayerNorm
   forward at 64K: 63% against 69%);
+- P programs per SM as asked (BWD_WARPS_PER_SM), or as many as fit where fewer do, by the
+  compiled kernel's registers (resident_programs);
 - dW = a fixed-order column sum of the partials (reduce_partials): bitwise reproducible across
-  runs on one device, since P depends only on the device and the shape;
+  runs on one device, since P depends only on the device, the shape and the compiled kernel;
 - rows that cannot be loaded as 16-byte vectors (vector_aligned: N not a multiple of 16, or a
   pointer off a 16-byte boundary) cost an address register per element: their caps, column
   blocks, row tiles and elements per thread are half the others' (row_config).

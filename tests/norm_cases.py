@@ -498,17 +498,22 @@ def check_double_backward(kind, backend, device):
 
 def opcheck_ops(kind, backend, device, dtype):
     """torch.library.opcheck on the backend's fwd and bwd ops, with and without the options, and
-    on dense transposed [rows, N] tensors (the outputs keep their strides, as the fakes say)."""
+    on dense transposed [rows, N] tensors, all of them or only the gradients or only the inputs
+    (the outputs keep x's strides, as the fakes say: a torch-backend gradient that followed a
+    transposed dy's made Inductor assert)."""
     name = KINDS[kind]
     fwd, bwd = fastnn.ops.get(backend, f"{name}_fwd"), fastnn.ops.get(backend, f"{name}_bwd")
-    for residual, weight, transposed in ((True, True, False), (False, False, False), (True, True, True)):  # fmt: skip
+    everything, grads, inputs = ("x", "r", "dy", "dres"), ("dy", "dres"), ("x", "r")
+    for residual, weight, transposed in (
+        (True, True, ()), (False, False, ()), (True, True, everything), (True, True, grads),
+        (False, True, grads), (True, True, inputs),
+    ):  # fmt: skip
         case = make_case(
             kind, (5, 37), (37,), dtype, device, residual=residual, weight=weight, bias=weight
         )
-        if transposed:
-            for k in ("x", "r", "dy", "dres"):
-                if case[k] is not None:
-                    case[k] = case[k].t().contiguous().t()
+        for k in transposed:
+            if case[k] is not None:
+                case[k] = case[k].t().contiguous().t()
         x, r, w, b = (_leaf(case[k]) for k in ("x", "r", "w", "b"))
         if kind == "rms":
             fwd_args = (x, r, w, 1e-5)

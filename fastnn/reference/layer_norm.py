@@ -3,7 +3,7 @@ with a residual add. Schemas: `fastnn::layer_norm_fwd` / `fastnn::layer_norm_bwd
 
 import torch
 
-from fastnn.reference import compute_dtype
+from fastnn.reference import compute_dtype, laid_out_like
 
 
 def layer_norm_fwd(input, residual, weight, bias, eps):
@@ -59,4 +59,4 @@ def layer_norm_bwd(grad_out, grad_residual_out, x, weight, bias, mean, rstd):
         dx = dx + grad_residual_out.to(cdt)
     dw = (dy * xhat).sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
     db = dy.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
-    return dx.to(x.dtype), dw, db
+    return laid_out_like(dx.to(x.dtype), x), dw, db

@@ -3,7 +3,7 @@ a residual add. Schemas: `fastnn::rms_norm_fwd` / `fastnn::rms_norm_bwd` (csrc/l
 
 import torch
 
-from fastnn.reference import compute_dtype
+from fastnn.reference import compute_dtype, laid_out_like
 
 
 def rms_norm_fwd(input, residual, weight, eps):
@@ -41,4 +41,4 @@ def rms_norm_bwd(grad_out, grad_residual_out, x, weight, rstd):
         dw = (dy * xhat).sum(0).to(weight.dtype)
     else:
         dw = x.new_empty(0)
-    return dx.to(x.dtype), dw
+    return laid_out_like(dx.to(x.dtype), x), dw
